@@ -1,0 +1,217 @@
+"""Device-side augmentation: per-sample crop, flip and ColorJitter, then normalisation.
+
+Training order: crop (uint8) -> float [0,1] -> horizontal flip -> ColorJitter -> normalise.
+ColorJitter works on [0,1] images BEFORE normalisation (phase one's Kornia attempt jittered
+normalised tensors and lost 0.09 SRCC), with torchvision's math (REFERENCE.md §6): factors and
+the order of the four operations drawn per sample, as torchvision does per image on the CPU.
+
+Random parameters are drawn on the host from one `torch.Generator` for the whole GLOBAL batch,
+and each process applies the rows of its share: the augmentation of sample i of step s does not
+depend on the number of processes, ranks still see different augmentations (different samples),
+and the generator state is checkpointed. The draws are a few hundred numbers per step; the pixel
+work happens on the device, with no Python loop over the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from .config import AugmentConfig
+
+GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+# ---------------------------------------------------------------- pixel operations
+
+
+def crop(pixels: Tensor, offsets: Tensor, widths: Tensor, y0: Tensor, x0: Tensor, flip: Tensor, size: int) -> Tensor:
+    """Per-sample crops (and flips) gathered from a flat uint8 HWC buffer.
+
+    pixels: (total,) uint8, images back to back; offsets: (B,) byte offset of each sample's
+    image; widths, y0, x0: (B,) long; flip: (B,) bool. Returns (B, size, size, 3) uint8.
+    The flip is folded into the column index, so it costs nothing.
+    """
+    dev = pixels.device
+    ar = torch.arange(size, device=dev)
+    cols = torch.where(flip[:, None], size - 1 - ar, ar) + x0[:, None]  # (B, S)
+    rows = (y0[:, None] + ar) * widths[:, None]  # (B, S), in pixels
+    # Offsets are multiples of 3 (whole images), so index RGB triplets: a third of the indices.
+    idx = (offsets // 3)[:, None, None] + rows[:, :, None] + cols[:, None, :]  # (B, S, S)
+    return pixels.view(-1, 3)[idx]
+
+
+def to_unit(patches: Tensor) -> Tensor:
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 in [0, 1]."""
+    return patches.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def normalize(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """(x - mean) / std per channel; mean, std: (3,)."""
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+def _gray(x: Tensor) -> Tensor:
+    r, g, b = x.unbind(1)
+    return (GRAY[0] * r + GRAY[1] * g + GRAY[2] * b).unsqueeze(1)  # (B, 1, H, W)
+
+
+def _blend(a: Tensor, b: Tensor, ratio: Tensor) -> Tensor:
+    r = ratio.view(-1, 1, 1, 1)
+    return (r * a + (1.0 - r) * b).clamp_(0.0, 1.0)
+
+
+def adjust_brightness(x: Tensor, f: Tensor) -> Tensor:
+    return (x * f.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(x: Tensor, f: Tensor) -> Tensor:
+    return _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), f)
+
+
+def adjust_saturation(x: Tensor, f: Tensor) -> Tensor:
+    return _blend(x, _gray(x), f)
+
+
+def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
+    """RGB -> HSV, H += shift (mod 1), -> RGB; torchvision's _rgb2hsv/_hsv2rgb formulas."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    crd = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    h = (h + shift.view(-1, 1, 1)) % 1.0
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int32) % 6
+    v = maxc
+    p = (v * (1.0 - s)).clamp(0.0, 1.0)
+    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
+    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
+    mask = (i.unsqueeze(1) == torch.arange(6, device=x.device).view(1, 6, 1, 1)).to(x.dtype)  # (B, 6, H, W)
+    table = torch.stack([torch.stack(c, 1) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))], 1)
+    return (table * mask.unsqueeze(1)).sum(2)  # (B, 3, 6, H, W) -> (B, 3, H, W)
+
+
+OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # order codes 0..3
+
+
+def color_jitter(x: Tensor, brightness: Tensor | None, contrast: Tensor | None, saturation: Tensor | None,
+                 hue: Tensor | None, order: Tensor) -> Tensor:
+    """ColorJitter with per-sample factors and per-sample order, deterministic.
+
+    x: (B, 3, H, W) float in [0, 1]; brightness, contrast, saturation: (B,) factors (1 = no
+    change); hue: (B,) shifts in [-0.5, 0.5]; None skips an operation; order: (B, 4) long, each
+    row a permutation of 0=brightness, 1=contrast, 2=saturation, 3=hue. Float32, even under
+    autocast. `order` may stay on the host: the samples doing operation j at position k are
+    found there (no device sync) and each sample runs each operation once.
+    """
+    factors = (brightness, contrast, saturation, hue)
+    order_host = order.cpu()
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float().clone()
+        for k in range(4):
+            for op, fn in enumerate(OPS):
+                if factors[op] is None:
+                    continue
+                idx = (order_host[:, k] == op).nonzero().squeeze(1)
+                if len(idx) == len(x):  # everybody: no gather
+                    x = fn(x, factors[op].to(x.device).float())
+                elif len(idx):
+                    idx = idx.to(x.device)
+                    x[idx] = fn(x[idx], factors[op].to(x.device).float()[idx])
+    return x
+
+
+# ---------------------------------------------------------------- random parameters
+
+
+@dataclass
+class AugmentParams:
+    """Per-sample random draws for one batch (host tensors, first dim B)."""
+
+    u_y: Tensor  # (B,) uniform [0,1): crop top as a fraction of the free rows
+    u_x: Tensor  # (B,) uniform [0,1): crop left as a fraction of the free columns
+    flip: Tensor  # (B,) bool
+    brightness: Tensor | None  # (B,) factors, None when off
+    contrast: Tensor | None
+    saturation: Tensor | None
+    hue: Tensor | None  # (B,) shifts
+    order: Tensor  # (B, 4) long permutations
+
+    def __getitem__(self, sl: slice) -> "AugmentParams":
+        return AugmentParams(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[sl]
+                                for f in fields(self)})
+
+
+def sample_jitter(g: torch.Generator, n: int, cfg: AugmentConfig) -> tuple[Tensor | None, ...]:
+    """ColorJitter draws for n samples, as torchvision's get_params: factor ranges
+    [max(0, 1-v), 1+v], hue [-h, h], a uniform random order. Returns (b, c, s, h, order)."""
+
+    def uniform(lo: float, hi: float) -> Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+
+    out = []
+    for v in (cfg.brightness, cfg.contrast, cfg.saturation):
+        out.append(uniform(max(0.0, 1.0 - v), 1.0 + v).float() if v > 0 else None)
+    out.append(uniform(-cfg.hue, cfg.hue).float() if cfg.hue > 0 else None)
+    order = torch.rand(n, 4, generator=g).argsort(1)  # uniform over the 24 permutations
+    return (*out, order)
+
+
+class Augmenter:
+    """Draws the global batch's augmentation on the host; applies a share of it on the device."""
+
+    def __init__(self, cfg: AugmentConfig, size: int, mean: tuple, std: tuple, seed: int) -> None:
+        self.cfg = cfg
+        self.size = size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.mean = torch.tensor(mean, dtype=torch.float32)
+        self.std = torch.tensor(std, dtype=torch.float32)
+        self.jitter = any(v > 0 for v in (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    def draw(self, n: int) -> AugmentParams:
+        g = self.generator
+        u_y, u_x = torch.rand(n, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
+        flip = torch.rand(n, generator=g) < 0.5 if self.cfg.hflip else torch.zeros(n, dtype=torch.bool)
+        return AugmentParams(u_y, u_x, flip, *sample_jitter(g, n, self.cfg))
+
+    def crop_origin(self, params: AugmentParams, heights: Tensor, widths: Tensor) -> tuple[Tensor, Tensor]:
+        """Random crop tops/lefts inside each (host) image size."""
+        y0 = (params.u_y * (heights - self.size + 1)).long()
+        x0 = (params.u_x * (widths - self.size + 1)).long()
+        return y0, x0
+
+    def train(self, pixels: Tensor, offsets: Tensor, widths: Tensor, y0: Tensor, x0: Tensor,
+              params: AugmentParams) -> Tensor:
+        """Training patches (B, 3, S, S), normalised; y0/x0 from crop_origin or a cached strip."""
+        dev = pixels.device
+        with torch.autocast(dev.type, enabled=False):
+            x = to_unit(crop(pixels, offsets.to(dev), widths.to(dev), y0.to(dev), x0.to(dev), params.flip.to(dev),
+                             self.size))
+            if self.jitter:
+                x = color_jitter(x, params.brightness, params.contrast, params.saturation, params.hue, params.order)
+            return normalize(x, self.mean.to(dev), self.std.to(dev))
+
+    def eval(self, pixels: Tensor, offsets: Tensor, widths: Tensor, y0: Tensor, x0: Tensor) -> Tensor:
+        """Evaluation patches: the given crops, no flip or jitter, the same normalisation."""
+        dev = pixels.device
+        no_flip = torch.zeros(len(offsets), dtype=torch.bool, device=dev)
+        with torch.autocast(dev.type, enabled=False):
+            x = to_unit(crop(pixels, offsets.to(dev), widths.to(dev), y0.to(dev), x0.to(dev), no_flip, self.size))
+            return normalize(x, self.mean.to(dev), self.std.to(dev))

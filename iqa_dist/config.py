@@ -1,0 +1,377 @@
+"""One typed config: what to train, on what data, with which recipe.
+
+Presets are YAML files (shipped ones live in `iqa_dist/presets/`), then `section.field=value`
+overrides, type-checked against the dataclasses below. The resolved config is saved with every
+run. How to launch (processes, machines) is not here: that is `accelerate launch`'s business.
+
+Each field carries a trailing comment: it is the field's documentation (`iqa-dist train --help`
+prints it), so keep it one line with the unit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import re
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .errors import UserError
+
+SOURCES = ("koniq10k", "spaq", "kadid10k", "agiqa3k", "livec", "csv", "synthetic")
+
+
+@dataclass
+class DataConfig:
+    """Dataset, split, cache and patch settings."""
+
+    dataset: str = "koniq10k"  # source: koniq10k | spaq | kadid10k | agiqa3k | livec | csv | synthetic
+    root: str = ""  # folder holding the dataset's published files (unused by synthetic)
+    cache_dir: str = ""  # cache root; "" = $IQA_DIST_CACHE or ~/.cache/iqa_dist
+    score_column: str = ""  # annotation column trained on; "" = the source's default (KonIQ: MOS_zscore)
+    csv_file: str = ""  # csv source: annotation file, relative to root; "" = the only *.csv in root
+    image_column: str = ""  # csv source: column with image paths; "" = first of image/name/image_name/path
+    image_dir: str = ""  # folder of images relative to root; "" = the source's default
+    resize: str = "auto"  # auto (the source's literature default) | none | WxH (e.g. 512x384) | short:N
+    split: str = "random"  # random | official | split file(s), comma-separated (CSV, JSON or .txt)
+    split_seed: int = 0  # seed of random splits and of the held-out validation part
+    test_fraction: float = 0.2  # random split: share of contents (images or references) in test
+    val_fraction: float = 0.1  # share of the training contents held out for validation (model selection)
+    synthetic_size: int = 0  # synthetic source: images per content; 0 = its default
+    train_patch_num: int = 20  # patches per training image per epoch
+    test_patch_num: int = 20  # fixed, seeded patches per val/test image (averaged per image)
+    train_patches: str = "random"  # random = fresh device crops each epoch | cached = sample from K stored patches
+    cached_patch_num: int = 40  # K: patches stored per training image when train_patches=cached
+    score_norm: str = "none"  # none = train on raw scores (HyperIQA) | range = map the score range to [0,1] for the loss
+    resident: str = "auto"  # where training pixels live: auto | device | host
+    skip_bad: bool = False  # drop unreadable/invalid rows (listed in the cache metadata) instead of failing
+    workers: int = 0  # decode processes for the cache build; 0 = min(8, CPU count)
+
+    def __post_init__(self) -> None:
+        _choice("data.dataset", self.dataset, SOURCES)
+        _choice("data.train_patches", self.train_patches, ("random", "cached"))
+        _choice("data.score_norm", self.score_norm, ("none", "range"))
+        _choice("data.resident", self.resident, ("auto", "device", "host"))
+        if not re.fullmatch(r"auto|none|\d+x\d+|short:\d+", self.resize):
+            raise UserError(f"data.resize={self.resize!r}: expected auto, none, WxH (e.g. 512x384) or short:N")
+        for name in ("test_fraction", "val_fraction"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise UserError(f"data.{name}={getattr(self, name)}: must lie strictly between 0 and 1")
+        for name in ("train_patch_num", "test_patch_num", "cached_patch_num"):
+            _positive(f"data.{name}", getattr(self, name))
+        if self.train_patches == "cached" and self.cached_patch_num < self.train_patch_num:
+            raise UserError(
+                f"data.cached_patch_num={self.cached_patch_num} is below data.train_patch_num="
+                f"{self.train_patch_num}: each epoch samples train_patch_num of the K stored patches"
+            )
+
+
+@dataclass
+class ModelConfig:
+    """HyperIQA on a timm backbone."""
+
+    backbone: str = "swin_tiny_patch4_window7_224"  # timm model name (any Swin, resnet50, ...)
+    pretrained: str = "hub"  # hub (timm/HF hub weights) | none (random init) | path to .safetensors/.pth
+    backbone_kwargs: dict = field(default_factory=dict)  # extra timm kwargs, e.g. tiny Swins: embed_dim, depths, num_heads
+    img_size: int = 224  # patch side in px: the backbone's input and the crop size
+    fusion: str = "concat"  # hyper-network input: concat (all 4 stages, phase one) | attention | last (stage 4 only)
+    hyper_hidden: list = field(default_factory=lambda: [512, 256])  # widths of the 1x1 convs before the hyper input
+    hyper_in: int = 112  # channels of the hyper-network feature map
+    lda_out: int = 16  # target-net input features from each of stages 1-3 (stage 4 gives target_in - 3*lda_out)
+    target_in: int = 224  # target-net input width
+    target_hidden: list = field(default_factory=lambda: [112, 56, 28, 14])  # target-net hidden widths (generated per image)
+    feature_size: int = 7  # side of the hyper-network feature map, px of the last stage grid
+    dropout: float = 0.3  # dropout in the hyper and target nets
+    drop_path: float = 0.2  # stochastic depth rate of the backbone
+
+    def __post_init__(self) -> None:
+        _choice("model.fusion", self.fusion, ("concat", "attention", "last"))
+        for name in ("img_size", "hyper_in", "lda_out", "target_in", "feature_size"):
+            _positive(f"model.{name}", getattr(self, name))
+        if len(self.target_hidden) != 4:
+            raise UserError(f"model.target_hidden={self.target_hidden}: HyperIQA's target net has 4 hidden layers")
+        if self.target_in <= 3 * self.lda_out:
+            raise UserError(f"model.target_in={self.target_in} must exceed 3 * model.lda_out={3 * self.lda_out}")
+        widths = [self.target_in, *self.target_hidden]
+        for a, b in zip(widths[:-1], widths[1:]):
+            if (a * b) % self.feature_size**2:
+                raise UserError(
+                    f"model.target_hidden: {a}x{b} target weights must divide into "
+                    f"feature_size^2={self.feature_size ** 2} channels of the weight-generating conv"
+                )
+        for name in ("dropout", "drop_path"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"model.{name}={getattr(self, name)}: must lie in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, cosine schedule, loss."""
+
+    lr: float = 1e-5  # backbone learning rate (AdamW)
+    lr_ratio: float = 10.0  # everything that is not backbone trains at lr * lr_ratio (HyperIQA)
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay
+    schedule: str = "cosine"  # cosine (to min_lr_ratio * lr) | constant; stepped per optimizer step
+    warmup_steps: int = 0  # linear warmup, optimizer steps
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the peak lr
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping (the norm is still logged)
+    rank_weight: float = 0.0  # weight of the pairwise ranking loss added to L1 (phase one tried 0.3)
+
+    def __post_init__(self) -> None:
+        _choice("optim.schedule", self.schedule, ("cosine", "constant"))
+        _positive("optim.lr", self.lr)
+        _positive("optim.lr_ratio", self.lr_ratio)
+        for name in ("weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "rank_weight"):
+            if getattr(self, name) < 0:
+                raise UserError(f"optim.{name}={getattr(self, name)}: must not be negative")
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation, run on the device: crop -> [0,1] -> flip -> ColorJitter -> normalise."""
+
+    hflip: bool = True  # random horizontal flip, p=0.5
+    brightness: float = 0.1  # ColorJitter brightness: factor uniform in [1-b, 1+b]
+    contrast: float = 0.1  # ColorJitter contrast: factor uniform in [1-c, 1+c]
+    saturation: float = 0.1  # ColorJitter saturation: factor uniform in [1-s, 1+s]
+    hue: float = 0.05  # ColorJitter hue: shift uniform in [-h, h], h <= 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("brightness", "contrast", "saturation", "hue"):
+            if getattr(self, name) < 0:
+                raise UserError(f"augment.{name}={getattr(self, name)}: must not be negative")
+        if self.hue > 0.5:
+            raise UserError(f"augment.hue={self.hue}: must be at most 0.5")
+
+
+@dataclass
+class TrainConfig:
+    """Schedule, batch, evaluation, checkpoints, precision."""
+
+    epochs: int = 30  # passes over train images x train_patch_num
+    max_steps: int = 0  # stop after this many optimizer steps; 0 = epochs x steps per epoch
+    batch_size: int = 96  # GLOBAL patches per optimizer step, whatever the number of processes
+    micro_batch_size: int = 0  # most patches per process per forward (gradient accumulation above it); 0 = no limit
+    eval_batch_size: int = 0  # patches per process per forward at evaluation; 0 = 2 x batch share
+    patience: int = 7  # early stopping: evaluations without a val SRCC gain; 0 = never stop early
+    eval_every: int = 0  # evaluate every N optimizer steps; 0 = at the end of each epoch
+    checkpoint_every: int = 0  # checkpoint every N optimizer steps; 0 = at each evaluation
+    keep_checkpoints: int = 2  # most recent checkpoints kept
+    log_every: int = 50  # optimizer steps between progress lines in non-terminal logs
+    seed: int = 0  # seeds the sampler, augmentation and model init
+    mixed_precision: str = "bf16"  # bf16 | fp16 (loss scaling) | no | launcher (take accelerate's setting)
+    compile: bool = False  # torch.compile the model and the augmentation
+    deterministic: bool = False  # deterministic kernels (for exact resume/parity checks; slower)
+    timeout_s: int = 600  # collective timeout: a failed rank brings the others down after this long
+
+    def __post_init__(self) -> None:
+        _choice("train.mixed_precision", self.mixed_precision, ("bf16", "fp16", "no", "launcher"))
+        for name in ("epochs", "batch_size", "keep_checkpoints", "log_every", "timeout_s"):
+            _positive(f"train.{name}", getattr(self, name))
+        for name in ("max_steps", "micro_batch_size", "eval_batch_size", "patience", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise UserError(f"train.{name}={getattr(self, name)}: must not be negative")
+
+
+@dataclass
+class RunConfig:
+    """Where results go."""
+
+    name: str = ""  # run name; "" = the preset's name
+    root: str = "runs"  # parent folder of run directories
+    log_with: str = ""  # tracker through Accelerate: tensorboard | wandb | "" (none)
+
+    def __post_init__(self) -> None:
+        _choice("run.log_with", self.log_with, ("", "tensorboard", "wandb"))
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]*", self.name):
+            raise UserError(f"run.name={self.name!r}: use letters, digits and . _ + - only")
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of a run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    preset: str = ""  # the preset this config was loaded from
+
+    def run_name(self) -> str:
+        return self.run.name or Path(self.preset).stem or "run"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# section name -> its dataclass, e.g. "optim" -> OptimConfig
+SECTIONS: dict[str, type] = {
+    f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config) if f.name != "preset"
+}
+
+
+def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        hint = difflib.get_close_matches(str(value), allowed, n=1)
+        more = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise UserError(f"{key}={value!r}: expected one of {', '.join(map(repr, allowed))}{more}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise UserError(f"{key}={value}: must be positive")
+
+
+def field_docs(section_cls: type) -> dict[str, str]:
+    """The trailing comment of each field in the class source: its documentation."""
+    docs = {}
+    for line in inspect.getsource(section_cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?  # (.*)$", line)
+        if m:
+            docs[m.group(1)] = m.group(2).strip()
+    return docs
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("iqa_dist.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_preset(preset: str) -> tuple[dict, str]:
+    """Returns the raw mapping and the preset's name."""
+    path = Path(preset)
+    if preset in preset_names():
+        text = resources.files("iqa_dist.presets").joinpath(f"{preset}.yaml").read_text()
+        name = preset
+    elif path.suffix in (".yaml", ".yml") and path.is_file():
+        text, name = path.read_text(), str(path)
+    else:
+        hint = difflib.get_close_matches(preset, preset_names(), n=1)
+        more = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise UserError(f"preset {preset!r} is neither a shipped preset ({', '.join(preset_names())}) nor a YAML file{more}")
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"preset {name}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"preset {name}: expected a mapping of sections, got {type(raw).__name__}")
+    raw.pop("preset", None)
+    return raw, name
+
+
+def _unknown(key: str, candidates: Sequence[str], where: str) -> UserError:
+    hint = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    more = f"; did you mean {hint[0]!r}?" if hint else ""
+    return UserError(f"{where}: unknown key {key!r}{more}")
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Checks `value` against the field type; ints are accepted for floats, scalars for strings."""
+    origin = typing.get_origin(typ) or typ
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+    elif origin is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif origin is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif origin is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:  # pragma: no cover - a field type this function does not know is a programming error
+        raise TypeError(f"{key}: unsupported config type {typ}")
+    name = getattr(origin, "__name__", str(origin))
+    raise UserError(f"{key}={value!r}: expected {name}, got {type(value).__name__}")
+
+
+def _set(tree: dict, key: str, value: Any, where: str) -> None:
+    """Sets `section.field` (or `section.dictfield.key`) in the nested raw mapping."""
+    parts = key.split(".")
+    if parts[0] not in SECTIONS:
+        raise _unknown(key, all_keys(), where)
+    fields = {f.name: f for f in dataclasses.fields(SECTIONS[parts[0]])}
+    if len(parts) < 2 or parts[1] not in fields:
+        raise _unknown(key, all_keys(), where)
+    section = tree.setdefault(parts[0], {})
+    if len(parts) == 2:
+        section[parts[1]] = value
+    elif fields[parts[1]].default_factory is dict and len(parts) == 3:  # model.backbone_kwargs.embed_dim=32
+        section.setdefault(parts[1], {})[parts[2]] = value
+    else:
+        raise _unknown(key, all_keys(), where)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.field=value` -> (key, value); the value is read as YAML (numbers, lists, true/false)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip().removeprefix("--")
+    if not sep or not key:
+        raise UserError(f"override {text!r}: expected section.field=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def build_config(raw: dict, preset: str = "", where: str = "config") -> Config:
+    """Typed, validated Config from a nested mapping (unknown keys and wrong types fail)."""
+    hints = typing.get_type_hints
+    sections = {}
+    for name, value in raw.items():
+        if name not in SECTIONS:
+            raise _unknown(name, list(SECTIONS), where)
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: section {name!r} must be a mapping, got {value!r}")
+        cls = SECTIONS[name]
+        types = hints(cls)
+        kwargs = {}
+        for key, val in value.items():
+            if key not in types:
+                raise _unknown(f"{name}.{key}", all_keys(), where)
+            kwargs[key] = _coerce(val, types[key], f"{name}.{key}")
+        sections[name] = cls(**kwargs)
+    return Config(**sections, preset=preset)
+
+
+def load_config(preset: str, overrides: Sequence[str] = ()) -> Config:
+    """A shipped preset name or a YAML path, then `section.field=value` overrides."""
+    raw, name = _read_preset(preset)
+    for key, value in raw.items():
+        if key in SECTIONS and not isinstance(value, dict):
+            raise UserError(f"preset {name}: section {key!r} must be a mapping")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(raw, key, value, "override")
+    return build_config(raw, preset=name, where=f"preset {name}")
+
+
+def config_from_yaml(path: Path) -> Config:
+    """A resolved config saved with a run (`config.yaml`)."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    preset = raw.pop("preset", "")
+    return build_config(raw, preset=preset, where=str(path))

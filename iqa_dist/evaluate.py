@@ -1,0 +1,86 @@
+"""Evaluation: per-image predictions from fixed patches, gathered once, metrics once.
+
+Whole images are pinned to processes (a contiguous shard each, uneven allowed, no padding
+samples); each process averages its images' patch predictions; the (image_id, prediction) pairs
+are gathered and every image is counted exactly once, whatever the world size. SRCC, PLCC, KRCC
+and RMSE are then computed once over all images (never averaged over ranks).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.stats
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from .augment import Augmenter
+from .cache import ImageStore
+
+
+def correlation_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """SRCC, PLCC (plain Pearson, as HyperIQA reports), KRCC, RMSE over images, and n."""
+    pred, target = np.asarray(pred, np.float64), np.asarray(target, np.float64)
+    if len(pred) < 2 or np.ptp(pred) == 0 or np.ptp(target) == 0:
+        nan = math.nan  # correlations are undefined for constant inputs
+        return {"srcc": nan, "plcc": nan, "krcc": nan, "rmse": float(np.sqrt(np.mean((pred - target) ** 2))),
+                "n": len(pred)}
+    return {
+        "srcc": float(scipy.stats.spearmanr(pred, target)[0]),
+        "plcc": float(scipy.stats.pearsonr(pred, target)[0]),
+        "krcc": float(scipy.stats.kendalltau(pred, target)[0]),
+        "rmse": float(np.sqrt(np.mean((pred - target) ** 2))),
+        "n": len(pred),
+    }
+
+
+def shard(n: int, world: int, rank: int) -> range:
+    """This process's contiguous share of n items (sizes differ by at most one)."""
+    return range(n * rank // world, n * (rank + 1) // world)
+
+
+@torch.no_grad()
+def predict_images(model: nn.Module, store: ImageStore, augmenter: Augmenter, n_patches: int, batch_patches: int,
+                   device: torch.device) -> torch.Tensor:
+    """Mean prediction over each image's n stored patches (strips of n*S x S). Returns (N,) float32."""
+    was_training = model.training
+    model.eval()
+    size = augmenter.size
+    per_batch = max(1, batch_patches // n_patches)
+    out = []
+    for start in range(0, len(store), per_batch):
+        rows = torch.arange(start, min(start + per_batch, len(store)))
+        pixels, offsets, widths = store.gather(rows, device)
+        k = torch.arange(n_patches, device=device).repeat(len(rows))  # patch index within each strip
+        sample = torch.arange(len(rows), device=device).repeat_interleave(n_patches)
+        x = augmenter.eval(pixels, offsets[sample], widths[sample], k * size, torch.zeros_like(k))
+        out.append(model(x).float().view(len(rows), n_patches).mean(1))
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, device=device)
+
+
+def gather_predictions(accelerator: Accelerator, ids: torch.Tensor, preds: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(image_id, prediction) of every process, padding removed, sorted by id; the same on all ranks."""
+    both = torch.stack([ids.to(preds.device).double(), preds.double()], 1)  # (n, 2): ids exact below 2^53
+    both = accelerator.pad_across_processes(both, dim=0, pad_index=-1)
+    both = accelerator.gather(both).cpu().numpy()
+    both = both[both[:, 0] >= 0]
+    order = np.argsort(both[:, 0], kind="stable")
+    ids_all, preds_all = both[order, 0].astype(np.int64), both[order, 1]
+    if len(np.unique(ids_all)) != len(ids_all):
+        raise RuntimeError("an image was evaluated twice: shards overlap")  # a bug, never bad input
+    return ids_all, preds_all
+
+
+def evaluate_split(model: nn.Module, store: ImageStore, augmenter: Augmenter, n_patches: int, batch_patches: int,
+                   accelerator: Accelerator, to_score) -> dict:
+    """Metrics over all images of a split whose shard for this process is `store`.
+
+    to_score maps model outputs to the dataset's scale. Returns the metrics plus ids/preds."""
+    preds = to_score(predict_images(model, store, augmenter, n_patches, batch_patches, accelerator.device))
+    ids, preds_all = gather_predictions(accelerator, store.ids, preds)
+    targets = gather_predictions(accelerator, store.ids, store.scores.to(accelerator.device))[1]
+    metrics = correlation_metrics(preds_all, targets)
+    return {**metrics, "ids": ids, "preds": preds_all, "targets": targets}

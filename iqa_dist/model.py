@@ -1,0 +1,190 @@
+"""HyperIQA (Su et al., CVPR 2020) on a timm backbone, with phase one's multi-scale fusion.
+
+The backbone's four stages feed two paths:
+- local distortion aware (LDA) pooling of every stage builds each image's target-net input
+  (16 + 16 + 16 + 176 = 224 features);
+- the stage features, brought to the hyper network's 7x7 grid and concatenated (1440 channels for
+  Swin-T), feed the hyper network, which generates the weights and biases of a small per-image
+  target net (224-112-56-28-14-1, sigmoid between layers) that outputs the score.
+
+This file knows nothing of devices, processes or precision: Accelerate wraps it from outside.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .errors import UserError
+
+
+class LocalDistortionAware(nn.Module):
+    """One stage's feature map (B, C, H, W) -> (B, out) slice of the target-net input.
+
+    Stages 1-3 (reduce > 0): 1x1 conv to `reduce` channels, average pool to pooled x pooled, FC.
+    Stage 4 (reduce = 0): global average pool, FC. At 224 px the pools equal HyperIQA's
+    AvgPool2d(7) (56->8, 28->4, 14->2, 7->1); adaptive pooling keeps other input sizes working.
+    """
+
+    def __init__(self, channels: int, reduce: int, pooled: int, out: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, reduce, 1, bias=False) if reduce else nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(pooled)
+        self.fc = nn.Linear((reduce or channels) * pooled * pooled, out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.pool(self.conv(x)).flatten(1))
+
+
+class StageAttention(nn.Module):
+    """Per-image softmax weights over the stages, from their pooled descriptors (phase one's
+    'attention' fusion, which it found worse than plain concat; kept for ablations)."""
+
+    def __init__(self, channels: list[int]) -> None:
+        super().__init__()
+        self.fc = nn.Linear(sum(channels), len(channels))
+
+    def forward(self, feats: list[Tensor]) -> list[Tensor]:
+        w = self.fc(torch.cat([f.mean((2, 3)) for f in feats], 1)).softmax(1) * len(feats)  # (B, S), mean 1
+        return [f * w[:, i, None, None, None] for i, f in enumerate(feats)]
+
+
+def target_net(x: Tensor, weights: list[Tensor], biases: list[Tensor], dropout: float, training: bool) -> Tensor:
+    """Runs every image through its own generated fully connected net.
+
+    x: (B, D0) target input; weights[i]: (B, D_{i+1}, D_i); biases[i]: (B, D_{i+1}).
+    Sigmoid (and dropout) between layers, none after the last. Returns (B,).
+    """
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        x = torch.baddbmm(b.unsqueeze(-1), w, x.unsqueeze(-1)).squeeze(-1)
+        if i < len(weights) - 1:
+            x = torch.sigmoid(x)
+            if i < len(weights) - 2:  # phase one: dropout after the first three layers
+                x = F.dropout(x, dropout, training)
+    return x.squeeze(-1)
+
+
+class HyperNetwork(nn.Module):
+    """Hyper feature map (B, C, f, f) -> weights and biases of the per-image target net.
+
+    Weights of layer i come from a 3x3 conv whose in*out/f^2 output channels are reshaped to
+    (out, in); the last layer's weight and every bias from linear layers on the pooled map.
+    """
+
+    def __init__(self, channels: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        widths = [channels, *cfg.hyper_hidden, cfg.hyper_in]
+        layers: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(a, b, 1), nn.ReLU(inplace=True)]
+        self.reduce = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.dims = [cfg.target_in, *cfg.target_hidden, 1]
+        f2 = cfg.feature_size**2
+        self.weight_convs = nn.ModuleList(
+            nn.Conv2d(cfg.hyper_in, a * b // f2, 3, padding=1) for a, b in zip(self.dims[:-2], self.dims[1:-1])
+        )
+        self.last_weight = nn.Linear(cfg.hyper_in, self.dims[-2])
+        self.bias_fcs = nn.ModuleList(nn.Linear(cfg.hyper_in, d) for d in self.dims[1:])
+
+    def forward(self, fused: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        h = self.dropout(self.reduce(fused))  # (B, hyper_in, f, f)
+        pooled = h.mean((2, 3))  # (B, hyper_in)
+        bsz = h.shape[0]
+        weights = [
+            conv(h).reshape(bsz, d_out, d_in)
+            for conv, d_in, d_out in zip(self.weight_convs, self.dims[:-2], self.dims[1:-1])
+        ]
+        weights.append(self.last_weight(pooled).reshape(bsz, 1, self.dims[-2]))
+        biases = [fc(pooled) for fc in self.bias_fcs]
+        return weights, biases
+
+
+class HyperIQA(nn.Module):
+    """Normalised patches (B, 3, S, S) -> quality scores (B,)."""
+
+    def __init__(self, backbone: nn.Module, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        # timm's Swin returns NHWC stages, ResNet NCHW: the one place that knows.
+        self.channels_last_features = str(getattr(backbone, "output_fmt", "NCHW")).endswith("NHWC")
+        channels = backbone.feature_info.channels()
+        if len(channels) != 4:
+            raise UserError(f"model.backbone={cfg.backbone!r}: HyperIQA needs 4 feature stages, got {len(channels)}")
+        self.mean = tuple(backbone.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)))
+        self.std = tuple(backbone.pretrained_cfg.get("std", (0.229, 0.224, 0.225)))
+        stage4_out = cfg.target_in - 3 * cfg.lda_out
+        self.lda = nn.ModuleList(
+            [LocalDistortionAware(c, cfg.lda_out * 2**i, 8 >> i, cfg.lda_out) for i, c in enumerate(channels[:3])]
+            + [LocalDistortionAware(channels[3], 0, 1, stage4_out)]
+        )
+        self.attention = StageAttention(channels) if cfg.fusion == "attention" else None
+        fused = channels[3] if cfg.fusion == "last" else sum(channels)
+        self.hyper = HyperNetwork(fused, cfg)
+        for m in [*self.lda.modules(), *self.hyper.modules()]:
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)  # HyperIQA's initialisation of the new layers
+
+    def stages(self, x: Tensor) -> list[Tensor]:
+        """Backbone stage features, always NCHW: [(B, C_i, H_i, W_i)] x 4."""
+        feats = self.backbone(x)
+        if self.channels_last_features:
+            feats = [f.permute(0, 3, 1, 2) for f in feats]
+        return feats
+
+    def fuse(self, feats: list[Tensor]) -> Tensor:
+        """Stage features -> hyper-network input (B, C_fused, f, f)."""
+        size = self.cfg.feature_size
+        if self.cfg.fusion == "last":
+            return F.adaptive_avg_pool2d(feats[3], size)
+        pooled = [F.adaptive_avg_pool2d(f, size) for f in feats]  # 56/28/14 -> 7 at 224 px
+        if self.attention is not None:
+            pooled = self.attention(pooled)
+        return torch.cat(pooled, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = self.stages(x)
+        target_in = torch.cat([lda(f) for lda, f in zip(self.lda, feats)], 1)  # (B, target_in)
+        weights, biases = self.hyper(self.fuse(feats))
+        return target_net(target_in, weights, biases, self.cfg.dropout, self.training)
+
+
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    """timm backbone returning its last four stages; weights from the hub, a local file, or none."""
+    kwargs = dict(features_only=True, out_indices=(-4, -3, -2, -1), drop_path_rate=cfg.drop_path, **cfg.backbone_kwargs)
+    if "swin" in cfg.backbone:
+        kwargs.setdefault("img_size", cfg.img_size)
+    if cfg.pretrained == "none":
+        kwargs["pretrained"] = False
+    elif cfg.pretrained == "hub":
+        kwargs["pretrained"] = True
+    else:
+        path = Path(cfg.pretrained).expanduser()
+        if not path.is_file():
+            raise UserError(f"model.pretrained={cfg.pretrained!r}: no such file (give hub, none or a weights file)")
+        if path.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
+            raise UserError(f"model.pretrained={cfg.pretrained!r}: expected a .safetensors or .pth weights file")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    try:
+        return timm.create_model(cfg.backbone, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise UserError(f"model.backbone={cfg.backbone!r}: {e}") from None
+        raise
+
+
+def build_model(cfg: ModelConfig) -> HyperIQA:
+    return HyperIQA(build_backbone(cfg), cfg)
+
+
+def parameter_counts(model: HyperIQA) -> dict[str, int]:
+    """Trainable parameters of the backbone, the rest (LDA + hyper network), and all."""
+    backbone = sum(p.numel() for p in model.backbone.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return {"backbone": backbone, "hyper": total - backbone, "total": total}

@@ -1,0 +1,118 @@
+"""The embedded synthetic dataset: graded distortions of the photos bundled with scikit-image.
+
+Nothing is downloaded. Each content is a crop of one bundled photo; each image is that content
+under one distortion (or a mixture) at one strength, scored 0-100 by strength (100 = pristine).
+It is written as PNG files plus a CSV, so `iqa-dist prepare` reads it through the same path as
+any dataset on disk. It exists for the demo and the tests: it exercises every real code path and
+gives a task that a tiny model learns in minutes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+VERSION = 1  # bump when the generated images change: it is part of the cache fingerprint
+PHOTOS = (
+    "astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right",
+    "hubble_deep_field", "immunohistochemistry", "retina",
+)
+KINDS = ("blur", "noise", "jpeg", "downsample", "contrast", "saturation")
+LEVELS = (0.25, 0.5, 0.75, 1.0)
+DEFAULT_SIDE = 160  # px of each content crop
+DEFAULT_CROPS = 4  # contents per photo
+
+
+def _photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    if name.startswith("motorcycle_"):
+        left, right, _ = skimage.data.stereo_motorcycle()
+        return left if name.endswith("left") else right
+    return getattr(skimage.data, name)()
+
+
+def contents(side: int, crops: int) -> list[tuple[str, np.ndarray]]:
+    """Deterministic content crops: each photo downscaled so its shorter side holds two crops,
+    then `crops` windows on a fixed grid. Returns [(content id, uint8 HxWx3)]."""
+    out = []
+    for name in PHOTOS:
+        img = Image.fromarray(_photo(name)[..., :3])
+        scale = 2 * side / min(img.size)
+        img = img.resize((max(2 * side, round(img.width * scale)), max(2 * side, round(img.height * scale))),
+                         Image.BICUBIC)
+        a = np.asarray(img)
+        h, w = a.shape[:2]
+        spots = [(0, 0), (h - side, w - side), (0, w - side), (h - side, 0), ((h - side) // 2, (w - side) // 2)]
+        for k, (y, x) in enumerate(spots[:crops]):
+            out.append((f"{name}-{k}", np.ascontiguousarray(a[y:y + side, x:x + side])))
+    return out
+
+
+def distort(img: np.ndarray, kind: str, s: float, rng: np.random.Generator) -> np.ndarray:
+    """One distortion at strength s in [0, 1] (0 = unchanged)."""
+    if s == 0:
+        return img
+    pil = Image.fromarray(img)
+    if kind == "blur":
+        return np.asarray(pil.filter(ImageFilter.GaussianBlur(radius=3.0 * s)))
+    if kind == "noise":
+        noisy = img.astype(np.float32) + rng.normal(0, 60.0 * s, img.shape)
+        return np.clip(noisy, 0, 255).round().astype(np.uint8)
+    if kind == "jpeg":
+        buf = io.BytesIO()
+        pil.save(buf, "JPEG", quality=int(round(60 - 56 * s)))
+        return np.asarray(Image.open(buf).convert("RGB"))
+    if kind == "downsample":
+        f = 1 + 5 * s
+        small = pil.resize((max(1, round(pil.width / f)), max(1, round(pil.height / f))), Image.BILINEAR)
+        return np.asarray(small.resize(pil.size, Image.NEAREST))
+    if kind == "contrast":
+        x = img.astype(np.float32)
+        return np.clip(x.mean() + (x - x.mean()) * (1 - 0.85 * s), 0, 255).round().astype(np.uint8)
+    if kind == "saturation":
+        x = img.astype(np.float32)
+        gray = x @ np.array([0.2989, 0.587, 0.114], np.float32)
+        return np.clip(gray[..., None] + (x - gray[..., None]) * (1 - s), 0, 255).round().astype(np.uint8)
+    raise ValueError(kind)
+
+
+def score(strengths: list[float]) -> float:
+    """0-100, falling with the summed strength of the distortions (mixtures add up)."""
+    return round(100.0 * (1 - min(1.0, 0.8 * sum(strengths))) , 3)
+
+
+def build(folder: Path, crops: int = DEFAULT_CROPS, side: int = DEFAULT_SIDE) -> Path:
+    """Writes the dataset (PNG images + meta.csv) to `folder` unless it is already complete."""
+    marker = folder / "complete.json"
+    spec = {"version": VERSION, "crops": crops, "side": side}
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return folder
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for c, (content, img) in enumerate(contents(side, crops)):
+        rng = np.random.default_rng([VERSION, c])
+        variants: list[list[tuple[str, float]]] = [[]]
+        variants += [[(k, s)] for k in KINDS for s in LEVELS]
+        for _ in range(6):  # mixtures of two distortions
+            k1, k2 = rng.choice(len(KINDS), 2, replace=False)
+            variants.append([(KINDS[k1], float(rng.choice(LEVELS[:3]))), (KINDS[k2], float(rng.choice(LEVELS[:3])))])
+        for v, parts in enumerate(variants):
+            out = img
+            for kind, s in parts:
+                out = distort(out, kind, s, rng)
+            label = "+".join(f"{k}{s:g}" for k, s in parts) or "pristine"
+            name = f"images/{content}_{v:02d}_{label}.png"
+            Image.fromarray(out).save(folder / name)
+            rows.append({"image": name, "score": score([s for _, s in parts]), "content": content, "distortion": label})
+    with open(folder / "meta.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    marker.write_text(json.dumps(spec))
+    return folder
