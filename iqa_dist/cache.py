@@ -330,16 +330,22 @@ def _build_images(partial: Path, cfg: Config, data: SourceData, fingerprint: dic
     problems_file = partial / "problems.json"
     (partial / "records.json").write_text(json.dumps(records))
     t0 = time.time()
-    ds = datasets.Dataset.from_generator(
-        _image_rows, features=IMAGE_FEATURES, cache_dir=str(partial / "hf"), writer_batch_size=16,
-        fingerprint=_hash(fingerprint), gen_kwargs=dict(records_file=str(partial / "records.json"), resize=resize, min_side=cfg.model.img_size,
-                                                        workers=workers, problems_file=str(problems_file)))
+    try:
+        ds = datasets.Dataset.from_generator(
+            _image_rows, features=IMAGE_FEATURES, cache_dir=str(partial / "hf"), writer_batch_size=16,
+            fingerprint=_hash(fingerprint),
+            gen_kwargs=dict(records_file=str(partial / "records.json"), resize=resize, min_side=cfg.model.img_size,
+                            workers=workers, problems_file=str(problems_file)))
+    except ValueError:  # datasets refuses a generator that yielded nothing: every row was bad
+        if not problems_file.exists():
+            raise
+        ds = None
     problems = [Problem(*p) for p in json.loads(problems_file.read_text())] + data.problems
     if problems and not cfg.data.skip_bad:
         lines = "\n".join(f"  {p}" for p in problems)
         raise UserError(f"{len(problems)} bad row(s) in {cfg.data.dataset}; nothing was cached "
                         f"(fix them, or pass --skip-bad to drop them):\n{lines}")
-    if not len(ds):
+    if ds is None or not len(ds):
         raise UserError(f"{cfg.data.dataset}: no usable image")
     count = len(ds)
     # Keep the arrow files from_generator wrote (one write, not two): they are the cache.

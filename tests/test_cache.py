@@ -1,0 +1,206 @@
+"""`iqa-dist prepare`: the datasets cache, fingerprints, bad input, concurrency."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from iqa_dist.cache import prepare
+from iqa_dist.config import load_config
+from iqa_dist.errors import UserError
+
+from . import fixtures
+from .conftest import run_cli
+
+TINY = ["model.img_size=112", "data.test_patch_num=3", "data.workers=2"]
+
+
+def koniq_cfg(root: Path, cache: Path, *extra: str):
+    return load_config("koniq-swin-t", [f"data.root={root}", f"data.cache_dir={cache}", "data.split=random", *TINY, *extra])
+
+
+def complete_caches(cache: Path) -> list[Path]:
+    return [p for p in cache.glob("*") if (p / "meta.json").is_file()]
+
+
+def test_prepare_synthetic_cli(tmp_path):
+    cache = tmp_path / "cache"
+    out = run_cli("prepare", "--dataset", "synthetic", "--cache-dir", str(cache), "--data.synthetic_size=1")
+    assert out.returncode == 0, out.stderr
+    m = re.search(r"synthetic: (\d+) images cached \(train (\d+) / val (\d+) / test (\d+)", " ".join(out.stderr.split()))
+    assert m and int(m[1]) == int(m[2]) + int(m[3]) + int(m[4]) and min(map(int, m.groups())) > 0
+    again = run_cli("prepare", "--dataset", "synthetic", "--cache-dir", str(cache), "--data.synthetic_size=1")
+    assert again.returncode == 0 and "up to date" in again.stderr and "nothing to do" in again.stderr
+
+
+def test_koniq_folder_counts_and_pixels(tmp_path):
+    fixtures.koniq(tmp_path / "koniq", n=12)
+    view = prepare(koniq_cfg(tmp_path / "koniq", tmp_path / "c", "data.split=official"))
+    assert view.meta["counts"] == {"train": 8, "val": 2, "test": 2}
+    assert view.image_meta["count"] == 12 and view.image_meta["resize"] == "512x384"
+    store = view.image_store("test")
+    names = view.names(view.ids("test"))
+    for row, name in enumerate(names):
+        expected = np.asarray(Image.open(tmp_path / "koniq" / name).convert("RGB").resize((512, 384), Image.BILINEAR))
+        n = int(store.heights[row] * store.widths[row] * 3)
+        got = store.pixels[int(store.offsets[row]):int(store.offsets[row]) + n].numpy().reshape(384, 512, 3)
+        assert np.array_equal(got, expected)  # landscape, exactly PIL decode + resize
+    strips = view.patch_store("test")
+    assert strips.heights.tolist() == [3 * 112] * 2 and strips.widths.tolist() == [112] * 2
+    random_view = prepare(koniq_cfg(tmp_path / "koniq", tmp_path / "c", "data.split=random"))
+    assert sum(random_view.meta["counts"].values()) == 12
+    assert random_view.meta["images"] == view.meta["images"]  # a new split reuses the decoded images
+
+
+def test_second_prepare_is_noop_and_changed_input_rebuilds(tmp_path, capsys):
+    fixtures.koniq(tmp_path / "k", n=6, sets=False)
+    cfg = koniq_cfg(tmp_path / "k", tmp_path / "c")
+    first = prepare(cfg)
+    arrow = next(first.path.parent.parent.glob("images-*.arrow"))
+    stamp = arrow.stat().st_mtime_ns
+    capsys.readouterr()
+    second = prepare(cfg)
+    assert second.path == first.path and arrow.stat().st_mtime_ns == stamp
+    assert "up to date" in capsys.readouterr().err
+    fixtures.image(tmp_path / "k" / "1024x768" / f"{10004473376}.jpg", (256, 192), seed=99)  # new pixels
+    third = prepare(cfg)
+    assert third.path.parent.parent != first.path.parent.parent
+    assert len(complete_caches(tmp_path / "c")) == 2
+    patch_change = prepare(koniq_cfg(tmp_path / "k", tmp_path / "c", "data.test_patch_num=4"))
+    assert patch_change.path.parent.parent == third.path.parent.parent and patch_change.path != third.path
+
+
+def make_bad(root: Path) -> dict[str, str]:
+    rows = fixtures.koniq(root, n=10, size=(320, 240), sets=False)
+    img = root / "1024x768"
+    (img / rows[0][0]).write_bytes(b"this is not a jpeg at all")  # corrupt
+    data = (img / rows[1][0]).read_bytes()
+    (img / rows[1][0]).write_bytes(data[: len(data) // 2])  # truncated
+    (img / rows[2][0]).unlink()  # missing file
+    fixtures.image(img / rows[3][0], (100, 80), seed=3)  # too small for 224 px (resize none below)
+    csv_path = root / "koniq10k_scores_and_distributions.csv"
+    lines = csv_path.read_text().splitlines()
+    lines[5] = lines[5].rsplit(",", 1)[0] + ",nan"  # row 6 (rows[4]): NaN score
+    lines[6] = lines[6].rsplit(",", 1)[0] + ",101"  # row 7 (rows[5]): out of range
+    csv_path.write_text("\n".join(lines) + "\n")
+    return {rows[0][0]: "unreadable image", rows[1][0]: "unreadable image", rows[2][0]: "image file missing",
+            rows[3][0]: "smaller than the 224-px patch", rows[4][0]: "not finite", rows[5][0]: "outside the scale"}
+
+
+def test_bad_input_is_reported_together_and_caches_nothing(tmp_path):
+    expected = make_bad(tmp_path / "k")
+    out = run_cli("prepare", "--dataset", "koniq10k", "--root", str(tmp_path / "k"), "--cache-dir",
+                  str(tmp_path / "c"), "--data.resize=none", "--data.workers=1")
+    text = " ".join(out.stderr.split())
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "6 bad row(s) in koniq10k; nothing was cached" in text
+    for name, reason in expected.items():
+        assert name in text and reason in text, (name, reason)
+    assert "row 6" in text and "row 7" in text
+    assert not complete_caches(tmp_path / "c")
+    assert not list((tmp_path / "c").glob(".*partial*"))
+
+
+def test_skip_bad_drops_and_records(tmp_path):
+    expected = make_bad(tmp_path / "k")
+    out = run_cli("prepare", "--dataset", "koniq10k", "--root", str(tmp_path / "k"), "--cache-dir",
+                  str(tmp_path / "c"), "--data.resize=none", "--data.workers=1", "--data.split=random",
+                  "--data.test_fraction=0.25", "--data.val_fraction=0.34", "--skip-bad")
+    assert out.returncode == 0, out.stderr
+    assert "dropped 6 bad row(s)" in " ".join(out.stderr.split())
+    [cache] = complete_caches(tmp_path / "c")
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["count"] == 4 and len(meta["skipped"]) == 6
+    assert all(any(name in s for s in meta["skipped"]) for name in expected)
+
+
+def test_csv_without_expected_columns(tmp_path):
+    fixtures.generic_csv(tmp_path / "d", n=4)
+    (tmp_path / "d" / "meta.csv").write_text("file_name,quality_value\na.png,3\n")
+    out = run_cli("prepare", "--dataset", "csv", "--root", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "meta.csv: no image column found among file_name, quality_value" in " ".join(out.stderr.split())
+    assert not (tmp_path / "c").exists() or not complete_caches(tmp_path / "c")
+
+
+def test_image_modes_become_rgb(tmp_path):
+    root = tmp_path / "modes"
+    rows = []
+    for i, (mode, ext) in enumerate([("L", "png"), ("RGBA", "png"), ("P", "png"), ("CMYK", "jpg"), ("I;16", "png"),
+                                     ("RGB", "jpg")]):
+        name = f"img/{i}.{ext}"
+        if mode == "I;16":
+            a = (np.linspace(0, 65535, 128 * 128).reshape(128, 128)).astype(np.uint16)
+            (root / "img").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(a).save(root / name)  # uint16 -> a 16-bit PNG
+        else:
+            fixtures.image(root / name, (128, 128), seed=i, mode=mode)
+        rows.append(f"{name},{i}")
+    (root / "meta.csv").write_text("image,mos\n" + "\n".join(rows) + "\n")
+    view = prepare(load_config("demo", [f"data.root={root}", "data.dataset=csv", f"data.cache_dir={tmp_path / 'c'}",
+                                        "data.test_fraction=0.34", "data.val_fraction=0.25", "model.img_size=112"]))
+    assert view.image_meta["count"] == 6 and view.image_meta["skipped"] == []
+    everything = view.images
+    row = everything["name"].index("img/4.png")  # the 16-bit ramp: scaled to 8 bits, not clipped at 255
+    ramp = np.frombuffer(everything[row]["pixels"], np.uint8).reshape(128, 128, 3)
+    assert ramp.min() == 0 and ramp.max() == 255 and len(np.unique(ramp)) > 200
+    store = view.image_store("train")
+    assert int(store.nbytes) == sum(int(h * w * 3) for h, w in zip(store.heights, store.widths))
+
+
+def test_build_failure_leaves_no_complete_cache(tmp_path, monkeypatch):
+    from iqa_dist import cache as cache_mod
+
+    fixtures.koniq(tmp_path / "k", n=4, sets=False)
+    original = cache_mod._build_images
+
+    def failing(partial, *args, **kwargs):
+        original(partial, *args, **kwargs)
+        raise KeyboardInterrupt  # killed after writing everything but before the rename
+
+    monkeypatch.setattr(cache_mod, "_build_images", failing)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(koniq_cfg(tmp_path / "k", tmp_path / "c"))
+    assert not complete_caches(tmp_path / "c") and not list((tmp_path / "c").glob(".*partial*"))
+    monkeypatch.setattr(cache_mod, "_build_images", original)
+    assert prepare(koniq_cfg(tmp_path / "k", tmp_path / "c")).image_meta["count"] == 4
+
+
+def _prepare_cmd(root: Path, cache: Path) -> list[str]:
+    return [sys.executable, "-m", "iqa_dist", "prepare", "--dataset", "koniq10k", "--root", str(root),
+            "--cache-dir", str(cache), "--data.workers=1", "--data.resize=1024x768", "--data.split=random"]
+
+
+def test_killed_prepare_is_never_accepted(tmp_path):
+    fixtures.koniq(tmp_path / "k", n=60, size=(1024, 768), sets=False)
+    proc = subprocess.Popen(_prepare_cmd(tmp_path / "k", tmp_path / "c"), stderr=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "c").glob(".*partial*/hf")):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not complete_caches(tmp_path / "c")
+    out = subprocess.run(_prepare_cmd(tmp_path / "k", tmp_path / "c"), capture_output=True, text=True)
+    assert out.returncode == 0 and "60 images cached" in " ".join(out.stderr.split())
+
+
+def test_two_processes_preparing_at_once_yield_one_cache(tmp_path):
+    fixtures.koniq(tmp_path / "k", n=20, size=(512, 384), sets=False)
+    procs = [subprocess.Popen(_prepare_cmd(tmp_path / "k", tmp_path / "c"), stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert len(complete_caches(tmp_path / "c")) == 1
+    assert sum("nothing to do" in " ".join(e.split()) and "image cache" in e for e in errs) == 1
