@@ -15,6 +15,7 @@ work happens on the device, with no Python loop over the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -178,6 +179,12 @@ class Augmenter:
         self.mean = torch.tensor(mean, dtype=torch.float32)
         self.std = torch.tensor(std, dtype=torch.float32)
         self.jitter = any(v > 0 for v in (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
+
+    @classmethod
+    def evaluation(cls, size: int, mean: Sequence[float], std: Sequence[float]) -> "Augmenter":
+        """Crop + normalise only (what `eval` uses)."""
+        return cls(AugmentConfig(hflip=False, brightness=0, contrast=0, saturation=0, hue=0), size, tuple(mean),
+                   tuple(std), seed=0)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -34,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import synthetic
 from .config import Config
 from .errors import UserError
-from .sources import SPLITS, Problem, SourceData, assign_splits, read_source
+from .sources import Problem, SourceData, assign_splits, read_source
 
 CACHE_VERSION = 1
 IMAGE_FEATURES = datasets.Features({
@@ -403,6 +403,8 @@ def _build_view(partial: Path, image_path: Path, cfg: Config, spec: dict, splits
     if cfg.data.train_patches == "cached":
         patch_sets["train"] = cfg.data.cached_patch_num
     for kind, n in patch_sets.items():
+        if not splits[kind]:  # split=all has no train/val images
+            continue
         ds = datasets.Dataset.from_generator(
             _patch_rows, features=PATCH_FEATURES, cache_dir=str(partial / "hf"), writer_batch_size=8,
             fingerprint=_hash([spec, kind]),

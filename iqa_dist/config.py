@@ -39,7 +39,7 @@ class DataConfig:
     image_column: str = ""  # csv source: column with image paths; "" = first of image/name/image_name/path
     image_dir: str = ""  # folder of images relative to root; "" = the source's default
     resize: str = "auto"  # auto (the source's literature default) | none | WxH (e.g. 512x384) | short:N
-    split: str = "random"  # random | official | split file(s), comma-separated (CSV, JSON or .txt)
+    split: str = "random"  # random | official | all (evaluation only) | split file(s), comma-separated (CSV, JSON or .txt)
     split_seed: int = 0  # seed of random splits and of the held-out validation part
     test_fraction: float = 0.2  # random split: share of contents (images or references) in test
     val_fraction: float = 0.1  # share of the training contents held out for validation (model selection)

@@ -84,3 +84,48 @@ def evaluate_split(model: nn.Module, store: ImageStore, augmenter: Augmenter, n_
     targets = gather_predictions(accelerator, store.ids, store.scores.to(accelerator.device))[1]
     metrics = correlation_metrics(preds_all, targets)
     return {**metrics, "ids": ids, "preds": preds_all, "targets": targets}
+
+
+def evaluate_command(model_path: str, cfg, split: str, output: str) -> dict:
+    """`iqa-dist evaluate`: a trained model on any prepared dataset (cross-dataset included).
+
+    Patches follow the model (its patch size and test_patch_num); run it under `accelerate
+    launch` to spread the images over processes."""
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from .cache import describe, prepare
+    from .predict import load_model, model_dir
+    from .progress import metrics_table
+
+    acc = Accelerator()
+    console = Console(stderr=True, quiet=not acc.is_main_process)
+    folder = model_dir(model_path)
+    scorer = load_model(folder, acc.device)
+    model_cfg = scorer.config["model"]
+    n_patches = int(scorer.config.get("test_patch_num", cfg.data.test_patch_num))
+    cfg = replace(cfg, model=replace(cfg.model, img_size=int(model_cfg["img_size"])),
+                  data=replace(cfg.data, test_patch_num=n_patches, train_patches="random"))
+    view = prepare(cfg, console)
+    console.print(describe(view))
+    ids = view.ids(split)
+    store = view.patch_store(split, shard(len(ids), acc.num_processes, acc.process_index))
+    augmenter = Augmenter.evaluation(scorer.size, scorer.config["mean"], scorer.config["std"])
+    result = evaluate_split(scorer.model, store, augmenter, n_patches, 256, acc, scorer.to_score)
+    metrics = {k: result[k] for k in ("srcc", "plcc", "krcc", "rmse", "n")}
+    report = {"model": str(folder), "dataset": cfg.data.dataset, "root": cfg.data.root, "split": split,
+              "score_scale": view.image_meta["score_range"], "trained_on": scorer.config.get("dataset"),
+              "metrics": metrics}
+    if acc.is_main_process:
+        target = Path(output) if output else folder.parent / f"eval-{cfg.data.dataset}-{split}.json"
+        target.write_text(json.dumps(report, indent=1))
+        per_image = target.with_suffix(".predictions.csv")
+        names = view.names(result["ids"])
+        per_image.write_text("image,score,prediction\n" + "".join(
+            f"{n},{t:.4f},{p:.4f}\n" for n, t, p in zip(names, result["targets"], result["preds"])))
+        Console().print(metrics_table(f"{folder} on {cfg.data.dataset} ({split})", {split: metrics}))
+        console.print(f"wrote {target} and {per_image.name}")
+    return report

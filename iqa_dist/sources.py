@@ -289,6 +289,8 @@ def assign_splits(records: list[Record], cfg: DataConfig) -> tuple[dict[str, lis
     Validation, when the chosen split has none, is a seeded share of the training groups.
     """
     notes: list[str] = []
+    if cfg.split == "all":  # evaluation only (e.g. cross-dataset): every image is a test image
+        return {"train": [], "val": [], "test": list(range(len(records)))}, ["split=all: every image in test"]
     if cfg.split == "random":
         train, test = _group_split(records, list(range(len(records))), cfg.test_fraction, cfg.split_seed)
         splits = {"train": train, "test": test, "val": []}

@@ -166,6 +166,8 @@ def resident_device(cfg: Config, nbytes: int, device: torch.device) -> torch.dev
 def load_data(cfg: Config, acc: Accelerator, console: Console) -> Data:
     view = prepare(cfg, console)  # every process calls it; a file lock lets one build
     acc.print(describe(view))
+    if not len(view.ids("train")):
+        raise UserError("data.split=all keeps every image for evaluation; training needs a train split")
     cached = cfg.data.train_patches == "cached"
     train = view.patch_store("train") if cached else view.image_store("train")
     train = train.to(resident_device(cfg, train.nbytes, acc.device))
@@ -219,16 +221,33 @@ def loss_sum(pred: torch.Tensor, target: torch.Tensor, rank_weight: float) -> to
     return loss
 
 
-def micro_batch(data: Data, augmenter: Augmenter, rows: torch.Tensor, k: torch.Tensor | None,
+def micro_batch(store: ImageStore, augmenter: Augmenter, rows: torch.Tensor, k: torch.Tensor | None,
                 params: AugmentParams, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised patches (b, 3, S, S) and their scores (b,) for one micro-batch, on the device."""
-    pixels, offsets, widths = data.train.gather(rows, device)
+    pixels, offsets, widths = store.gather(rows, device)
     if k is None:  # fresh random crops inside each image
-        y0, x0 = augmenter.crop_origin(params, data.train.heights[rows], data.train.widths[rows])
+        y0, x0 = augmenter.crop_origin(params, store.heights[rows], store.widths[rows])
     else:  # patch k of each cached strip
         y0, x0 = k * augmenter.size, torch.zeros_like(k)
     x = augmenter.train(pixels, offsets, widths, y0, x0, params)
-    return x, data.train.scores[rows].to(device, non_blocking=True)
+    return x, store.scores[rows].to(device, non_blocking=True)
+
+
+def forward_backward(acc: Accelerator, model, data: Data, augmenter: Augmenter, shares: Shares, step: int,
+                     to_target, cfg: Config) -> tuple[torch.Tensor, int]:
+    """This process's share of global batch `step`, in micro-batches; gradients are synced on the
+    last one only. Returns the summed loss and the number of patches."""
+    rows, k = data.plan.batch(step)
+    params = augmenter.draw(len(rows))  # drawn for the whole global batch on every process
+    total, n = torch.zeros((), device=acc.device), 0
+    for m, sl in enumerate(shares.slices()):
+        with acc.no_sync(model) if m < shares.accum - 1 else contextlib.nullcontext():
+            x, y = micro_batch(data.train, augmenter, rows[sl], None if k is None else k[sl], params[sl], acc.device)
+            loss = loss_sum(model(x), to_target(y), cfg.optim.rank_weight)
+            acc.backward(loss / shares.nominal)
+        total += loss.detach()
+        n += len(y)
+    return total, n
 
 
 class PreemptionFlag:
@@ -269,6 +288,7 @@ def evaluate_and_select(cfg: Config, acc: Accelerator, run: RunDir, model, data:
     if val["srcc"] > state.best_srcc:
         state.best_srcc, state.best_step, state.bad_evals = val["srcc"], state.step, 0
         extra = {"score_norm": cfg.data.score_norm, "score_range": list(data.score_range),
+                 "resize": data.view.image_meta["resize"],
                  "dataset": cfg.data.dataset, "test_patch_num": cfg.data.test_patch_num, "step": state.step,
                  "val": val, "mean": list(augmenter.mean.tolist()), "std": list(augmenter.std.tolist())}
         run.export_model(acc.unwrap_model(model).state_dict(), cfg, extra)
@@ -294,6 +314,7 @@ def test_selected(cfg: Config, acc: Accelerator, run: RunDir, model, data: Data,
 def train(cfg: Config, resume: str = "") -> Path:
     """Trains `cfg`; returns the run directory. Call under `accelerate launch` for many processes."""
     acc = build_accelerator(cfg, Path(cfg.run.root))
+    preempt = PreemptionFlag()  # first: a requeue warning may come during data preparation
     console = Console(quiet=not acc.is_main_process)
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -330,22 +351,12 @@ def train(cfg: Config, resume: str = "") -> Path:
     if cfg.run.log_with:
         acc.init_trackers(run.path.name, config={f"{s}.{k}": str(v) for s, d in cfg.to_dict().items()
                                                  if isinstance(d, dict) for k, v in d.items()})
-    preempt = PreemptionFlag()
     display = Display(console, total_steps, data.plan.steps_per_epoch, cfg.train.log_every)
     window = {"loss": 0.0, "n": 0, "t0": time.time(), "step0": state.step}
 
     model.train()
     while state.step < total_steps and not state.stopped_early:
-        rows, k = data.plan.batch(state.step)
-        params = augmenter.draw(len(rows))
-        local_loss = torch.zeros((), device=acc.device)
-        for m, sl in enumerate(shares.slices()):
-            ctx = acc.no_sync(model) if m < shares.accum - 1 else contextlib.nullcontext()
-            with ctx:
-                x, y = micro_batch(data, augmenter, rows[sl], None if k is None else k[sl], params[sl], acc.device)
-                loss = loss_sum(model(x), to_target(y), cfg.optim.rank_weight)
-                acc.backward(loss / shares.nominal)
-                local_loss += loss.detach()
+        local_loss, n_local = forward_backward(acc, model, data, augmenter, shares, state.step, to_target, cfg)
         norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
         flags = step_flags(acc, local_loss, norm, preempt)
         if flags[:2].any():
@@ -355,7 +366,7 @@ def train(cfg: Config, resume: str = "") -> Path:
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         window["loss"] += local_loss.item()
-        window["n"] += sum(s.stop - s.start for s in shares.slices())
+        window["n"] += n_local
         display.step(state.step, window["loss"] / max(1, window["n"]), scheduler.get_last_lr()[0])
 
         if state.step % eval_every == 0 or state.step == total_steps:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +42,47 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd: Path |
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "iqa_dist", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd)
+
+
+RUN = ["train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.keep_checkpoints=2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_cmd(overrides: list[str], nproc: int = 1, resume: str = "") -> list[str]:
+    args = ["-m", "iqa_dist", "train", "--preset", "demo", *[f"--{o}" for o in overrides]]
+    if resume:
+        args += ["--resume", resume]
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), *args]
+
+
+def run_train(overrides: list[str], nproc: int = 1, resume: str = "", timeout: int = 400) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, 2 // nproc))}
+    return subprocess.run(train_cmd(overrides, nproc, resume), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def only_run(root: Path) -> Path:
+    runs = [p for p in root.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def single_run(tiny_overrides, tmp_path_factory) -> Path:
+    """One uninterrupted 1-process tiny run, shared by the checks that only read it."""
+    root = tmp_path_factory.mktemp("runs1")
+    out = run_train([*tiny_overrides, *RUN, f"run.root={root}"])
+    assert out.returncode == 0, out.stdout + out.stderr
+    return only_run(root)

@@ -17,7 +17,6 @@ from PIL import Image
 
 from iqa_dist.cache import prepare
 from iqa_dist.config import load_config
-from iqa_dist.errors import UserError
 
 from . import fixtures
 from .conftest import run_cli

@@ -1,0 +1,329 @@
+"""`iqa-dist bench`: throughput figures measured side by side in one run, with the machine.
+
+- data:  patches/s delivered ready for the model by (a) phase one's pipeline (PIL decode + resize
+         of the source JPEG per patch, torchvision CPU transforms in DataLoader workers), (b) the
+         cache + device augmentation with fresh crops, (c) the cache with stored training patches.
+- train: patches/s of full training steps (cache -> augmentation -> forward/backward/step) against
+         the model-only ceiling (a pre-made batch already on the device): the data pipeline's
+         overhead in percent; per backbone, precision and torch.compile; MFU on a GPU.
+- eval:  images/s of evaluation (test_patch_num fixed patches per image).
+
+The source images are KonIQ-size (1024x768) JPEGs made from scikit-image's photos, written once
+to a temporary folder, so every pipeline reads the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from .augment import Augmenter
+from .cache import prepare
+from .config import Config, load_config
+from .evaluate import predict_images
+from .model import build_model
+from .train import BatchPlan, build_optimizer, loss_sum, micro_batch
+
+# Dense bf16 peak FLOP/s of the GPUs people train on (datasheets; H100/H200 SXM).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
+TINY_SWIN = {"embed_dim": 32, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 8], "window_size": 7}
+BACKBONES = {
+    "tiny": ("swin_tiny_patch4_window7_224", TINY_SWIN, 112),
+    "swin-t": ("swin_tiny_patch4_window7_224", {}, 224),
+    "swin-s": ("swin_small_patch4_window7_224", {}, 224),
+    "swin-b": ("swin_base_patch4_window7_224", {}, 224),
+}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "cuda": torch.version.cuda if gpu else None, "python": platform.python_version()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rate(fn, n_items: int, repeats: int, device: torch.device, warmup: int = 2) -> float:
+    """Items per second of fn() (each call handles n_items), after warm-up calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(device)
+    return n_items * repeats / (time.perf_counter() - t0)
+
+
+def source_images(folder: Path, n: int) -> Path:
+    """n KonIQ-size 1024x768 JPEGs (quality 90) plus a KonIQ-format CSV, made once."""
+    from .synthetic import PHOTOS, _photo
+
+    img_dir = folder / "1024x768"
+    if (folder / "koniq10k_scores_and_distributions.csv").is_file() and len(list(img_dir.glob("*.jpg"))) == n:
+        return folder
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rows = ["image_name,MOS,MOS_zscore"]
+    for i in range(n):
+        photo = Image.fromarray(_photo(PHOTOS[i % len(PHOTOS)])[..., :3]).resize((1024, 768), Image.BICUBIC)
+        if i // len(PHOTOS) % 2:
+            photo = photo.transpose(Image.FLIP_LEFT_RIGHT)
+        photo.save(img_dir / f"{i:05d}.jpg", quality=90)
+        rows.append(f"{i:05d}.jpg,3.0,{20 + 60 * i / max(1, n - 1):.3f}")
+    (folder / "koniq10k_scores_and_distributions.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+class PhaseOneDataset(torch.utils.data.Dataset):
+    """Phase one's loader: every patch decodes and resizes the full JPEG again, then CPU transforms."""
+
+    def __init__(self, files: list[Path], patches_per_image: int, size: int) -> None:
+        import torchvision.transforms as T
+
+        self.files, self.per = files, patches_per_image
+        self.transform = T.Compose([
+            T.Resize((384, 512)),  # (H, W): the corrected landscape geometry, same cost
+            T.RandomCrop(size), T.RandomHorizontalFlip(), T.ColorJitter(0.1, 0.1, 0.1, 0.05),
+            T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+    def __len__(self) -> int:
+        return len(self.files) * self.per
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.files[i // self.per]) as im:
+            return self.transform(im.convert("RGB"))
+
+
+def bench_data(cfg: Config, n_images: int, batch: int, steps: int, workers: int, device: torch.device,
+               work: Path, console: Console) -> dict:
+    """(a) phase one vs (b) cache + device crops vs (c) cache + stored patches, patches/s."""
+    root = source_images(work / "koniq", n_images)
+    size = cfg.model.img_size
+    files = sorted((root / "1024x768").glob("*.jpg"))
+    loader = torch.utils.data.DataLoader(PhaseOneDataset(files, cfg.data.train_patch_num, size), batch_size=batch,
+                                         shuffle=True, num_workers=workers, persistent_workers=workers > 0,
+                                         drop_last=True)
+    batches = iter(loader)
+
+    def phase_one():
+        next(batches).to(device)
+
+    console.print(f"(a) phase one: {workers} DataLoader worker(s), {batch} patches a batch")
+    a = _rate(phase_one, batch, steps, device, warmup=1)
+
+    base = [f"data.root={root}", "data.dataset=koniq10k", "data.split=random", f"data.cache_dir={work / 'cache'}",
+            f"model.img_size={size}", "data.workers=" + str(max(1, workers))]
+    results = {"phase_one": a}
+    for label, mode in (("cache_device_crops", "random"), ("cache_stored_patches", "cached")):
+        c = load_config("koniq-swin-t", [*base, f"data.train_patches={mode}", "data.cached_patch_num=20",
+                                         f"data.train_patch_num={min(20, cfg.data.train_patch_num)}"])
+        view = prepare(c, Console(quiet=True))
+        results[label] = _cache_rate(view, c, batch, steps, device)
+        if label == "cache_device_crops":
+            t0 = time.perf_counter()
+            split = view.image_store("train")
+            results["cache_read_images_per_s"] = len(split) / (time.perf_counter() - t0)
+            results["cache_mb_per_1000_images"] = round(
+                sum(f.stat().st_size for f in view.path.parent.parent.glob("images-*.arrow")) / 1e6
+                * 1000 / view.image_meta["count"], 1)
+    results["speedup_device_crops"] = results["cache_device_crops"] / a
+    results["speedup_stored_patches"] = results["cache_stored_patches"] / a
+    return results
+
+
+def _cache_rate(view, c: Config, batch: int, steps: int, device: torch.device) -> float:
+    """Patches/s of the training input path: plan -> gather -> device crop/flip/jitter/normalise."""
+    cached = c.data.train_patches == "cached"
+    store = (view.patch_store("train") if cached else view.image_store("train")).to(device)
+    plan = BatchPlan(len(store), c.data.train_patch_num, batch, 0, c.data.cached_patch_num if cached else 0)
+    aug = Augmenter(c.augment, c.model.img_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0)
+    counter = iter(range(10**9))
+
+    def step():
+        rows, k = plan.batch(next(counter) % plan.steps_per_epoch)
+        micro_batch(store, aug, rows, k, aug.draw(len(rows)), device)
+
+    return _rate(step, batch, steps, device)
+
+
+def flops_per_patch(model: torch.nn.Module, size: int, device: torch.device) -> float:
+    """Forward + backward FLOPs of one patch, counted by torch (about 3x the forward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, 3, size, size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
+def bench_train(cfg: Config, backbones: list[str], precisions: list[str], compiles: list[bool], n_images: int,
+                batch: int, steps: int, device: torch.device, work: Path, console: Console) -> list[dict]:
+    """Full training steps vs the model-only ceiling, per setting."""
+    rows = []
+    peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    for name in backbones:
+        backbone, kwargs, size = BACKBONES[name]
+        c = load_config("koniq-swin-t", [f"model.backbone={backbone}", "model.pretrained=none", f"model.img_size={size}",
+                                         f"data.cache_dir={work / 'cache'}"])
+        c = replace(c, model=replace(c.model, backbone_kwargs=kwargs))
+        root = source_images(work / "koniq", n_images)
+        view = prepare(load_config("koniq-swin-t", [f"data.root={root}", "data.split=random", f"model.img_size={size}",
+                                                    f"data.cache_dir={work / 'cache'}"]), Console(quiet=True))
+        store = view.image_store("train").to(device)
+        for precision in precisions:
+            for compiled in compiles:
+                console.print(f"train: {name} {precision} compile={compiled}")
+                row = _train_rates(c, store, precision, compiled, batch, steps, device)
+                row = {"backbone": name, **row}
+                if peak:
+                    row["mfu_pct"] = 100 * row["end_to_end"] * row["gflop_per_patch"] * 1e9 / peak
+                rows.append(row)
+    return rows
+
+
+def _train_rates(c: Config, store, precision: str, compiled: bool, batch: int, steps: int,
+                 device: torch.device) -> dict:
+    """Model-only ceiling (a fixed batch on the device) and full steps through the data path."""
+    torch.manual_seed(0)
+    size = c.model.img_size
+    model = build_model(c.model).to(device).train()
+    flops = flops_per_patch(model, size, device)
+    opt = build_optimizer(model, c)
+    net = torch.compile(model) if compiled else model
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    aug = Augmenter(c.augment, size, model.mean, model.std, 0)
+    plan = BatchPlan(len(store), c.data.train_patch_num, batch, 0)
+    counter = iter(range(10**9))
+    fixed = torch.randn(batch, 3, size, size, device=device)
+    target = torch.rand(batch, device=device) * 100
+
+    def train_step(x, y):
+        with amp:
+            loss = loss_sum(net(x), y, 0.0) / len(y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def full():
+        rows, k = plan.batch(next(counter) % plan.steps_per_epoch)
+        x, y = micro_batch(store, aug, rows, k, aug.draw(len(rows)), device)
+        train_step(x, y)
+
+    ceiling = _rate(lambda: train_step(fixed, target), batch, steps, device)
+    end_to_end = _rate(full, batch, steps, device)
+    return {"precision": precision, "compile": compiled, "batch": batch, "img_size": size, "model_only": ceiling,
+            "end_to_end": end_to_end, "overhead_pct": 100 * (1 - end_to_end / ceiling), "gflop_per_patch": flops / 1e9}
+
+
+def bench_eval(cfg: Config, n_images: int, batch_patches: int, device: torch.device, work: Path, repeats: int) -> dict:
+    """Images/s of evaluation: the tiny model over every test image's fixed patches."""
+    backbone, kwargs, size = BACKBONES["tiny"] if device.type == "cpu" else BACKBONES["swin-t"]
+    root = source_images(work / "koniq", n_images)
+    c = load_config("koniq-swin-t", [f"data.root={root}", "data.split=random", f"model.img_size={size}",
+                                     f"data.cache_dir={work / 'cache'}", f"model.backbone={backbone}",
+                                     "model.pretrained=none", f"data.test_patch_num={cfg.data.test_patch_num}"])
+    c = replace(c, model=replace(c.model, backbone_kwargs=kwargs))
+    view = prepare(c, Console(quiet=True))
+    store = view.patch_store("test")
+    model = build_model(c.model).to(device)
+    aug = Augmenter.evaluation(size, model.mean, model.std)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    def run():
+        with amp:
+            predict_images(model, store, aug, c.data.test_patch_num, batch_patches, device)
+
+    rate = _rate(run, len(store), repeats, device, warmup=1)
+    return {"images_per_s": rate, "patches_per_s": rate * c.data.test_patch_num, "images": len(store),
+            "test_patch_num": c.data.test_patch_num, "backbone": "tiny" if device.type == "cpu" else "swin-t",
+            "img_size": size}
+
+
+def bench_command(what: str, cfg: Config, args) -> dict:
+    console = Console(stderr=True)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="iqa-bench-"))
+    report = {"machine": machine(), "device": str(device), "settings": vars(args).copy()}
+    report["settings"].pop("fn", None)
+    if what in ("data", "all"):
+        report["data"] = bench_data(cfg, args.images, args.batch, args.steps, args.workers, device, work, console)
+    if what in ("train", "all"):
+        backbones = args.backbones.split(",") if args.backbones else (["tiny"] if device.type == "cpu" else ["swin-t", "swin-s", "swin-b"])
+        precisions = args.precisions.split(",") if args.precisions else (["fp32"] if device.type == "cpu" else ["fp32", "bf16"])
+        compiles = [False, True] if args.compile else [False]
+        report["train"] = bench_train(cfg, backbones, precisions, compiles, args.images, args.batch, args.steps, device, work, console)
+    if what in ("eval", "all"):
+        report["eval"] = bench_eval(cfg, args.images, args.batch * 2, device, work, max(1, args.steps // 4))
+    show(report)
+    out = Path(args.output) if args.output else Path("runs") / f"bench-{what}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=str))
+    console.print(f"wrote {out}")
+    if not all(math.isfinite(v) and v > 0 for v in _figures(report)):
+        raise RuntimeError("a benchmark figure is not a positive number")  # never hide a broken measurement
+    return report
+
+
+def _figures(report: dict):
+    for key in ("data", "eval"):
+        for v in report.get(key, {}).values():
+            if isinstance(v, float):
+                yield v
+    for row in report.get("train", []):
+        yield row["model_only"]
+        yield row["end_to_end"]
+
+
+def show(report: dict) -> None:
+    console = Console()
+    m = report["machine"]
+    where = f"{m['gpu'] or m['cpu']} ({m['cpu_cores']} CPU cores, torch {m['torch']})"
+    if "data" in report:
+        d = report["data"]
+        t = Table(title=f"data pipeline, patches/s ready on {report['device']} — {where}")
+        for c in ("pipeline", "patches/s", "x phase one"):
+            t.add_column(c, justify="right" if c != "pipeline" else "left")
+        t.add_row("(a) phase one: decode + resize per patch, CPU transforms", f"{d['phase_one']:.0f}", "1.0")
+        t.add_row("(b) cache + device crop/flip/jitter", f"{d['cache_device_crops']:.0f}", f"{d['speedup_device_crops']:.1f}")
+        t.add_row("(c) cache + stored patches", f"{d['cache_stored_patches']:.0f}", f"{d['speedup_stored_patches']:.1f}")
+        console.print(t)
+        console.print(f"cache: reads {d['cache_read_images_per_s']:.0f} images/s into memory; "
+                      f"{d['cache_mb_per_1000_images']} MB per 1,000 KonIQ-size (512x384) images")
+    if "train" in report:
+        t = Table(title=f"training steps, patches/s — {where}")
+        for c in ("backbone", "precision", "compile", "batch", "model only", "end to end", "overhead %", "GFLOP/patch", "MFU %"):
+            t.add_column(c, justify="right")
+        for r in report["train"]:
+            t.add_row(r["backbone"], r["precision"], str(r["compile"]), str(r["batch"]), f"{r['model_only']:.1f}",
+                      f"{r['end_to_end']:.1f}", f"{r['overhead_pct']:.1f}", f"{r['gflop_per_patch']:.2f}",
+                      f"{r['mfu_pct']:.1f}" if "mfu_pct" in r else "-")
+        console.print(t)
+    if "eval" in report:
+        e = report["eval"]
+        console.print(f"evaluation: {e['images_per_s']:.1f} images/s ({e['patches_per_s']:.0f} patches/s, "
+                      f"{e['test_patch_num']} patches per image, {e['backbone']} at {e['img_size']} px)")

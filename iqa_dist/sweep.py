@@ -1,0 +1,164 @@
+"""`iqa-dist sweep`: phase one's next steps as one command each.
+
+- ablation: each regulariser alone (dropout, drop_path, weight decay, ColorJitter), none, and all
+  together, from one base preset;
+- splits: N seeded random splits (the HyperIQA protocol uses 10): median and mean +- std;
+- cross: a trained run evaluated on every other dataset (all of its images).
+
+Members of a group share one folder `runs/<YYYYmmdd-HHMMSS>-sweep-<kind>/`, each a normal run
+directory. Locally they run one after another (through `--launcher`, e.g. `accelerate launch
+--multi_gpu`); with `--slurm` they are submitted as one job array (launch/slurm_sweep.sbatch), and
+`iqa-dist sweep collect GROUP` builds the combined table once they are done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .config import load_config
+from .errors import UserError
+
+ABLATION = {
+    "none": ["model.dropout=0", "model.drop_path=0", "optim.weight_decay=0", "augment.brightness=0",
+             "augment.contrast=0", "augment.saturation=0", "augment.hue=0"],
+    "dropout-only": ["model.drop_path=0", "optim.weight_decay=0", "augment.brightness=0", "augment.contrast=0",
+                     "augment.saturation=0", "augment.hue=0"],
+    "drop_path-only": ["model.dropout=0", "optim.weight_decay=0", "augment.brightness=0", "augment.contrast=0",
+                       "augment.saturation=0", "augment.hue=0"],
+    "weight_decay-only": ["model.dropout=0", "model.drop_path=0", "augment.brightness=0", "augment.contrast=0",
+                          "augment.saturation=0", "augment.hue=0"],
+    "jitter-only": ["model.dropout=0", "model.drop_path=0", "optim.weight_decay=0"],
+    "all": [],
+}
+SLURM_SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "slurm_sweep.sbatch"
+
+
+def members(kind: str, base_overrides: list[str], n: int) -> dict[str, list[str]]:
+    """Member name -> its overrides (on top of the base preset and overrides)."""
+    if kind == "ablation":
+        return {name: [*base_overrides, *extra] for name, extra in ABLATION.items()}
+    if kind == "splits":
+        return {f"split{i:02d}": [*base_overrides, "data.split=random", f"data.split_seed={i}", f"train.seed={i}"]
+                for i in range(n)}
+    raise UserError(f"sweep: unknown kind {kind!r} (ablation, splits, cross, collect)")
+
+
+def new_group(root: str, kind: str) -> Path:
+    group = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-sweep-{kind}"
+    group.mkdir(parents=True)
+    return group
+
+
+def run_sweep(kind: str, preset: str, base_overrides: list[str], n: int, launcher: str, slurm: bool) -> Path:
+    """Runs (or submits) every member; returns the group folder."""
+    cfg = load_config(preset, base_overrides)  # fail early on a bad base config
+    specs = members(kind, base_overrides, n)
+    for overrides in specs.values():
+        load_config(preset, overrides)
+    group = new_group(cfg.run.root, kind)
+    plan = [{"name": name, "args": ["--preset", preset, *[f"--{o}" for o in overrides],
+                                    f"--run.root={group}", f"--run.name={name}"]} for name, overrides in specs.items()]
+    (group / "members.jsonl").write_text("".join(json.dumps(p) + "\n" for p in plan))
+    (group / "sweep.json").write_text(json.dumps({"kind": kind, "preset": preset, "overrides": base_overrides}))
+    console = Console(stderr=True)
+    if slurm:
+        cmd = ["sbatch", f"--array=0-{len(plan) - 1}", str(SLURM_SCRIPT), str(group / "members.jsonl")]
+        console.print(f"submitting: {shlex.join(cmd)}")
+        subprocess.run(cmd, check=True)
+        console.print(f"when the array is done: iqa-dist sweep collect {group}")
+        return group
+    prefix = shlex.split(launcher) if launcher else [sys.executable]
+    for i, member in enumerate(plan):
+        console.rule(f"sweep {kind}: {member['name']} ({i + 1}/{len(plan)})")
+        # --resume auto: relaunching the same sweep continues unfinished members
+        code = subprocess.run([*prefix, "-m", "iqa_dist", "train", *member["args"], "--resume", "auto"]).returncode
+        if code:
+            console.print(f"[red]member {member['name']} failed (exit {code})[/]; continuing")
+    collect(group)
+    return group
+
+
+def collect(group: Path) -> dict:
+    """The combined table of a group: per member val/test SRCC and PLCC, plus summary statistics."""
+    group = Path(group)
+    if not (group / "sweep.json").is_file():
+        raise UserError(f"{group}: not a sweep group (no sweep.json)")
+    info = json.loads((group / "sweep.json").read_text())
+    results = []
+    for run in sorted(p for p in group.iterdir() if (p / "config.yaml").is_file()):
+        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else None
+        name = run.name.split("-", 2)[-1]
+        results.append({"member": name, "run": run.name, "finished": summary is not None,
+                        **({f"{s}_{m}": summary[s].get(m) for s in ("val", "test") for m in ("srcc", "plcc")}
+                           if summary else {}),
+                        "best_epoch": summary and summary["best_epoch"]})
+    if info["kind"] == "cross":
+        results = info["results"]
+    stats = {}
+    done = [r for r in results if r.get("finished", True) and r.get("test_srcc") is not None]
+    for key in ("test_srcc", "test_plcc", "val_srcc", "val_plcc"):
+        values = [r[key] for r in done if r.get(key) is not None]
+        if values:
+            stats[key] = {"median": statistics.median(values), "mean": statistics.fmean(values),
+                          "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    table = {**info, "members": results, "statistics": stats}
+    (group / "results.json").write_text(json.dumps(table, indent=1))
+    print_table(table, group)
+    return table
+
+
+def print_table(table: dict, group: Path) -> None:
+    t = Table(title=f"sweep {table['kind']} ({group})")
+    columns = ["member", "test_srcc", "test_plcc", "val_srcc", "val_plcc", "best_epoch"]
+    if table["kind"] == "cross":
+        columns = ["dataset", "test_srcc", "test_plcc", "n"]
+    for c in columns:
+        t.add_column(c.replace("_", " "), justify="left" if c in ("member", "dataset") else "right")
+    for r in table["members"]:
+        t.add_row(*(_fmt(r.get(c)) if r.get("finished", True) else "running" for c in columns))
+    for key, label in (("median", "median"), ("mean", "mean")):
+        if table["statistics"]:
+            cells = []
+            for c in columns[1:]:
+                s = table["statistics"].get(c)
+                cells.append("" if not s else f"{s[key]:.4f}" + (f" ± {s['std']:.4f}" if key == "mean" else ""))
+            t.add_row(f"[bold]{label}[/]", *cells)
+    Console().print(t)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def cross(run: str, datasets: list[str], root: str, base_overrides: list[str], launcher: str) -> Path:
+    """Evaluates a trained run on each NAME=ROOT dataset (all images)."""
+    group = new_group(root, "cross")
+    results = []
+    prefix = shlex.split(launcher) if launcher else [sys.executable]
+    console = Console(stderr=True)
+    for spec in datasets:
+        name, _, data_root = spec.partition("=")
+        if not name:
+            raise UserError(f"sweep cross: --dataset expects NAME=ROOT, got {spec!r}")
+        out = group / f"{name}.json"
+        args = [*prefix, "-m", "iqa_dist", "evaluate", "--run", run, "--dataset", name, "--split", "all",
+                "--output", str(out), *([f"--root={data_root}"] if data_root else []), *[f"--{o}" for o in base_overrides]]
+        console.rule(f"cross-dataset: {name}")
+        if subprocess.run(args, env={**os.environ}).returncode or not out.exists():
+            results.append({"dataset": name, "finished": False})
+            continue
+        m = json.loads(out.read_text())["metrics"]
+        results.append({"dataset": name, "finished": True, "test_srcc": m["srcc"], "test_plcc": m["plcc"], "n": m["n"]})
+    (group / "sweep.json").write_text(json.dumps({"kind": "cross", "run": run, "results": results}))
+    collect(group)
+    return group

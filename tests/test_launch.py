@@ -1,0 +1,190 @@
+"""Launching: SLURM scripts rendered from a fake SLURM, two simulated nodes, failures, sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import RUN, free_port, metrics, only_run, run_cli, run_train, train_cmd
+
+LAUNCH = Path(__file__).resolve().parent.parent / "launch"
+CONFIGS = Path(__file__).resolve().parent.parent / "accelerate_configs"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch")))
+def test_scripts_parse(script):
+    assert subprocess.run(["bash", "-n", str(LAUNCH / script)]).returncode == 0
+
+
+@pytest.fixture()
+def fake_slurm(tmp_path) -> dict:
+    """scontrol and srun stand-ins: srun runs its command once per node with SLURM_NODEID set,
+    as SLURM does with one task per node."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\n[ \"$1 $2\" = 'show hostnames' ] && printf 'gpu-a01\\ngpu-a02\\n'\n")
+    (bin_dir / "srun").write_text("#!/bin/bash\nwhile [[ \"$1\" == --* ]]; do shift; done\n"
+                                  "for i in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$i \"$@\"; done\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2",
+            "SLURM_JOB_NODELIST": "gpu-a[01-02]", "SLURM_GPUS_ON_NODE": "8", "ACCELERATE": "echo accelerate"}
+
+
+def test_multinode_script_renders_one_launch_per_node(fake_slurm):
+    out = subprocess.run(["bash", str(LAUNCH / "slurm_multinode.sbatch"), "koniq-swin-b-long", "--data.root=/data/k 1"],
+                         capture_output=True, text=True, env=fake_slurm)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("accelerate launch")]
+    assert len(lines) == 2
+    for rank, line in enumerate(lines):
+        assert re.search(rf"--machine_rank {rank}\b", line), line
+        assert "--num_machines 2" in line and "--num_processes 16" in line
+        assert "--main_process_ip gpu-a01" in line and "--main_process_port 24242" in line
+        assert "--rdzv_backend c10d" in line and "--multi_gpu" in line
+        assert "-m iqa_dist train --preset koniq-swin-b-long --run.name=koniq-swin-b-long-4242 --resume auto" in line
+        assert "--data.root=/data/k 1" in line  # arguments with spaces survive the inner bash -c
+
+
+def test_single_node_script_renders(fake_slurm):
+    env = {**fake_slurm, "SLURM_NNODES": "1"}
+    out = subprocess.run(["bash", str(LAUNCH / "slurm_single_node.sbatch"), "koniq-swin-t"], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    [line] = [x for x in out.stdout.splitlines() if x.startswith("accelerate launch")]
+    assert "--multi_gpu --num_processes 8" in line and line.endswith("--resume auto")
+
+
+def test_accelerate_configs_are_valid_yaml():
+    import yaml
+
+    names = {p.name for p in CONFIGS.glob("*.yaml")}
+    assert {"single_gpu.yaml", "multi_gpu.yaml", "multi_node.yaml", "cpu_2proc.yaml"} <= names
+    multi_node = yaml.safe_load((CONFIGS / "multi_node.yaml").read_text())
+    assert multi_node["num_machines"] == 2 and multi_node["num_processes"] == 16
+    assert multi_node["rdzv_backend"] == "c10d"
+
+
+def _node_cmd(overrides: list[str], rank: int, port: int) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+            "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+            "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "iqa_dist", "train", "--preset", "demo", *[f"--{o}" for o in overrides]]
+
+
+@pytest.mark.slow
+def test_two_simulated_nodes_match_one_process(single_run, tiny_overrides, tmp_path):
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    overrides = [*tiny_overrides, *RUN, f"run.root={tmp_path}"]
+    nodes = [subprocess.Popen(_node_cmd(overrides, rank, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env) for rank in (0, 1)]
+    logs = [p.communicate(timeout=400)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    run = only_run(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["launches"][0]["num_machines"] == 2
+    for a, b in zip(metrics(single_run), metrics(run)):
+        assert a["val_n"] == b["val_n"]
+        assert b["val_srcc"] == pytest.approx(a["val_srcc"], abs=1e-4)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-4)
+
+
+def _workers(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the worker processes that `accelerate launch` started (Linux /proc)."""
+    out = {}
+    children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
+    for pid in map(int, children):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in env:
+            if item.startswith(b"RANK="):
+                out[int(item[5:])] = pid
+    return out
+
+
+def _start_two(overrides: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(train_cmd(overrides, nproc=2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+
+
+def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
+    seen = ""
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        seen += line
+        if text in line or time.time() > deadline:
+            break
+    return seen
+
+
+@pytest.mark.slow
+def test_a_failed_rank_brings_all_down(tiny_overrides, tmp_path):
+    proc = _start_two([*tiny_overrides, "train.max_steps=100000", "train.eval_every=100000", "train.timeout_s=60",
+                       f"run.root={tmp_path}"])
+    _wait_for(proc, "parameters:")
+    time.sleep(2)
+    workers = _workers(proc.pid)
+    assert set(workers) == {0, 1}, workers
+    t0 = time.time()
+    os.kill(workers[1], signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert time.time() - t0 < 90  # within the collective timeout (60 s), not a hang
+    assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+               for pid in workers.values())
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_checkpoints_and_resumes(tiny_overrides, tmp_path):
+    """SLURM's requeue/preemption SIGTERMs `accelerate launch`, which passes it to the workers:
+    they finish the step, checkpoint together, exit; the relaunch resumes the same run."""
+    overrides = [*tiny_overrides, "train.max_steps=400", "train.eval_every=400", "train.checkpoint_every=1000",
+                 f"run.root={tmp_path}"]
+    proc = _start_two(overrides)
+    _wait_for(proc, "parameters:")
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    run = only_run(tmp_path)
+    [checkpoint] = list((run / "checkpoints").iterdir())
+    step = int(checkpoint.name[5:])
+    assert 0 < step < 400
+    again = run_train([*overrides, "train.max_steps=400"], nproc=2, resume="auto")
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"at step {step}" in again.stdout
+    assert json.loads((run / "summary.json").read_text())["steps_run"] == 400
+
+
+@pytest.mark.slow
+def test_sweep_of_two_members_writes_the_combined_table(tiny_overrides, tmp_path):
+    out = run_cli("sweep", "splits", "--n", "2", "--preset", "demo",
+                  *[f"--{o}" for o in [*tiny_overrides, *RUN, "train.max_steps=2", "train.eval_every=2",
+                                       f"run.root={tmp_path}"]], timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [group] = list(tmp_path.iterdir())
+    results = json.loads((group / "results.json").read_text())
+    assert [m["member"] for m in results["members"]] == ["split00", "split01"]
+    assert all(m["finished"] for m in results["members"])
+    stats = results["statistics"]["test_srcc"]
+    assert stats["n"] == 2 and stats["median"] == pytest.approx((results["members"][0]["test_srcc"] +
+                                                                  results["members"][1]["test_srcc"]) / 2)
+    assert "median" in out.stdout and "split01" in out.stdout
+    seeds = [json.loads((r / "summary.json").read_text())["images"] for r in group.iterdir() if r.is_dir()]
+    assert len(seeds) == 2
+    again = run_cli("sweep", "collect", str(group))
+    assert again.returncode == 0 and "split00" in again.stdout

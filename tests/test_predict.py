@@ -1,0 +1,119 @@
+"""Trained models in use: load_model, evaluate, predict with TTA, report tables and plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import iqa_dist
+from iqa_dist.augment import normalize
+from iqa_dist.predict import grid_origins
+
+from . import fixtures
+from .conftest import RUN, run_cli, run_train
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("imgs")
+    for i in range(3):
+        fixtures.image(folder / f"a{i}.png", (200, 150), seed=i)
+    fixtures.image(folder / "sub" / "b.jpg", (150, 220), seed=7)  # portrait, in a subfolder
+    return folder
+
+
+def test_evaluate_reproduces_the_training_test_metrics(single_run, tiny_overrides):
+    """load_model round trip: the exported model on the cached test patches gives the metrics
+    the training process reported for its selected model."""
+    out = run_cli("evaluate", "--run", str(single_run), "--dataset", "synthetic", "--preset", "demo",
+                  *[f"--{o}" for o in tiny_overrides if not o.startswith("model.")])
+    assert out.returncode == 0, out.stderr
+    report = json.loads((single_run / "eval-synthetic-test.json").read_text())
+    summary = json.loads((single_run / "summary.json").read_text())
+    for key in ("srcc", "plcc", "krcc", "rmse", "n"):
+        assert report["metrics"][key] == pytest.approx(summary["test"][key], abs=1e-5), key
+    lines = (single_run / "eval-synthetic-test.predictions.csv").read_text().splitlines()
+    assert lines[0] == "image,score,prediction" and len(lines) == summary["test"]["n"] + 1
+
+
+def test_cross_dataset_evaluation_on_all_images(single_run, tmp_path):
+    fixtures.kadid(tmp_path / "kadid", refs=3, per_ref=3)
+    out = run_cli("evaluate", "--run", str(single_run), "--dataset", "kadid10k", "--root", str(tmp_path / "kadid"),
+                  "--split", "all", "--data.cache_dir", str(tmp_path / "c"), "--output", str(tmp_path / "k.json"))
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "k.json").read_text())
+    assert report["metrics"]["n"] == 9 and report["trained_on"] == "synthetic" and report["score_scale"] == [1.0, 5.0]
+
+
+def test_scorer_matches_the_model_and_tta_with_one_crop_is_plain(single_run, images):
+    scorer = iqa_dist.load_model(single_run, "cpu")
+    path = images / "a0.png"
+    a = scorer.prepare(path)
+    y, x = grid_origins(a.shape[0], a.shape[1], scorer.size, 1)[0]
+    assert (y, x) == ((a.shape[0] - scorer.size) // 2, (a.shape[1] - scorer.size) // 2)  # the centre
+    patch = torch.from_numpy(a[y:y + scorer.size, x:x + scorer.size]).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        plain = scorer.to_score(scorer.model(normalize(patch, scorer.mean, scorer.std)).item())
+    assert scorer.score(path, crops=1, flip=False)[0] == pytest.approx(plain, abs=1e-4)
+    # the same image as a path, a PIL image and a uint8 tensor (HWC and CHW) scores the same
+    pil = Image.open(path)
+    hwc = torch.from_numpy(np.asarray(pil.convert("RGB")))
+    scores = [scorer.score(im, crops=4)[0] for im in (path, pil, hwc, hwc.permute(2, 0, 1))]
+    assert max(scores) - min(scores) < 1e-4
+    assert scorer.score([path, path], crops=4, flip=True).shape == (2,)
+
+
+def test_predict_is_deterministic_scores_folders_and_skips_bad_files(single_run, images, tmp_path):
+    folder = tmp_path / "mixed"
+    shutil.copytree(images, folder)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    first = run_cli("predict", str(single_run), str(folder), "--format", "csv", "--crops", "4", "--flip")
+    assert first.returncode == 1  # one file failed
+    assert "broken.jpg" in first.stderr and "unreadable image" in first.stderr and "Traceback" not in first.stderr
+    rows = list(csv.DictReader(io.StringIO(first.stdout)))
+    assert len(rows) == 4 and {r["path"].split("/")[-1] for r in rows} == {"a0.png", "a1.png", "a2.png", "b.jpg"}
+    again = run_cli("predict", str(single_run / "model"), str(folder / "*.png"), str(folder / "sub" / "b.jpg"),
+                    "--format", "jsonl", "--crops", "4", "--flip")
+    assert again.returncode == 0, again.stderr
+    scores = {json.loads(line)["path"]: json.loads(line)["score"] for line in again.stdout.splitlines()}
+    for r in rows:
+        assert scores[r["path"]] == pytest.approx(float(r["score"]), abs=1e-3)
+    table = run_cli("predict", str(single_run), str(images / "a1.png"))
+    assert table.returncode == 0 and "a1.png" in table.stdout
+    missing = run_cli("predict", str(single_run), str(tmp_path / "nothing-here.png"))
+    assert missing.returncode == 1 and "no such file" in missing.stderr
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_overrides, tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    for lr in ("1e-3", "3e-4"):
+        out = run_train([*tiny_overrides, *RUN, "train.max_steps=4", "train.eval_every=2", f"optim.lr={lr}",
+                         f"run.root={root}"])
+        assert out.returncode == 0, out.stderr
+    return root
+
+
+def test_report_table_markdown_and_plots(two_runs, tmp_path):
+    out = run_cli("report", str(two_runs))
+    assert out.returncode == 0, out.stderr
+    assert "optim.lr" in out.stdout and "0.001" in out.stdout and "0.0003" in out.stdout  # what differs
+    assert "phase one" in out.stdout and "0.9236" in out.stdout
+    md = run_cli("report", str(two_runs), "--markdown", "--plot", str(tmp_path / "plots"))
+    assert md.returncode == 0, md.stderr
+    assert md.stdout.count("| 20") == 2 and "| + ColorJitter (best) | 0.9236 | 0.9353 |" in md.stdout
+    for name in ("train_loss.png", "val_srcc.png"):
+        png = tmp_path / "plots" / name
+        assert png.stat().st_size > 10_000
+        with Image.open(png) as im:
+            assert im.size == (840, 540)
+            assert len(np.unique(np.asarray(im.convert("L")))) > 20  # drawn, not blank
+    bad = run_cli("report", str(tmp_path / "nope"))
+    assert bad.returncode == 2 and "no such run directory" in bad.stderr

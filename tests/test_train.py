@@ -1,0 +1,175 @@
+"""Training and evaluation: metrics, world-size invariance, resume, early stopping, guards, run dirs.
+
+Every run here is real: the tiny demo model through `iqa-dist train`, one process or two CPU
+processes under `accelerate launch --multi_gpu` (gloo).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+
+import numpy as np
+import pytest
+import scipy.stats
+import yaml
+from safetensors.torch import load_file
+
+from iqa_dist.evaluate import correlation_metrics, shard
+from iqa_dist.train import BatchPlan, Shares
+
+from .conftest import RUN, metrics, only_run, run_train, train_cmd
+
+# ---------------------------------------------------------------- units
+
+
+def test_metrics_against_scipy_and_known_values():
+    m = correlation_metrics(np.array([1.0, 2, 3, 4]), np.array([10.0, 20, 30, 45]))
+    assert m["srcc"] == pytest.approx(1.0) and m["krcc"] == pytest.approx(1.0) and m["n"] == 4
+    assert m["rmse"] == pytest.approx(math.sqrt(np.mean((np.array([1, 2, 3, 4]) - [10, 20, 30, 45]) ** 2)))
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=200), rng.normal(size=200)
+    b = a + b
+    m = correlation_metrics(a, b)
+    assert m["srcc"] == pytest.approx(scipy.stats.spearmanr(a, b)[0])
+    assert m["plcc"] == pytest.approx(scipy.stats.pearsonr(a, b)[0])
+    assert m["krcc"] == pytest.approx(scipy.stats.kendalltau(a, b)[0])
+    assert m["srcc"] == pytest.approx(-correlation_metrics(-a, b)["srcc"])
+    assert math.isnan(correlation_metrics(np.ones(5), np.arange(5.0))["srcc"])  # constant: undefined, not 0
+
+
+def test_shards_cover_every_image_once():
+    for n in (0, 1, 7, 31):
+        for world in (1, 2, 3, 8):
+            parts = [list(shard(n, world, r)) for r in range(world)]
+            assert sum(parts, []) == list(range(n))
+
+
+def test_batch_plan_and_shares_are_world_size_invariant():
+    plan = BatchPlan(n_images=10, patch_num=4, batch_size=6, seed=0)
+    assert plan.steps_per_epoch == 6
+    epoch = np.concatenate([plan.batch(s)[0].numpy() for s in range(6)])
+    assert np.bincount(epoch, minlength=10).max() <= 4  # each image at most patch_num times an epoch
+    assert not np.array_equal(plan.batch(0)[0], plan.batch(6)[0])  # a new permutation each epoch
+    cached = BatchPlan(n_images=10, patch_num=3, batch_size=5, seed=0, cached_k=8)
+    rows, k = cached.batch(0)
+    assert k is not None and (k >= 0).all() and (k < 8).all()
+    for world, micro in [(1, 0), (2, 0), (3, 0), (2, 2), (5, 0)]:
+        covered = []
+        for rank in range(world):
+            shares = Shares.plan(16, micro, world, rank)
+            covered += [i for sl in shares.slices() for i in range(16)[sl]]
+        assert sorted(covered) == list(range(16)), (world, micro)  # every sample exactly once
+    s = Shares.plan(96, 32, 1, 0)
+    assert s.accum == 3 and s.nominal == 32
+    assert Shares.plan(96, 0, 5, 0).nominal == pytest.approx(96 / 5)  # uneven shares, exact global mean
+
+
+# ---------------------------------------------------------------- real runs
+
+
+def test_run_directory_holds_everything(single_run):
+    run = single_run
+    assert (run / "config.yaml").is_file() and yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 6
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["git_sha"] and meta["launches"][0]["world_size"] == 1
+    lines = metrics(run)
+    assert [r["step"] for r in lines] == [3, 6]
+    for key in ("step", "epoch", "train_loss", "lr", "val_srcc", "val_plcc", "val_n", "patches_per_s", "elapsed_s"):
+        assert all(key in r for r in lines), key
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("val", "test", "best_epoch", "epochs_run", "stopped_early"):
+        assert key in summary
+    assert {"srcc", "plcc", "krcc", "rmse", "n"} <= set(summary["test"]) and summary["test"]["n"] == summary["images"]["test"]
+    assert summary["val"]["srcc"] == max(r["val_srcc"] for r in lines)
+    model = load_file(run / "model" / "model.safetensors")
+    config = json.loads((run / "model" / "config.json").read_text())
+    assert any(k.startswith("backbone.") for k in model) and config["model"]["img_size"] == 112
+    assert config["step"] == summary["best_step"] and config["score_range"] == [0.0, 100.0]
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000003", "step-00000006"]
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin"} <= {p.name for p in (run / "checkpoints" / checkpoints[-1]).iterdir()}
+
+
+def test_one_process_equals_two(single_run, tiny_overrides, tmp_path):
+    """The same preset on 1 or 2 processes trains the same recipe and evaluates the same images,
+    with an odd-sized evaluation split (each image once, no padding duplicates)."""
+    out = run_train([*tiny_overrides, *RUN, f"run.root={tmp_path}"], nproc=2)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.count("parameters:") == 1  # one process prints
+    one, two = metrics(single_run), metrics(only_run(tmp_path))
+    assert one[-1]["val_n"] % 2 == 1  # odd: 2 ranks cannot split it evenly
+    for a, b in zip(one, two):
+        assert a["val_n"] == b["val_n"]
+        for key in ("val_srcc", "val_plcc", "val_rmse", "train_loss"):
+            assert b[key] == pytest.approx(a[key], abs=1e-4), key
+    s1 = json.loads((single_run / "summary.json").read_text())
+    s2 = json.loads((only_run(tmp_path) / "summary.json").read_text())
+    assert s2["world_size"] == 2 and s2["test"]["n"] == s1["test"]["n"]
+    assert s2["test"]["srcc"] == pytest.approx(s1["test"]["srcc"], abs=1e-4)
+
+
+def test_preempted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path):
+    """SIGUSR1 (SLURM's warning) -> checkpoint and exit 124; relaunching continues mid-epoch and
+    ends exactly where an uninterrupted run ends (dropout, drop path and jitter on: every RNG)."""
+    overrides = [*tiny_overrides, *RUN, "train.max_steps=8", "train.checkpoint_every=100", "model.dropout=0.2",
+                 "model.drop_path=0.1", "augment.brightness=0.2", "augment.hue=0.05"]
+    ref_root, cut_root = tmp_path / "ref", tmp_path / "cut"
+    ref = run_train([*overrides, f"run.root={ref_root}"])
+    assert ref.returncode == 0, ref.stderr
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(train_cmd([*overrides, f"run.root={cut_root}"]), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("step 1/") or "parameters:" in line:
+            proc.send_signal(signal.SIGUSR1)
+            break
+    rest = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 124, rest
+    run = only_run(cut_root)
+    saved = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert len(saved) == 1 and int(saved[0][5:]) < 8 and not (run / "summary.json").exists()
+    again = run_train([*overrides, f"run.root={cut_root}"], resume="auto")
+    assert again.returncode == 0, again.stderr
+    assert "resumed" in again.stdout
+    a, b = metrics(only_run(ref_root)), metrics(run)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        assert y["val_srcc"] == pytest.approx(x["val_srcc"], abs=1e-6)
+        assert y["train_loss"] == pytest.approx(x["train_loss"], abs=1e-6)
+    sa = json.loads((only_run(ref_root) / "summary.json").read_text())
+    sb = json.loads((run / "summary.json").read_text())
+    assert sb["test"]["srcc"] == pytest.approx(sa["test"]["srcc"], abs=1e-6)
+    mismatch = run_train([*overrides, "optim.lr=0.5", f"run.root={cut_root}"], resume=str(run))
+    assert mismatch.returncode == 2 and "the config differs" in mismatch.stderr and "Traceback" not in mismatch.stderr
+
+
+def test_early_stopping_on_plateau(tiny_overrides, tmp_path):
+    out = run_train([*tiny_overrides, "optim.lr=1e-12", "optim.warmup_steps=0", "train.max_steps=0",
+                     "train.epochs=6", "train.eval_every=2", "train.patience=2", f"run.root={tmp_path}"])
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((only_run(tmp_path) / "summary.json").read_text())
+    assert summary["stopped_early"] is True
+    assert summary["steps_run"] == 6 and summary["best_step"] == 2  # no gain after the first evaluation
+
+
+def test_non_finite_loss_stops_before_the_step(tiny_overrides, tmp_path):
+    out = run_train([*tiny_overrides, "optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0",
+                     "train.max_steps=20", f"run.root={tmp_path}"])
+    assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "non-finite" in out.stderr and "at step" in out.stderr and "Traceback" not in out.stderr
+    run = only_run(tmp_path)
+    assert list(run.glob("debug-step-*")), "a debug checkpoint is kept"
+
+
+def test_leftover_partial_checkpoint_is_ignored(single_run, tmp_path):
+    from accelerate import Accelerator
+
+    from iqa_dist.rundir import RunDir
+
+    run = RunDir(single_run, Accelerator(cpu=True))
+    (single_run / "checkpoints" / ".tmp-step-00000099").mkdir()
+    assert run.latest_checkpoint().name == "step-00000006"
