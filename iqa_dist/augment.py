@@ -33,15 +33,14 @@ def crop(pixels: Tensor, offsets: Tensor, widths: Tensor, y0: Tensor, x0: Tensor
 
     pixels: (total,) uint8, images back to back; offsets: (B,) byte offset of each sample's
     image; widths, y0, x0: (B,) long; flip: (B,) bool. Returns (B, size, size, 3) uint8.
-    The flip is folded into the column index, so it costs nothing.
     """
-    dev = pixels.device
-    ar = torch.arange(size, device=dev)
-    cols = torch.where(flip[:, None], size - 1 - ar, ar) + x0[:, None]  # (B, S)
-    rows = (y0[:, None] + ar) * widths[:, None]  # (B, S), in pixels
-    # Offsets are multiples of 3 (whole images), so index RGB triplets: a third of the indices.
-    idx = (offsets // 3)[:, None, None] + rows[:, :, None] + cols[:, None, :]  # (B, S, S)
-    return pixels.view(-1, 3)[idx]
+    # Every crop row is a contiguous run of 3*size bytes starting on a pixel: index rows of a
+    # strided view of the buffer (one index per row, not per byte), then mirror the flipped ones.
+    rows = pixels.unfold(0, 3 * size, 3)  # (pixels - size + 1, 3*size) view, no copy
+    ar = torch.arange(size, device=pixels.device)
+    starts = (offsets // 3 + x0)[:, None] + (y0[:, None] + ar) * widths[:, None]  # (B, S), in pixels
+    patches = rows[starts].view(len(starts), size, size, 3)
+    return torch.where(flip.view(-1, 1, 1, 1), patches.flip(2), patches)
 
 
 def to_unit(patches: Tensor) -> Tensor:
@@ -77,30 +76,19 @@ def adjust_saturation(x: Tensor, f: Tensor) -> Tensor:
 
 
 def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
-    """RGB -> HSV, H += shift (mod 1), -> RGB; torchvision's _rgb2hsv/_hsv2rgb formulas."""
+    """RGB -> HSV, H += shift (mod 1), -> RGB: torchvision's adjust_hue, in fewer passes.
+
+    V and S do not change, so out = max - (max - min) * clamp(min(k, 4 - k), 0, 1) with
+    k = (n + 6H) mod 6, n = 5, 3, 1 for R, G, B (the closed form of torchvision's six-way
+    HSV -> RGB table); 6H comes from torchvision's _rgb2hsv cases with one division."""
     r, g, b = x.unbind(1)
     maxc, minc = x.amax(1), x.amin(1)
-    eqc = maxc == minc
     cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    crd = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    h = (h + shift.view(-1, 1, 1)) % 1.0
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int32) % 6
-    v = maxc
-    p = (v * (1.0 - s)).clamp(0.0, 1.0)
-    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
-    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
-    mask = (i.unsqueeze(1) == torch.arange(6, device=x.device).view(1, 6, 1, 1)).to(x.dtype)  # (B, 6, H, W)
-    table = torch.stack([torch.stack(c, 1) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))], 1)
-    return (table * mask.unsqueeze(1)).sum(2)  # (B, 3, 6, H, W) -> (B, 3, H, W)
+    num = torch.where(maxc == r, g - b, torch.where(maxc == g, b - r + 2.0 * cr, r - g + 4.0 * cr))
+    h = torch.fmod(num / torch.where(cr == 0, 1.0, cr) / 6.0 + 1.0, 1.0)  # gray pixels: cr = 0, num = 0
+    h6 = (h + shift.view(-1, 1, 1)) % 1.0 * 6.0  # (B, H, W) in [0, 6)
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h6.unsqueeze(1)) % 6.0
+    return maxc.unsqueeze(1) - cr.unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
 
 OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # order codes 0..3

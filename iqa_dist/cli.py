@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 from rich.console import Console
 from rich.markup import escape
 
-from .config import SECTIONS, all_keys, field_docs, load_config, preset_names
+from .config import SECTIONS, all_keys, field_docs, load_config_for, preset_names
 from .errors import UserError
 
 
@@ -47,7 +47,7 @@ def _reject_unknown(unknown: list[str]) -> None:
 
 
 def _config_from(args: argparse.Namespace, extra: Sequence[str] = ()):
-    return load_config(args.preset, [*extra, *_overrides(args)])
+    return load_config_for(args.preset, [*extra, *_overrides(args)])
 
 
 # ---------------------------------------------------------------- commands

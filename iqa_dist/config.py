@@ -375,6 +375,24 @@ def load_config(preset: str, overrides: Sequence[str] = ()) -> Config:
     return build_config(raw, preset=name, where=f"preset {name}")
 
 
+# Fields that describe one dataset's files: they do not carry over to another dataset.
+DATASET_FIELDS = ("score_column", "csv_file", "image_column", "image_dir", "resize", "split")
+
+
+def load_config_for(preset: str, overrides: Sequence[str] = ()) -> Config:
+    """load_config, except that when the overrides switch data.dataset away from the preset's,
+    the preset's dataset-specific fields (score column, resize, split, ...) fall back to the new
+    dataset's defaults unless the overrides set them too (e.g. evaluating a KonIQ preset on SPAQ)."""
+    cfg = load_config(preset, overrides)
+    base = load_config(preset)
+    if cfg.data.dataset == base.data.dataset:
+        return cfg
+    given = {parse_override(o)[0] for o in overrides}
+    fresh = DataConfig()
+    reset = {f: getattr(fresh, f) for f in DATASET_FIELDS if f"data.{f}" not in given}
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **reset))
+
+
 def config_from_yaml(path: Path) -> Config:
     """A resolved config saved with a run (`config.yaml`)."""
     raw = yaml.safe_load(Path(path).read_text()) or {}

@@ -6,9 +6,9 @@ import json
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from .progress import output_console
 from .config import Config
 from .train import train
 
@@ -26,7 +26,7 @@ def demo(cfg: Config) -> Path:
     for split in ("val", "test"):
         m = summary[split]
         table.add_row(split, str(m.get("n")), f"{m.get('srcc', float('nan')):.4f}", f"{m.get('plcc', float('nan')):.4f}")
-    console = Console()
+    console = output_console()
     console.print(table)
     console.print(f"wall time {time.time() - t0:.0f} s (training {summary['train_seconds']:.0f} s, "
                   f"{summary['patches_per_s']} patches/s) | run directory: {run}")

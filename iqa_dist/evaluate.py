@@ -99,9 +99,9 @@ def evaluate_command(model_path: str, cfg, split: str, output: str) -> dict:
 
     from .cache import describe, prepare
     from .predict import load_model, model_dir
-    from .progress import metrics_table
+    from .progress import metrics_table, output_console
 
-    acc = Accelerator()
+    acc = Accelerator(cpu=not torch.cuda.is_available())  # gloo across CPU processes when there is no GPU
     console = Console(stderr=True, quiet=not acc.is_main_process)
     folder = model_dir(model_path)
     scorer = load_model(folder, acc.device)
@@ -126,6 +126,6 @@ def evaluate_command(model_path: str, cfg, split: str, output: str) -> dict:
         names = view.names(result["ids"])
         per_image.write_text("image,score,prediction\n" + "".join(
             f"{n},{t:.4f},{p:.4f}\n" for n, t, p in zip(names, result["targets"], result["preds"])))
-        Console().print(metrics_table(f"{folder} on {cfg.data.dataset} ({split})", {split: metrics}))
+        output_console().print(metrics_table(f"{folder} on {cfg.data.dataset} ({split})", {split: metrics}))
         console.print(f"wrote {target} and {per_image.name}")
     return report

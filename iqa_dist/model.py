@@ -135,7 +135,7 @@ class HyperIQA(nn.Module):
         """Backbone stage features, always NCHW: [(B, C_i, H_i, W_i)] x 4."""
         feats = self.backbone(x)
         if self.channels_last_features:
-            feats = [f.permute(0, 3, 1, 2) for f in feats]
+            feats = [f.permute(0, 3, 1, 2).contiguous() for f in feats]  # contiguous: conv grads keep DDP's layout
         return feats
 
     def fuse(self, feats: list[Tensor]) -> Tensor:

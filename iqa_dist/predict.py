@@ -28,6 +28,7 @@ from .cache import decode, target_size
 from .config import ModelConfig
 from .errors import UserError
 from .model import HyperIQA, build_model
+from .progress import output_console
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
@@ -197,7 +198,7 @@ def predict_command(model: str, paths: Sequence[str], crops: int | None, flip: b
             table.add_column("score", justify="right")
             for p, s in results:
                 table.add_row(p, f"{s:.3f}")
-            Console(file=out).print(table)
+            (output_console() if out is sys.stdout else Console(file=out, width=200)).print(table)
     finally:
         if output:
             out.close()

@@ -17,6 +17,13 @@ from rich.table import Table
 METRICS = ("srcc", "plcc", "krcc", "rmse")
 
 
+def output_console(**kwargs) -> Console:
+    """A console for tables: the terminal's width, or 200 columns in files and pipes (logs)
+    instead of rich's 80, which folds wide tables."""
+    probe = Console(**kwargs)
+    return probe if probe.is_terminal else Console(width=200, **kwargs)
+
+
 def _fmt(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}" if isinstance(v, float) else str(v)
 

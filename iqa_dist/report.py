@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import UserError
+from .progress import output_console
 
 # REFERENCE.md §1: phase one on KonIQ-10k (Q-Align split, selection on test).
 PHASE_ONE = [
@@ -56,24 +57,35 @@ def load_run(path: Path) -> dict:
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and k != "backbone_kwargs":
+        if isinstance(v, dict):
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
 
 
+# Where things ran, not what was trained: never a difference worth a column.
+ENVIRONMENT = {"run.root", "run.name", "run.log_with", "preset", "data.cache_dir", "data.workers", "data.root",
+               "data.resident", "train.log_every", "train.keep_checkpoints"}
+
+
 def differing_keys(runs: list[dict]) -> list[str]:
     flats = [_flatten(r["config"]) for r in runs]
     keys = sorted(set().union(*flats))
-    skip = {"run.root", "run.name", "preset"}
-    return [k for k in keys if k not in skip and len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
+    return [k for k in keys if k not in ENVIRONMENT and len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
 
 
-def rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+def _differs(flat: dict, keys: list[str], sep: str) -> str:
+    """'lr=0.001; epochs=6': the differing fields, by their last name unless that is ambiguous."""
+    short = {k: k.split(".")[-1] for k in keys}
+    names = list(short.values())
+    return sep.join(f"{short[k] if names.count(short[k]) == 1 else k}={flat.get(k)}" for k in keys)
+
+
+def rows(runs: list[dict], sep: str = "\n") -> tuple[list[str], list[list[str]]]:
     keys = differing_keys(runs) if len(runs) > 1 else []
-    header = ["run", *keys, "val SRCC", "val PLCC", "test SRCC", "test PLCC", "best epoch", "epochs", "train s",
-              "patches/s"]
+    header = ["run", *(["differs"] if keys else []), "val SRCC", "val PLCC", "test SRCC", "test PLCC", "best epoch",
+              "epochs", "train s", "patches/s"]
     body = []
     for r in runs:
         flat = _flatten(r["config"])
@@ -86,7 +98,7 @@ def rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
         else:  # unfinished: its latest evaluation
             stats = [last.get("val_srcc"), last.get("val_plcc"), "-", "-", "-", f"{last.get('epoch', 0)} (running)",
                      last.get("elapsed_s"), last.get("patches_per_s")]
-        body.append([r["path"].name, *(str(flat.get(k)) for k in keys), *(_cell(v) for v in stats)])
+        body.append([r["path"].name, *([_differs(flat, keys, sep)] if keys else []), *(_cell(v) for v in stats)])
     return header, body
 
 
@@ -132,14 +144,14 @@ def plot(runs: list[dict], folder: Path) -> list[Path]:
 
 def report_command(paths: list[str], as_markdown: bool, plot_dir: str) -> int:
     runs = [load_run(p) for p in find_runs(paths)]
-    header, body = rows(runs)
-    console = Console()
+    header, body = rows(runs, "; " if as_markdown else "\n")
+    console = output_console()
     if as_markdown:
         console.print(markdown(header, body), markup=False, highlight=False, soft_wrap=True)
     else:
         table = Table(title=f"{len(runs)} run(s)")
         for h in header:
-            table.add_column(h, justify="left" if h == "run" else "right", overflow="fold")
+            table.add_column(h, justify="left" if h in ("run", "differs") else "right", overflow="fold")
         for r in body:
             table.add_row(*r)
         console.print(table)

@@ -109,7 +109,7 @@ class RunDir:
         meta.setdefault("git_sha", git_sha())
         meta["launches"].append({
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed": resumed, "command": " ".join(sys.argv),
-            "world_size": acc.num_processes, "num_machines": int(os.environ.get("ACCELERATE_NUM_MACHINES", "1") or 1),
+            "world_size": acc.num_processes, "num_machines": int(os.environ.get("GROUP_WORLD_SIZE", "1")),  # torchrun
             "device": str(acc.device), "mixed_precision": acc.mixed_precision,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "torch": torch.__version__, "iqa_dist": __version__, "git_sha": git_sha(),

@@ -27,6 +27,7 @@ from rich.table import Table
 
 from .config import load_config
 from .errors import UserError
+from .progress import output_console
 
 ABLATION = {
     "none": ["model.dropout=0", "model.drop_path=0", "optim.weight_decay=0", "augment.brightness=0",
@@ -133,7 +134,7 @@ def print_table(table: dict, group: Path) -> None:
                 s = table["statistics"].get(c)
                 cells.append("" if not s else f"{s[key]:.4f}" + (f" ± {s['std']:.4f}" if key == "mean" else ""))
             t.add_row(f"[bold]{label}[/]", *cells)
-    Console().print(t)
+    output_console().print(t)
 
 
 def _fmt(v) -> str:

@@ -60,6 +60,8 @@ class TrainState:
     bad_evals: int = 0
     stopped_early: bool = False
     train_seconds: float = 0.0
+    window_loss: float = 0.0  # this process's summed loss since the last evaluation
+    window_n: int = 0  # ... over this many patches
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -145,6 +147,7 @@ def build_accelerator(cfg: Config, run_root: Path) -> Accelerator:
     """Precision from the preset (or from `accelerate launch` with train.mixed_precision=launcher)."""
     precision = None if cfg.train.mixed_precision == "launcher" else cfg.train.mixed_precision
     return Accelerator(
+        cpu=not torch.cuda.is_available(),  # without GPUs, several processes need cpu=True to use gloo
         mixed_precision=precision,
         step_scheduler_with_optimizer=False,  # we step the schedule once per optimizer step, not per process
         log_with=cfg.run.log_with or None,
@@ -352,7 +355,7 @@ def train(cfg: Config, resume: str = "") -> Path:
         acc.init_trackers(run.path.name, config={f"{s}.{k}": str(v) for s, d in cfg.to_dict().items()
                                                  if isinstance(d, dict) for k, v in d.items()})
     display = Display(console, total_steps, data.plan.steps_per_epoch, cfg.train.log_every)
-    window = {"loss": 0.0, "n": 0, "t0": time.time(), "step0": state.step}
+    window = {"t0": time.time(), "step0": state.step}  # for patches/s; the loss window is in `state`
 
     model.train()
     while state.step < total_steps and not state.stopped_early:
@@ -365,9 +368,9 @@ def train(cfg: Config, resume: str = "") -> Path:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        window["loss"] += local_loss.item()
-        window["n"] += n_local
-        display.step(state.step, window["loss"] / max(1, window["n"]), scheduler.get_last_lr()[0])
+        state.window_loss += local_loss.item()
+        state.window_n += n_local
+        display.step(state.step, state.window_loss / max(1, state.window_n), scheduler.get_last_lr()[0])
 
         if state.step % eval_every == 0 or state.step == total_steps:
             val = evaluate_and_select(cfg, acc, run, model, data, augmenter, state, to_score, eval_batch)
@@ -376,7 +379,8 @@ def train(cfg: Config, resume: str = "") -> Path:
             if cfg.run.log_with:
                 acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state.step)
             display.evaluation(record, state)
-            window.update(loss=0.0, n=0, t0=time.time(), step0=state.step)
+            state.window_loss, state.window_n = 0.0, 0
+            window.update(t0=time.time(), step0=state.step)
         if state.step % checkpoint_every == 0 or state.stopped_early or state.step == total_steps or flags[2]:
             run.save_checkpoint(state.step, cfg.train.keep_checkpoints)
         if flags[2] and state.step < total_steps and not state.stopped_early:
@@ -394,7 +398,7 @@ def train(cfg: Config, resume: str = "") -> Path:
 
 def log_record(acc: Accelerator, state: TrainState, data: Data, window: dict, val: dict, scheduler, norm) -> dict:
     """One metrics.jsonl line; the train loss is the mean over every process's patches."""
-    totals = torch.tensor([window["loss"], window["n"]], device=acc.device, dtype=torch.float64)
+    totals = torch.tensor([state.window_loss, state.window_n], device=acc.device, dtype=torch.float64)
     totals = acc.reduce(totals, "sum") if acc.num_processes > 1 else totals
     seconds = time.time() - window["t0"]
     state.train_seconds += seconds

@@ -22,7 +22,8 @@ def test_bench_all_runs_and_writes_its_json(tmp_path):
         assert key in report["machine"]
     data = report["data"]
     for key in ("phase_one", "cache_device_crops", "cache_stored_patches", "speedup_device_crops",
-                "speedup_stored_patches", "cache_read_images_per_s", "cache_mb_per_1000_images"):
+                "speedup_stored_patches", "cache_read_images_per_s", "cache_mb_per_1000_images",
+                "host_work_device_crops", "speedup_host_work"):
         assert math.isfinite(data[key]) and data[key] > 0, key
     [row] = report["train"]
     assert row["backbone"] == "tiny" and row["precision"] == "fp32"

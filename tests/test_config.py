@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from iqa_dist.cli import COMMANDS
+from iqa_dist.cli import COMMANDS, build_parser
 from iqa_dist.config import SECTIONS, config_from_yaml, field_docs, load_config, preset_names
 from iqa_dist.errors import UserError
 
@@ -95,7 +95,23 @@ def test_cli_bad_option_exits_without_traceback():
     assert out.returncode == 2 and "nosuch" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_every_subcommand_exists():
-    assert set(COMMANDS) >= {"prepare", "train", "evaluate", "predict", "report", "bench", "demo"}
+def test_every_subcommand_exists(capsys):
+    assert set(COMMANDS) >= {"prepare", "train", "evaluate", "predict", "report", "bench", "demo", "sweep"}
+    parser = build_parser()
     for name in COMMANDS:
-        assert run_cli(name, "--help").returncode == 0, name
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args([name, "--help"])
+        assert exit_.value.code == 0 and COMMANDS[name][0].split()[0] in capsys.readouterr().out, name
+    assert run_cli("--help").returncode == 0  # `python -m iqa_dist` is the same program
+
+
+def test_switching_dataset_drops_the_presets_dataset_fields():
+    from iqa_dist.config import load_config_for
+
+    cfg = load_config_for("koniq-swin-t", ["data.dataset=spaq", "data.root=/x"])
+    assert (cfg.data.score_column, cfg.data.resize, cfg.data.split) == ("", "auto", "random")
+    assert cfg.model.backbone == "swin_tiny_patch4_window7_224"  # the recipe itself stays
+    kept = load_config_for("koniq-swin-t", ["data.dataset=spaq", "data.score_column=Sharpness"])
+    assert kept.data.score_column == "Sharpness"
+    same = load_config_for("koniq-swin-t", ["data.root=/x"])
+    assert same.data.score_column == "MOS_zscore" and same.data.resize == "512x384"
