@@ -1,19 +1,26 @@
 """iqa-dist: distributed multi-GPU training of Swin HyperIQA for blind image quality assessment.
 
-Pipeline: files -> cache (cache.py) -> device augmentation (augment.py) -> model (model.py)
--> metrics (evaluate.py) -> run directory (rundir.py); train.py holds the loop, cli.py the commands.
+Pipeline: files (sources.py) -> cache (cache.py, decode.py) -> device augmentation (augment.py)
+-> model (model.py) -> metrics (evaluate.py) -> run directory (rundir.py); train.py holds the
+loop, cli.py the commands. Importing the package is cheap: torch loads on first use.
 """
 
 __version__ = "0.1.0"
-
-from .config import Config, load_config  # noqa: E402
-from .model import build_model  # noqa: E402
-
-__all__ = ["Config", "load_config", "build_model", "load_model", "__version__"]
+__all__ = ["load_config", "build_model", "load_model", "__version__"]
 
 
-def load_model(path, device=None):
-    """A trained model directory (or run directory) as a scorer: `load_model(p).score(images)`."""
-    from .predict import load_model as _load
+def __getattr__(name: str):
+    # lazy, so that `import iqa_dist.decode` (in decode worker processes) does not import torch
+    if name == "load_config":
+        from .config import load_config
 
-    return _load(path, device)
+        return load_config
+    if name == "build_model":
+        from .model import build_model
+
+        return build_model
+    if name == "load_model":
+        from .predict import load_model
+
+        return load_model
+    raise AttributeError(f"module 'iqa_dist' has no attribute {name!r}")

@@ -1,5 +1,6 @@
 """`iqa-dist bench`: throughput figures measured side by side in one run, with the machine.
 
+- augment: the augmentation alone on the same decoded images: torchvision per image vs ours.
 - data:  patches/s delivered ready for the model by (a) phase one's pipeline (PIL decode + resize
          of the source JPEG per patch, torchvision CPU transforms in DataLoader workers), (b) the
          cache + device augmentation with fresh crops, (c) the cache with stored training patches.
@@ -118,6 +119,44 @@ class PhaseOneDataset(torch.utils.data.Dataset):
             return self.transform(im.convert("RGB"))
 
 
+class DecodedPatches(torch.utils.data.Dataset):
+    """torchvision's CPU pipeline on already decoded images (no JPEG work): the augmentation alone."""
+
+    def __init__(self, images: list[Image.Image], per: int, size: int) -> None:
+        import torchvision.transforms as T
+
+        self.images, self.per = images, per
+        self.transform = T.Compose([T.RandomCrop(size), T.RandomHorizontalFlip(), T.ColorJitter(0.1, 0.1, 0.1, 0.05),
+                                    T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+    def __len__(self) -> int:
+        return len(self.images) * self.per
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(self.images[i // self.per])
+
+
+def bench_augment(cfg: Config, n_images: int, batch: int, steps: int, workers: int, device: torch.device,
+                  work: Path, console: Console) -> dict:
+    """The same decoded 512x384 images: torchvision per image (CPU, DataLoader workers) vs iqa_dist's
+    batched crop/flip/ColorJitter/normalise on `device`."""
+    root = source_images(work / "koniq", n_images)
+    size = cfg.model.img_size
+    c = load_config("koniq-swin-t", [f"data.root={root}", "data.split=random", f"data.cache_dir={work / 'cache'}",
+                                     f"model.img_size={size}"])
+    view = prepare(c, Console(quiet=True))
+    store = view.image_store("train")
+    images = [Image.fromarray(store.pixels[int(o):int(o) + int(h * w * 3)].numpy().reshape(int(h), int(w), 3))
+              for o, h, w in zip(store.offsets, store.heights, store.widths)]
+    loader = torch.utils.data.DataLoader(DecodedPatches(images, 20, size), batch_size=batch, shuffle=True,
+                                         num_workers=workers, persistent_workers=workers > 0, drop_last=True)
+    batches = iter(loader)
+    console.print(f"augment: torchvision per image, {workers} worker(s)")
+    reference = _rate(lambda: next(batches).to(device), batch, steps, device, warmup=1)
+    ours, _ = _cache_rate(view, c, batch, steps, device)
+    return {"torchvision_cpu": reference, "iqa_dist": ours, "speedup": ours / reference, "img_size": size}
+
+
 def bench_data(cfg: Config, n_images: int, batch: int, steps: int, workers: int, device: torch.device,
                work: Path, console: Console) -> dict:
     """(a) phase one vs (b) cache + device crops vs (c) cache + stored patches, patches/s."""
@@ -148,6 +187,9 @@ def bench_data(cfg: Config, n_images: int, batch: int, steps: int, workers: int,
             t0 = time.perf_counter()
             split = view.image_store("train")
             results["cache_read_images_per_s"] = len(split) / (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            strips = view.patch_store("test")
+            results["cache_read_patches_per_s"] = len(strips) * c.data.test_patch_num / (time.perf_counter() - t0)
             results["cache_mb_per_1000_images"] = round(
                 sum(f.stat().st_size for f in view.path.parent.parent.glob("images-*.arrow")) / 1e6
                 * 1000 / view.image_meta["count"], 1)
@@ -281,6 +323,8 @@ def bench_command(what: str, cfg: Config, args) -> dict:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="iqa-bench-"))
     report = {"machine": machine(), "device": str(device), "settings": vars(args).copy()}
     report["settings"].pop("fn", None)
+    if what in ("augment", "all"):
+        report["augment"] = bench_augment(cfg, args.images, args.batch, args.steps, args.workers, device, work, console)
     if what in ("data", "all"):
         report["data"] = bench_data(cfg, args.images, args.batch, args.steps, args.workers, device, work, console)
     if what in ("train", "all"):
@@ -301,7 +345,7 @@ def bench_command(what: str, cfg: Config, args) -> dict:
 
 
 def _figures(report: dict):
-    for key in ("data", "eval"):
+    for key in ("augment", "data", "eval"):
         for v in report.get(key, {}).values():
             if isinstance(v, float):
                 yield v
@@ -314,6 +358,11 @@ def show(report: dict) -> None:
     console = output_console()
     m = report["machine"]
     where = f"{m['gpu'] or m['cpu']} ({m['cpu_cores']} CPU cores, torch {m['torch']})"
+    if "augment" in report:
+        a = report["augment"]
+        console.print(f"augmentation on the same decoded images ({a['img_size']} px crops, flip, ColorJitter, normalise): "
+                      f"torchvision per image on the CPU {a['torchvision_cpu']:.0f} patches/s, iqa_dist batched on "
+                      f"{report['device']} {a['iqa_dist']:.0f} patches/s ({a['speedup']:.1f}x) — {where}")
     if "data" in report:
         d = report["data"]
         t = Table(title=f"data pipeline, patches/s ready on {report['device']} — {where}")
@@ -328,7 +377,8 @@ def show(report: dict) -> None:
         if report["device"] == "cpu":
             console.print("On this machine the CPU is also the device: (b) and (c) include the augmentation arithmetic "
                           "that a GPU would do; the last row is what remains on the CPU cores when a GPU does it.")
-        console.print(f"cache: reads {d['cache_read_images_per_s']:.0f} images/s into memory; "
+        console.print(f"cache: reads {d['cache_read_images_per_s']:.0f} images/s and "
+                      f"{d['cache_read_patches_per_s']:.0f} evaluation patches/s into memory; "
                       f"{d['cache_mb_per_1000_images']} MB per 1,000 KonIQ-size (512x384) images")
     if "train" in report:
         t = Table(title=f"training steps, patches/s — {where}")

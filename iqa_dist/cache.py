@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import multiprocessing
 from dataclasses import dataclass
@@ -27,12 +28,12 @@ import datasets
 import numpy as np
 import torch
 from filelock import FileLock
-from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import synthetic
 from .config import Config
+from .decode import decode_job
 from .errors import UserError
 from .sources import Problem, SourceData, assign_splits, read_source
 
@@ -62,46 +63,6 @@ def cache_root(cfg: Config) -> Path:
 
 def _hash(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------- decoding (worker processes)
-
-
-def decode(path: str, resize: str, min_side: int) -> tuple[bytes, int, int, str]:
-    """File -> (uint8 HWC bytes, height, width, problem). Any mode becomes 8-bit RGB."""
-    try:
-        with Image.open(path) as im:
-            im.load()  # truncated files fail here, not later
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: keep the top 8 bits
-                a = np.asarray(im, dtype=np.uint32)
-                im = Image.fromarray((a >> 8 if a.max() > 255 else a).astype(np.uint8))
-            elif im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")
-            im = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return b"", 0, 0, f"unreadable image: {type(e).__name__}: {e}"
-    size = target_size(im.width, im.height, resize)
-    if size != im.size:
-        im = im.resize(size, Image.BILINEAR)  # PIL's antialiased bilinear, as torchvision's Resize
-    if min(im.size) < min_side:
-        return b"", 0, 0, f"image is {im.width}x{im.height} after resize ({resize}), smaller than the {min_side}-px patch"
-    return im.tobytes(), im.height, im.width, ""
-
-
-def target_size(width: int, height: int, resize: str) -> tuple[int, int]:
-    """(W, H) after the resize policy: none | WxH | short:N."""
-    if resize == "none":
-        return width, height
-    if resize.startswith("short:"):
-        n = int(resize[6:])
-        scale = n / min(width, height)
-        return max(n, round(width * scale)), max(n, round(height * scale))
-    w, h = resize.split("x")
-    return int(w), int(h)
-
-
-def _decode_job(args: tuple[str, str, int]) -> tuple[bytes, int, int, str]:
-    return decode(*args)
 
 
 # ---------------------------------------------------------------- reading the cache
@@ -235,13 +196,15 @@ def _atomic_build(final: Path, build, console: Console, what: str) -> None:
         if (final / "meta.json").is_file():
             console.print(f"[green]{what}: up to date[/] ({final}); nothing to do")
             return
-        partial = final.with_name(f".{final.name}.partial-{os.getpid()}")
+        # host and pid: file locks are not reliable across nodes on every shared file system
+        partial = final.with_name(f".{final.name}.partial-{socket.gethostname()}-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         try:
             build(partial)
-            shutil.rmtree(final, ignore_errors=True)  # a leftover without meta.json is incomplete
-            os.replace(partial, final)
+            if not (final / "meta.json").is_file():  # nobody finished meanwhile
+                shutil.rmtree(final, ignore_errors=True)  # a leftover without meta.json is incomplete
+                os.replace(partial, final)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
 
@@ -305,13 +268,12 @@ def _image_rows(records_file: str, resize: str, min_side: int, workers: int, pro
     console = Console(stderr=True)
     problems = []
     jobs = [(str(r["path"]), resize, min_side) for r in records]
-    # fork: the workers need only PIL and numpy, and start at once (spawn re-imports torch).
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with _progress(console) as bar, context.Pool(workers) as pool:
+    # spawn, not fork: forking a process that holds torch's (or rich's) threads can deadlock the
+    # children; the workers import only iqa_dist.decode (PIL, numpy), so they start fast.
+    with _progress(console) as bar, multiprocessing.get_context("spawn").Pool(workers) as pool:
         task = bar.add_task("decode + resize", total=len(jobs))
         image_id = 0
-        for r, (pixels, h, w, why) in zip(records, pool.imap(_decode_job, jobs, chunksize=4)):
+        for r, (pixels, h, w, why) in zip(records, pool.imap(decode_job, jobs, chunksize=4)):
             bar.advance(task)
             if why:
                 problems.append([r["where"], r["name"], why])

@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "[default: this Python, one process]")
             p.add_argument("--slurm", action="store_true", help="submit the members as a SLURM job array")
         if name == "bench":
-            p.add_argument("what", choices=["data", "train", "eval", "all"], help="which figures")
+            p.add_argument("what", choices=["augment", "data", "train", "eval", "all"], help="which figures")
             p.add_argument("--images", type=int, default=24, help="data: KonIQ-size source JPEGs [24]")
             p.add_argument("--batch", type=int, default=32, help="patches per batch [32; use 96 on a GPU]")
             p.add_argument("--steps", type=int, default=6, help="timed batches per figure, after warm-up [6]")

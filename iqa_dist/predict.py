@@ -24,7 +24,7 @@ from rich.table import Table
 from safetensors.torch import load_file
 
 from .augment import normalize
-from .cache import decode, target_size
+from .decode import decode, target_size
 from .config import ModelConfig
 from .errors import UserError
 from .model import HyperIQA, build_model

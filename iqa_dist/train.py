@@ -167,7 +167,8 @@ def resident_device(cfg: Config, nbytes: int, device: torch.device) -> torch.dev
 
 
 def load_data(cfg: Config, acc: Accelerator, console: Console) -> Data:
-    view = prepare(cfg, console)  # every process calls it; a file lock lets one build
+    with acc.main_process_first():  # the main process builds the cache; the others then find it
+        view = prepare(cfg, console)
     acc.print(describe(view))
     if not len(view.ids("train")):
         raise UserError("data.split=all keeps every image for evaluation; training needs a train split")

@@ -23,8 +23,10 @@ def test_bench_all_runs_and_writes_its_json(tmp_path):
     data = report["data"]
     for key in ("phase_one", "cache_device_crops", "cache_stored_patches", "speedup_device_crops",
                 "speedup_stored_patches", "cache_read_images_per_s", "cache_mb_per_1000_images",
-                "host_work_device_crops", "speedup_host_work"):
+                "host_work_device_crops", "speedup_host_work", "cache_read_patches_per_s"):
         assert math.isfinite(data[key]) and data[key] > 0, key
+    aug = report["augment"]
+    assert all(math.isfinite(aug[k]) and aug[k] > 0 for k in ("torchvision_cpu", "iqa_dist", "speedup"))
     [row] = report["train"]
     assert row["backbone"] == "tiny" and row["precision"] == "fp32"
     for key in ("model_only", "end_to_end", "gflop_per_patch"):

@@ -1,0 +1,48 @@
+"""Decoding and resizing one image file: the only work the cache build does per image.
+
+Kept apart from cache.py, with only PIL and numpy, so that the decode worker processes start
+in a fraction of a second (they never import torch).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+def decode(path: str, resize: str, min_side: int) -> tuple[bytes, int, int, str]:
+    """File -> (uint8 HWC bytes, height, width, problem). Any mode becomes 8-bit RGB."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # truncated files fail here, not later
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: keep the top 8 bits
+                a = np.asarray(im, dtype=np.uint32)
+                im = Image.fromarray((a >> 8 if a.max() > 255 else a).astype(np.uint8))
+            elif im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA")
+            im = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return b"", 0, 0, f"unreadable image: {type(e).__name__}: {e}"
+    size = target_size(im.width, im.height, resize)
+    if size != im.size:
+        im = im.resize(size, Image.BILINEAR)  # PIL's antialiased bilinear, as torchvision's Resize
+    if min(im.size) < min_side:
+        return b"", 0, 0, f"image is {im.width}x{im.height} after resize ({resize}), smaller than the {min_side}-px patch"
+    return im.tobytes(), im.height, im.width, ""
+
+
+def target_size(width: int, height: int, resize: str) -> tuple[int, int]:
+    """(W, H) after the resize policy: none | WxH | short:N."""
+    if resize == "none":
+        return width, height
+    if resize.startswith("short:"):
+        n = int(resize[6:])
+        scale = n / min(width, height)
+        return max(n, round(width * scale)), max(n, round(height * scale))
+    w, h = resize.split("x")
+    return int(w), int(h)
+
+
+def decode_job(args: tuple[str, str, int]) -> tuple[bytes, int, int, str]:
+    """decode() for Pool.imap."""
+    return decode(*args)
