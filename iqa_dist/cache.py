@@ -37,7 +37,7 @@ from .decode import decode_job
 from .errors import UserError
 from .sources import Problem, SourceData, assign_splits, read_source
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a fixed WxH resize follows each image's orientation
 IMAGE_FEATURES = datasets.Features({
     "image_id": datasets.Value("int64"),
     "name": datasets.Value("string"),
@@ -123,14 +123,24 @@ class ImageStore:
 
         Device-resident: the whole buffer, no copy. Host: the rows copied into one (pinned) buffer."""
         off, w = self.offsets[rows], self.widths[rows]
-        if self.pixels.device == device:
+        if same_device(self.pixels.device, device):
             return self.pixels, off.to(device, non_blocking=True), w.to(device, non_blocking=True)
         sizes = self.heights[rows] * w * 3
         flat = torch.cat([self.pixels[o:o + n] for o, n in zip(off.tolist(), sizes.tolist())])
         new_off = torch.cumsum(sizes, 0) - sizes
-        if device.type == "cuda":
+        if device.type == "cuda" and flat.device.type == "cpu":
             flat = flat.pin_memory()
         return flat.to(device, non_blocking=True), new_off.to(device), w.to(device)
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """cuda and cuda:0 are the same device (Accelerate's single-process device has no index)."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
 
 
 def store_from_rows(ds: datasets.Dataset, rows: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> ImageStore:

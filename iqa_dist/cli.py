@@ -84,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         train(cfg, resume=args.resume)
     except Preempted as e:
         Console(stderr=True).print(f"[yellow]{e}[/]")
-        return 124  # what the SLURM script checks to requeue
+        return 124  # a distinct status for "checkpointed on request; relaunch to resume"
     return 0
 
 

@@ -121,7 +121,7 @@ class OptimConfig:
     warmup_steps: int = 0  # linear warmup, optimizer steps
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the peak lr
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping (the norm is still logged)
-    rank_weight: float = 0.0  # weight of the pairwise ranking loss added to L1 (phase one tried 0.3)
+    rank_weight: float = 0.0  # weight of the pairwise ranking loss added to L1 (phase one tried 0.3); pairs within a micro-batch
 
     def __post_init__(self) -> None:
         _choice("optim.schedule", self.schedule, ("cosine", "constant"))
@@ -166,7 +166,7 @@ class TrainConfig:
     log_every: int = 50  # optimizer steps between progress lines in non-terminal logs
     seed: int = 0  # seeds the sampler, augmentation and model init
     mixed_precision: str = "bf16"  # bf16 | fp16 (loss scaling) | no | launcher (take accelerate's setting)
-    compile: bool = False  # torch.compile the model and the augmentation
+    compile: bool = False  # torch.compile the model
     deterministic: bool = False  # deterministic kernels (for exact resume/parity checks; slower)
     timeout_s: int = 600  # collective timeout: a failed rank brings the others down after this long
 

@@ -32,15 +32,16 @@ def decode(path: str, resize: str, min_side: int) -> tuple[bytes, int, int, str]
 
 
 def target_size(width: int, height: int, resize: str) -> tuple[int, int]:
-    """(W, H) after the resize policy: none | WxH | short:N."""
+    """(W, H) after the resize policy: none | short:N | WxH. A fixed WxH follows the image's
+    orientation (512x384 makes a portrait photo 384x512), so no image is squashed."""
     if resize == "none":
         return width, height
     if resize.startswith("short:"):
         n = int(resize[6:])
         scale = n / min(width, height)
         return max(n, round(width * scale)), max(n, round(height * scale))
-    w, h = resize.split("x")
-    return int(w), int(h)
+    w, h = (int(v) for v in resize.split("x"))
+    return (h, w) if (width < height) != (w < h) else (w, h)
 
 
 def decode_job(args: tuple[str, str, int]) -> tuple[bytes, int, int, str]:

@@ -71,7 +71,7 @@ class Scorer:
     def prepare(self, image) -> np.ndarray:
         """A path, PIL image or uint8 array/tensor (HWC or CHW) -> resized uint8 HWC RGB."""
         if isinstance(image, (str, Path)):
-            pixels, h, w, why = decode(str(image), self._resize_for(image), self.size)
+            pixels, h, w, why = decode(str(image), self.resize, self.size)
             if why:
                 raise UserError(f"{image}: {why}")
             return np.frombuffer(pixels, np.uint8).reshape(h, w, 3)
@@ -82,26 +82,12 @@ class Scorer:
             if a.dtype != np.uint8 or a.ndim != 3:
                 raise UserError(f"expected a uint8 HxWx3 or 3xHxW image, got {a.dtype} {a.shape}")
             img = Image.fromarray(a.transpose(1, 2, 0) if a.shape[0] == 3 and a.shape[2] != 3 else a)
-        size = target_size(img.width, img.height, self._orient(img.width, img.height))
+        size = target_size(img.width, img.height, self.resize)
         if size != img.size:
             img = img.resize(size, Image.BILINEAR)
         if min(img.size) < self.size:
             raise UserError(f"image is {img.width}x{img.height}, smaller than the {self.size}-px patch")
         return np.asarray(img)
-
-    def _orient(self, width: int, height: int) -> str:
-        """The training resize policy; a fixed WxH follows the image's orientation."""
-        if "x" in self.resize:
-            w, h = (int(v) for v in self.resize.split("x"))
-            if (width < height) != (w < h):
-                return f"{h}x{w}"
-        return self.resize
-
-    def _resize_for(self, path) -> str:
-        if "x" not in self.resize:
-            return self.resize
-        with Image.open(path) as im:
-            return self._orient(*im.size)
 
     @torch.no_grad()
     def score_arrays(self, arrays: Sequence[np.ndarray], crops: int | None = None, flip: bool = False,

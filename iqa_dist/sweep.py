@@ -81,7 +81,7 @@ def run_sweep(kind: str, preset: str, base_overrides: list[str], n: int, launche
     prefix = shlex.split(launcher) if launcher else [sys.executable]
     for i, member in enumerate(plan):
         console.rule(f"sweep {kind}: {member['name']} ({i + 1}/{len(plan)})")
-        # --resume auto: relaunching the same sweep continues unfinished members
+        # --resume auto: a member interrupted inside this call (e.g. preempted) continues when rerun
         code = subprocess.run([*prefix, "-m", "iqa_dist", "train", *member["args"], "--resume", "auto"]).returncode
         if code:
             console.print(f"[red]member {member['name']} failed (exit {code})[/]; continuing")

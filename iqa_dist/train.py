@@ -6,8 +6,9 @@ derived, and resuming is a single skip to the checkpoint's step.
 
 World-size invariance: train.batch_size is GLOBAL. Step s draws its B samples (and their
 augmentation) identically on every process; process r takes chunk (micro * world + r) of them.
-Each micro-batch's loss is its SUM divided by the nominal chunk size B / (world * accum), so
-DDP's mean over processes gives the mean over the global batch, even when chunks are uneven.
+Each micro-batch's loss is its SUM times world / B: the micro-batch gradients add up, DDP's mean
+over processes divides by world, and the result is the mean over the global batch, even when
+chunks are uneven (the pairwise ranking term, off in every preset, pairs within a micro-batch).
 """
 
 from __future__ import annotations
@@ -115,11 +116,13 @@ class Shares:
 
     @classmethod
     def plan(cls, batch_size: int, micro_batch_size: int, world: int, rank: int) -> "Shares":
-        share = math.ceil(batch_size / world)
-        if share == 0 or batch_size < world:
+        if batch_size < world:
             raise UserError(f"train.batch_size={batch_size} is smaller than the {world} processes")
+        share = math.ceil(batch_size / world)
         accum = math.ceil(share / micro_batch_size) if micro_batch_size else 1
-        return cls(world, rank, accum, batch_size)
+        # at most batch_size // world micro-batches, so none is empty (a micro-batch may then
+        # hold one patch more than micro_batch_size)
+        return cls(world, rank, min(accum, batch_size // world), batch_size)
 
     def slices(self) -> list[slice]:
         parts = self.world * self.accum
@@ -127,8 +130,9 @@ class Shares:
         return [slice(self.batch_size * c // parts, self.batch_size * (c + 1) // parts) for c in chunks]
 
     @property
-    def nominal(self) -> float:
-        return self.batch_size / (self.world * self.accum)
+    def per_process(self) -> float:
+        """B / world: dividing a process's summed loss by it makes DDP's mean the global mean."""
+        return self.batch_size / self.world
 
 
 @dataclass
@@ -167,8 +171,9 @@ def resident_device(cfg: Config, nbytes: int, device: torch.device) -> torch.dev
 
 
 def load_data(cfg: Config, acc: Accelerator, console: Console) -> Data:
-    with acc.main_process_first():  # the main process builds the cache; the others then find it
-        view = prepare(cfg, console)
+    # every process calls it: a file lock lets one build while the others wait (no collective,
+    # whose timeout a first build of a large dataset could exceed)
+    view = prepare(cfg, console)
     acc.print(describe(view))
     if not len(view.ids("train")):
         raise UserError("data.split=all keeps every image for evaluation; training needs a train split")
@@ -248,29 +253,37 @@ def forward_backward(acc: Accelerator, model, data: Data, augmenter: Augmenter, 
         with acc.no_sync(model) if m < shares.accum - 1 else contextlib.nullcontext():
             x, y = micro_batch(data.train, augmenter, rows[sl], None if k is None else k[sl], params[sl], acc.device)
             loss = loss_sum(model(x), to_target(y), cfg.optim.rank_weight)
-            acc.backward(loss / shares.nominal)
+            acc.backward(loss / shares.per_process)
         total += loss.detach()
         n += len(y)
     return total, n
 
 
 class PreemptionFlag:
-    """SIGUSR1/SIGTERM (SLURM's warning before a kill) -> checkpoint at the step's end, then exit."""
+    """A request to checkpoint at the end of the step and exit: SIGUSR1 or SIGTERM to this
+    process, or the file named by $IQA_DIST_STOP_FILE appearing (the SLURM scripts touch it
+    when the time limit nears: no signal has to get through torchrun's agent)."""
 
     def __init__(self) -> None:
         self.raised = False
+        self.stop_file = os.environ.get("IQA_DIST_STOP_FILE", "")
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
         self.raised = True
 
+    def requested(self) -> bool:
+        return self.raised or bool(self.stop_file and os.path.exists(self.stop_file))
+
 
 def step_flags(acc: Accelerator, loss: torch.Tensor, norm: torch.Tensor, preempt: PreemptionFlag) -> torch.Tensor:
     """[any loss non-finite, gradient non-finite, any process preempted]: one small all-reduce a
-    step, so every process takes the same decision."""
-    flags = torch.stack([(~torch.isfinite(loss)).float(), (~torch.isfinite(norm)).float(),
-                         torch.tensor(float(preempt.raised), device=loss.device)]).to(acc.device)
+    step, so every process takes the same decision. Under fp16 an infinite gradient is the loss
+    scaler's overflow, which skips the step by design: only a non-finite loss stops the run."""
+    bad_grad = (~torch.isfinite(norm)).float() * (acc.mixed_precision != "fp16")
+    flags = torch.stack([(~torch.isfinite(loss)).float(), bad_grad,
+                         torch.tensor(float(preempt.requested()), device=loss.device)]).to(acc.device)
     return (acc.reduce(flags, "max") if acc.num_processes > 1 else flags).cpu()
 
 
@@ -287,15 +300,18 @@ def stop_non_finite(acc: Accelerator, run: RunDir, step: int, flags: torch.Tenso
 def evaluate_and_select(cfg: Config, acc: Accelerator, run: RunDir, model, data: Data, augmenter: Augmenter,
                         state: TrainState, to_score, eval_batch: int) -> dict:
     """Validation metrics; a new best (val SRCC) is exported as the run's model."""
-    result = evaluate_split(model, data.val, augmenter, cfg.data.test_patch_num, eval_batch, acc, to_score)
+    # unwrapped (Accelerate keeps its autocast): a DDP forward could wait on a rank without images
+    result = evaluate_split(acc.unwrap_model(model), data.val, augmenter, cfg.data.test_patch_num, eval_batch, acc,
+                            to_score)
     val = {k: result[k] for k in ("srcc", "plcc", "krcc", "rmse", "n")}
-    if val["srcc"] > state.best_srcc:
-        state.best_srcc, state.best_step, state.bad_evals = val["srcc"], state.step, 0
+    srcc = val["srcc"] if math.isfinite(val["srcc"]) else -math.inf  # constant predictions: undefined
+    if srcc > state.best_srcc or state.best_step == 0:  # the first evaluation always exports a model
+        state.best_srcc, state.best_step, state.bad_evals = srcc, state.step, 0
         extra = {"score_norm": cfg.data.score_norm, "score_range": list(data.score_range),
                  "resize": data.view.image_meta["resize"],
                  "dataset": cfg.data.dataset, "test_patch_num": cfg.data.test_patch_num, "step": state.step,
                  "val": val, "mean": list(augmenter.mean.tolist()), "std": list(augmenter.std.tolist())}
-        run.export_model(acc.unwrap_model(model).state_dict(), cfg, extra)
+        run.export_model(acc.unwrap_model(model, keep_torch_compile=False).state_dict(), cfg, extra)
     else:
         state.bad_evals += 1
     state.stopped_early = 0 < cfg.train.patience <= state.bad_evals
@@ -306,9 +322,10 @@ def test_selected(cfg: Config, acc: Accelerator, run: RunDir, model, data: Data,
                   to_score, eval_batch: int) -> dict:
     """Loads the selected weights and evaluates the test split once."""
     acc.wait_for_everyone()
-    acc.unwrap_model(model).load_state_dict(load_file(str(run.model_dir / "model.safetensors")))
+    acc.unwrap_model(model, keep_torch_compile=False).load_state_dict(load_file(str(run.model_dir / "model.safetensors")))
     test = data.view.patch_store("test", shard(len(data.view.ids("test")), acc.num_processes, acc.process_index))
-    result = evaluate_split(model, test, augmenter, cfg.data.test_patch_num, eval_batch, acc, to_score)
+    result = evaluate_split(acc.unwrap_model(model), test, augmenter, cfg.data.test_patch_num, eval_batch, acc,
+                            to_score)
     return {k: result[k] for k in ("srcc", "plcc", "krcc", "rmse", "n")}
 
 
@@ -329,7 +346,7 @@ def train(cfg: Config, resume: str = "") -> Path:
     total_steps = cfg.train.max_steps or cfg.train.epochs * data.plan.steps_per_epoch
     eval_every = cfg.train.eval_every or data.plan.steps_per_epoch
     checkpoint_every = cfg.train.checkpoint_every or eval_every
-    eval_batch = cfg.train.eval_batch_size or 2 * math.ceil(shares.nominal)
+    eval_batch = cfg.train.eval_batch_size or 2 * math.ceil(shares.per_process / shares.accum)
     to_target, to_score = score_maps(cfg, data.score_range)
 
     set_seed(cfg.train.seed)  # identical initial weights on every process
@@ -346,11 +363,13 @@ def train(cfg: Config, resume: str = "") -> Path:
     set_seed(cfg.train.seed, device_specific=True)  # dropout and drop path differ per process
     if resuming and run.latest_checkpoint():
         acc.load_state(str(run.latest_checkpoint()))  # weights, optimizer, schedule, every RNG, state
+        if not acc.is_main_process:  # the checkpoint holds the global window sums (consolidate_window)
+            state.window_loss, state.window_n = 0.0, 0
         run.truncate_metrics(state.step)
         acc.print(f"resumed {run.path} at step {state.step}")
     acc.print(f"parameters: backbone {counts['backbone'] / 1e6:.2f}M, hyper network {counts['hyper'] / 1e6:.2f}M, "
               f"total {counts['total'] / 1e6:.2f}M | {acc.num_processes} process(es), {acc.mixed_precision} | "
-              f"batch {cfg.train.batch_size} = {acc.num_processes} x {shares.accum} x ~{shares.nominal:.1f} | "
+              f"batch {cfg.train.batch_size} = {acc.num_processes} x {shares.accum} x ~{shares.per_process / shares.accum:.1f} | "
               f"{total_steps} steps ({data.plan.steps_per_epoch}/epoch) | run {run.path}")
     if cfg.run.log_with:
         acc.init_trackers(run.path.name, config={f"{s}.{k}": str(v) for s, d in cfg.to_dict().items()
@@ -366,7 +385,8 @@ def train(cfg: Config, resume: str = "") -> Path:
         if flags[:2].any():
             stop_non_finite(acc, run, state.step, flags, local_loss, norm)
         optimizer.step()
-        scheduler.step()
+        if not optimizer.step_was_skipped:  # fp16 overflow: the scaler skipped this step
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.window_loss += local_loss.item()
@@ -383,6 +403,7 @@ def train(cfg: Config, resume: str = "") -> Path:
             state.window_loss, state.window_n = 0.0, 0
             window.update(t0=time.time(), step0=state.step)
         if state.step % checkpoint_every == 0 or state.stopped_early or state.step == total_steps or flags[2]:
+            consolidate_window(acc, state)
             run.save_checkpoint(state.step, cfg.train.keep_checkpoints)
         if flags[2] and state.step < total_steps and not state.stopped_early:
             display.close()
@@ -395,6 +416,16 @@ def train(cfg: Config, resume: str = "") -> Path:
     display.summary(summary, run.path)
     acc.end_training()
     return run.path
+
+
+def consolidate_window(acc: Accelerator, state: TrainState) -> None:
+    """Before a checkpoint: the main process holds the global loss-window sums, the others zero.
+    Accelerate saves registered objects from the main process only, so this is what a resumed
+    run restores on every process (and log_record's sum over processes stays right)."""
+    if acc.num_processes > 1:
+        totals = acc.reduce(torch.tensor([state.window_loss, state.window_n], device=acc.device,
+                                         dtype=torch.float64), "sum").tolist()
+        state.window_loss, state.window_n = (totals[0], int(totals[1])) if acc.is_main_process else (0.0, 0)
 
 
 def log_record(acc: Accelerator, state: TrainState, data: Data, window: dict, val: dict, scheduler, norm) -> dict:

@@ -63,6 +63,18 @@ def test_single_node_script_renders(fake_slurm):
     assert "--multi_gpu --num_processes 8" in line and line.endswith("--resume auto")
 
 
+def test_sweep_script_renders_a_member(fake_slurm, tmp_path):
+    members = tmp_path / "members.jsonl"
+    members.write_text(json.dumps({"name": "a", "args": ["--preset", "demo", "--run.name=a"]}) + "\n" +
+                       json.dumps({"name": "b", "args": ["--preset", "demo", "--data.root=/d/$HOME x", "--run.name=b"]}) + "\n")
+    env = {**fake_slurm, "SLURM_NNODES": "1", "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_JOB_ID": "7"}
+    out = subprocess.run(["bash", str(LAUNCH / "slurm_sweep.sbatch"), str(members)], capture_output=True, text=True,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    [line] = [x for x in out.stdout.splitlines() if x.startswith("accelerate launch")]
+    assert line.endswith("-m iqa_dist train --preset demo --data.root=/d/$HOME x --run.name=b --resume auto")
+
+
 def test_accelerate_configs_are_valid_yaml():
     import yaml
 
@@ -168,6 +180,22 @@ def test_sigterm_to_the_launcher_checkpoints_and_resumes(tiny_overrides, tmp_pat
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert f"at step {step}" in again.stdout
     assert json.loads((run / "summary.json").read_text())["steps_run"] == 150
+
+
+def test_stop_file_checkpoints_and_exits(tiny_overrides, tmp_path):
+    """The SLURM scripts' time-limit path: the stop file appears, the run checkpoints and exits 124."""
+    stop = tmp_path / "stop"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "IQA_DIST_STOP_FILE": str(stop)}
+    proc = subprocess.Popen(train_cmd([*tiny_overrides, "train.max_steps=1000", "train.eval_every=1000",
+                                       f"run.root={tmp_path / 'runs'}"]), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    _wait_for(proc, "parameters:")
+    stop.touch()
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 124, out[-2000:]
+    assert "preempted at step" in out
+    [checkpoint] = list((only_run(tmp_path / "runs") / "checkpoints").iterdir())
+    assert 0 < int(checkpoint.name[5:]) < 1000
 
 
 @pytest.mark.slow

@@ -64,8 +64,29 @@ def test_batch_plan_and_shares_are_world_size_invariant():
             covered += [i for sl in shares.slices() for i in range(16)[sl]]
         assert sorted(covered) == list(range(16)), (world, micro)  # every sample exactly once
     s = Shares.plan(96, 32, 1, 0)
-    assert s.accum == 3 and s.nominal == 32
-    assert Shares.plan(96, 0, 5, 0).nominal == pytest.approx(96 / 5)  # uneven shares, exact global mean
+    assert s.accum == 3 and s.per_process == 96
+    assert Shares.plan(10, 1, 4, 0).accum == 2  # capped so that no micro-batch is empty
+    assert all(sl.stop > sl.start for r in range(4) for sl in Shares.plan(10, 1, 4, r).slices())
+
+
+@pytest.mark.parametrize("world, micro", [(1, 0), (1, 32), (2, 16), (5, 0), (3, 7), (4, 1)])
+def test_shares_give_the_global_mean_gradient(world, micro):
+    """Summed micro-batch gradients, averaged over processes as DDP does, equal the gradient of
+    the mean loss over the global batch: with accumulation and with uneven shares."""
+    import torch
+
+    from iqa_dist.train import loss_sum
+
+    torch.manual_seed(0)
+    w = torch.randn(5, requires_grad=True)
+    x, y = torch.randn(96, 5), torch.randn(96)
+    (reference,) = torch.autograd.grad(torch.nn.functional.l1_loss(x @ w, y), w)
+    total = torch.zeros(5)
+    for rank in range(world):
+        shares = Shares.plan(96, micro, world, rank)
+        for sl in shares.slices():
+            total += torch.autograd.grad(loss_sum(x[sl] @ w, y[sl], 0.0) / shares.per_process, w)[0]
+    torch.testing.assert_close(total / world, reference)
 
 
 # ---------------------------------------------------------------- real runs
