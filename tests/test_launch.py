@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import RUN, free_port, metrics, only_run, run_cli, run_train, train_cmd
+from .conftest import RUN, assert_same_training, free_port, metrics, only_run, run_cli, run_train, train_cmd
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"
 CONFIGS = Path(__file__).resolve().parent.parent / "accelerate_configs"
@@ -106,10 +106,7 @@ def test_two_simulated_nodes_match_one_process(single_run, tiny_overrides, tmp_p
     assert summary["world_size"] == 2
     meta = json.loads((run / "meta.json").read_text())
     assert meta["launches"][0]["num_machines"] == 2
-    for a, b in zip(metrics(single_run), metrics(run)):
-        assert a["val_n"] == b["val_n"]
-        assert b["val_srcc"] == pytest.approx(a["val_srcc"], abs=1e-4)
-        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-4)
+    assert_same_training(metrics(single_run), metrics(run))
 
 
 def _workers(launcher_pid: int) -> dict[int, int]:
