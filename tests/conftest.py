@@ -80,18 +80,18 @@ def metrics(run: Path) -> list[dict]:
 
 
 def assert_same_training(one: list[dict], two: list[dict]) -> None:
-    """Two world sizes train the same recipe: the same images evaluated at every step, and metrics
-    equal up to float summation order. A 2-process all-reduce and 1-thread matmuls add in another
-    order than one 2-thread process, so predictions drift by ~1e-4 relative within 6 steps (RMSE
-    33.956 vs 33.959 on the 0-100 scale); a real divergence (unsynchronised ranks, other data or
-    augmentation draws) moves SRCC and the loss by 1e-2 and more."""
+    """Two world sizes train the same recipe: the same images evaluated at every step and the same
+    validation metrics to 1e-4 (the training issue's bound). RMSE is in score units, so its 1e-4
+    is of the 0-100 range: a 2-process all-reduce and 1-thread matmuls add in another order than
+    one 2-thread process, and after 6 steps the RMSE differs by 0.003 (33.956 vs 33.959) while
+    SRCC is identical and PLCC differs by 1e-5."""
     assert len(one) == len(two) > 0
     for a, b in zip(one, two):
         assert a["step"] == b["step"] and a["val_n"] == b["val_n"]
-        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-5)
-        assert b["val_srcc"] == pytest.approx(a["val_srcc"], abs=3e-3)  # one adjacent swap: 4e-4 at n=31
-        assert b["val_plcc"] == pytest.approx(a["val_plcc"], abs=1e-3)
-        assert b["val_rmse"] == pytest.approx(a["val_rmse"], rel=1e-3)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-4)
+        assert b["val_srcc"] == pytest.approx(a["val_srcc"], abs=1e-4)
+        assert b["val_plcc"] == pytest.approx(a["val_plcc"], abs=1e-4)
+        assert b["val_rmse"] == pytest.approx(a["val_rmse"], abs=1e-4 * 100)
 
 
 @pytest.fixture(scope="session")

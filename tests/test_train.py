@@ -127,7 +127,7 @@ def test_one_process_equals_two(single_run, tiny_overrides, tmp_path):
     s1 = json.loads((single_run / "summary.json").read_text())
     s2 = json.loads((only_run(tmp_path) / "summary.json").read_text())
     assert s2["world_size"] == 2 and s2["test"]["n"] == s1["test"]["n"]
-    assert s2["test"]["srcc"] == pytest.approx(s1["test"]["srcc"], abs=3e-3)
+    assert s2["test"]["srcc"] == pytest.approx(s1["test"]["srcc"], abs=1e-4)
 
 
 def test_preempted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path):
