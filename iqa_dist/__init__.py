@@ -9,18 +9,13 @@ __version__ = "0.1.0"
 __all__ = ["load_config", "build_model", "load_model", "__version__"]
 
 
+_LAZY = {"load_config": "config", "build_model": "model", "load_model": "predict"}  # name -> module
+
+
 def __getattr__(name: str):
     # lazy, so that `import iqa_dist.decode` (in decode worker processes) does not import torch
-    if name == "load_config":
-        from .config import load_config
+    if name not in _LAZY:
+        raise AttributeError(f"module 'iqa_dist' has no attribute {name!r}")
+    import importlib
 
-        return load_config
-    if name == "build_model":
-        from .model import build_model
-
-        return build_model
-    if name == "load_model":
-        from .predict import load_model
-
-        return load_model
-    raise AttributeError(f"module 'iqa_dist' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

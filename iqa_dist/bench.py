@@ -99,17 +99,21 @@ def source_images(folder: Path, n: int) -> Path:
     return folder
 
 
+def cpu_transforms(size: int, resize: tuple[int, int] | None = None):
+    """torchvision's per-image CPU pipeline, as phase one ran it (resize: (H, W) first)."""
+    import torchvision.transforms as T
+
+    return T.Compose([*([T.Resize(resize)] if resize else []), T.RandomCrop(size), T.RandomHorizontalFlip(),
+                      T.ColorJitter(0.1, 0.1, 0.1, 0.05), T.ToTensor(),
+                      T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+
 class PhaseOneDataset(torch.utils.data.Dataset):
     """Phase one's loader: every patch decodes and resizes the full JPEG again, then CPU transforms."""
 
     def __init__(self, files: list[Path], patches_per_image: int, size: int) -> None:
-        import torchvision.transforms as T
-
         self.files, self.per = files, patches_per_image
-        self.transform = T.Compose([
-            T.Resize((384, 512)),  # (H, W): the corrected landscape geometry, same cost
-            T.RandomCrop(size), T.RandomHorizontalFlip(), T.ColorJitter(0.1, 0.1, 0.1, 0.05),
-            T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+        self.transform = cpu_transforms(size, resize=(384, 512))  # the corrected landscape geometry, same cost
 
     def __len__(self) -> int:
         return len(self.files) * self.per
@@ -123,11 +127,8 @@ class DecodedPatches(torch.utils.data.Dataset):
     """torchvision's CPU pipeline on already decoded images (no JPEG work): the augmentation alone."""
 
     def __init__(self, images: list[Image.Image], per: int, size: int) -> None:
-        import torchvision.transforms as T
-
         self.images, self.per = images, per
-        self.transform = T.Compose([T.RandomCrop(size), T.RandomHorizontalFlip(), T.ColorJitter(0.1, 0.1, 0.1, 0.05),
-                                    T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+        self.transform = cpu_transforms(size)
 
     def __len__(self) -> int:
         return len(self.images) * self.per
@@ -238,12 +239,12 @@ def bench_train(cfg: Config, backbones: list[str], precisions: list[str], compil
     """Full training steps vs the model-only ceiling, per setting."""
     rows = []
     peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    root = source_images(work / "koniq", n_images)
     for name in backbones:
         backbone, kwargs, size = BACKBONES[name]
         c = load_config("koniq-swin-t", [f"model.backbone={backbone}", "model.pretrained=none", f"model.img_size={size}",
                                          f"data.cache_dir={work / 'cache'}"])
         c = replace(c, model=replace(c.model, backbone_kwargs=kwargs))
-        root = source_images(work / "koniq", n_images)
         view = prepare(load_config("koniq-swin-t", [f"data.root={root}", "data.split=random", f"model.img_size={size}",
                                                     f"data.cache_dir={work / 'cache'}"]), Console(quiet=True))
         store = view.image_store("train").to(device)

@@ -15,20 +15,31 @@ def decode(path: str, resize: str, min_side: int) -> tuple[bytes, int, int, str]
     try:
         with Image.open(path) as im:
             im.load()  # truncated files fail here, not later
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: keep the top 8 bits
-                a = np.asarray(im, dtype=np.uint32)
-                im = Image.fromarray((a >> 8 if a.max() > 255 else a).astype(np.uint8))
-            elif im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")
-            im = im.convert("RGB")
+            im = to_rgb(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return b"", 0, 0, f"unreadable image: {type(e).__name__}: {e}"
+    im, problem = fit(im, resize, min_side)
+    return (b"", 0, 0, problem) if problem else (im.tobytes(), im.height, im.width, "")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode; 16-bit grayscale keeps its top 8 bits (PIL would clip)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(im, dtype=np.uint32)
+        im = Image.fromarray((a >> 8 if a.max() > 255 else a).astype(np.uint8))
+    elif im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
+def fit(im: Image.Image, resize: str, min_side: int) -> tuple[Image.Image, str]:
+    """The resize policy applied to an RGB image, and a problem when it is smaller than a patch."""
     size = target_size(im.width, im.height, resize)
     if size != im.size:
         im = im.resize(size, Image.BILINEAR)  # PIL's antialiased bilinear, as torchvision's Resize
     if min(im.size) < min_side:
-        return b"", 0, 0, f"image is {im.width}x{im.height} after resize ({resize}), smaller than the {min_side}-px patch"
-    return im.tobytes(), im.height, im.width, ""
+        return im, f"image is {im.width}x{im.height} after resize ({resize}), smaller than the {min_side}-px patch"
+    return im, ""
 
 
 def target_size(width: int, height: int, resize: str) -> tuple[int, int]:

@@ -123,9 +123,17 @@ def evaluate_command(model_path: str, cfg, split: str, output: str) -> dict:
         target = Path(output) if output else folder.parent / f"eval-{cfg.data.dataset}-{split}.json"
         target.write_text(json.dumps(report, indent=1))
         per_image = target.with_suffix(".predictions.csv")
-        names = view.names(result["ids"])
-        per_image.write_text("image,score,prediction\n" + "".join(
-            f"{n},{t:.4f},{p:.4f}\n" for n, t, p in zip(names, result["targets"], result["preds"])))
+        write_predictions(per_image, view.names(result["ids"]), result["targets"], result["preds"])
         output_console().print(metrics_table(f"{folder} on {cfg.data.dataset} ({split})", {split: metrics}))
         console.print(f"wrote {target} and {per_image.name}")
     return report
+
+
+def write_predictions(path, names, targets, preds) -> None:
+    """image,score,prediction per image (csv quotes names that hold commas or quotes)."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "score", "prediction"])
+        writer.writerows((n, f"{t:.4f}", f"{p:.4f}") for n, t, p in zip(names, targets, preds))

@@ -24,7 +24,7 @@ from rich.table import Table
 from safetensors.torch import load_file
 
 from .augment import normalize
-from .decode import decode, target_size
+from .decode import decode, fit, to_rgb
 from .config import ModelConfig
 from .errors import UserError
 from .model import HyperIQA, build_model
@@ -76,17 +76,15 @@ class Scorer:
                 raise UserError(f"{image}: {why}")
             return np.frombuffer(pixels, np.uint8).reshape(h, w, 3)
         if isinstance(image, Image.Image):
-            img = image.convert("RGB")
+            img = to_rgb(image)
         else:
             a = image.cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
             if a.dtype != np.uint8 or a.ndim != 3:
                 raise UserError(f"expected a uint8 HxWx3 or 3xHxW image, got {a.dtype} {a.shape}")
             img = Image.fromarray(a.transpose(1, 2, 0) if a.shape[0] == 3 and a.shape[2] != 3 else a)
-        size = target_size(img.width, img.height, self.resize)
-        if size != img.size:
-            img = img.resize(size, Image.BILINEAR)
-        if min(img.size) < self.size:
-            raise UserError(f"image is {img.width}x{img.height}, smaller than the {self.size}-px patch")
+        img, problem = fit(img, self.resize, self.size)
+        if problem:
+            raise UserError(problem)
         return np.asarray(img)
 
     @torch.no_grad()
@@ -94,11 +92,11 @@ class Scorer:
                      batch_patches: int = 256) -> np.ndarray:
         """Scores of prepared HWC uint8 images: the mean over a grid of `crops` patches (and flips)."""
         n = crops or self.default_crops
-        patches = []
+        patches, counts = [], []
         for a in arrays:
-            for y, x in grid_origins(a.shape[0], a.shape[1], self.size, n):
-                patches.append(a[y:y + self.size, x:x + self.size])
-        counts = [len(grid_origins(a.shape[0], a.shape[1], self.size, n)) for a in arrays]
+            origins = grid_origins(a.shape[0], a.shape[1], self.size, n)
+            patches += [a[y:y + self.size, x:x + self.size] for y, x in origins]
+            counts.append(len(origins))
         x_all = torch.from_numpy(np.stack(patches)) if patches else torch.zeros(0, self.size, self.size, 3, dtype=torch.uint8)
         preds = []
         for start in range(0, len(x_all), batch_patches):

@@ -14,7 +14,6 @@ directory. Locally they run one after another (through `--launcher`, e.g. `accel
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import statistics
 import subprocess
@@ -29,16 +28,18 @@ from .config import load_config
 from .errors import UserError
 from .progress import output_console
 
+# Phase one's regularisers, each as the overrides that switch it off.
+REGULARISERS = {
+    "dropout": ["model.dropout=0"],
+    "drop_path": ["model.drop_path=0"],
+    "weight_decay": ["optim.weight_decay=0"],
+    "jitter": ["augment.brightness=0", "augment.contrast=0", "augment.saturation=0", "augment.hue=0"],
+}
+# none, each regulariser alone (the others off), all: the base preset's values where one is on
 ABLATION = {
-    "none": ["model.dropout=0", "model.drop_path=0", "optim.weight_decay=0", "augment.brightness=0",
-             "augment.contrast=0", "augment.saturation=0", "augment.hue=0"],
-    "dropout-only": ["model.drop_path=0", "optim.weight_decay=0", "augment.brightness=0", "augment.contrast=0",
-                     "augment.saturation=0", "augment.hue=0"],
-    "drop_path-only": ["model.dropout=0", "optim.weight_decay=0", "augment.brightness=0", "augment.contrast=0",
-                       "augment.saturation=0", "augment.hue=0"],
-    "weight_decay-only": ["model.dropout=0", "model.drop_path=0", "augment.brightness=0", "augment.contrast=0",
-                          "augment.saturation=0", "augment.hue=0"],
-    "jitter-only": ["model.dropout=0", "model.drop_path=0", "optim.weight_decay=0"],
+    "none": [o for off in REGULARISERS.values() for o in off],
+    **{f"{name}-only": [o for other, off in REGULARISERS.items() if other != name for o in off]
+       for name in REGULARISERS},
     "all": [],
 }
 SLURM_SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "slurm_sweep.sbatch"
@@ -62,6 +63,8 @@ def new_group(root: str, kind: str) -> Path:
 
 def run_sweep(kind: str, preset: str, base_overrides: list[str], n: int, launcher: str, slurm: bool) -> Path:
     """Runs (or submits) every member; returns the group folder."""
+    if slurm and not SLURM_SCRIPT.is_file():  # launch/ ships with the source tree, not in the package
+        raise UserError(f"sweep --slurm needs {SLURM_SCRIPT}: install from a source checkout (pip install -e .)")
     cfg = load_config(preset, base_overrides)  # fail early on a bad base config
     specs = members(kind, base_overrides, n)
     for overrides in specs.values():
@@ -155,7 +158,7 @@ def cross(run: str, datasets: list[str], root: str, base_overrides: list[str], l
         args = [*prefix, "-m", "iqa_dist", "evaluate", "--run", run, "--dataset", name, "--split", "all",
                 "--output", str(out), *([f"--root={data_root}"] if data_root else []), *[f"--{o}" for o in base_overrides]]
         console.rule(f"cross-dataset: {name}")
-        if subprocess.run(args, env={**os.environ}).returncode or not out.exists():
+        if subprocess.run(args).returncode or not out.exists():
             results.append({"dataset": name, "finished": False})
             continue
         m = json.loads(out.read_text())["metrics"]

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from iqa_dist.config import load_config
+from iqa_dist.sweep import members
+
 from .conftest import RUN, assert_same_training, free_port, metrics, only_run, run_cli, run_train, train_cmd
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"
@@ -196,6 +199,23 @@ def test_stop_file_checkpoints_and_exits(tiny_overrides, tmp_path):
 
 
 @pytest.mark.slow
+def test_ablation_members_switch_exactly_one_regulariser_on():
+    """Phase one's ablation from the koniq-swin-t preset: none, each regulariser alone, all."""
+    def on(cfg):
+        jitter = (cfg.augment.brightness, cfg.augment.contrast, cfg.augment.saturation, cfg.augment.hue)
+        return {name for name, value in (("dropout", cfg.model.dropout), ("drop_path", cfg.model.drop_path),
+                                         ("weight_decay", cfg.optim.weight_decay), ("jitter", max(jitter))) if value}
+
+    configs = {name: load_config("koniq-swin-t", overrides)
+               for name, overrides in members("ablation", ["model.pretrained=none"], 0).items()}
+    assert {name: on(c) for name, c in configs.items()} == {
+        "none": set(), "dropout-only": {"dropout"}, "drop_path-only": {"drop_path"},
+        "weight_decay-only": {"weight_decay"}, "jitter-only": {"jitter"},
+        "all": {"dropout", "drop_path", "weight_decay", "jitter"}}
+    assert configs["dropout-only"].model.dropout == configs["all"].model.dropout == 0.3  # the preset's value
+    assert configs["all"] == load_config("koniq-swin-t", ["model.pretrained=none"])
+
+
 def test_sweep_of_two_members_writes_the_combined_table(tiny_overrides, tmp_path):
     out = run_cli("sweep", "splits", "--n", "2", "--preset", "demo",
                   *[f"--{o}" for o in [*tiny_overrides, *RUN, "train.max_steps=2", "train.eval_every=2",

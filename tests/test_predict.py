@@ -14,6 +14,8 @@ from PIL import Image
 
 import iqa_dist
 from iqa_dist.augment import normalize
+from iqa_dist.errors import UserError
+from iqa_dist.evaluate import write_predictions
 from iqa_dist.predict import grid_origins
 
 from . import fixtures
@@ -43,6 +45,13 @@ def test_evaluate_reproduces_the_training_test_metrics(single_run, tiny_override
     assert lines[0] == "image,score,prediction" and len(lines) == summary["test"]["n"] + 1
 
 
+def test_prediction_csv_quotes_names_with_commas(tmp_path):
+    write_predictions(tmp_path / "p.csv", ["a,b.png", 'say "hi".jpg'], np.array([1.0, 2.0]), np.array([1.5, 2.5]))
+    with open(tmp_path / "p.csv", newline="") as f:
+        assert list(csv.reader(f)) == [["image", "score", "prediction"], ["a,b.png", "1.0000", "1.5000"],
+                                       ['say "hi".jpg', "2.0000", "2.5000"]]
+
+
 def test_cross_dataset_evaluation_on_all_images(single_run, tmp_path):
     fixtures.kadid(tmp_path / "kadid", refs=3, per_ref=3)
     out = run_cli("evaluate", "--run", str(single_run), "--dataset", "kadid10k", "--root", str(tmp_path / "kadid"),
@@ -68,6 +77,12 @@ def test_scorer_matches_the_model_and_tta_with_one_crop_is_plain(single_run, ima
     scores = [scorer.score(im, crops=4)[0] for im in (path, pil, hwc, hwc.permute(2, 0, 1))]
     assert max(scores) - min(scores) < 1e-4
     assert scorer.score([path, path], crops=4, flip=True).shape == (2,)
+    # in-memory images take the cache's decoding: 16-bit gray keeps its top 8 bits (PIL's convert
+    # would clip it to white), and one smaller than a patch is refused with its size
+    gray16 = Image.fromarray(np.full((150, 200), 40 * 256, np.uint16))
+    assert (scorer.prepare(gray16) == 40).all()
+    with pytest.raises(UserError, match="is 60x50 after resize .* smaller than the 112-px patch"):
+        scorer.prepare(Image.new("RGB", (60, 50)))
 
 
 def test_predict_is_deterministic_scores_folders_and_skips_bad_files(single_run, images, tmp_path):
