@@ -2,14 +2,17 @@
 
 Training order: crop (uint8) -> float [0,1] -> horizontal flip -> ColorJitter -> normalise.
 ColorJitter works on [0,1] images BEFORE normalisation (phase one's Kornia attempt jittered
-normalised tensors and lost 0.09 SRCC), with torchvision's math (REFERENCE.md §6): factors and
-the order of the four operations drawn per sample, as torchvision does per image on the CPU.
+normalised tensors and fell from SRCC 0.92 to 0.83), with torchvision's math
+(`torchvision.transforms.functional.adjust_*`): factors and the order of the four operations
+drawn per sample, as torchvision does per image on the CPU.
 
 Random parameters are drawn on the host from one `torch.Generator` for the whole GLOBAL batch,
 and each process applies the rows of its share: the augmentation of sample i of step s does not
 depend on the number of processes, ranks still see different augmentations (different samples),
-and the generator state is checkpointed. The draws are a few hundred numbers per step; the pixel
-work happens on the device, with no Python loop over the batch.
+and the generator state is checkpointed. A micro-batch's numbers (crop origins, flips, factors,
+orders, scores) travel to the device in ONE packed copy; everything after that is a fixed
+sequence of batched tensor operations with static shapes and no host round trip (no per-sample
+Python, no data-dependent indexing), which torch.compile fuses into a few kernels.
 """
 
 from __future__ import annotations
@@ -91,9 +94,6 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     return maxc.unsqueeze(1) - cr.unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
 
-OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # order codes 0..3
-
-
 def color_jitter(x: Tensor, brightness: Tensor | None, contrast: Tensor | None, saturation: Tensor | None,
                  hue: Tensor | None, order: Tensor) -> Tensor:
     """ColorJitter with per-sample factors and per-sample order, deterministic.
@@ -101,23 +101,25 @@ def color_jitter(x: Tensor, brightness: Tensor | None, contrast: Tensor | None, 
     x: (B, 3, H, W) float in [0, 1]; brightness, contrast, saturation: (B,) factors (1 = no
     change); hue: (B,) shifts in [-0.5, 0.5]; None skips an operation; order: (B, 4) long, each
     row a permutation of 0=brightness, 1=contrast, 2=saturation, 3=hue. Float32, even under
-    autocast. `order` may stay on the host: the samples doing operation j at position k are
-    found there (no device sync) and each sample runs each operation once.
+    autocast.
+
+    At position k every sample runs the operation its order puts there. Brightness, contrast and
+    saturation with factor 1 are exact identities on [0, 1] images, so they run on the whole
+    batch with factor 1 for the samples doing something else; hue (whose identity is only
+    approximate) is selected per sample with `where`. No gather, no host sync.
     """
-    factors = (brightness, contrast, saturation, hue)
-    order_host = order.cpu()
-    with torch.autocast(x.device.type, enabled=False):
-        x = x.float().clone()
+    dev = x.device
+    order = order.to(dev)
+    with torch.autocast(dev.type, enabled=False):
+        x = x.float()
         for k in range(4):
-            for op, fn in enumerate(OPS):
-                if factors[op] is None:
-                    continue
-                idx = (order_host[:, k] == op).nonzero().squeeze(1)
-                if len(idx) == len(x):  # everybody: no gather
-                    x = fn(x, factors[op].to(x.device).float())
-                elif len(idx):
-                    idx = idx.to(x.device)
-                    x[idx] = fn(x[idx], factors[op].to(x.device).float()[idx])
+            at = order[:, k]
+            for code, f, fn in ((0, brightness, adjust_brightness), (1, contrast, adjust_contrast),
+                                (2, saturation, adjust_saturation)):
+                if f is not None:
+                    x = fn(x, torch.where(at == code, f.to(dev).float(), 1.0))
+            if hue is not None:
+                x = torch.where((at == 3).view(-1, 1, 1, 1), adjust_hue(x, hue.to(dev).float()), x)
     return x
 
 
@@ -167,6 +169,7 @@ class Augmenter:
         self.mean = torch.tensor(mean, dtype=torch.float32)
         self.std = torch.tensor(std, dtype=torch.float32)
         self.jitter = any(v > 0 for v in (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
+        self._stats: tuple[Tensor, Tensor] | None = None  # mean and std on the device
 
     @classmethod
     def evaluation(cls, size: int, mean: Sequence[float], std: Sequence[float]) -> "Augmenter":
@@ -192,21 +195,52 @@ class Augmenter:
         x0 = (params.u_x * (widths - self.size + 1)).long()
         return y0, x0
 
+    def upload(self, offsets: Tensor, widths: Tensor, y0: Tensor, x0: Tensor, params: AugmentParams | None,
+               scores: Tensor, device: torch.device) -> Tensor:
+        """A micro-batch's per-sample numbers, packed (B, 14) float64 and copied to `device` in one
+        non-blocking transfer from pinned memory: offset, width, y0, x0, flip, the four jitter
+        factors, the four order codes, score. (float64 holds byte offsets exactly below 2^53.)"""
+        n = len(offsets)
+        if params is None:
+            jitter = [torch.ones(n), torch.ones(n), torch.ones(n), torch.zeros(n)]
+            flip, order = torch.zeros(n), torch.arange(4).expand(n, 4)
+        else:
+            identity = (1.0, 1.0, 1.0, 0.0)
+            jitter = [torch.full((n,), identity[i]) if f is None else f
+                      for i, f in enumerate((params.brightness, params.contrast, params.saturation, params.hue))]
+            flip, order = params.flip, params.order
+        columns = [offsets, widths, y0, x0, flip, *jitter]
+        packed = torch.cat([torch.stack([c.double() for c in columns], 1), order.double(),
+                            scores.double()[:, None]], 1)
+        if device.type == "cuda":
+            packed = packed.pin_memory()
+        return packed.to(device, non_blocking=True)
+
+    def _device_stats(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self._stats is None or self._stats[0].device != device:  # once per device, not per step
+            self._stats = (self.mean.to(device), self.std.to(device))
+        return self._stats
+
+    def apply(self, pixels: Tensor, packed: Tensor, train: bool = True) -> tuple[Tensor, Tensor]:
+        """(normalised patches (B, 3, S, S) float32, scores (B,) float32) from an upload()."""
+        off, w, y0, x0 = packed[:, :4].long().unbind(1)
+        flip = packed[:, 4] > 0.5
+        mean, std = self._device_stats(pixels.device)
+        with torch.autocast(pixels.device.type, enabled=False):
+            x = to_unit(crop(pixels, off, w, y0, x0, flip, self.size))
+            if train and self.jitter:
+                active = (self.cfg.brightness, self.cfg.contrast, self.cfg.saturation, self.cfg.hue)
+                factors = [packed[:, 5 + i].float() if v > 0 else None for i, v in enumerate(active)]
+                x = color_jitter(x, *factors, packed[:, 9:13].long())
+            return normalize(x, mean, std), packed[:, 13].float()
+
     def train(self, pixels: Tensor, offsets: Tensor, widths: Tensor, y0: Tensor, x0: Tensor,
               params: AugmentParams) -> Tensor:
         """Training patches (B, 3, S, S), normalised; y0/x0 from crop_origin or a cached strip."""
-        dev = pixels.device
-        with torch.autocast(dev.type, enabled=False):
-            x = to_unit(crop(pixels, offsets.to(dev), widths.to(dev), y0.to(dev), x0.to(dev), params.flip.to(dev),
-                             self.size))
-            if self.jitter:
-                x = color_jitter(x, params.brightness, params.contrast, params.saturation, params.hue, params.order)
-            return normalize(x, self.mean.to(dev), self.std.to(dev))
+        packed = self.upload(offsets, widths, y0, x0, params, torch.zeros(len(offsets)), pixels.device)
+        return self.apply(pixels, packed)[0]
 
     def eval(self, pixels: Tensor, offsets: Tensor, widths: Tensor, y0: Tensor, x0: Tensor) -> Tensor:
         """Evaluation patches: the given crops, no flip or jitter, the same normalisation."""
-        dev = pixels.device
-        no_flip = torch.zeros(len(offsets), dtype=torch.bool, device=dev)
-        with torch.autocast(dev.type, enabled=False):
-            x = to_unit(crop(pixels, offsets.to(dev), widths.to(dev), y0.to(dev), x0.to(dev), no_flip, self.size))
-            return normalize(x, self.mean.to(dev), self.std.to(dev))
+        packed = self.upload(offsets, widths, y0, x0, None, torch.zeros(len(offsets)), pixels.device)
+        return self.apply(pixels, packed, train=False)[0]

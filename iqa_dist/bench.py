@@ -4,10 +4,13 @@
 - data:  patches/s delivered ready for the model by (a) phase one's pipeline (PIL decode + resize
          of the source JPEG per patch, torchvision CPU transforms in DataLoader workers), (b) the
          cache + device augmentation with fresh crops, (c) the cache with stored training patches.
-- train: patches/s of full training steps (cache -> augmentation -> forward/backward/step) against
-         the model-only ceiling (a pre-made batch already on the device): the data pipeline's
-         overhead in percent; per backbone, precision and torch.compile; MFU on a GPU.
-- eval:  images/s of evaluation (test_patch_num fixed patches per image).
+- train: per backbone, precision, batch and compile setting, patches/s of (1) the real training
+         step end to end (`train.next_batch` + `train.train_step`, the functions `iqa-dist train`
+         runs), (2) the same step on a batch already on the device (model only), (3) the anchor:
+         timm's plain classifier of the same backbone, same batch, precision and optimizer (what
+         a user would train instead). Per row: % of the anchor, MFU (on a GPU), peak GPU memory.
+         With several batches it projects the time of a KonIQ epoch on 1-8 GPUs at global batch 96.
+- eval:  images/s of evaluation (the test protocol's patches per image).
 
 The source images are KonIQ-size (1024x768) JPEGs made from scikit-image's photos, written once
 to a temporary folder, so every pipeline reads the same files.
@@ -32,14 +35,16 @@ from rich.table import Table
 
 from .augment import Augmenter
 from .cache import prepare
-from .progress import output_console
 from .config import Config, load_config
 from .evaluate import predict_images
 from .model import build_model
-from .train import BatchPlan, build_optimizer, loss_sum, micro_batch
+from .output import console as make_console, print_table
+from .train import (Batch, BatchPlan, Data, MicroBatch, PreemptionFlag, Shares, StepGuard, build_optimizer,
+                    build_schedule, maybe_compile, next_batch, train_step)
 
 # Dense bf16 peak FLOP/s of the GPUs people train on (datasheets; H100/H200 SXM).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
+KONIQ_EPOCH = 7046 * 20  # training patches of a KonIQ epoch (Q-Align split x 20 patches per image)
 TINY_SWIN = {"embed_dim": 32, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 8], "window_size": 7}
 BACKBONES = {
     "tiny": ("swin_tiny_patch4_window7_224", TINY_SWIN, 112),
@@ -189,8 +194,8 @@ def bench_data(cfg: Config, n_images: int, batch: int, steps: int, workers: int,
             split = view.image_store("train")
             results["cache_read_images_per_s"] = len(split) / (time.perf_counter() - t0)
             t0 = time.perf_counter()
-            strips = view.patch_store("test")
-            results["cache_read_patches_per_s"] = len(strips) * c.data.test_patch_num / (time.perf_counter() - t0)
+            images = view.eval_set("test", "random", c.data.test_patch_num, size)
+            results["cache_read_eval_images_per_s"] = len(images) / (time.perf_counter() - t0)
             results["cache_mb_per_1000_images"] = round(
                 sum(f.stat().st_size for f in view.path.parent.parent.glob("images-*.arrow")) / 1e6
                 * 1000 / view.image_meta["count"], 1)
@@ -201,24 +206,24 @@ def bench_data(cfg: Config, n_images: int, batch: int, steps: int, workers: int,
 
 
 def _cache_rate(view, c: Config, batch: int, steps: int, device: torch.device) -> tuple[float, float]:
-    """Patches/s of the training input path (plan -> gather -> device crop/flip/jitter/normalise),
-    and of its host side alone: what the CPU does per batch when the pixels are resident on an
-    accelerator and the augmentation runs there (plan, random draws, crop origins)."""
+    """Patches/s of the training input path (plan -> gather -> one upload -> device crop/flip/
+    jitter/normalise: `train.next_batch`), and of its host side alone: what the CPU does per
+    batch when the pixels are resident on an accelerator and the augmentation runs there."""
     cached = c.data.train_patches == "cached"
-    store = (view.patch_store("train") if cached else view.image_store("train")).to(device)
+    store = (view.patch_store() if cached else view.image_store("train")).to(device)
     plan = BatchPlan(len(store), c.data.train_patch_num, batch, 0, c.data.cached_patch_num if cached else 0)
     aug = Augmenter(c.augment, c.model.img_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0)
+    data, shares = Data(view, store, None, plan), Shares.plan(batch, 0, 1, 0)
     counter = iter(range(10**9))
 
     def step():
-        rows, k = plan.batch(next(counter) % plan.steps_per_epoch)
-        micro_batch(store, aug, rows, k, aug.draw(len(rows)), device)
+        next_batch(data, aug, shares, next(counter) % plan.steps_per_epoch, lambda s: s, device)
 
     def host_side():
         rows, k = plan.batch(next(counter) % plan.steps_per_epoch)
         params = aug.draw(len(rows))
-        if k is None:
-            aug.crop_origin(params, store.heights[rows], store.widths[rows])
+        y0, x0 = aug.crop_origin(params, store.heights[rows], store.widths[rows]) if k is None else (k, k)
+        aug.upload(store.offsets[rows], store.widths[rows], y0, x0, params, store.scores[rows], torch.device("cpu"))
 
     return _rate(step, batch, steps, device), _rate(host_side, batch, steps * 10, torch.device("cpu"))
 
@@ -234,9 +239,23 @@ def flops_per_patch(model: torch.nn.Module, size: int, device: torch.device) -> 
     return counter.get_total_flops() / 2
 
 
-def bench_train(cfg: Config, backbones: list[str], precisions: list[str], compiles: list[bool], n_images: int,
-                batch: int, steps: int, device: torch.device, work: Path, console: Console) -> list[dict]:
-    """Full training steps vs the model-only ceiling, per setting."""
+def _accelerator(precision: str, device: torch.device):
+    """A fresh single-process Accelerator for one precision (Accelerate keeps one global state)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if precision == "bf16" else "no")
+
+
+def _peak_memory(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def bench_train(cfg: Config, backbones: list[str], precisions: list[str], compiles: list[bool], batches: list[int],
+                n_images: int, steps: int, device: torch.device, work: Path, console: Console) -> list[dict]:
+    """Per setting: the real step end to end, the same step model-only, and the timm anchor."""
     rows = []
     peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
     root = source_images(work / "koniq", n_images)
@@ -249,124 +268,195 @@ def bench_train(cfg: Config, backbones: list[str], precisions: list[str], compil
                                                     f"data.cache_dir={work / 'cache'}"]), Console(quiet=True))
         store = view.image_store("train").to(device)
         for precision in precisions:
-            for compiled in compiles:
-                console.print(f"train: {name} {precision} compile={compiled}")
-                row = _train_rates(c, store, precision, compiled, batch, steps, device)
-                row = {"backbone": name, **row}
-                if peak:
-                    row["mfu_pct"] = 100 * row["end_to_end"] * row["gflop_per_patch"] * 1e9 / peak
-                rows.append(row)
+            for batch in batches:
+                console.print(f"train: {name} {precision} batch {batch}: anchor", highlight=False)
+                anchor = _anchor_rate(c, precision, batch, steps, device)
+                for compiled in compiles:
+                    console.print(f"train: {name} {precision} batch {batch} compile={compiled}", highlight=False)
+                    c_run = replace(c, train=replace(c.train, compile=compiled))
+                    row = {"backbone": name, **_train_rates(c_run, view, store, precision, batch, steps, device)}
+                    row.update(anchor=anchor["rate"], anchor_memory_gib=anchor["memory_gib"],
+                               pct_of_anchor=100 * row["model_only"] / anchor["rate"])
+                    if peak:
+                        row["mfu_pct"] = 100 * row["end_to_end"] * row["gflop_per_patch"] * 1e9 / peak
+                    rows.append(row)
     return rows
 
 
-def _train_rates(c: Config, store, precision: str, compiled: bool, batch: int, steps: int,
-                 device: torch.device) -> dict:
-    """Model-only ceiling (a fixed batch on the device) and full steps through the data path."""
+def _train_rates(c: Config, view, store, precision: str, batch: int, steps: int, device: torch.device) -> dict:
+    """The real step (`train_step`) on a batch already on the device (model only) and fed by the
+    real input path (`next_batch`: cache -> device augmentation), under a real Accelerator."""
+    acc = _accelerator(precision, device)
     torch.manual_seed(0)
     size = c.model.img_size
     model = build_model(c.model).to(device).train()
     flops = flops_per_patch(model, size, device)
-    opt = build_optimizer(model, c)
-    net = torch.compile(model) if compiled else model
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    optimizer = build_optimizer(model, c)
+    scheduler = build_schedule(optimizer, c, 10**6, 10**6)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    forward = maybe_compile(model, c, Console(quiet=True))
+    guard = StepGuard(acc, optimizer, PreemptionFlag())
     aug = Augmenter(c.augment, size, model.mean, model.std, 0)
-    plan = BatchPlan(len(store), c.data.train_patch_num, batch, 0)
+    data = Data(view, store, None, BatchPlan(len(store), c.data.train_patch_num, batch, 0))
+    shares = Shares.plan(batch, 0, 1, 0)
     counter = iter(range(10**9))
-    fixed = torch.randn(batch, 3, size, size, device=device)
-    target = torch.rand(batch, device=device) * 100
+    fixed = Batch([MicroBatch(torch.randn(batch, 3, size, size, device=device),
+                              torch.rand(batch, device=device) * 100, 0)])
 
-    def train_step(x, y):
-        with amp:
-            loss = loss_sum(net(x), y, 0.0) / len(y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step(b: Batch) -> None:
+        train_step(acc, forward, optimizer, scheduler, b, next(counter), shares.per_process, 0.0, c.optim.grad_clip,
+                   guard)
 
-    def full():
-        rows, k = plan.batch(next(counter) % plan.steps_per_epoch)
-        x, y = micro_batch(store, aug, rows, k, aug.draw(len(rows)), device)
-        train_step(x, y)
+    def full() -> None:
+        i = next(counter)
+        step(next_batch(data, aug, shares, i % data.plan.steps_per_epoch, lambda s: s, device))
 
-    ceiling = _rate(lambda: train_step(fixed, target), batch, steps, device)
+    t0 = time.perf_counter()
+    step(fixed)  # the first step compiles when compile is on
+    guard.flush()
+    first = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model_only = _rate(lambda: step(fixed), batch, steps, device)
     end_to_end = _rate(full, batch, steps, device)
-    return {"precision": precision, "compile": compiled, "batch": batch, "img_size": size, "model_only": ceiling,
-            "end_to_end": end_to_end, "overhead_pct": 100 * (1 - end_to_end / ceiling), "gflop_per_patch": flops / 1e9}
+    guard.flush()
+    return {"precision": precision, "compile": c.train.compile, "batch": batch, "img_size": size,
+            "model_only": model_only, "end_to_end": end_to_end, "overhead_pct": 100 * (1 - end_to_end / model_only),
+            "gflop_per_patch": flops / 1e9, "memory_gib": _peak_memory(device), "first_step_s": first}
 
 
-def bench_eval(cfg: Config, n_images: int, batch_patches: int, device: torch.device, work: Path, repeats: int) -> dict:
-    """Images/s of evaluation: the tiny model over every test image's fixed patches."""
-    backbone, kwargs, size = BACKBONES["tiny"] if device.type == "cpu" else BACKBONES["swin-t"]
+def _anchor_rate(c: Config, precision: str, batch: int, steps: int, device: torch.device) -> dict:
+    """timm's plain classifier of the same backbone: the same batch, precision, fused AdamW and
+    gradient clipping, cross-entropy on random labels."""
+    import timm
+
+    acc = _accelerator(precision, device)
+    torch.manual_seed(0)
+    model = timm.create_model(c.model.backbone, pretrained=False, img_size=c.model.img_size,
+                              **c.model.backbone_kwargs).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type in ("cuda", "cpu"))
+    model, optimizer = acc.prepare(model, optimizer)
+    x = torch.randn(batch, 3, c.model.img_size, c.model.img_size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def step() -> None:
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        acc.backward(loss)
+        acc.clip_grad_norm_(model.parameters(), c.optim.grad_clip or math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return {"rate": _rate(step, batch, steps, device), "memory_gib": _peak_memory(device)}
+
+
+def projection(rows: list[dict], global_batch: int = 96, patches: int = KONIQ_EPOCH, gpus=(1, 2, 4, 8)) -> list[dict]:
+    """Time of a KonIQ epoch on N GPUs at a fixed global batch: each GPU runs the real step at
+    batch global/N, at the end-to-end rate measured for that batch on one GPU. Communication is
+    not included (it is `bench scaling`'s subject): these are lower bounds."""
+    out = []
+    for row in rows:
+        for n in gpus:
+            if row["batch"] * n == global_batch:
+                rate = n * row["end_to_end"]
+                out.append({"backbone": row["backbone"], "precision": row["precision"], "compile": row["compile"],
+                            "gpus": n, "per_gpu_batch": row["batch"], "patches_per_s": rate,
+                            "epoch_s": patches / rate})
+    return out
+
+
+def bench_eval(cfg: Config, n_images: int, batch_patches: int, compiles: list[bool], device: torch.device,
+               work: Path, repeats: int) -> list[dict]:
+    """Images/s of evaluation (`evaluate.predict_images`, what training and `evaluate` run): the
+    tiny model on a CPU, Swin-T in bf16 on a GPU, over every test image's protocol patches."""
+    name = "tiny" if device.type == "cpu" else "swin-t"
+    backbone, kwargs, size = BACKBONES[name]
     root = source_images(work / "koniq", n_images)
     c = load_config("koniq-swin-t", [f"data.root={root}", "data.split=random", f"model.img_size={size}",
                                      f"data.cache_dir={work / 'cache'}", f"model.backbone={backbone}",
                                      "model.pretrained=none", f"data.test_patch_num={cfg.data.test_patch_num}"])
     c = replace(c, model=replace(c.model, backbone_kwargs=kwargs))
     view = prepare(c, Console(quiet=True))
-    store = view.patch_store("test")
+    n = c.data.test_patch_num
+    images = view.eval_set("test", c.data.test_protocol, n, size)
+    images = replace(images, store=images.store.to(device))
     model = build_model(c.model).to(device)
     aug = Augmenter.evaluation(size, model.mean, model.std)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    rows = []
+    for compiled in compiles:
+        net = maybe_compile(model, replace(c, train=replace(c.train, compile=compiled)), Console(quiet=True))
 
-    def run():
-        with amp:
-            predict_images(model, store, aug, c.data.test_patch_num, batch_patches, device)
+        def run():
+            with amp:
+                predict_images(net, images, aug, batch_patches, device, fixed_shapes=compiled)
 
-    rate = _rate(run, len(store), repeats, device, warmup=1)
-    return {"images_per_s": rate, "patches_per_s": rate * c.data.test_patch_num, "images": len(store),
-            "test_patch_num": c.data.test_patch_num, "backbone": "tiny" if device.type == "cpu" else "swin-t",
-            "img_size": size}
+        rate = _rate(run, len(images), repeats, device, warmup=1)
+        rows.append({"images_per_s": rate, "patches_per_s": rate * n, "images": len(images), "test_patch_num": n,
+                     "backbone": name, "img_size": size, "compile": compiled,
+                     "precision": "bf16" if device.type == "cuda" else "fp32", "batch_patches": batch_patches})
+    return rows
 
 
 def bench_command(what: str, cfg: Config, args) -> dict:
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="iqa-bench-"))
+    batches = [int(b) for b in str(args.batch).split(",")]
     report = {"machine": machine(), "device": str(device), "settings": vars(args).copy()}
-    report["settings"].pop("fn", None)
+    report["settings"].pop("command_fn", None)
+    compiles = [False, True] if args.compile else [False]
     if what in ("augment", "all"):
-        report["augment"] = bench_augment(cfg, args.images, args.batch, args.steps, args.workers, device, work, console)
+        report["augment"] = bench_augment(cfg, args.images, batches[0], args.steps, args.workers, device, work, console)
     if what in ("data", "all"):
-        report["data"] = bench_data(cfg, args.images, args.batch, args.steps, args.workers, device, work, console)
+        report["data"] = bench_data(cfg, args.images, batches[0], args.steps, args.workers, device, work, console)
     if what in ("train", "all"):
         backbones = args.backbones.split(",") if args.backbones else (["tiny"] if device.type == "cpu" else ["swin-t", "swin-s", "swin-b"])
         precisions = args.precisions.split(",") if args.precisions else (["fp32"] if device.type == "cpu" else ["fp32", "bf16"])
-        compiles = [False, True] if args.compile else [False]
-        report["train"] = bench_train(cfg, backbones, precisions, compiles, args.images, args.batch, args.steps, device, work, console)
+        report["train"] = bench_train(cfg, backbones, precisions, compiles, batches, args.images, args.steps, device,
+                                      work, console)
+        report["projection"] = projection(report["train"])
     if what in ("eval", "all"):
-        report["eval"] = bench_eval(cfg, args.images, args.batch * 2, device, work, max(1, args.steps // 4))
+        report["eval"] = bench_eval(cfg, args.images, batches[0] * 2, compiles, device, work, max(1, args.steps // 4))
     show(report)
     out = Path(args.output) if args.output else Path("runs") / f"bench-{what}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str))
-    console.print(f"wrote {out}")
+    console.print(f"wrote {out}", highlight=False)
     if not all(math.isfinite(v) and v > 0 for v in _figures(report)):
         raise RuntimeError("a benchmark figure is not a positive number")  # never hide a broken measurement
     return report
 
 
 def _figures(report: dict):
-    for key in ("augment", "data", "eval"):
+    for key in ("augment", "data"):
         for v in report.get(key, {}).values():
             if isinstance(v, float):
                 yield v
     for row in report.get("train", []):
-        yield row["model_only"]
-        yield row["end_to_end"]
+        yield from (row["model_only"], row["end_to_end"], row["anchor"])
+    for row in report.get("eval", []):
+        yield row["images_per_s"]
+
+
+def _cell(v, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
 
 
 def show(report: dict) -> None:
-    console = output_console()
+    out = make_console()
     m = report["machine"]
     where = f"{m['gpu'] or m['cpu']} ({m['cpu_cores']} CPU cores, torch {m['torch']})"
     if "augment" in report:
         a = report["augment"]
-        console.print(f"augmentation on the same decoded images ({a['img_size']} px crops, flip, ColorJitter, normalise): "
-                      f"torchvision per image on the CPU {a['torchvision_cpu']:.0f} patches/s, iqa_dist batched on "
-                      f"{report['device']} {a['iqa_dist']:.0f} patches/s ({a['speedup']:.1f}x) — {where}")
+        out.print(f"augmentation on the same decoded images ({a['img_size']} px crops, flip, ColorJitter, normalise): "
+                  f"torchvision per image on the CPU {a['torchvision_cpu']:.0f} patches/s, iqa_dist batched on "
+                  f"{report['device']} {a['iqa_dist']:.0f} patches/s ({a['speedup']:.1f}x) - {where}", highlight=False)
     if "data" in report:
         d = report["data"]
-        t = Table(title=f"data pipeline, patches/s ready on {report['device']} — {where}")
+        t = Table()
         for c in ("pipeline", "patches/s", "x phase one"):
             t.add_column(c, justify="right" if c != "pipeline" else "left")
         t.add_row("(a) phase one: decode + resize per patch, CPU transforms", f"{d['phase_one']:.0f}", "1.0")
@@ -374,23 +464,37 @@ def show(report: dict) -> None:
         t.add_row("(c) cache + stored patches", f"{d['cache_stored_patches']:.0f}", f"{d['speedup_stored_patches']:.1f}")
         t.add_row("(b) host side only: the CPU's share when augmentation runs on a GPU", f"{d['host_work_device_crops']:.0f}",
                   f"{d['speedup_host_work']:.0f}")
-        console.print(t)
+        print_table(out, f"data pipeline, patches/s ready on {report['device']} - {where}", t)
         if report["device"] == "cpu":
-            console.print("On this machine the CPU is also the device: (b) and (c) include the augmentation arithmetic "
-                          "that a GPU would do; the last row is what remains on the CPU cores when a GPU does it.")
-        console.print(f"cache: reads {d['cache_read_images_per_s']:.0f} images/s and "
-                      f"{d['cache_read_patches_per_s']:.0f} evaluation patches/s into memory; "
-                      f"{d['cache_mb_per_1000_images']} MB per 1,000 KonIQ-size (512x384) images")
+            out.print("On this machine the CPU is also the device: (b) and (c) include the augmentation arithmetic "
+                      "that a GPU would do; the last row is what remains on the CPU cores when a GPU does it.")
+        out.print(f"cache: reads {d['cache_read_images_per_s']:.0f} training images/s and "
+                  f"{d['cache_read_eval_images_per_s']:.0f} evaluation images/s (with their protocol patches) into "
+                  f"memory; {d['cache_mb_per_1000_images']} MB per 1,000 KonIQ-size (512x384) images", highlight=False)
     if "train" in report:
-        t = Table(title=f"training steps, patches/s — {where}")
-        for c in ("backbone", "precision", "compile", "batch", "model only", "end to end", "overhead %", "GFLOP/patch", "MFU %"):
+        t = Table()
+        for c in ("backbone", "precision", "compile", "batch", "end to end", "model only", "anchor", "% of anchor",
+                  "input overhead %", "MFU %", "peak GiB", "first step s"):
             t.add_column(c, justify="right")
         for r in report["train"]:
-            t.add_row(r["backbone"], r["precision"], str(r["compile"]), str(r["batch"]), f"{r['model_only']:.1f}",
-                      f"{r['end_to_end']:.1f}", f"{r['overhead_pct']:.1f}", f"{r['gflop_per_patch']:.2f}",
-                      f"{r['mfu_pct']:.1f}" if "mfu_pct" in r else "-")
-        console.print(t)
-    if "eval" in report:
-        e = report["eval"]
-        console.print(f"evaluation: {e['images_per_s']:.1f} images/s ({e['patches_per_s']:.0f} patches/s, "
-                      f"{e['test_patch_num']} patches per image, {e['backbone']} at {e['img_size']} px)")
+            t.add_row(r["backbone"], r["precision"], str(r["compile"]), str(r["batch"]), _cell(r["end_to_end"]),
+                      _cell(r["model_only"]), _cell(r["anchor"]), _cell(r["pct_of_anchor"]), _cell(r["overhead_pct"]),
+                      _cell(r.get("mfu_pct")), _cell(r["memory_gib"], 2), _cell(r["first_step_s"]))
+        print_table(out, f"training steps, patches/s (end to end = `iqa-dist train`'s step with its input path; model "
+                         f"only = the same step on a batch already on the device; anchor = timm's plain classifier of "
+                         f"the backbone, same batch, precision, fused AdamW, clipping) - {where}", t)
+    if report.get("projection"):
+        t = Table()
+        for c in ("backbone", "precision", "compile", "GPUs", "batch per GPU", "patches/s", "KonIQ epoch s",
+                  "30 epochs min"):
+            t.add_column(c, justify="right")
+        for r in report["projection"]:
+            t.add_row(r["backbone"], r["precision"], str(r["compile"]), str(r["gpus"]), str(r["per_gpu_batch"]),
+                      _cell(r["patches_per_s"], 0), _cell(r["epoch_s"], 0), _cell(30 * r["epoch_s"] / 60, 0))
+        print_table(out, f"projected (not measured): a KonIQ epoch ({KONIQ_EPOCH:,} patches) at global batch 96 on N "
+                         "GPUs, each at the end-to-end rate measured for its per-GPU batch; communication and "
+                         "evaluation not included", t)
+    for e in report.get("eval", []):
+        out.print(f"evaluation: {e['images_per_s']:.1f} images/s ({e['patches_per_s']:.0f} patches/s, "
+                  f"{e['test_patch_num']} patches per image, {e['backbone']} at {e['img_size']} px, {e['precision']}, "
+                  f"compile={e['compile']})", highlight=False)

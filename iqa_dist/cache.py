@@ -1,14 +1,14 @@
-"""The `datasets` cache: decode and resize every image once, pre-extract patches once.
+"""Building the `datasets` cache: decode and resize every image once.
 
 Two levels, each fingerprinted and built atomically under a file lock:
 - the image cache `<root>/<dataset>-<fp>/`: every usable image of the source, decoded, resized,
   uint8 HWC raw bytes (reading is a memcpy, no decode), with score, name and content group;
-- a view `<image cache>/views/<fp>/`: a split (train/val/test image ids) plus the fixed, seeded
-  evaluation patches of the val and test images and, with data.train_patches=cached, K stored
-  training patches per train image. A new split or patch setting costs no decoding.
+- a view `<image cache>/views/<fp>/`: a split (train/val/test image ids) and, with
+  data.train_patches=cached, K stored training patches per train image, as one strip per image
+  (n*P, P, 3) whose patch k is the crop at (k*P, 0). A new split costs no decoding.
 
-Patches are stored as one strip per image, (n*P, P, 3): patch k is the crop at (k*P, 0), so
-training, cached patches and evaluation all read through the same `ImageStore` + crop.
+Evaluation patches are not stored: the test protocol's crops are cut from the cached images on
+the device (protocol.py). Reading the cache is store.py's job.
 """
 
 from __future__ import annotations
@@ -20,22 +20,21 @@ import shutil
 import socket
 import time
 import multiprocessing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import datasets
 import numpy as np
-import torch
 from filelock import FileLock
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import synthetic
 from .config import Config
 from .decode import decode_job
 from .errors import UserError
-from .sources import Problem, SourceData, assign_splits, read_source
+from .sources import Problem, SourceData, read_source, source_root
+from .splits import assign_splits
+from .store import BinaryColumn, View, open_images
 
 CACHE_VERSION = 2  # 2: a fixed WxH resize follows each image's orientation
 IMAGE_FEATURES = datasets.Features({
@@ -51,7 +50,6 @@ PATCH_FEATURES = datasets.Features({
     "image_id": datasets.Value("int64"),
     "height": datasets.Value("int32"),  # n * P
     "width": datasets.Value("int32"),  # P
-    "boxes": datasets.Sequence(datasets.Value("int32")),  # y0, x0 of each patch in the cached image
     "pixels": datasets.Value("large_binary"),  # (n*P, P, 3) strip of n patches
 })
 datasets.disable_progress_bars()  # we draw our own (rich) bars
@@ -65,147 +63,17 @@ def _hash(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# ---------------------------------------------------------------- reading the cache
-
-
-class BinaryColumn:
-    """Zero-copy numpy views of a large_binary column of a memory-mapped dataset."""
-
-    def __init__(self, ds: datasets.Dataset, column: str) -> None:
-        assert ds._indices is None, "cache datasets are never shuffled or selected"
-        self.chunks = []
-        starts = [0]
-        for chunk in ds.data.table.column(column).chunks:
-            offsets = np.frombuffer(chunk.buffers()[1], np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
-            self.chunks.append((np.frombuffer(chunk.buffers()[2], np.uint8), offsets))
-            starts.append(starts[-1] + len(chunk))
-        self.starts = np.array(starts)
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def __getitem__(self, row: int) -> np.ndarray:
-        c = int(np.searchsorted(self.starts, row, side="right") - 1)
-        data, offsets = self.chunks[c]
-        i = row - self.starts[c]
-        return data[offsets[i]:offsets[i + 1]]
-
-
-@dataclass
-class ImageStore:
-    """uint8 HWC images (or patch strips) of one split, concatenated in one flat buffer.
-
-    pixels: (total,) uint8, on the device when resident there, else in host memory.
-    offsets/heights/widths: (N,) int64 and scores (N,) float32, ids (N,) int64: always on the
-    host, where the batch plan and crop origins are computed without device syncs.
-    """
-
-    pixels: torch.Tensor
-    offsets: torch.Tensor
-    heights: torch.Tensor
-    widths: torch.Tensor
-    scores: torch.Tensor
-    ids: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def nbytes(self) -> int:
-        return self.pixels.numel()
-
-    def to(self, device: torch.device | str) -> "ImageStore":
-        """The same store with its pixels moved (the metadata stays on the host)."""
-        return ImageStore(self.pixels.to(device), self.offsets, self.heights, self.widths, self.scores, self.ids)
-
-    def gather(self, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(pixels, offsets, widths) of host `rows`, on `device`, ready for `augment.crop`.
-
-        Device-resident: the whole buffer, no copy. Host: the rows copied into one (pinned) buffer."""
-        off, w = self.offsets[rows], self.widths[rows]
-        if same_device(self.pixels.device, device):
-            return self.pixels, off.to(device, non_blocking=True), w.to(device, non_blocking=True)
-        sizes = self.heights[rows] * w * 3
-        flat = torch.cat([self.pixels[o:o + n] for o, n in zip(off.tolist(), sizes.tolist())])
-        new_off = torch.cumsum(sizes, 0) - sizes
-        if device.type == "cuda" and flat.device.type == "cpu":
-            flat = flat.pin_memory()
-        return flat.to(device, non_blocking=True), new_off.to(device), w.to(device)
-
-
-def same_device(a: torch.device, b: torch.device) -> bool:
-    """cuda and cuda:0 are the same device (Accelerate's single-process device has no index)."""
-    if a.type != b.type:
-        return False
-    if a.type != "cuda":
-        return True
-    current = torch.cuda.current_device()
-    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
-
-
-def store_from_rows(ds: datasets.Dataset, rows: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> ImageStore:
-    """Copies the given dataset rows' pixels into one host buffer (a memcpy per row)."""
-    column = BinaryColumn(ds, "pixels")
-    table = ds.data.table
-    heights = table.column("height").to_numpy()[rows].astype(np.int64)
-    widths = table.column("width").to_numpy()[rows].astype(np.int64)
-    sizes = heights * widths * 3
-    offsets = np.cumsum(sizes) - sizes
-    pixels = torch.empty(int(sizes.sum()), dtype=torch.uint8)
-    flat = pixels.numpy()
-    for o, n, r in zip(offsets, sizes, rows):
-        flat[o:o + n] = column[int(r)]
-    as_t = lambda a, dt: torch.tensor(np.asarray(a), dtype=dt)  # noqa: E731 (a copy: arrow memory is read-only)
-    return ImageStore(pixels, as_t(offsets, torch.int64), as_t(heights, torch.int64), as_t(widths, torch.int64),
-                      as_t(scores, torch.float32), as_t(ids, torch.int64))
-
-
-@dataclass
-class View:
-    """A prepared dataset: the image cache, its split, and the pre-extracted patches."""
-
-    path: Path
-    meta: dict  # this view's metadata (split ids, patch settings)
-    image_meta: dict  # the image cache's metadata (source, counts, skipped rows, score range)
-    images: datasets.Dataset  # every cached image; row = image_id
-
-    def ids(self, split: str) -> np.ndarray:
-        return np.asarray(self.meta["splits"][split], dtype=np.int64)
-
-    def scores(self) -> np.ndarray:
-        return self.images.data.table.column("score").to_numpy()
-
-    def names(self, ids: np.ndarray) -> list[str]:
-        column = self.images.data.table.column("name")
-        return [column[int(i)].as_py() for i in ids]
-
-    def image_store(self, split: str) -> ImageStore:
-        ids = self.ids(split)
-        return store_from_rows(self.images, ids, self.scores()[ids], ids)
-
-    def patch_store(self, kind: str, rows: range | None = None) -> ImageStore:
-        """Patch strips of kind val / test (evaluation) or train (cached training patches);
-        `rows` selects a shard (each process holds only the images it evaluates)."""
-        path = self.path / f"{kind}_patches"
-        if not path.is_dir():
-            raise UserError(f"{self.path}: no {kind} patches in this cache (rebuild with data.train_patches=cached)")
-        ds = datasets.load_from_disk(str(path))
-        rows = np.arange(len(ds)) if rows is None else np.asarray(rows, dtype=np.int64)
-        ids = ds.data.table.column("image_id").to_numpy()[rows]
-        return store_from_rows(ds, rows, self.scores()[ids], ids)
-
-
 # ---------------------------------------------------------------- building
 
 
-def _atomic_build(final: Path, build, console: Console, what: str) -> None:
+def _atomic_build(final: Path, build, console: Console, what: str) -> bool:
     """Runs build(partial_dir) under a lock unless `final` is complete; renames on success only,
-    so an interrupted build never leaves a directory that passes for complete."""
+    so an interrupted build never leaves a directory that passes for complete. True if it built."""
     final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final) + ".lock"):
         if (final / "meta.json").is_file():
-            console.print(f"[green]{what}: up to date[/] ({final}); nothing to do")
-            return
+            console.print(f"[green]{what}: up to date[/] ({final}); nothing to do", highlight=False)
+            return False
         # host and pid: file locks are not reliable across nodes on every shared file system
         partial = final.with_name(f".{final.name}.partial-{socket.gethostname()}-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
@@ -217,33 +85,12 @@ def _atomic_build(final: Path, build, console: Console, what: str) -> None:
                 os.replace(partial, final)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
+    return True
 
 
 def _progress(console: Console) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} it/s"),
                     TimeRemainingColumn(), console=console, disable=not console.is_terminal)
-
-
-def source_root(cfg: Config) -> Path:
-    """The folder a source reads; the synthetic dataset is generated into the cache first."""
-    if cfg.data.dataset == "synthetic":
-        crops = cfg.data.synthetic_size or synthetic.DEFAULT_CROPS
-        return synthetic.build(cache_root(cfg) / f"synthetic-src-v{synthetic.VERSION}-{crops}", crops=crops)
-    if not cfg.data.root:
-        raise UserError(f"data.root is not set: give the folder holding the {cfg.data.dataset} files (--root DIR)")
-    return Path(cfg.data.root).expanduser().resolve()
-
-
-def _read(cfg: Config) -> SourceData:
-    root = source_root(cfg)
-    data_cfg = cfg.data
-    if cfg.data.dataset == "synthetic":  # a CSV source underneath
-        from dataclasses import replace
-        data_cfg = replace(cfg.data, dataset="csv", csv_file="meta.csv", image_column="image", score_column="score")
-        data = read_source(data_cfg, root)
-        data.score_range = (0.0, 100.0)
-        return data
-    return read_source(data_cfg, root)
 
 
 def image_fingerprint(cfg: Config, data: SourceData) -> dict:
@@ -294,7 +141,19 @@ def _image_rows(records_file: str, resize: str, min_side: int, workers: int, pro
     Path(problems_file).write_text(json.dumps(problems))
 
 
-def _build_images(partial: Path, cfg: Config, data: SourceData, fingerprint: dict, console: Console) -> None:
+def _remedy(problems: list[Problem], n_rows: int, cfg: Config, resize: str) -> str:
+    """What to do about bad rows. When most rows are too small for the patch, dropping them is
+    not the answer: the patch size or the resize is."""
+    small = sum("smaller than the" in p.reason for p in problems)
+    if small * 2 > max(1, n_rows):
+        return (f"{small} of {n_rows} images are smaller than the {cfg.model.img_size}-px patch after resize "
+                f"{resize}: train with a preset whose patches fit (--preset), a smaller --model.img_size, or "
+                f"resize them up, e.g. --data.resize short:{cfg.model.img_size}")
+    return "fix them, or drop them with --data.skip_bad=true (prepare: --skip-bad)"
+
+
+def _build_images(partial: Path, cfg: Config, data: SourceData, root: Path, fingerprint: dict,
+                  console: Console) -> None:
     resize = fingerprint["resize"]
     records = [{"path": str(r.path), "name": r.name, "score": r.score, "group": r.group, "where": r.where}
                for r in data.records]
@@ -316,9 +175,9 @@ def _build_images(partial: Path, cfg: Config, data: SourceData, fingerprint: dic
     if problems and not cfg.data.skip_bad:
         lines = "\n".join(f"  {p}" for p in problems)
         raise UserError(f"{len(problems)} bad row(s) in {cfg.data.dataset}; nothing was cached "
-                        f"(fix them, or pass --skip-bad to drop them):\n{lines}")
+                        f"({_remedy(problems, len(data.records), cfg, resize)}):\n{lines}")
     if ds is None or not len(ds):
-        raise UserError(f"{cfg.data.dataset}: no usable image")
+        raise UserError(f"{cfg.data.dataset}: no usable image ({_remedy(problems, len(data.records), cfg, resize)})")
     count = len(ds)
     # Keep the arrow files from_generator wrote (one write, not two): they are the cache.
     files = []
@@ -332,26 +191,18 @@ def _build_images(partial: Path, cfg: Config, data: SourceData, fingerprint: dic
         (partial / scratch).unlink()
     meta = {
         **fingerprint,
-        "source_root": str(source_root(cfg)),
+        "source_root": str(root),
         "files": files,
         "count": count,
         "score_range": list(data.score_range),
         "skipped": [str(p) for p in problems],
         "build_seconds": round(time.time() - t0, 1),
     }
-    if problems:
-        console.print(f"[yellow]--skip-bad: dropped {len(problems)} bad row(s)[/] (listed in {partial.name}/meta.json)")
     (partial / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
-def open_images(path: Path) -> datasets.Dataset:
-    meta = json.loads((path / "meta.json").read_text())
-    parts = [datasets.Dataset.from_file(str(path / f)) for f in meta["files"]]
-    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-
-
 def _patch_rows(images_path: str, ids: np.ndarray, n: int, size: int, seed: int) -> Iterator[dict]:
-    """n seeded crops per image (the same for every run, world size and process), as one strip.
+    """n seeded training crops per image (the same for every run, world size and process), as one strip.
 
     ids is an array, not a list: from_generator would shard a list."""
     images = open_images(Path(images_path))
@@ -365,24 +216,18 @@ def _patch_rows(images_path: str, ids: np.ndarray, n: int, size: int, seed: int)
         ys = rng.integers(0, h - size + 1, n)
         xs = rng.integers(0, w - size + 1, n)
         strip = np.concatenate([img[y:y + size, x:x + size] for y, x in zip(ys, xs)])
-        yield {"image_id": i, "height": n * size, "width": size, "boxes": np.stack([ys, xs], 1).ravel().tolist(),
-               "pixels": strip.tobytes()}
+        yield {"image_id": i, "height": n * size, "width": size, "pixels": strip.tobytes()}
 
 
 def _build_view(partial: Path, image_path: Path, cfg: Config, spec: dict, splits: dict, notes: list[str],
                 console: Console) -> None:
-    patch_sets = {"val": cfg.data.test_patch_num, "test": cfg.data.test_patch_num}
-    if cfg.data.train_patches == "cached":
-        patch_sets["train"] = cfg.data.cached_patch_num
-    for kind, n in patch_sets.items():
-        if not splits[kind]:  # split=all has no train/val images
-            continue
+    if cfg.data.train_patches == "cached" and splits["train"]:
         ds = datasets.Dataset.from_generator(
             _patch_rows, features=PATCH_FEATURES, cache_dir=str(partial / "hf"), writer_batch_size=8,
-            fingerprint=_hash([spec, kind]),
-            gen_kwargs=dict(images_path=str(image_path), ids=np.asarray(splits[kind], np.int64), n=n, size=cfg.model.img_size,
-                            seed=spec["patch_seed"] + (0 if kind != "train" else 1)))
-        ds.save_to_disk(str(partial / f"{kind}_patches"))
+            fingerprint=_hash([spec, "train"]),
+            gen_kwargs=dict(images_path=str(image_path), ids=np.asarray(splits["train"], np.int64),
+                            n=cfg.data.cached_patch_num, size=cfg.model.img_size, seed=spec["patch_seed"]))
+        ds.save_to_disk(str(partial / "train_patches"))
         del ds
         shutil.rmtree(partial / "hf")
     counts = {s: len(v) for s, v in splits.items()}
@@ -393,13 +238,20 @@ def _build_view(partial: Path, image_path: Path, cfg: Config, spec: dict, splits
 def prepare(cfg: Config, console: Console | None = None) -> View:
     """Builds (or finds) the image cache and the view for `cfg`; safe when every rank calls it."""
     console = console or Console(stderr=True)
-    data = _read(cfg)
+    if cfg.data.dataset == "synthetic" and cfg.data.root:
+        console.print(f"[yellow]warning:[/] data.root={cfg.data.root} is ignored: the synthetic dataset is "
+                      f"generated into the cache ({cache_root(cfg)})", highlight=False)
+    root = source_root(cfg.data, cache_root(cfg))
+    data = read_source(cfg.data, root)
     fingerprint = image_fingerprint(cfg, data)
     image_path = cache_root(cfg) / f"{cfg.data.dataset}-{_hash(fingerprint)}"
-    _atomic_build(image_path, lambda p: _build_images(p, cfg, data, fingerprint, console), console,
-                  f"image cache {cfg.data.dataset}")
+    built = _atomic_build(image_path, lambda p: _build_images(p, cfg, data, root, fingerprint, console), console,
+                          f"image cache {cfg.data.dataset}")
     images = open_images(image_path)
     image_meta = json.loads((image_path / "meta.json").read_text())
+    if built and image_meta["skipped"]:
+        console.print(f"[yellow]dropped {len(image_meta['skipped'])} bad row(s)[/] (data.skip_bad); they are listed "
+                      f"in {image_path / 'meta.json'}", highlight=False)
 
     # The split is computed from the cached images, so rows skipped as bad never enter it.
     names = images.data.table.column("name").to_pylist()
@@ -414,15 +266,15 @@ def prepare(cfg: Config, console: Console | None = None) -> View:
         "test_fraction": cfg.data.test_fraction,
         "val_fraction": cfg.data.val_fraction,
         "split_hash": _hash(splits),
-        "patch_size": cfg.model.img_size,
-        "test_patch_num": cfg.data.test_patch_num,
         "train_patches": cfg.data.train_patches,
+        "patch_size": cfg.model.img_size if cfg.data.train_patches == "cached" else 0,
         "cached_patch_num": cfg.data.cached_patch_num if cfg.data.train_patches == "cached" else 0,
-        "patch_seed": cfg.data.split_seed,
+        "patch_seed": cfg.data.split_seed + 1,
     }
     view_path = image_path / "views" / _hash(spec)
     _atomic_build(view_path, lambda p: _build_view(p, image_path, cfg, spec, splits, notes, console), console,
-                  f"view {cfg.data.split} split, {cfg.model.img_size}-px patches")
+                  f"view {cfg.data.split} split" + (f", stored {cfg.model.img_size}-px training patches"
+                                                    if spec["cached_patch_num"] else ""))
     meta = json.loads((view_path / "meta.json").read_text())
     return View(view_path, meta, image_meta, images)
 
@@ -430,5 +282,4 @@ def prepare(cfg: Config, console: Console | None = None) -> View:
 def describe(view: View) -> str:
     c = view.meta["counts"]
     return (f"{view.image_meta['dataset']}: {view.image_meta['count']} images cached "
-            f"(train {c['train']} / val {c['val']} / test {c['test']}; resize {view.image_meta['resize']}; "
-            f"{view.meta['test_patch_num']} eval patches per image) at {view.path}")
+            f"(train {c['train']} / val {c['val']} / test {c['test']}; resize {view.image_meta['resize']}) at {view.path}")

@@ -25,6 +25,7 @@ import yaml
 from .errors import UserError
 
 SOURCES = ("koniq10k", "spaq", "kadid10k", "agiqa3k", "livec", "csv", "synthetic")
+PROTOCOLS = ("random", "grid")  # test-time patch layouts (protocol.py)
 
 
 @dataclass
@@ -45,7 +46,8 @@ class DataConfig:
     val_fraction: float = 0.1  # share of the training contents held out for validation (model selection)
     synthetic_size: int = 0  # synthetic source: images per content; 0 = its default
     train_patch_num: int = 20  # patches per training image per epoch
-    test_patch_num: int = 20  # fixed, seeded patches per val/test image (averaged per image)
+    test_patch_num: int = 20  # patches per val/test image at test time, predictions averaged per image
+    test_protocol: str = "random"  # test-time patches: random (seeded by the image's pixels, as HyperIQA) | grid (a regular grid)
     train_patches: str = "random"  # random = fresh device crops each epoch | cached = sample from K stored patches
     cached_patch_num: int = 40  # K: patches stored per training image when train_patches=cached
     score_norm: str = "none"  # none = train on raw scores (HyperIQA) | range = map the score range to [0,1] for the loss
@@ -58,6 +60,7 @@ class DataConfig:
         _choice("data.train_patches", self.train_patches, ("random", "cached"))
         _choice("data.score_norm", self.score_norm, ("none", "range"))
         _choice("data.resident", self.resident, ("auto", "device", "host"))
+        _choice("data.test_protocol", self.test_protocol, PROTOCOLS)
         if not re.fullmatch(r"auto|none|\d+x\d+|short:\d+", self.resize):
             raise UserError(f"data.resize={self.resize!r}: expected auto, none, WxH (e.g. 512x384) or short:N")
         for name in ("test_fraction", "val_fraction"):
@@ -76,8 +79,8 @@ class DataConfig:
 class ModelConfig:
     """HyperIQA on a timm backbone."""
 
-    backbone: str = "swin_tiny_patch4_window7_224"  # timm model name (any Swin, resnet50, ...)
-    pretrained: str = "hub"  # hub (timm/HF hub weights) | none (random init) | path to .safetensors/.pth
+    backbone: str = "swin_tiny_patch4_window7_224.ms_in1k"  # timm model name with its weights tag (any Swin, resnet50.tv_in1k, ...)
+    pretrained: str = "hub"  # hub (the tag's weights from the HF hub cache) | none (random init) | path to .safetensors/.pth
     backbone_kwargs: dict = field(default_factory=dict)  # extra timm kwargs, e.g. tiny Swins: embed_dim, depths, num_heads
     img_size: int = 224  # patch side in px: the backbone's input and the crop size
     fusion: str = "concat"  # hyper-network input: concat (all 4 stages, phase one) | attention | last (stage 4 only)
@@ -112,22 +115,27 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW, cosine schedule, loss."""
+    """Optimizer, parameter groups, schedule, loss."""
 
-    lr: float = 1e-5  # backbone learning rate (AdamW)
-    lr_ratio: float = 10.0  # everything that is not backbone trains at lr * lr_ratio (HyperIQA)
-    weight_decay: float = 1e-4  # AdamW decoupled weight decay
+    optimizer: str = "adamw"  # adamw (decoupled weight decay) | adam (L2 decay added to the gradient, as the original HyperIQA)
+    lr: float = 1e-5  # backbone learning rate (the backbone parameter group)
+    lr_ratio: float = 10.0  # the head group (hyper network, and LDA when lda_group=head) trains at lr * lr_ratio
+    lda_group: str = "backbone"  # group of the LDA layers: backbone (as the original code) | head
+    freeze_hyper_after: int = 0  # epochs after which the head group stops training (1 = the original code's accident); 0 = never
+    weight_decay: float = 1e-4  # decoupled (adamw) or L2 (adam) weight decay
     schedule: str = "cosine"  # cosine (to min_lr_ratio * lr) | constant; stepped per optimizer step
     warmup_steps: int = 0  # linear warmup, optimizer steps
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the peak lr
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping (the norm is still logged)
-    rank_weight: float = 0.0  # weight of the pairwise ranking loss added to L1 (phase one tried 0.3); pairs within a micro-batch
+    rank_weight: float = 0.0  # weight of the pairwise ranking loss added to L1 (phase one tried 0.3); pairs over the global batch
 
     def __post_init__(self) -> None:
+        _choice("optim.optimizer", self.optimizer, ("adamw", "adam"))
+        _choice("optim.lda_group", self.lda_group, ("backbone", "head"))
         _choice("optim.schedule", self.schedule, ("cosine", "constant"))
         _positive("optim.lr", self.lr)
         _positive("optim.lr_ratio", self.lr_ratio)
-        for name in ("weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "rank_weight"):
+        for name in ("weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "rank_weight", "freeze_hyper_after"):
             if getattr(self, name) < 0:
                 raise UserError(f"optim.{name}={getattr(self, name)}: must not be negative")
 
@@ -166,12 +174,14 @@ class TrainConfig:
     log_every: int = 50  # optimizer steps between progress lines in non-terminal logs
     seed: int = 0  # seeds the sampler, augmentation and model init
     mixed_precision: str = "bf16"  # bf16 | fp16 (loss scaling) | no | launcher (take accelerate's setting)
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model for training and evaluation (compiled kernels cached beside the data cache)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
     deterministic: bool = False  # deterministic kernels (for exact resume/parity checks; slower)
     timeout_s: int = 600  # collective timeout: a failed rank brings the others down after this long
 
     def __post_init__(self) -> None:
         _choice("train.mixed_precision", self.mixed_precision, ("bf16", "fp16", "no", "launcher"))
+        _choice("train.compile_mode", self.compile_mode, ("default", "reduce-overhead", "max-autotune-no-cudagraphs"))
         for name in ("epochs", "batch_size", "keep_checkpoints", "log_every", "timeout_s"):
             _positive(f"train.{name}", getattr(self, name))
         for name in ("max_steps", "micro_batch_size", "eval_batch_size", "patience", "eval_every", "checkpoint_every"):
@@ -369,10 +379,16 @@ def load_config(preset: str, overrides: Sequence[str] = ()) -> Config:
     for key, value in raw.items():
         if key in SECTIONS and not isinstance(value, dict):
             raise UserError(f"preset {name}: section {key!r} must be a mapping")
+    return with_overrides(raw, overrides, preset=name, where=f"preset {name}")
+
+
+def with_overrides(raw: dict, overrides: Sequence[str], preset: str = "", where: str = "config") -> Config:
+    """A Config from a nested mapping (e.g. a run's saved data section) plus overrides."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for text in overrides:
         key, value = parse_override(text)
         _set(raw, key, value, "override")
-    return build_config(raw, preset=name, where=f"preset {name}")
+    return build_config(raw, preset=preset, where=where)
 
 
 # Fields that describe one dataset's files: they do not carry over to another dataset.

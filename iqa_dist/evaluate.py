@@ -1,4 +1,7 @@
-"""Evaluation: per-image predictions from fixed patches, gathered once, metrics once.
+"""Evaluation: per-image predictions from the test protocol's patches, gathered once, metrics once.
+
+`evaluate_split` is what training runs on its validation and test splits; `evaluate_model` scores
+an exported model on any dataset (its own test split by default, cross-dataset with split=all).
 
 Whole images are pinned to processes (a contiguous shard each, uneven allowed, no padding
 samples); each process averages its images' patch predictions; the (image_id, prediction) pairs
@@ -8,32 +11,22 @@ and RMSE are then computed once over all images (never averaged over ranks).
 
 from __future__ import annotations
 
-import math
+import csv
+from dataclasses import asdict
+from typing import Sequence
 
 import numpy as np
-import scipy.stats
 import torch
 from accelerate import Accelerator
+from rich.console import Console
 from torch import nn
 
 from .augment import Augmenter
-from .cache import ImageStore
-
-
-def correlation_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
-    """SRCC, PLCC (plain Pearson, as HyperIQA reports), KRCC, RMSE over images, and n."""
-    pred, target = np.asarray(pred, np.float64), np.asarray(target, np.float64)
-    if len(pred) < 2 or np.ptp(pred) == 0 or np.ptp(target) == 0:
-        nan = math.nan  # correlations are undefined for constant inputs
-        return {"srcc": nan, "plcc": nan, "krcc": nan, "rmse": float(np.sqrt(np.mean((pred - target) ** 2))),
-                "n": len(pred)}
-    return {
-        "srcc": float(scipy.stats.spearmanr(pred, target)[0]),
-        "plcc": float(scipy.stats.pearsonr(pred, target)[0]),
-        "krcc": float(scipy.stats.kendalltau(pred, target)[0]),
-        "rmse": float(np.sqrt(np.mean((pred - target) ** 2))),
-        "n": len(pred),
-    }
+from .card import ModelCard, model_dir, overlap
+from .config import Config, DataConfig, load_config_for, with_overrides
+from .errors import UserError
+from .metrics import METRIC_KEYS, correlation_metrics
+from .store import EvalSet
 
 
 def shard(n: int, world: int, rank: int) -> range:
@@ -42,21 +35,27 @@ def shard(n: int, world: int, rank: int) -> range:
 
 
 @torch.no_grad()
-def predict_images(model: nn.Module, store: ImageStore, augmenter: Augmenter, n_patches: int, batch_patches: int,
-                   device: torch.device) -> torch.Tensor:
-    """Mean prediction over each image's n stored patches (strips of n*S x S). Returns (N,) float32."""
+def predict_images(model: nn.Module, images: EvalSet, augmenter: Augmenter, batch_patches: int,
+                   device: torch.device, fixed_shapes: bool = False) -> torch.Tensor:
+    """Mean prediction over each image's protocol patches. Returns (N,) float32 on `device`.
+
+    fixed_shapes pads the last batch with copies of its last image (their predictions dropped),
+    so that a compiled model sees one input shape."""
     was_training = model.training
     model.eval()
-    size = augmenter.size
-    per_batch = max(1, batch_patches // n_patches)
+    n = images.patches
+    per_batch = max(1, batch_patches // n)
     out = []
-    for start in range(0, len(store), per_batch):
-        rows = torch.arange(start, min(start + per_batch, len(store)))
-        pixels, offsets, widths = store.gather(rows, device)
-        k = torch.arange(n_patches, device=device).repeat(len(rows))  # patch index within each strip
-        sample = torch.arange(len(rows), device=device).repeat_interleave(n_patches)
-        x = augmenter.eval(pixels, offsets[sample], widths[sample], k * size, torch.zeros_like(k))
-        out.append(model(x).float().view(len(rows), n_patches).mean(1))
+    for start in range(0, len(images), per_batch):
+        rows = torch.arange(start, min(start + per_batch, len(images)))
+        real = len(rows)
+        if fixed_shapes and real < per_batch:
+            rows = torch.cat([rows, rows[-1:].expand(per_batch - real)])
+        pixels, offsets, widths = images.store.gather(rows, device)
+        sample = torch.arange(len(rows)).repeat_interleave(n)  # image of each patch
+        origins = images.origins[rows].reshape(-1, 2)
+        x = augmenter.eval(pixels, offsets[sample], widths[sample], origins[:, 0], origins[:, 1])
+        out.append(model(x).float().view(len(rows), n).mean(1)[:real])
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, device=device)
 
@@ -74,65 +73,76 @@ def gather_predictions(accelerator: Accelerator, ids: torch.Tensor, preds: torch
     return ids_all, preds_all
 
 
-def evaluate_split(model: nn.Module, store: ImageStore, augmenter: Augmenter, n_patches: int, batch_patches: int,
-                   accelerator: Accelerator, to_score) -> dict:
-    """Metrics over all images of a split whose shard for this process is `store`.
+def evaluate_split(model: nn.Module, images: EvalSet, augmenter: Augmenter, batch_patches: int,
+                   accelerator: Accelerator, to_score, fixed_shapes: bool = False) -> dict:
+    """Metrics over all images of a split whose shard for this process is `images`.
 
-    to_score maps model outputs to the dataset's scale. Returns the metrics plus ids/preds."""
-    preds = to_score(predict_images(model, store, augmenter, n_patches, batch_patches, accelerator.device))
-    ids, preds_all = gather_predictions(accelerator, store.ids, preds)
-    targets = gather_predictions(accelerator, store.ids, store.scores.to(accelerator.device))[1]
+    to_score maps model outputs to the dataset's scale. Returns the metrics plus ids/preds/targets."""
+    preds = to_score(predict_images(model, images, augmenter, batch_patches, accelerator.device, fixed_shapes))
+    ids, preds_all = gather_predictions(accelerator, images.store.ids, preds)
+    targets = gather_predictions(accelerator, images.store.ids, images.store.scores.to(accelerator.device))[1]
     metrics = correlation_metrics(preds_all, targets)
     return {**metrics, "ids": ids, "preds": preds_all, "targets": targets}
 
 
-def evaluate_command(model_path: str, cfg, split: str, output: str) -> dict:
-    """`iqa-dist evaluate`: a trained model on any prepared dataset (cross-dataset included).
+def evaluation_config(card: ModelCard, dataset: str, split: str, overrides: Sequence[str] = (),
+                      preset: str | None = None) -> Config:
+    """The data settings an evaluation uses. On the model's own dataset: the training run's (split,
+    seeds, fractions, resize), so "test" means the images it held out; on another dataset: that
+    dataset's defaults; with an explicit preset: the preset's. Overrides go on top; the patch
+    size is the model's."""
+    extra = [f"data.dataset={dataset}", f"model.img_size={card.size}", *(["data.split=all"] if split == "all" else [])]
+    if preset:
+        return load_config_for(preset, [*extra, *overrides])
+    data = card.data if dataset == card.dataset else asdict(DataConfig(dataset=dataset))
+    return with_overrides({"data": {**data, "cache_dir": DataConfig().cache_dir}}, [*extra, *overrides],
+                          where=f"evaluation of a {card.dataset} model")
 
-    Patches follow the model (its patch size and test_patch_num); run it under `accelerate
-    launch` to spread the images over processes."""
-    import json
-    from dataclasses import replace
-    from pathlib import Path
 
-    from rich.console import Console
-
+def evaluate_model(path, dataset: str, split: str = "test", overrides: Sequence[str] = (), preset: str | None = None,
+                   allow_train_overlap: bool = False, accelerator: Accelerator | None = None,
+                   console: Console | None = None) -> dict:
+    """An exported model (a run or model directory) on a dataset's split ("test", "val" or "all"),
+    under the model's own test protocol. Refuses images the model trained on (or that share a
+    content group with them) unless allow_train_overlap. Runs under `accelerate launch` too:
+    the images are spread over the processes. Returns the report (metrics, settings, per-image)."""
     from .cache import describe, prepare
-    from .predict import load_model, model_dir
-    from .progress import metrics_table, output_console
+    from .predict import load_model
 
-    acc = Accelerator(cpu=not torch.cuda.is_available())  # gloo across CPU processes when there is no GPU
-    console = Console(stderr=True, quiet=not acc.is_main_process)
-    folder = model_dir(model_path)
-    scorer = load_model(folder, acc.device)
-    model_cfg = scorer.config["model"]
-    n_patches = int(scorer.config.get("test_patch_num", cfg.data.test_patch_num))
-    cfg = replace(cfg, model=replace(cfg.model, img_size=int(model_cfg["img_size"])),
-                  data=replace(cfg.data, test_patch_num=n_patches, train_patches="random"))
+    folder = model_dir(path)
+    card = ModelCard.read(folder)
+    cfg = evaluation_config(card, dataset, split, overrides, preset)
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())  # gloo across CPU processes without a GPU
+    console = console or Console(stderr=True, quiet=not acc.is_main_process)
     view = prepare(cfg, console)
-    console.print(describe(view))
-    ids = view.ids(split)
-    store = view.patch_store(split, shard(len(ids), acc.num_processes, acc.process_index))
-    augmenter = Augmenter.evaluation(scorer.size, scorer.config["mean"], scorer.config["std"])
-    result = evaluate_split(scorer.model, store, augmenter, n_patches, 256, acc, scorer.to_score)
-    metrics = {k: result[k] for k in ("srcc", "plcc", "krcc", "rmse", "n")}
-    report = {"model": str(folder), "dataset": cfg.data.dataset, "root": cfg.data.root, "split": split,
-              "score_scale": view.image_meta["score_range"], "trained_on": scorer.config.get("dataset"),
-              "metrics": metrics}
-    if acc.is_main_process:
-        target = Path(output) if output else folder.parent / f"eval-{cfg.data.dataset}-{split}.json"
-        target.write_text(json.dumps(report, indent=1))
-        per_image = target.with_suffix(".predictions.csv")
-        write_predictions(per_image, view.names(result["ids"]), result["targets"], result["preds"])
-        output_console().print(metrics_table(f"{folder} on {cfg.data.dataset} ({split})", {split: metrics}))
-        console.print(f"wrote {target} and {per_image.name}")
-    return report
+    console.print(describe(view), highlight=False)
+    which = "test" if split == "all" else split
+    ids = view.ids(which)
+    same, related = overlap(folder, cfg.data.dataset, view.names(ids), view.groups(ids))
+    if (same or related) and not allow_train_overlap:
+        raise UserError(
+            f"{folder}: {same} of the {len(ids)} {cfg.data.dataset} images to score are images this model trained on"
+            + (f", and {related} more show the same content as a training image" if related else "")
+            + f" (the evaluation split is data.split={cfg.data.split} seed {cfg.data.split_seed}). Scores on them "
+            "are not held-out results. Evaluate the run's own test split (the default: no --preset, no split "
+            "overrides), or pass --allow-train-overlap to score them anyway (recorded in the report).")
+    scorer = load_model(folder, acc.device)
+    images = view.eval_set(which, card.protocol, card.test_patch_num, card.size,
+                           shard(len(ids), acc.num_processes, acc.process_index))
+    augmenter = Augmenter.evaluation(card.size, card.mean, card.std)
+    batch = cfg.train.eval_batch_size or 256
+    result = evaluate_split(scorer.model, images, augmenter, batch, acc, card.to_score)
+    return {"model": str(folder), "dataset": cfg.data.dataset, "root": cfg.data.root, "split": split,
+            "data_split": cfg.data.split, "split_seed": cfg.data.split_seed, "protocol": card.protocol,
+            "patches": card.test_patch_num, "score_scale": view.image_meta["score_range"], "trained_on": card.dataset,
+            "train_overlap": {"images": same, "same_content": related, "allowed": bool(allow_train_overlap)},
+            "metrics": {k: result[k] for k in METRIC_KEYS},
+            "per_image": {"names": view.names(result["ids"]), "targets": result["targets"].tolist(),
+                          "preds": result["preds"].tolist()}}
 
 
 def write_predictions(path, names, targets, preds) -> None:
     """image,score,prediction per image (csv quotes names that hold commas or quotes)."""
-    import csv
-
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "score", "prediction"])

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .errors import UserError
+from .weights import missing_hub_weights
 
 
 class LocalDistortionAware(nn.Module):
@@ -127,9 +128,23 @@ class HyperIQA(nn.Module):
         self.attention = StageAttention(channels) if cfg.fusion == "attention" else None
         fused = channels[3] if cfg.fusion == "last" else sum(channels)
         self.hyper = HyperNetwork(fused, cfg)
-        for m in [*self.lda.modules(), *self.hyper.modules()]:
+        # The original HyperIQA's initialisation: Kaiming-normal weights for the LDA layers and for
+        # the layers that generate the target net; PyTorch's default for the 1x1 convs that reduce
+        # the backbone features (its `conv1`), whose Kaiming init would make the generated target
+        # weights ~10x larger at the start.
+        generators = [*self.hyper.weight_convs, self.hyper.last_weight, *self.hyper.bias_fcs]
+        for m in [*self.lda.modules(), *generators]:
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight)  # HyperIQA's initialisation of the new layers
+                nn.init.kaiming_normal_(m.weight)
+
+    def parameter_groups(self, lda_group: str) -> dict[str, list[nn.Parameter]]:
+        """{"backbone": [...], "head": [...]}: the optimizer's two groups. The LDA layers go with
+        the backbone (lda_group="backbone", as in the original code, where they are part of the
+        ResNet module) or with the hyper network ("head")."""
+        lda = list(self.lda.parameters())
+        backbone = list(self.backbone.parameters()) + (lda if lda_group == "backbone" else [])
+        taken = {id(p) for p in backbone}
+        return {"backbone": backbone, "head": [p for p in self.parameters() if id(p) not in taken]}
 
     def stages(self, x: Tensor) -> list[Tensor]:
         """Backbone stage features, always NCHW: [(B, C_i, H_i, W_i)] x 4."""
@@ -171,12 +186,18 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
         if path.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
             raise UserError(f"model.pretrained={cfg.pretrained!r}: expected a .safetensors or .pth weights file")
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     try:
         return timm.create_model(cfg.backbone, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise UserError(f"model.backbone={cfg.backbone!r}: {e}") from None
         raise
+    except (LocalEntryNotFoundError, OSError) as e:
+        if cfg.pretrained != "hub":
+            raise
+        raise missing_hub_weights(cfg.backbone, e) from None
 
 
 def build_model(cfg: ModelConfig) -> HyperIQA:

@@ -11,14 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-from rich.console import Console
-from rich.table import Table
-
 from .errors import UserError
-from .progress import output_console
+from .output import fmt
+from .rundir import RunDir
 
-# REFERENCE.md §1: phase one on KonIQ-10k (Q-Align split, selection on test).
+# Phase one on KonIQ-10k (Q-Align split, selection on test); the README's "Reproducing the papers".
 PHASE_ONE = [
     ("ResNet-50 HyperIQA (paper reproduction)", 0.9009, 0.9170),
     ("Swin-T backbone", 0.9154, 0.9298),
@@ -30,14 +27,14 @@ PHASE_ONE = [
 
 
 def find_runs(paths: list[str]) -> list[Path]:
-    """Run directories (holding config.yaml) named or found under the given folders."""
+    """Run directories named, or found (with a metrics log) under the given folders."""
     found = []
     for p in paths or ["runs"]:
         path = Path(p)
-        if (path / "config.yaml").is_file():
+        if RunDir.is_run(path):
             found.append(path)
         elif path.is_dir():
-            found += sorted(q.parent for q in path.rglob("config.yaml") if (q.parent / "metrics.jsonl").exists())
+            found += sorted(q.parent for q in path.rglob(RunDir.CONFIG) if (q.parent / RunDir.METRICS).exists())
         else:
             raise UserError(f"{p}: no such run directory")
     if not found:
@@ -46,12 +43,8 @@ def find_runs(paths: list[str]) -> list[Path]:
 
 
 def load_run(path: Path) -> dict:
-    config = yaml.safe_load((path / "config.yaml").read_text())
-    summary_file = path / "summary.json"
-    metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()] \
-        if (path / "metrics.jsonl").exists() else []
-    return {"path": path, "config": config, "metrics": metrics,
-            "summary": json.loads(summary_file.read_text()) if summary_file.exists() else None}
+    run = RunDir(path)
+    return {"path": path, "config": run.raw_config(), "metrics": run.metrics(), "summary": run.summary()}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -98,12 +91,8 @@ def rows(runs: list[dict], sep: str = "\n") -> tuple[list[str], list[list[str]]]
         else:  # unfinished: its latest evaluation
             stats = [last.get("val_srcc"), last.get("val_plcc"), "-", "-", "-", f"{last.get('epoch', 0)} (running)",
                      last.get("elapsed_s"), last.get("patches_per_s")]
-        body.append([r["path"].name, *([_differs(flat, keys, sep)] if keys else []), *(_cell(v) for v in stats)])
+        body.append([r["path"].name, *([_differs(flat, keys, sep)] if keys else []), *(fmt(v) for v in stats)])
     return header, body
-
-
-def _cell(v) -> str:
-    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) and abs(v) <= 1 else str(v)
 
 
 def markdown(header: list[str], body: list[list[str]]) -> str:
@@ -140,28 +129,3 @@ def plot(runs: list[dict], folder: Path) -> list[Path]:
         plt.close(fig)
         written.append(folder / name)
     return written
-
-
-def report_command(paths: list[str], as_markdown: bool, plot_dir: str) -> int:
-    runs = [load_run(p) for p in find_runs(paths)]
-    header, body = rows(runs, "; " if as_markdown else "\n")
-    console = output_console()
-    if as_markdown:
-        console.print(markdown(header, body), markup=False, highlight=False, soft_wrap=True)
-    else:
-        table = Table(title=f"{len(runs)} run(s)")
-        for h in header:
-            table.add_column(h, justify="left" if h in ("run", "differs") else "right", overflow="fold")
-        for r in body:
-            table.add_row(*r)
-        console.print(table)
-        ref = Table(title="phase one (KonIQ-10k, Q-Align split, selected on test)")
-        for h in ("config", "SRCC", "PLCC"):
-            ref.add_column(h)
-        for name, s, p in PHASE_ONE:
-            ref.add_row(name, f"{s:.4f}", f"{p:.4f}")
-        console.print(ref)
-    if plot_dir:
-        for path in plot(runs, Path(plot_dir)):
-            Console(stderr=True).print(f"wrote {path}")
-    return 0

@@ -1,12 +1,13 @@
-"""Run directories: each describes itself and resuming one is relaunching.
+"""Run directories: each describes itself, and resuming one is relaunching.
 
 runs/<YYYYmmdd-HHMMSS>-<name>/
-  config.yaml      resolved config          meta.json     git SHA, command, world size, versions
+  config.yaml      resolved config          meta.json     git SHA, launches, weights, groups
   metrics.jsonl    a line per evaluation    summary.json  val/test metrics at the selected step
-  model/           selected model (model.safetensors + config.json): what `predict` loads
+  model/           the selected model (card.py): what `predict` and `evaluate` load
   checkpoints/     step-XXXXXXXX/ (Accelerate save_state), written to a temporary name and
                    renamed when complete, so a kill during a save never leaves one that loads half
-Only the main process writes; every process reads.
+This class owns those names. A directory is created only once training can start (weights and
+data are ready), so a failed start leaves nothing behind. Only the main process writes.
 """
 
 from __future__ import annotations
@@ -17,19 +18,28 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors.torch import save_file
 
 from . import __version__
+from .card import WEIGHTS_FILE, ModelCard
 from .config import Config, config_from_yaml
 from .errors import UserError
 
 CHECKPOINT_PREFIX = "step-"
+EXTENSIBLE = ("train.epochs", "train.max_steps", "train.patience")  # what --extend may change
+
+
+class RunFinished(UserError):
+    """--resume on a run that has finished: nothing to do, not an error."""
+
+    exit_code = 0
 
 
 def git_sha() -> str:
@@ -46,69 +56,158 @@ def git_sha() -> str:
         return "unknown"
 
 
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+def _differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
     out = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict) and key != "backbone_kwargs":
             out += _differences(va, vb, f"{prefix}{key}.")
         elif va != vb:
-            out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
+            out.append((f"{prefix}{key}", va, vb))
     return out
 
 
-def find_resumable(root: Path, name: str) -> Path | None:
-    """The newest run of this name that has no summary.json (did not finish)."""
-    runs = sorted(p for p in root.glob(f"*-{name}") if p.is_dir() and not (p / "summary.json").exists())
-    return runs[-1] if runs else None
+@dataclass
+class Target:
+    """Where a launch will write: an existing run to resume, or a new directory to create."""
+
+    path: str
+    resuming: bool
+    extended: list[str]  # "train.epochs: 6 -> 12" when --extend changed the schedule
 
 
 class RunDir:
-    def __init__(self, path: Path, accelerator: Accelerator) -> None:
-        self.path = path
-        self.accelerator = accelerator
-        self.checkpoints = path / "checkpoints"
-        self.model_dir = path / "model"
+    CONFIG = "config.yaml"
+    META = "meta.json"
+    METRICS = "metrics.jsonl"
+    SUMMARY = "summary.json"
+    MODEL = "model"
+    CHECKPOINTS = "checkpoints"
+
+    def __init__(self, path: Path | str, accelerator: Accelerator | None = None) -> None:
+        self.path = Path(path)
+        self.accelerator = accelerator  # None: reading only (report, sweep, demo)
+        self.checkpoints = self.path / self.CHECKPOINTS
+        self.model_dir = self.path / self.MODEL
+
+    # ------------------------------------------------------------ reading
 
     @classmethod
-    def open(cls, cfg: Config, resume: str, accelerator: Accelerator) -> tuple["RunDir", bool]:
-        """Creates a new run directory, or reopens one to resume. Returns (run, resuming).
+    def is_run(cls, path: Path) -> bool:
+        return (path / cls.CONFIG).is_file()
 
-        resume: "" (new run), "auto" (the newest unfinished run of this name, else a new one),
-        or a run directory. The main process decides; the others receive its answer."""
-        choice = [None, False]
+    def config(self) -> Config:
+        return config_from_yaml(self.path / self.CONFIG)
+
+    def raw_config(self) -> dict:
+        return yaml.safe_load((self.path / self.CONFIG).read_text()) or {}
+
+    def metrics(self) -> list[dict]:
+        path = self.path / self.METRICS
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def summary(self) -> dict | None:
+        path = self.path / self.SUMMARY
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def meta(self) -> dict:
+        path = self.path / self.META
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / self.SUMMARY).exists()
+
+    def latest_checkpoint(self) -> Path | None:
+        done = sorted(p for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+        return done[-1] if done else None
+
+    # ------------------------------------------------------------ choosing and creating
+
+    @staticmethod
+    def find_resumable(root: Path, name: str) -> Path | None:
+        """The newest run of this name that did not finish and has a checkpoint to continue from."""
+        runs = sorted(p for p in root.glob(f"*-{name}") if p.is_dir() and not RunDir(p).finished
+                      and RunDir(p).latest_checkpoint() is not None)
+        return runs[-1] if runs else None
+
+    @classmethod
+    def choose(cls, cfg: Config, resume: str, extend: bool, accelerator: Accelerator) -> Target:
+        """Decides where this launch writes, before anything is built; creates nothing.
+
+        resume: "" (new run), "auto" (the newest unfinished run of this name with a checkpoint,
+        else a new one), or a run directory. The main process decides; the others receive it."""
+        choice: list = [None]
         if accelerator.is_main_process:
-            root = Path(cfg.run.root)
-            path = find_resumable(root, cfg.run_name()) if resume == "auto" else Path(resume) if resume else None
-            if path is not None:
-                if not (path / "config.yaml").is_file():
-                    raise UserError(f"--resume {resume}: {path} is not a run directory (no config.yaml)")
-                diff = _differences(config_from_yaml(path / "config.yaml").to_dict(), cfg.to_dict())
-                if diff:
-                    raise UserError(f"--resume {path}: the config differs from the run's:\n  " + "\n  ".join(diff))
-                choice = [str(path), True]
-            else:
-                path = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.run_name()}"
-                while path.exists():  # two runs started in the same second
-                    time.sleep(1)
-                    path = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.run_name()}"
-                (path / "checkpoints").mkdir(parents=True)
-                (path / "config.yaml").write_text(cfg.to_yaml())
-                choice = [str(path), False]
+            choice = [cls._choose(cfg, resume, extend)]
         if accelerator.num_processes > 1:
+            broadcast_object_list(choice)
+        if isinstance(choice[0], UserError):  # every process stops with the same message
+            raise choice[0]
+        return choice[0]
+
+    @classmethod
+    def _choose(cls, cfg: Config, resume: str, extend: bool) -> Target | UserError:
+        root = Path(cfg.run.root)
+        path = cls.find_resumable(root, cfg.run_name()) if resume == "auto" else Path(resume) if resume else None
+        if path is None:
+            if extend:
+                return UserError("--extend continues an existing run: give --resume RUN_DIR")
+            return Target("", False, [])
+        if not cls.is_run(path):
+            return UserError(f"--resume {resume}: {path} is not a run directory (no {cls.CONFIG})")
+        run = RunDir(path)
+        diffs = _differences(run.config().to_dict(), cfg.to_dict())
+        schedule = [d for d in diffs if d[0] in EXTENSIBLE]
+        other = [d for d in diffs if d[0] not in EXTENSIBLE]
+        lines = [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs]
+        if other or (schedule and not extend):
+            hint = ("; schedule changes (" + ", ".join(EXTENSIBLE) + ") are allowed with --extend") if not other else ""
+            return UserError(f"--resume {path}: the config differs from the run's{hint}:\n  " + "\n  ".join(lines))
+        if run.latest_checkpoint() is None:
+            return UserError(f"--resume {path}: the run has no checkpoint to continue from")
+        if run.finished and not schedule:
+            summary = run.summary() or {}
+            return RunFinished(f"{path} has finished (step {summary.get('steps_run', '?')}, test SRCC "
+                               f"{summary.get('test', {}).get('srcc', float('nan')):.4f}); nothing to resume. "
+                               f"To train it longer: --resume {path} --extend --train.epochs N")
+        return Target(str(path), True, [f"{k}: {a!r} -> {b!r}" for k, a, b in schedule])
+
+    @classmethod
+    def open(cls, cfg: Config, target: Target, accelerator: Accelerator, about: dict) -> "RunDir":
+        """The run directory of `target`, created now when new; records this launch in meta.json.
+        `about` (weights provenance, parameter groups, ...) is stored in meta.json."""
+        choice = [target.path]
+        if accelerator.is_main_process and not target.resuming:
+            root = Path(cfg.run.root)
+            path = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.run_name()}"
+            while path.exists():  # two runs started in the same second
+                time.sleep(1)
+                path = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.run_name()}"
+            (path / cls.CHECKPOINTS).mkdir(parents=True)
+            (path / cls.CONFIG).write_text(cfg.to_yaml())
+            choice = [str(path)]
+        if accelerator.num_processes > 1 and not target.resuming:
             broadcast_object_list(choice)
         run = cls(Path(choice[0]), accelerator)
         if accelerator.is_main_process:
-            run.write_meta(resumed=choice[1])
-        return run, choice[1]
+            if target.extended:
+                (run.path / cls.CONFIG).write_text(cfg.to_yaml())  # the extended schedule is the run's now
+                (run.path / cls.SUMMARY).unlink(missing_ok=True)
+            run._write_meta(target, about)
+        return run
 
-    def write_meta(self, resumed: bool) -> None:
-        meta_file = self.path / "meta.json"
+    def _write_meta(self, target: Target, about: dict) -> None:
+        meta_file = self.path / self.META
         meta = json.loads(meta_file.read_text()) if meta_file.exists() else {"launches": []}
         acc = self.accelerator
         meta.setdefault("git_sha", git_sha())
+        meta.update(about)
+        if target.extended:
+            meta.setdefault("extensions", []).append({"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                      "changes": target.extended})
         meta["launches"].append({
-            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed": resumed, "command": " ".join(sys.argv),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed": target.resuming, "command": " ".join(sys.argv),
             "world_size": acc.num_processes, "num_machines": int(os.environ.get("GROUP_WORLD_SIZE", "1")),  # torchrun
             "device": str(acc.device), "mixed_precision": acc.mixed_precision,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -120,41 +219,36 @@ class RunDir:
 
     def log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
-            with open(self.path / "metrics.jsonl", "a") as f:
+            with open(self.path / self.METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def truncate_metrics(self, step: int) -> None:
         """On resume: drop lines logged after the checkpoint, they will be logged again."""
         if self.accelerator.is_main_process:
             kept = [r for r in self.metrics() if r["step"] <= step]
-            (self.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-    def metrics(self) -> list[dict]:
-        path = self.path / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+            (self.path / self.METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write_summary(self, summary: dict) -> None:
         if self.accelerator.is_main_process:
-            (self.path / "summary.json").write_text(json.dumps(summary, indent=1))
+            (self.path / self.SUMMARY).write_text(json.dumps(summary, indent=1))
 
-    def export_model(self, state_dict: dict[str, torch.Tensor], cfg: Config, extra: dict) -> None:
-        """The selected model as a self-contained directory: model.safetensors + config.json."""
+    def export_model(self, state_dict: dict[str, torch.Tensor], card: ModelCard, train_names: list[str],
+                     train_groups: list[str]) -> None:
+        """The selected model as a self-contained directory (card.py), replaced atomically."""
         if not self.accelerator.is_main_process:
             return
         tmp = self.path / ".model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp / "model.safetensors")
-        model_cfg = {**asdict(cfg.model), "pretrained": "none"}  # the weights are all in model.safetensors
-        (tmp / "config.json").write_text(json.dumps({"model": model_cfg, **extra}, indent=1))
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp / WEIGHTS_FILE)
+        card.write(tmp, train_names, train_groups)
         shutil.rmtree(self.model_dir, ignore_errors=True)
         os.replace(tmp, self.model_dir)
 
-    # ------------------------------------------------------------ checkpoints
+    def model_card(self) -> ModelCard:
+        return ModelCard.read(self.model_dir)
 
-    def latest_checkpoint(self) -> Path | None:
-        done = sorted(p for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
-        return done[-1] if done else None
+    # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, step: int, keep: int) -> Path:
         """Accelerate save_state into a temporary folder, renamed once every process is done."""

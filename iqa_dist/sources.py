@@ -1,25 +1,25 @@
-"""Dataset sources: each reads a dataset's own published files into records, and splits them.
+"""Dataset sources: each reads a dataset's own published files into records.
 
 A source returns every annotated row as a `Record` (file, score, content group, official split)
-plus the rows it could not use (`Problem`: file, row, reason). Decoding happens in `cache.py`.
-File formats: REFERENCE.md §4.
+plus the rows it could not use (`Problem`: file, row, reason). Decoding happens in `cache.py`,
+splitting in `splits.py`. The file formats are listed in the README's "Data" table.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from .config import DataConfig
+from . import synthetic
+from .config import SOURCES, DataConfig
 from .errors import UserError
 
 SPLITS = ("train", "val", "test")
-_SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
 @dataclass
@@ -54,8 +54,6 @@ class SourceData:
     score_range: tuple[float, float]  # the scale's bounds (data min/max where the scale is unknown)
     resize: str  # the literature's resize policy for this dataset (data.resize=auto)
     score_column: str
-    official_splits: bool = False  # records carry the dataset's own split
-    notes: list[str] = field(default_factory=list)
 
 
 def _need(path: Path, what: str) -> Path:
@@ -74,6 +72,17 @@ def read_csv(path: Path, required: list[str]) -> list[tuple[int, dict[str, str]]
         if missing:
             raise UserError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}")
         return [(i + 2, {k.strip(): (v or "").strip() for k, v in row.items() if k}) for i, row in enumerate(reader)]
+
+
+def csv_header(path: Path) -> list[str]:
+    """The column names of a CSV file; an empty file (or one without a header) is an error."""
+    _need(path, "annotation file")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), [])
+    columns = [c.strip() for c in header if c.strip()]
+    if not columns:
+        raise UserError(f"{path}: the file is empty (expected a header line with an image and a score column)")
+    return columns
 
 
 def _score(text: str, lo: float | None, hi: float | None) -> tuple[float, str]:
@@ -130,7 +139,7 @@ def read_koniq10k(root: Path, cfg: DataConfig) -> SourceData:
     if sets_file.is_file():
         files.append(sets_file)
         for line, row in read_csv(sets_file, ["image_name", "set"]):
-            split = _SPLIT_WORDS.get(row["set"].lower())
+            split = SPLIT_WORDS.get(row["set"].lower())
             if split is None:
                 raise UserError(f"{sets_file} row {line}: set {row['set']!r} is not training/validation/test")
             sets[row["image_name"]] = split
@@ -138,8 +147,7 @@ def read_koniq10k(root: Path, cfg: DataConfig) -> SourceData:
     image_dir = cfg.image_dir or "1024x768"
     records, problems = _collect(rows, root, image_dir, "image_name", column, rng, ann.name,
                                  split_of=lambda row, name: sets.get(name, ""))
-    return SourceData(records, problems, files, _range(records, rng), "512x384", column,
-                      official_splits=bool(sets))
+    return SourceData(records, problems, files, _range(records, rng), "512x384", column)
 
 
 def read_spaq(root: Path, cfg: DataConfig) -> SourceData:
@@ -217,7 +225,7 @@ def read_livec(root: Path, cfg: DataConfig) -> SourceData:
     return SourceData(records, problems, [names_file, mos_file], (0.0, 100.0), "none", "mos")
 
 
-_IMAGE_COLUMNS = ("image", "name", "image_name", "dist_name", "dist_img", "path", "filename", "file")
+IMAGE_COLUMNS = ("image", "name", "image_name", "dist_name", "dist_img", "path", "filename", "file")
 _SCORE_COLUMNS = ("mos", "score", "MOS", "dmos", "MOS_zscore", "quality")
 _GROUP_COLUMNS = ("group", "content", "ref_name", "ref_img", "reference")
 
@@ -232,25 +240,24 @@ def read_csv_source(root: Path, cfg: DataConfig) -> SourceData:
         if len(found) != 1:
             raise UserError(f"{root}: set data.csv_file; found {len(found)} CSV files ({', '.join(p.name for p in found)})")
         ann = found[0]
-    header = read_csv(ann, [])
-    columns = list(header[0][1]) if header else []
-    image_col = cfg.image_column or next((c for c in _IMAGE_COLUMNS if c in columns), "")
+    columns = csv_header(ann)
+    image_col = cfg.image_column or next((c for c in IMAGE_COLUMNS if c in columns), "")
     score_col = cfg.score_column or next((c for c in _SCORE_COLUMNS if c in columns), "")
     if not image_col or not score_col:
         what = "image" if not image_col else "score"
-        raise UserError(f"{ann}: no {what} column found among {', '.join(columns) or 'no columns'}; "
-                        f"set data.{'image' if what == 'image' else 'score'}_column")
+        expected = IMAGE_COLUMNS if what == "image" else _SCORE_COLUMNS
+        raise UserError(f"{ann}: no {what} column found among {', '.join(columns)} (the file's columns; looked "
+                        f"for {', '.join(expected)}); set data.{what}_column")
     rows = read_csv(ann, [image_col, score_col])
     group_col = next((c for c in _GROUP_COLUMNS if c in columns), "")
     has_split = "split" in columns
 
     def split_of(row, name):
-        return _SPLIT_WORDS.get(row.get("split", "").lower(), "")
+        return SPLIT_WORDS.get(row.get("split", "").lower(), "")
 
     records, problems = _collect(rows, root, cfg.image_dir, image_col, score_col, (None, None), ann.name,
                                  group_col=group_col, split_of=split_of if has_split else None)
-    return SourceData(records, problems, [ann], _range(records, (None, None)), "none", score_col,
-                      official_splits=has_split)
+    return SourceData(records, problems, [ann], _range(records, (None, None)), "none", score_col)
 
 
 def _range(records: list[Record], declared) -> tuple[float, float]:
@@ -260,6 +267,17 @@ def _range(records: list[Record], declared) -> tuple[float, float]:
     return (min(scores), max(scores)) if scores else (0.0, 1.0)
 
 
+def read_synthetic(root: Path, cfg: DataConfig) -> SourceData:
+    """The embedded synthetic dataset, generated into `root` first (synthetic.py): a CSV source
+    underneath, on a 0-100 scale."""
+    synthetic.build(root, crops=cfg.synthetic_size or synthetic.DEFAULT_CROPS)
+    data = read_csv_source(root, replace(cfg, dataset="csv", csv_file="meta.csv", image_column="image",
+                                         score_column="score"))
+    data.score_range = (0.0, 100.0)
+    return data
+
+
+# The one dataset registry: data.dataset's choices (config.SOURCES) are its keys.
 READERS = {
     "koniq10k": read_koniq10k,
     "spaq": read_spaq,
@@ -267,141 +285,27 @@ READERS = {
     "agiqa3k": read_agiqa3k,
     "livec": read_livec,
     "csv": read_csv_source,
+    "synthetic": read_synthetic,
 }
 
 
+def source_root(cfg: DataConfig, cache_root: Path) -> Path:
+    """The folder a source reads: data.root, or for the synthetic source its folder in the cache."""
+    if cfg.dataset == "synthetic":
+        crops = cfg.synthetic_size or synthetic.DEFAULT_CROPS
+        return cache_root / f"synthetic-src-v{synthetic.VERSION}-{crops}"
+    if not cfg.root:
+        raise UserError(f"data.root is not set: give the folder holding the {cfg.dataset} files (--root DIR)")
+    return Path(cfg.root).expanduser().resolve()
+
+
 def read_source(cfg: DataConfig, root: Path) -> SourceData:
-    if not root.is_dir():
+    """Every annotated row of the dataset in `root` (see source_root), and the rows it cannot use."""
+    if cfg.dataset != "synthetic" and not root.is_dir():
         raise UserError(f"data.root={str(root)!r}: no such folder")
     data = READERS[cfg.dataset](root, cfg)
     if not data.records and not data.problems:
         raise UserError(f"{root}: the annotations list no images")
     return data
 
-
-# ---------------------------------------------------------------- splits
-
-
-def assign_splits(records: list[Record], cfg: DataConfig) -> tuple[dict[str, list[int]], list[str]]:
-    """Record indices per split (train/val/test, all non-empty) and notes for the metadata.
-
-    random: seeded, by content group; official: the dataset's own; otherwise split file(s).
-    Validation, when the chosen split has none, is a seeded share of the training groups.
-    """
-    notes: list[str] = []
-    if cfg.split == "all":  # evaluation only (e.g. cross-dataset): every image is a test image
-        return {"train": [], "val": [], "test": list(range(len(records)))}, ["split=all: every image in test"]
-    if cfg.split == "random":
-        train, test = _group_split(records, list(range(len(records))), cfg.test_fraction, cfg.split_seed)
-        splits = {"train": train, "test": test, "val": []}
-    elif cfg.split == "official":
-        if not any(r.split for r in records):
-            raise UserError(f"data.split=official: {cfg.dataset} publishes no official split here "
-                            "(KonIQ needs koniq10k_distributions_sets.csv; csv needs a split column)")
-        splits = {s: [i for i, r in enumerate(records) if r.split == s] for s in SPLITS}
-        left = sum(1 for r in records if not r.split)
-        if left:
-            notes.append(f"{left} images have no official split and are left out")
-    else:
-        splits = _file_splits(records, cfg.split, notes)
-    if not splits["val"]:
-        splits["train"], splits["val"] = _group_split(records, splits["train"], cfg.val_fraction, cfg.split_seed + 1)
-        notes.append(f"validation: a seeded {cfg.val_fraction:.0%} of the training contents (seed {cfg.split_seed})")
-    _check_disjoint(records, splits)
-    for s in SPLITS:
-        if not splits[s]:
-            raise UserError(f"data.split={cfg.split}: the {s} split is empty")
-    return splits, notes
-
-
-def _group_split(records: list[Record], idx: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Splits idx by content group: a seeded `fraction` of the groups goes to the second part."""
-    groups = sorted({records[i].group for i in idx})
-    order = np.random.default_rng(seed).permutation(len(groups))
-    n_out = max(1, round(fraction * len(groups))) if len(groups) > 1 else 0
-    out = {groups[j] for j in order[:n_out]}
-    return [i for i in idx if records[i].group not in out], [i for i in idx if records[i].group in out]
-
-
-def _file_splits(records: list[Record], spec: str, notes: list[str]) -> dict[str, list[int]]:
-    """Split file(s): CSV (name, split), JSON ({split: [names]} or a list of names / {"image": ...}
-    entries) or .txt (a name per line). A file holding one split is named for it
-    (e.g. train_koniq.json, koniq_test.json)."""
-    by_name: dict[str, int] = {}
-    for i, r in enumerate(records):
-        by_name[r.name] = i
-        by_name.setdefault(Path(r.name).name, i)
-    names: dict[str, list[str]] = {s: [] for s in SPLITS}
-    origin: dict[str, Path] = {}
-    for part in spec.split(","):
-        path = Path(part.strip()).expanduser()
-        for split, entries in _read_split_file(path).items():
-            names[split] += entries
-            origin[split] = path
-    splits: dict[str, list[int]] = {s: [] for s in SPLITS}
-    for split, entries in names.items():
-        unknown = [n for n in entries if n not in by_name and Path(n).name not in by_name]
-        if unknown:
-            raise UserError(f"{origin[split]}: {len(unknown)} {split} names match no annotated image, "
-                            f"e.g. {', '.join(unknown[:3])}")
-        splits[split] = sorted({by_name.get(n, by_name.get(Path(n).name)) for n in entries})
-    used = {i for v in splits.values() for i in v}
-    if len(used) < len(records):
-        notes.append(f"{len(records) - len(used)} annotated images are in no split file and are left out")
-    return splits
-
-
-def _read_split_file(path: Path) -> dict[str, list[str]]:
-    if not path.is_file():
-        raise UserError(f"data.split: {path}: no such split file")
-    single = next((_SPLIT_WORDS[w] for w in path.stem.lower().replace("-", "_").split("_") if w in _SPLIT_WORDS), "")
-    try:
-        if path.suffix == ".json":
-            data = json.loads(path.read_text())
-            if isinstance(data, dict):
-                return {_split_word(k, path): [_entry(e, path) for e in v] for k, v in data.items()}
-            entries = [_entry(e, path) for e in data]
-        elif path.suffix == ".csv":
-            out: dict[str, list[str]] = {}
-            cols = read_csv(path, [])
-            name_col = next((c for c in _IMAGE_COLUMNS if cols and c in cols[0][1]), "")
-            if not name_col or "split" not in cols[0][1]:
-                raise UserError(f"{path}: a split CSV needs an image column ({'/'.join(_IMAGE_COLUMNS)}) and 'split'")
-            for line, row in cols:
-                out.setdefault(_split_word(row["split"], path, line), []).append(row[name_col])
-            return out
-        else:
-            entries = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a readable split file: {e}") from None
-    if not single:
-        raise UserError(f"{path}: a list of names must say its split in the file name (train/val/test)")
-    return {single: entries}
-
-
-def _split_word(word: str, path: Path, line: int | None = None) -> str:
-    split = _SPLIT_WORDS.get(str(word).lower())
-    if split is None:
-        where = f"{path} row {line}" if line else str(path)
-        raise UserError(f"{where}: split {word!r} is not train/val/test")
-    return split
-
-
-def _entry(e, path: Path) -> str:
-    if isinstance(e, str):
-        return e
-    if isinstance(e, dict):
-        for key in ("image", "name", "image_name", "path"):
-            if key in e:
-                return str(e[key])
-    raise UserError(f"{path}: entry {str(e)[:60]!r} has no image name")
-
-
-def _check_disjoint(records: list[Record], splits: dict[str, list[int]]) -> None:
-    seen: dict[str, str] = {}
-    for split in SPLITS:
-        for i in splits[split]:
-            group = records[i].group
-            if seen.setdefault(group, split) != split:
-                kind = "image" if group == records[i].name else "content group"
-                raise UserError(f"data.split: {kind} {group!r} is in both {seen[group]} and {split}")
+assert set(READERS) == set(SOURCES), "config.SOURCES and the readers must name the same datasets"

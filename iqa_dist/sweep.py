@@ -21,12 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from .config import load_config
 from .errors import UserError
-from .progress import output_console
+from .output import console, fmt, print_table
+from .rundir import RunDir
 
 # Phase one's regularisers, each as the overrides that switch it off.
 REGULARISERS = {
@@ -74,20 +74,20 @@ def run_sweep(kind: str, preset: str, base_overrides: list[str], n: int, launche
                                     f"--run.root={group}", f"--run.name={name}"]} for name, overrides in specs.items()]
     (group / "members.jsonl").write_text("".join(json.dumps(p) + "\n" for p in plan))
     (group / "sweep.json").write_text(json.dumps({"kind": kind, "preset": preset, "overrides": base_overrides}))
-    console = Console(stderr=True)
+    err = console(stderr=True)
     if slurm:
         cmd = ["sbatch", f"--array=0-{len(plan) - 1}", str(SLURM_SCRIPT), str(group / "members.jsonl")]
-        console.print(f"submitting: {shlex.join(cmd)}")
+        err.print(f"submitting: {shlex.join(cmd)}")
         subprocess.run(cmd, check=True)
-        console.print(f"when the array is done: iqa-dist sweep collect {group}")
+        err.print(f"when the array is done: iqa-dist sweep collect {group}")
         return group
     prefix = shlex.split(launcher) if launcher else [sys.executable]
     for i, member in enumerate(plan):
-        console.rule(f"sweep {kind}: {member['name']} ({i + 1}/{len(plan)})")
+        err.rule(f"sweep {kind}: {member['name']} ({i + 1}/{len(plan)})")
         # --resume auto: a member interrupted inside this call (e.g. preempted) continues when rerun
         code = subprocess.run([*prefix, "-m", "iqa_dist", "train", *member["args"], "--resume", "auto"]).returncode
         if code:
-            console.print(f"[red]member {member['name']} failed (exit {code})[/]; continuing")
+            err.print(f"[red]member {member['name']} failed (exit {code})[/]; continuing")
     collect(group)
     return group
 
@@ -99,8 +99,8 @@ def collect(group: Path) -> dict:
         raise UserError(f"{group}: not a sweep group (no sweep.json)")
     info = json.loads((group / "sweep.json").read_text())
     results = []
-    for run in sorted(p for p in group.iterdir() if (p / "config.yaml").is_file()):
-        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else None
+    for run in sorted(p for p in group.iterdir() if RunDir.is_run(p)):
+        summary = RunDir(run).summary()
         name = run.name.split("-", 2)[-1]
         results.append({"member": name, "run": run.name, "finished": summary is not None,
                         **({f"{s}_{m}": summary[s].get(m) for s in ("val", "test") for m in ("srcc", "plcc")}
@@ -117,19 +117,19 @@ def collect(group: Path) -> dict:
                           "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
     table = {**info, "members": results, "statistics": stats}
     (group / "results.json").write_text(json.dumps(table, indent=1))
-    print_table(table, group)
+    show(table, group)
     return table
 
 
-def print_table(table: dict, group: Path) -> None:
-    t = Table(title=f"sweep {table['kind']} ({group})")
+def show(table: dict, group: Path) -> None:
+    t = Table()
     columns = ["member", "test_srcc", "test_plcc", "val_srcc", "val_plcc", "best_epoch"]
     if table["kind"] == "cross":
         columns = ["dataset", "test_srcc", "test_plcc", "n"]
     for c in columns:
         t.add_column(c.replace("_", " "), justify="left" if c in ("member", "dataset") else "right")
     for r in table["members"]:
-        t.add_row(*(_fmt(r.get(c)) if r.get("finished", True) else "running" for c in columns))
+        t.add_row(*(fmt(r.get(c)) if r.get("finished", True) else "running" for c in columns))
     for key, label in (("median", "median"), ("mean", "mean")):
         if table["statistics"]:
             cells = []
@@ -137,11 +137,7 @@ def print_table(table: dict, group: Path) -> None:
                 s = table["statistics"].get(c)
                 cells.append("" if not s else f"{s[key]:.4f}" + (f" ± {s['std']:.4f}" if key == "mean" else ""))
             t.add_row(f"[bold]{label}[/]", *cells)
-    output_console().print(t)
-
-
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+    print_table(console(), f"sweep {table['kind']} ({group})", t)
 
 
 def cross(run: str, datasets: list[str], root: str, base_overrides: list[str], launcher: str) -> Path:
@@ -149,7 +145,7 @@ def cross(run: str, datasets: list[str], root: str, base_overrides: list[str], l
     group = new_group(root, "cross")
     results = []
     prefix = shlex.split(launcher) if launcher else [sys.executable]
-    console = Console(stderr=True)
+    err = console(stderr=True)
     for spec in datasets:
         name, _, data_root = spec.partition("=")
         if not name:
@@ -157,7 +153,7 @@ def cross(run: str, datasets: list[str], root: str, base_overrides: list[str], l
         out = group / f"{name}.json"
         args = [*prefix, "-m", "iqa_dist", "evaluate", "--run", run, "--dataset", name, "--split", "all",
                 "--output", str(out), *([f"--root={data_root}"] if data_root else []), *[f"--{o}" for o in base_overrides]]
-        console.rule(f"cross-dataset: {name}")
+        err.rule(f"cross-dataset: {name}")
         if subprocess.run(args).returncode or not out.exists():
             results.append({"dataset": name, "finished": False})
             continue

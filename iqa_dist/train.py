@@ -2,13 +2,20 @@
 
 `train()` is the loop; everything it uses is built by a named helper before it. Steps (optimizer
 steps) are the unit of control: the schedule, evaluation and checkpoints count them, the epoch is
-derived, and resuming is a single skip to the checkpoint's step.
+derived, and resuming is a single skip to the checkpoint's step. `train_step` is THE step: the
+loop runs it and `iqa-dist bench train` times it.
 
 World-size invariance: train.batch_size is GLOBAL. Step s draws its B samples (and their
 augmentation) identically on every process; process r takes chunk (micro * world + r) of them.
-Each micro-batch's loss is its SUM times world / B: the micro-batch gradients add up, DDP's mean
-over processes divides by world, and the result is the mean over the global batch, even when
-chunks are uneven (the pairwise ranking term, off in every preset, pairs within a micro-batch).
+The loss is per sample; the step sums a micro-batch's losses and divides by B / world: the
+micro-batch gradients add up, DDP's mean over processes divides by world, and the result is the
+mean over the global batch, even when chunks are uneven. The ranking term pairs every sample with
+every other of the GLOBAL batch (predictions gathered across processes with their gradients), so
+it too is the same loss on 1 GPU and on 64.
+
+No host round trip per step: the loss window stays on the device, and the non-finite and
+preemption flags are read one step late (StepGuard); the optimizer itself skips a non-finite
+step on the device, so no update is ever taken from a non-finite loss or gradient.
 """
 
 from __future__ import annotations
@@ -18,26 +25,31 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from rich.console import Console
 from safetensors.torch import load_file
 
-from .augment import AugmentParams, Augmenter
-from .cache import ImageStore, View, describe, prepare
+from .augment import Augmenter
+from .card import ModelCard
+from .cache import cache_root, describe, prepare
 from .config import Config
 from .errors import UserError
 from .evaluate import evaluate_split, shard
+from .metrics import METRIC_KEYS
 from .model import HyperIQA, build_model, parameter_counts
-from .progress import Display
+from .output import Display, console_for
 from .rundir import RunDir
+from .store import EvalSet, ImageStore, View
+from .weights import provenance
 
 
 class NonFiniteLoss(UserError):
@@ -61,7 +73,7 @@ class TrainState:
     bad_evals: int = 0
     stopped_early: bool = False
     train_seconds: float = 0.0
-    window_loss: float = 0.0  # this process's summed loss since the last evaluation
+    window_loss: float = 0.0  # this process's summed loss since the last evaluation (flushed from the device)
     window_n: int = 0  # ... over this many patches
 
     def state_dict(self) -> dict:
@@ -69,6 +81,19 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         self.__dict__.update(state)
+
+
+def update_best(state: TrainState, srcc: float, patience: int) -> bool:
+    """Model selection and early stopping after an evaluation at state.step: True when this is a
+    new best (exported). The first evaluation always is; a non-finite SRCC never improves."""
+    srcc = srcc if math.isfinite(srcc) else -math.inf
+    best = srcc > state.best_srcc or state.best_step == 0
+    if best:
+        state.best_srcc, state.best_step, state.bad_evals = srcc, state.step, 0
+    else:
+        state.bad_evals += 1
+    state.stopped_early = 0 < patience <= state.bad_evals
+    return best
 
 
 class BatchPlan:
@@ -124,10 +149,16 @@ class Shares:
         # hold one patch more than micro_batch_size)
         return cls(world, rank, min(accum, batch_size // world), batch_size)
 
-    def slices(self) -> list[slice]:
+    def _chunk(self, c: int) -> slice:
         parts = self.world * self.accum
-        chunks = [m * self.world + self.rank for m in range(self.accum)]
-        return [slice(self.batch_size * c // parts, self.batch_size * (c + 1) // parts) for c in chunks]
+        return slice(self.batch_size * c // parts, self.batch_size * (c + 1) // parts)
+
+    def slices(self) -> list[slice]:
+        return [self._chunk(m * self.world + self.rank) for m in range(self.accum)]
+
+    def sizes(self) -> list[int]:
+        """Every process's share when there is no accumulation (accum == 1), in rank order."""
+        return [self._chunk(r).stop - self._chunk(r).start for r in range(self.world)]
 
     @property
     def per_process(self) -> float:
@@ -139,9 +170,24 @@ class Shares:
 class Data:
     view: View
     train: ImageStore  # every training image (or cached patch strip), device-resident when possible
-    val: ImageStore  # this process's shard of the validation patch strips
+    val: EvalSet  # this process's shard of the validation images, with their test-protocol origins
     plan: BatchPlan
-    score_range: tuple[float, float]
+
+
+@dataclass
+class MicroBatch:
+    x: torch.Tensor  # (b, 3, S, S) normalised patches on the device
+    target: torch.Tensor  # (b,) training targets on the device
+    offset: int  # index of its first sample in the global batch
+
+
+@dataclass
+class Batch:
+    """One optimizer step's share of this process."""
+
+    micro: list[MicroBatch]
+    targets: torch.Tensor | None = None  # (B,) every target of the global batch (ranking loss only)
+    sizes: list[int] | None = None  # every process's share (ranking loss only)
 
 
 # ---------------------------------------------------------------- helpers built before the loop
@@ -178,35 +224,47 @@ def load_data(cfg: Config, acc: Accelerator, console: Console) -> Data:
     if not len(view.ids("train")):
         raise UserError("data.split=all keeps every image for evaluation; training needs a train split")
     cached = cfg.data.train_patches == "cached"
-    train = view.patch_store("train") if cached else view.image_store("train")
+    train = view.patch_store() if cached else view.image_store("train")
     train = train.to(resident_device(cfg, train.nbytes, acc.device))
-    val = view.patch_store("val", shard(len(view.ids("val")), acc.num_processes, acc.process_index))
-    plan = BatchPlan(len(train), cfg.data.train_patch_num, cfg.train.batch_size, cfg.train.seed,
-                     cfg.data.cached_patch_num if cached else 0)
-    return Data(view, train, val, plan, tuple(view.image_meta["score_range"]))
+    d = cfg.data
+    val = view.eval_set("val", d.test_protocol, d.test_patch_num, cfg.model.img_size,
+                        shard(len(view.ids("val")), acc.num_processes, acc.process_index))
+    plan = BatchPlan(len(train), d.train_patch_num, cfg.train.batch_size, cfg.train.seed,
+                     d.cached_patch_num if cached else 0)
+    return Data(view, train, val, plan)
 
 
-def score_maps(cfg: Config, score_range: tuple[float, float]):
-    """(dataset score -> training target, model output -> dataset score)."""
-    if cfg.data.score_norm == "none":
-        return (lambda s: s), (lambda p: p)
-    lo, hi = score_range
-    return (lambda s: (s - lo) / (hi - lo)), (lambda p: p * (hi - lo) + lo)
+def model_card(cfg: Config, view: View, model: HyperIQA, weights: dict, groups: dict) -> ModelCard:
+    """The card every exported model of this run carries (step and val filled at export)."""
+    d = cfg.data
+    return ModelCard(model={**asdict(cfg.model), "pretrained": "none"}, dataset=d.dataset, data=asdict(d),
+                     score_range=list(view.image_meta["score_range"]), score_norm=d.score_norm,
+                     resize=view.image_meta["resize"], protocol=d.test_protocol, test_patch_num=d.test_patch_num,
+                     mean=list(model.mean), std=list(model.std), weights=weights, groups=groups)
 
 
-def build_optimizer(model: HyperIQA, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW, two groups: backbone at lr, the rest (LDA, hyper network) at lr * lr_ratio.
-    Real parameter lists (not iterators) so both groups train for the whole run."""
-    backbone = list(model.backbone.parameters())
-    ids = {id(p) for p in backbone}
-    head = [p for p in model.parameters() if id(p) not in ids]
+def build_optimizer(model: HyperIQA, cfg: Config, fused: bool | None = None) -> torch.optim.Optimizer:
+    """Adam (L2 decay in the gradient, as the original HyperIQA) or AdamW (decoupled decay), two
+    groups: "backbone" at lr, "head" at lr * lr_ratio (optim.lda_group says where LDA goes).
+    Fused kernels where torch has them (CUDA, CPU): one launch for the whole update, and the step
+    can skip itself on the device (StepGuard). Real parameter lists, not iterators."""
     o = cfg.optim
-    return torch.optim.AdamW([{"params": backbone, "lr": o.lr}, {"params": head, "lr": o.lr * o.lr_ratio}],
-                             weight_decay=o.weight_decay)
+    groups = model.parameter_groups(o.lda_group)
+    params = [{"params": groups["backbone"], "lr": o.lr, "name": "backbone"},
+              {"params": groups["head"], "lr": o.lr * o.lr_ratio, "name": "head"}]
+    cls = torch.optim.Adam if o.optimizer == "adam" else torch.optim.AdamW
+    device = next(model.parameters()).device
+    fused = device.type in ("cuda", "cpu") if fused is None else fused
+    return cls(params, weight_decay=o.weight_decay, fused=fused)
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
-    """Linear warmup then cosine to min_lr_ratio (or constant), per optimizer step."""
+def group_sizes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    return {g["name"]: sum(p.numel() for p in g["params"]) for g in optimizer.param_groups}
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int, steps_per_epoch: int):
+    """Linear warmup then cosine to min_lr_ratio (or constant), per optimizer step; the head group
+    drops to 0 after optim.freeze_hyper_after epochs (the original code's frozen hyper network)."""
     o = cfg.optim
 
     def factor(step: int) -> float:
@@ -217,46 +275,167 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: i
         t = (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps)
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def head(step: int) -> float:
+        frozen = o.freeze_hyper_after and step >= o.freeze_hyper_after * steps_per_epoch
+        return 0.0 if frozen else factor(step)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor, head])
 
 
-def loss_sum(pred: torch.Tensor, target: torch.Tensor, rank_weight: float) -> torch.Tensor:
-    """Summed L1 (+ rank_weight x the mean pairwise ranking hinge, scaled to a sum)."""
-    loss = F.l1_loss(pred.float(), target, reduction="sum")
-    if rank_weight > 0 and len(pred) > 1:
-        dp = pred.float()[:, None] - pred.float()[None, :]
-        sign = torch.sign(target[:, None] - target[None, :])
-        loss = loss + rank_weight * len(pred) * F.relu(-dp * sign).sum() / max(1, (sign != 0).sum())
-    return loss
+# ---------------------------------------------------------------- the step
 
 
-def micro_batch(store: ImageStore, augmenter: Augmenter, rows: torch.Tensor, k: torch.Tensor | None,
-                params: AugmentParams, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised patches (b, 3, S, S) and their scores (b,) for one micro-batch, on the device."""
-    pixels, offsets, widths = store.gather(rows, device)
-    if k is None:  # fresh random crops inside each image
-        y0, x0 = augmenter.crop_origin(params, store.heights[rows], store.widths[rows])
-    else:  # patch k of each cached strip
-        y0, x0 = k * augmenter.size, torch.zeros_like(k)
-    x = augmenter.train(pixels, offsets, widths, y0, x0, params)
-    return x, store.scores[rows].to(device, non_blocking=True)
+class _GatherGlobal(torch.autograd.Function):
+    """Every process's predictions, concatenated in rank order (the global batch order), with the
+    gradient flowing back to each process's own slice: all processes' losses use every prediction,
+    so the backward sums their gradients (an all-reduce) and keeps this process's part."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
+        ctx.sizes, ctx.rank = sizes, rank
+        padded = F.pad(local, (0, max(sizes) - len(local)))  # all_gather needs equal sizes
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = sum(ctx.sizes[:ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]], None, None
 
 
-def forward_backward(acc: Accelerator, model, data: Data, augmenter: Augmenter, shares: Shares, step: int,
-                     to_target, cfg: Config) -> tuple[torch.Tensor, int]:
-    """This process's share of global batch `step`, in micro-batches; gradients are synced on the
-    last one only. Returns the summed loss and the number of patches."""
+def gather_global(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    if len(sizes) == 1:
+        return local
+    return _GatherGlobal.apply(local, sizes, dist.get_rank())
+
+
+def sample_losses(pred: torch.Tensor, target: torch.Tensor, rank_weight: float = 0.0,
+                  ranked: tuple[torch.Tensor, torch.Tensor] | None = None, offset: int = 0) -> torch.Tensor:
+    """Per-sample training losses (b,): L1, plus rank_weight x this sample's share of the pairwise
+    ranking hinge over the global batch. Their sum over the global batch divided by B is the
+    objective: mean L1 + rank_weight x the mean hinge over ordered pairs with different targets.
+
+    ranked: (all predictions (B,), all targets (B,)) of the global batch, in which this
+    micro-batch starts at `offset`; required when rank_weight > 0. The step does the reduction."""
+    pred = pred.float()
+    losses = (pred - target).abs()
+    if rank_weight > 0:
+        p_all, t_all = ranked
+        sign = torch.sign(target[:, None] - t_all[None, :])  # (b, B)
+        hinge = F.relu(-(pred[:, None] - p_all[None, :]) * sign)
+        pairs = (torch.sign(t_all[:, None] - t_all[None, :]) != 0).sum().clamp(min=1)
+        losses = losses + rank_weight * len(t_all) * hinge.sum(1) / pairs
+    return losses
+
+
+class StepGuard:
+    """Every process's [loss non-finite, gradient non-finite, preemption requested] for a step,
+    decided together (one small all-reduce, no host sync).
+
+    With a fused optimizer (and not fp16) the step skips itself on the device when a flag is set
+    (the optimizer's `found_inf`), and the flags reach the host one step late through a pinned,
+    non-blocking copy: `check` at step s reads step s-1's flags before step s's update, so a bad
+    step stops the run with the weights from before it. Otherwise the flags are read at once.
+    Under fp16 a non-finite gradient is the loss scaler's overflow, which skips the step by
+    design: only a non-finite loss stops the run."""
+
+    def __init__(self, acc: Accelerator, optimizer: torch.optim.Optimizer, preempt: "PreemptionFlag") -> None:
+        self.acc, self.preempt = acc, preempt
+        self.inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
+        self.fp16 = acc.mixed_precision == "fp16"
+        self.deferred = bool(self.inner.defaults.get("fused")) and not self.fp16
+        self.pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
+        self.preempted = False  # a preemption flag has been read
+
+    def check(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        """After step `step`'s backward and clipping, before its update. Raises BadStep for a
+        non-finite step (this one, or the previous one when deferred) before the update."""
+        dev = loss.device
+        flags = torch.stack([(~torch.isfinite(loss)).float(),
+                             (~torch.isfinite(norm)).float().to(dev) * (0.0 if self.fp16 else 1.0),
+                             torch.full((), float(self.preempt.requested()), device=dev)])
+        if self.acc.num_processes > 1:
+            flags = self.acc.reduce(flags, "max")
+        if not self.deferred:
+            self._read(step, flags.cpu())
+            return
+        self.inner.found_inf = flags[:2].amax()  # the fused kernel skips the whole update when it is 1
+        self.flush()
+        host = torch.empty(3, pin_memory=dev.type == "cuda")
+        host.copy_(flags, non_blocking=True)
+        event = None
+        if dev.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self.pending = (step, host, event)
+
+    def flush(self) -> None:
+        """Reads the pending step's flags (waiting for them): at log, eval and checkpoint points."""
+        if self.pending is not None:
+            step, host, event = self.pending
+            self.pending = None
+            if event is not None:
+                event.synchronize()
+            self._read(step, host)
+
+    def _read(self, step: int, flags: torch.Tensor) -> None:
+        self.preempted = self.preempted or bool(flags[2])
+        if flags[0] or flags[1]:
+            raise BadStep(step, "loss" if flags[0] else "gradient")
+
+
+class BadStep(Exception):
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(f"non-finite {what} at step {step}")
+        self.step, self.what = step, what
+
+
+def train_step(acc: Accelerator, model, optimizer, scheduler, batch: Batch, step: int, per_process: float,
+               rank_weight: float, grad_clip: float, guard: StepGuard) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of each micro-batch (gradients synced on the last one only), clipping,
+    the guard, the update and the schedule. Returns (summed loss, gradient norm), both on the device."""
+    total = torch.zeros((), device=acc.device)
+    for m, mb in enumerate(batch.micro):
+        with acc.no_sync(model) if m < len(batch.micro) - 1 else contextlib.nullcontext():
+            pred = model(mb.x).float()
+            ranked = (gather_global(pred, batch.sizes), batch.targets) if rank_weight > 0 else None
+            losses = sample_losses(pred, mb.target, rank_weight, ranked, mb.offset)
+            acc.backward(losses.sum() / per_process)
+        total += losses.detach().sum()
+    norm = acc.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    guard.check(step, total, norm)
+    optimizer.step()
+    if not (guard.fp16 and optimizer.step_was_skipped):  # fp16 overflow: the scaler skipped this step
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, norm
+
+
+def next_batch(data: Data, augmenter: Augmenter, shares: Shares, step: int, to_target, device: torch.device,
+               rank_weight: float = 0.0) -> Batch:
+    """This process's share of global batch `step`: augmented on the device, one upload per
+    micro-batch. to_target maps dataset scores to training targets (ModelCard.to_target)."""
     rows, k = data.plan.batch(step)
     params = augmenter.draw(len(rows))  # drawn for the whole global batch on every process
-    total, n = torch.zeros((), device=acc.device), 0
-    for m, sl in enumerate(shares.slices()):
-        with acc.no_sync(model) if m < shares.accum - 1 else contextlib.nullcontext():
-            x, y = micro_batch(data.train, augmenter, rows[sl], None if k is None else k[sl], params[sl], acc.device)
-            loss = loss_sum(model(x), to_target(y), cfg.optim.rank_weight)
-            acc.backward(loss / shares.per_process)
-        total += loss.detach()
-        n += len(y)
-    return total, n
+    store = data.train
+    micro = []
+    for sl in shares.slices():
+        r = rows[sl]
+        pixels, offsets, widths = store.gather(r, device)
+        if k is None:  # fresh random crops inside each image
+            y0, x0 = augmenter.crop_origin(params[sl], store.heights[r], store.widths[r])
+        else:  # patch k of each cached strip
+            y0, x0 = k[sl] * augmenter.size, torch.zeros(len(r), dtype=torch.long)
+        packed = augmenter.upload(offsets, widths, y0, x0, params[sl], store.scores[r], device)
+        x, scores = augmenter.apply(pixels, packed)
+        micro.append(MicroBatch(x, to_target(scores), sl.start))
+    if rank_weight <= 0:
+        return Batch(micro)
+    targets = to_target(store.scores[rows]).to(device, non_blocking=True)
+    return Batch(micro, targets, shares.sizes())
 
 
 class PreemptionFlag:
@@ -277,124 +456,119 @@ class PreemptionFlag:
         return self.raised or bool(self.stop_file and os.path.exists(self.stop_file))
 
 
-def step_flags(acc: Accelerator, loss: torch.Tensor, norm: torch.Tensor, preempt: PreemptionFlag) -> torch.Tensor:
-    """[any loss non-finite, gradient non-finite, any process preempted]: one small all-reduce a
-    step, so every process takes the same decision. Under fp16 an infinite gradient is the loss
-    scaler's overflow, which skips the step by design: only a non-finite loss stops the run."""
-    bad_grad = (~torch.isfinite(norm)).float() * (acc.mixed_precision != "fp16")
-    flags = torch.stack([(~torch.isfinite(loss)).float(), bad_grad,
-                         torch.tensor(float(preempt.requested()), device=loss.device)]).to(acc.device)
-    return (acc.reduce(flags, "max") if acc.num_processes > 1 else flags).cpu()
-
-
-def stop_non_finite(acc: Accelerator, run: RunDir, step: int, flags: torch.Tensor, loss: torch.Tensor,
-                    norm: torch.Tensor) -> None:
-    """Stops every process before the optimizer step; the state is kept for debugging."""
-    debug = run.path / f"debug-step-{step:08d}"
+def stop_non_finite(acc: Accelerator, run: RunDir, bad: BadStep) -> None:
+    """Every process stops before any update from the bad step; the state is kept for debugging."""
+    debug = run.path / f"debug-step-{bad.step:08d}"
     acc.save_state(str(debug))
-    raise NonFiniteLoss(f"non-finite {'loss' if flags[0] else 'gradient'} at step {step} "
-                        f"(this process: loss {loss.item():.4g}, grad norm {float(norm):.4g}); "
-                        f"stopped before the optimizer step; state kept in {debug}")
+    raise NonFiniteLoss(f"non-finite {bad.what} at step {bad.step}; no optimizer step was taken from it and "
+                        f"training stopped; the weights and optimizer state from before it are kept in {debug}")
 
 
-def evaluate_and_select(cfg: Config, acc: Accelerator, run: RunDir, model, data: Data, augmenter: Augmenter,
-                        state: TrainState, to_score, eval_batch: int) -> dict:
+def maybe_compile(model, cfg: Config, console: Console):
+    """torch.compile with the inductor cache next to the data cache (a shared file system on a
+    cluster), so a second run or a resumed one reuses the compiled kernels instead of waiting."""
+    if not cfg.train.compile:
+        return model
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root(cfg) / "inductor"))
+    mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
+    return torch.compile(model, mode=mode)
+
+
+def evaluate_and_select(cfg: Config, acc: Accelerator, run: RunDir, eval_model, data: Data, augmenter: Augmenter,
+                        state: TrainState, card: ModelCard, eval_batch: int) -> dict:
     """Validation metrics; a new best (val SRCC) is exported as the run's model."""
-    # unwrapped (Accelerate keeps its autocast): a DDP forward could wait on a rank without images
-    result = evaluate_split(acc.unwrap_model(model), data.val, augmenter, cfg.data.test_patch_num, eval_batch, acc,
-                            to_score)
-    val = {k: result[k] for k in ("srcc", "plcc", "krcc", "rmse", "n")}
-    srcc = val["srcc"] if math.isfinite(val["srcc"]) else -math.inf  # constant predictions: undefined
-    if srcc > state.best_srcc or state.best_step == 0:  # the first evaluation always exports a model
-        state.best_srcc, state.best_step, state.bad_evals = srcc, state.step, 0
-        extra = {"score_norm": cfg.data.score_norm, "score_range": list(data.score_range),
-                 "resize": data.view.image_meta["resize"],
-                 "dataset": cfg.data.dataset, "test_patch_num": cfg.data.test_patch_num, "step": state.step,
-                 "val": val, "mean": list(augmenter.mean.tolist()), "std": list(augmenter.std.tolist())}
-        run.export_model(acc.unwrap_model(model, keep_torch_compile=False).state_dict(), cfg, extra)
-    else:
-        state.bad_evals += 1
-    state.stopped_early = 0 < cfg.train.patience <= state.bad_evals
+    result = evaluate_split(eval_model, data.val, augmenter, eval_batch, acc, card.to_score, cfg.train.compile)
+    val = {k: result[k] for k in METRIC_KEYS}
+    if update_best(state, val["srcc"], cfg.train.patience):
+        view = data.view
+        ids = view.ids("train")
+        exported = replace(card, step=state.step, val=val)
+        run.export_model(acc.unwrap_model(eval_model, keep_torch_compile=False).state_dict(), exported,
+                         view.names(ids) if acc.is_main_process else [], view.groups(ids) if acc.is_main_process else [])
     return val
 
 
-def test_selected(cfg: Config, acc: Accelerator, run: RunDir, model, data: Data, augmenter: Augmenter,
-                  to_score, eval_batch: int) -> dict:
+def test_selected(cfg: Config, acc: Accelerator, run: RunDir, eval_model, data: Data, augmenter: Augmenter,
+                  card: ModelCard, eval_batch: int) -> dict:
     """Loads the selected weights and evaluates the test split once."""
     acc.wait_for_everyone()
-    acc.unwrap_model(model, keep_torch_compile=False).load_state_dict(load_file(str(run.model_dir / "model.safetensors")))
-    test = data.view.patch_store("test", shard(len(data.view.ids("test")), acc.num_processes, acc.process_index))
-    result = evaluate_split(acc.unwrap_model(model), test, augmenter, cfg.data.test_patch_num, eval_batch, acc,
-                            to_score)
-    return {k: result[k] for k in ("srcc", "plcc", "krcc", "rmse", "n")}
+    bare = acc.unwrap_model(eval_model, keep_torch_compile=False)
+    bare.load_state_dict(load_file(str(run.model_dir / "model.safetensors")))
+    d = cfg.data
+    test = data.view.eval_set("test", d.test_protocol, d.test_patch_num, cfg.model.img_size,
+                              shard(len(data.view.ids("test")), acc.num_processes, acc.process_index))
+    result = evaluate_split(eval_model, test, augmenter, eval_batch, acc, card.to_score, cfg.train.compile)
+    return {k: result[k] for k in METRIC_KEYS}
 
 
 # ---------------------------------------------------------------- the loop
 
 
-def train(cfg: Config, resume: str = "") -> Path:
+def train(cfg: Config, resume: str = "", extend: bool = False) -> Path:
     """Trains `cfg`; returns the run directory. Call under `accelerate launch` for many processes."""
     acc = build_accelerator(cfg, Path(cfg.run.root))
     preempt = PreemptionFlag()  # first: a requeue warning may come during data preparation
-    console = Console(quiet=not acc.is_main_process)
-    if cfg.train.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    run, resuming = RunDir.open(cfg, resume, acc)
+    console = console_for(acc.is_main_process)
+    target = RunDir.choose(cfg, resume, extend, acc)  # a bad --resume fails before anything is built
+    set_seed(cfg.train.seed)  # identical initial weights on every process
+    model = build_model(cfg.model)  # before the data: a missing weight file fails in seconds
     data = load_data(cfg, acc, console)
     shares = Shares.plan(cfg.train.batch_size, cfg.train.micro_batch_size, acc.num_processes, acc.process_index)
-    total_steps = cfg.train.max_steps or cfg.train.epochs * data.plan.steps_per_epoch
-    eval_every = cfg.train.eval_every or data.plan.steps_per_epoch
+    if cfg.optim.rank_weight > 0 and shares.accum > 1:
+        raise UserError("optim.rank_weight > 0 pairs predictions across the whole global batch, which needs each "
+                        "process's share in one forward: set train.micro_batch_size=0 (or raise it)")
+    steps_per_epoch = data.plan.steps_per_epoch
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    eval_every = cfg.train.eval_every or steps_per_epoch
     checkpoint_every = cfg.train.checkpoint_every or eval_every
     eval_batch = cfg.train.eval_batch_size or 2 * math.ceil(shares.per_process / shares.accum)
-    to_target, to_score = score_maps(cfg, data.score_range)
 
-    set_seed(cfg.train.seed)  # identical initial weights on every process
-    model = build_model(cfg.model)
-    counts = parameter_counts(model)
     augmenter = Augmenter(cfg.augment, cfg.model.img_size, model.mean, model.std, cfg.train.seed)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_schedule(optimizer, cfg, total_steps)
+    optimizer = build_optimizer(model.to(acc.device), cfg)
+    scheduler = build_schedule(optimizer, cfg, total_steps, steps_per_epoch)
+    weights, groups, counts = provenance(cfg.model), group_sizes(optimizer), parameter_counts(model)
+    card = model_card(cfg, data.view, model, weights, groups)
+    run = RunDir.open(cfg, target, acc, {"weights": weights, "parameter_groups": groups})
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    if cfg.train.compile:
-        model = torch.compile(model)
+    forward, eval_model = maybe_compile(model, cfg, console), maybe_compile(acc.unwrap_model(model), cfg, console)
     state = TrainState()
     acc.register_for_checkpointing(state, augmenter)
     set_seed(cfg.train.seed, device_specific=True)  # dropout and drop path differ per process
-    if resuming and run.latest_checkpoint():
+    if target.resuming:
         acc.load_state(str(run.latest_checkpoint()))  # weights, optimizer, schedule, every RNG, state
         if not acc.is_main_process:  # the checkpoint holds the global window sums (consolidate_window)
             state.window_loss, state.window_n = 0.0, 0
+        if target.extended:
+            state.stopped_early = False  # a longer schedule (or patience) continues past the old end
         run.truncate_metrics(state.step)
-        acc.print(f"resumed {run.path} at step {state.step}")
-    acc.print(f"parameters: backbone {counts['backbone'] / 1e6:.2f}M, hyper network {counts['hyper'] / 1e6:.2f}M, "
-              f"total {counts['total'] / 1e6:.2f}M | {acc.num_processes} process(es), {acc.mixed_precision} | "
-              f"batch {cfg.train.batch_size} = {acc.num_processes} x {shares.accum} x ~{shares.per_process / shares.accum:.1f} | "
-              f"{total_steps} steps ({data.plan.steps_per_epoch}/epoch) | run {run.path}")
+        acc.print(f"resumed {run.path} at step {state.step}" + (f" ({'; '.join(target.extended)})" if target.extended else ""))
+    print_start(acc, cfg, counts, weights, groups, shares, total_steps, steps_per_epoch, run)
     if cfg.run.log_with:
         acc.init_trackers(run.path.name, config={f"{s}.{k}": str(v) for s, d in cfg.to_dict().items()
                                                  if isinstance(d, dict) for k, v in d.items()})
-    display = Display(console, total_steps, data.plan.steps_per_epoch, cfg.train.log_every)
-    window = {"t0": time.time(), "step0": state.step}  # for patches/s; the loss window is in `state`
+    display = Display(console, total_steps, steps_per_epoch, cfg.train.log_every)
+    guard = StepGuard(acc, optimizer, preempt)
+    window = {"t0": time.time(), "step0": state.step, "loss": torch.zeros((), device=acc.device)}
+    o = cfg.optim
 
     model.train()
     while state.step < total_steps and not state.stopped_early:
-        local_loss, n_local = forward_backward(acc, model, data, augmenter, shares, state.step, to_target, cfg)
-        norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-        flags = step_flags(acc, local_loss, norm, preempt)
-        if flags[:2].any():
-            stop_non_finite(acc, run, state.step, flags, local_loss, norm)
-        optimizer.step()
-        if not optimizer.step_was_skipped:  # fp16 overflow: the scaler skipped this step
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        batch = next_batch(data, augmenter, shares, state.step, card.to_target, acc.device, o.rank_weight)
+        try:
+            loss, norm = train_step(acc, forward, optimizer, scheduler, batch, state.step, shares.per_process,
+                                    o.rank_weight, o.grad_clip, guard)
+        except BadStep as bad:
+            stop_non_finite(acc, run, bad)
         state.step += 1
-        state.window_loss += local_loss.item()
-        state.window_n += n_local
-        display.step(state.step, state.window_loss / max(1, state.window_n), scheduler.get_last_lr()[0])
-
-        if state.step % eval_every == 0 or state.step == total_steps:
-            val = evaluate_and_select(cfg, acc, run, model, data, augmenter, state, to_score, eval_batch)
+        window["loss"] += loss
+        state.window_n += sum(len(mb.target) for mb in batch.micro)
+        evaluate_now = state.step % eval_every == 0 or state.step == total_steps
+        display.step(state.step)
+        if display.wants_line(state.step) or evaluate_now or state.step % checkpoint_every == 0:
+            sync_point(guard, acc, run, state, window)  # the only host reads of the step's results
+            display.line(state.step, state.window_loss / max(1, state.window_n), scheduler.get_last_lr()[0])
+        if evaluate_now:
+            val = evaluate_and_select(cfg, acc, run, eval_model, data, augmenter, state, card, eval_batch)
             record = log_record(acc, state, data, window, val, scheduler, norm)
             run.log(record)
             if cfg.run.log_with:
@@ -402,20 +576,50 @@ def train(cfg: Config, resume: str = "") -> Path:
             display.evaluation(record, state)
             state.window_loss, state.window_n = 0.0, 0
             window.update(t0=time.time(), step0=state.step)
-        if state.step % checkpoint_every == 0 or state.stopped_early or state.step == total_steps or flags[2]:
+        if state.step % checkpoint_every == 0 or state.stopped_early or state.step == total_steps or guard.preempted:
+            sync_point(guard, acc, run, state, window)
             consolidate_window(acc, state)
             run.save_checkpoint(state.step, cfg.train.keep_checkpoints)
-        if flags[2] and state.step < total_steps and not state.stopped_early:
+        if guard.preempted and state.step < total_steps and not state.stopped_early:
             display.close()
             raise Preempted(f"preempted at step {state.step}: checkpoint saved in {run.path}; relaunch to resume")
     display.close()
 
-    test = test_selected(cfg, acc, run, model, data, augmenter, to_score, eval_batch)
+    test = test_selected(cfg, acc, run, eval_model, data, augmenter, card, eval_batch)
     summary = summarize(run, state, data, test, acc, counts)
     run.write_summary(summary)
     display.summary(summary, run.path)
     acc.end_training()
     return run.path
+
+
+def sync_point(guard: StepGuard, acc: Accelerator, run: RunDir, state: TrainState, window: dict) -> None:
+    """Reads what the device holds for the host: the pending step flags (stopping on a bad step)
+    and the loss window, which moves into `state` (checkpointed) as a float."""
+    try:
+        guard.flush()
+    except BadStep as bad:
+        stop_non_finite(acc, run, bad)
+    state.window_loss += float(window["loss"])
+    window["loss"].zero_()
+
+
+def print_start(acc: Accelerator, cfg: Config, counts: dict, weights: dict, groups: dict, shares: Shares,
+                total_steps: int, steps_per_epoch: int, run: RunDir) -> None:
+    """The start-up lines: what is trained, from which weights, on what, with which batch."""
+    sha = f", sha256 {weights['sha256'][:12]}" if weights.get("sha256") else ""
+    lrs = {"backbone": cfg.optim.lr, "head": cfg.optim.lr * cfg.optim.lr_ratio}
+    acc.print(f"parameters: backbone {counts['backbone'] / 1e6:.2f}M + head {counts['hyper'] / 1e6:.2f}M = "
+              f"{counts['total'] / 1e6:.2f}M; model {cfg.model.backbone}, weights: {weights['source']} "
+              f"{weights['tag']}{sha}")
+    acc.print(f"optimizer: {cfg.optim.optimizer}; groups: " + ", ".join(
+        f"{name} {n / 1e6:.2f}M at lr {lrs[name]:.2e}" for name, n in groups.items())
+        + f" (LDA with the {cfg.optim.lda_group})")
+    procs = f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''}"
+    per = shares.per_process / shares.accum
+    acc.print(f"{procs}, precision {acc.mixed_precision if acc.mixed_precision != 'no' else 'fp32'}; batch "
+              f"{cfg.train.batch_size} patches per step = {acc.num_processes} process(es) x {shares.accum} "
+              f"micro-batch(es) x {per:.3g} patches; {total_steps} steps ({steps_per_epoch} per epoch); run {run.path}")
 
 
 def consolidate_window(acc: Accelerator, state: TrainState) -> None:

@@ -23,14 +23,15 @@ def test_bench_all_runs_and_writes_its_json(tmp_path):
     data = report["data"]
     for key in ("phase_one", "cache_device_crops", "cache_stored_patches", "speedup_device_crops",
                 "speedup_stored_patches", "cache_read_images_per_s", "cache_mb_per_1000_images",
-                "host_work_device_crops", "speedup_host_work", "cache_read_patches_per_s"):
+                "host_work_device_crops", "speedup_host_work", "cache_read_eval_images_per_s"):
         assert math.isfinite(data[key]) and data[key] > 0, key
     aug = report["augment"]
     assert all(math.isfinite(aug[k]) and aug[k] > 0 for k in ("torchvision_cpu", "iqa_dist", "speedup"))
     [row] = report["train"]
     assert row["backbone"] == "tiny" and row["precision"] == "fp32"
-    for key in ("model_only", "end_to_end", "gflop_per_patch"):
+    for key in ("model_only", "end_to_end", "gflop_per_patch", "anchor", "pct_of_anchor"):
         assert math.isfinite(row[key]) and row[key] > 0, key
     assert math.isfinite(row["overhead_pct"])
-    assert report["eval"]["images_per_s"] > 0 and report["eval"]["test_patch_num"] == 20
+    [ev] = report["eval"]
+    assert ev["images_per_s"] > 0 and ev["test_patch_num"] == 20
     assert "x phase one" in out.stdout and "model only" in out.stdout and "images/s" in out.stdout

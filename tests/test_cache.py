@@ -54,8 +54,8 @@ def test_koniq_folder_counts_and_pixels(tmp_path):
         n = int(store.heights[row] * store.widths[row] * 3)
         got = store.pixels[int(store.offsets[row]):int(store.offsets[row]) + n].numpy().reshape(384, 512, 3)
         assert np.array_equal(got, expected)  # landscape, exactly PIL decode + resize
-    strips = view.patch_store("test")
-    assert strips.heights.tolist() == [3 * 112] * 2 and strips.widths.tolist() == [112] * 2
+    images = view.eval_set("test", "random", 3, 112)
+    assert images.origins.shape == (2, 3, 2) and images.store.heights.tolist() == [384] * 2
     random_view = prepare(koniq_cfg(tmp_path / "koniq", tmp_path / "c", "data.split=random"))
     assert sum(random_view.meta["counts"].values()) == 12
     assert random_view.meta["images"] == view.meta["images"]  # a new split reuses the decoded images
@@ -75,8 +75,8 @@ def test_second_prepare_is_noop_and_changed_input_rebuilds(tmp_path, capsys):
     third = prepare(cfg)
     assert third.path.parent.parent != first.path.parent.parent
     assert len(complete_caches(tmp_path / "c")) == 2
-    patch_change = prepare(koniq_cfg(tmp_path / "k", tmp_path / "c", "data.test_patch_num=4"))
-    assert patch_change.path.parent.parent == third.path.parent.parent and patch_change.path != third.path
+    split_change = prepare(koniq_cfg(tmp_path / "k", tmp_path / "c", "data.split_seed=4"))
+    assert split_change.path.parent.parent == third.path.parent.parent and split_change.path != third.path
 
 
 def make_bad(root: Path) -> dict[str, str]:

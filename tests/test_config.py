@@ -17,13 +17,13 @@ from .conftest import run_cli
 def test_presets_load_and_encode_their_recipes():
     assert set(preset_names()) >= {"koniq-swin-t", "koniq-resnet50", "koniq-swin-b-long", "demo"}
     t = load_config("koniq-swin-t")
-    assert (t.model.backbone, t.model.fusion, t.model.dropout, t.model.drop_path) == ("swin_tiny_patch4_window7_224", "concat", 0.3, 0.2)
+    assert (t.model.backbone, t.model.fusion, t.model.dropout, t.model.drop_path) == ("swin_tiny_patch4_window7_224.ms_in1k", "concat", 0.3, 0.2)
     assert (t.optim.lr, t.optim.lr_ratio, t.optim.weight_decay, t.optim.grad_clip) == (1e-5, 10.0, 1e-4, 1.0)
     assert (t.train.batch_size, t.train.epochs, t.train.patience, t.train.mixed_precision) == (96, 30, 7, "bf16")
     assert (t.augment.brightness, t.augment.contrast, t.augment.saturation, t.augment.hue) == (0.1, 0.1, 0.1, 0.05)
     assert t.data.resize == "512x384" and t.data.score_column == "MOS_zscore"
     r = load_config("koniq-resnet50")
-    assert (r.model.backbone, r.optim.lr, r.optim.weight_decay, r.train.epochs, r.data.train_patch_num) == ("resnet50", 2e-5, 5e-4, 16, 25)
+    assert (r.model.backbone, r.optim.lr, r.optim.weight_decay, r.train.epochs, r.data.train_patch_num) == ("resnet50.tv_in1k", 2e-5, 5e-4, 16, 25)
     assert r.model.dropout == 0 and r.augment.brightness == r.augment.hue == 0
     b = load_config("koniq-swin-b-long")
     assert b.model.backbone.startswith("swin_base") and b.train.epochs == 60 and b.optim.warmup_steps > 0
@@ -110,7 +110,7 @@ def test_switching_dataset_drops_the_presets_dataset_fields():
 
     cfg = load_config_for("koniq-swin-t", ["data.dataset=spaq", "data.root=/x"])
     assert (cfg.data.score_column, cfg.data.resize, cfg.data.split) == ("", "auto", "random")
-    assert cfg.model.backbone == "swin_tiny_patch4_window7_224"  # the recipe itself stays
+    assert cfg.model.backbone == "swin_tiny_patch4_window7_224.ms_in1k"  # the recipe itself stays
     kept = load_config_for("koniq-swin-t", ["data.dataset=spaq", "data.score_column=Sharpness"])
     assert kept.data.score_column == "Sharpness"
     same = load_config_for("koniq-swin-t", ["data.root=/x"])

@@ -16,7 +16,7 @@ import iqa_dist
 from iqa_dist.augment import normalize
 from iqa_dist.errors import UserError
 from iqa_dist.evaluate import write_predictions
-from iqa_dist.predict import grid_origins
+from iqa_dist.protocol import grid_origins, patch_origins
 
 from . import fixtures
 from .conftest import RUN, run_cli, run_train
@@ -34,8 +34,8 @@ def images(tmp_path_factory):
 def test_evaluate_reproduces_the_training_test_metrics(single_run, tiny_overrides):
     """load_model round trip: the exported model on the cached test patches gives the metrics
     the training process reported for its selected model."""
-    out = run_cli("evaluate", "--run", str(single_run), "--dataset", "synthetic", "--preset", "demo",
-                  *[f"--{o}" for o in tiny_overrides if not o.startswith("model.")])
+    out = run_cli("evaluate", "--run", str(single_run), "--dataset", "synthetic",
+                  *[f"--{o}" for o in tiny_overrides if o.startswith("data.cache_dir")])
     assert out.returncode == 0, out.stderr
     report = json.loads((single_run / "eval-synthetic-test.json").read_text())
     summary = json.loads((single_run / "summary.json").read_text())
@@ -67,9 +67,10 @@ def test_scorer_matches_the_model_and_tta_with_one_crop_is_plain(single_run, ima
     a = scorer.prepare(path)
     y, x = grid_origins(a.shape[0], a.shape[1], scorer.size, 1)[0]
     assert (y, x) == ((a.shape[0] - scorer.size) // 2, (a.shape[1] - scorer.size) // 2)  # the centre
+    y, x = patch_origins(scorer.card.protocol, a, a.shape[0], a.shape[1], scorer.size, 1)[0]  # the model's protocol
     patch = torch.from_numpy(a[y:y + scorer.size, x:x + scorer.size].copy()).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
-        plain = scorer.to_score(scorer.model(normalize(patch, scorer.mean, scorer.std)).item())
+        plain = scorer.card.to_score(scorer.model(normalize(patch, scorer.mean, scorer.std)).item())
     assert scorer.score(path, crops=1, flip=False)[0] == pytest.approx(plain, abs=1e-4)
     # the same image as a path, a PIL image and a uint8 tensor (HWC and CHW) scores the same
     pil = Image.open(path)

@@ -8,7 +8,8 @@ import pytest
 
 from iqa_dist.config import DataConfig
 from iqa_dist.errors import UserError
-from iqa_dist.sources import assign_splits, read_source
+from iqa_dist.sources import read_source
+from iqa_dist.splits import assign_splits
 
 from . import fixtures
 
@@ -21,7 +22,7 @@ def test_koniq(tmp_path):
     rows = fixtures.koniq(tmp_path, n=12)
     data = read_source(DataConfig(dataset="koniq10k"), tmp_path)
     assert _names_scores(data) == sorted(rows)
-    assert data.score_range == (0.0, 100.0) and data.resize == "512x384" and data.official_splits
+    assert data.score_range == (0.0, 100.0) and data.resize == "512x384" and any(r.split for r in data.records)
     assert {r.split for r in data.records} == {"train", "val", "test"}
     mos = read_source(DataConfig(dataset="koniq10k", score_column="MOS"), tmp_path)
     assert mos.score_range == (1.0, 5.0) and all(1 <= r.score <= 5 for r in mos.records)

@@ -1,0 +1,75 @@
+"""The subcommands of `iqa-dist`: argument handling, printing and output formats only.
+
+Each module here has NAME, HELP, `add_arguments(parser)` and `run(args) -> exit status`; the work
+itself is done by the library modules (train, evaluate, predict, report, sweep, bench, ...),
+which a notebook can import without the CLI. This file holds what the commands share: the
+config options (--section.field=value) and turning them into a Config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from typing import Sequence
+
+from ..config import SECTIONS, all_keys, field_docs, load_config_for, preset_names
+from ..errors import UserError
+
+# The options people change most, shown first in `train --help` (and `demo`, `sweep`).
+COMMON = ("data.root", "data.split", "model.backbone", "model.pretrained", "optim.lr", "train.epochs",
+          "train.batch_size", "train.mixed_precision", "train.seed", "run.name")
+
+
+def add_preset(parser: argparse.ArgumentParser, default: str | None) -> None:
+    parser.add_argument("--preset", default=default, help=f"a shipped preset ({', '.join(preset_names())}) or a "
+                        f"YAML file [default {default or 'demo for synthetic, else koniq-swin-t'}]")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, keys: Sequence[str] | None = None,
+                         common: Sequence[str] = ()) -> None:
+    """One --section.field option per config field (or per key in `keys`), documented from the
+    config's comments; the `common` ones in a first group of their own."""
+    wanted = set(keys) if keys is not None else set(all_keys())
+    fields = {f"{s}.{f.name}": (s, cls, f) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    groups = {}
+    if common:
+        groups["common"] = parser.add_argument_group("most used options (the other fields follow, by section)")
+    for key, (section, cls, f) in fields.items():
+        if key not in wanted:
+            continue
+        if key in common:
+            group = groups["common"]
+        else:
+            group = groups.get(section) or groups.setdefault(
+                section, parser.add_argument_group(f"{section} ({cls.__doc__.strip()})"))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs = dict(nargs="?", const="true") if f.type in ("bool", bool) else {}
+        group.add_argument(f"--{key}", dest=key, metavar="V", default=argparse.SUPPRESS,
+                           help=f"{field_docs(cls).get(f.name, '')} [default {default!r}]", **kwargs)
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """The --section.field options given, as section.field=value overrides."""
+    return [f"{k}={v}" for k, v in vars(args).items() if "." in k]
+
+
+def config_from(args: argparse.Namespace, extra: Sequence[str] = ()):
+    return load_config_for(args.preset, [*extra, *overrides(args)])
+
+
+def reject_unknown(unknown: list[str]) -> None:
+    """Leftover arguments: an unknown option names its nearest config key (`--lr`: --optim.lr)."""
+    for item in unknown:
+        if not item.startswith("--"):
+            raise UserError(f"unexpected argument {item!r}")
+        key = item[2:].split("=")[0]
+        by_field = [k for k in all_keys() if k.split(".", 1)[1] == key]
+        hint = by_field or difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+        more = f"; did you mean --{hint[0]}?" if hint else ""
+        raise UserError(f"unknown option --{key}{more}")
+
+
+def positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"{name} {value}: must be at least 1")

@@ -1,0 +1,44 @@
+"""`iqa-dist bench`."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import add_config_arguments, add_preset, config_from
+
+NAME = "bench"
+USAGE = "iqa-dist bench {augment,data,train,eval,all} [options] [--SECTION.FIELD=VALUE ...]"
+HELP = "measure the data pipeline, training and evaluation throughput"
+DESCRIPTION = """\
+Throughput figures measured side by side in one run, printed as tables and written to a JSON file
+with the machine: the data pipeline against phase one's, the augmentation against torchvision's,
+the real training step against the model-only step and a plain timm classifier of the same
+backbone (the anchor), and evaluation images/s.
+
+examples:
+  iqa-dist bench train --batch 12,24,48,96,192 --precisions bf16   # the per-GPU batch table
+  iqa-dist bench all --batch 96 --steps 20 --workers 8 --compile"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=["augment", "data", "train", "eval", "all"], help="which figures")
+    p.add_argument("--images", type=int, default=24, help="data: KonIQ-size source JPEGs [24]")
+    p.add_argument("--batch", default="32", help="patches per batch; train takes a comma list [32; use 96 on a GPU]")
+    p.add_argument("--steps", type=int, default=6, help="timed batches per figure, after warm-up [6]")
+    p.add_argument("--workers", type=int, default=2, help="data: DataLoader workers of phase one's pipeline [2]")
+    p.add_argument("--backbones", default="", help="train: comma list of tiny,swin-t,swin-s,swin-b "
+                   "[tiny on CPU, swin-t,swin-s,swin-b on GPU]")
+    p.add_argument("--precisions", default="", help="train: comma list of fp32,bf16 [fp32 on CPU, both on GPU]")
+    p.add_argument("--compile", action="store_true", help="train, eval: also measure torch.compile")
+    p.add_argument("--device", default=None, help="cuda, cpu [default: cuda when available]")
+    p.add_argument("--output", default="", help="JSON file [default runs/bench-WHAT-TIME.json]")
+    p.add_argument("--work-dir", default="", help="where source JPEGs and caches go [a temporary folder]")
+    add_preset(p, "koniq-swin-t")
+    add_config_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import bench_command
+
+    bench_command(args.what, config_from(args), args)
+    return 0

@@ -1,0 +1,74 @@
+"""`iqa-dist evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..config import SOURCES
+from ..errors import UserError
+from ..output import console, metrics_table, print_table
+from . import add_config_arguments, overrides
+
+NAME = "evaluate"
+USAGE = "iqa-dist evaluate (--run RUN_DIR | --weights MODEL_DIR) --dataset NAME [--root DIR] [--split test|val|all] [options]"
+HELP = "evaluate a trained model on a dataset (its own test split, or cross-dataset)"
+DESCRIPTION = """\
+Score a trained model on a dataset with the model's own test protocol. On the dataset it trained
+on, the run's own data settings are used (split, seeds, resize), so `--split test` is the images
+it held out; images it trained on are refused unless --allow-train-overlap. On another dataset
+(`--split all`: every image) it is a cross-dataset evaluation, reported on that dataset's scale.
+Runs under `accelerate launch` too.
+
+examples:
+  iqa-dist evaluate --run runs/RUN --dataset koniq10k                            # its test split
+  iqa-dist evaluate --run runs/RUN --dataset spaq --root /data/spaq --split all  # cross-dataset"""
+
+# What evaluation reads of the config: the dataset's files and split (the patch size, protocol
+# and patch count come from the model).
+KEYS = ["data.root", "data.cache_dir", "data.score_column", "data.csv_file", "data.image_column", "data.image_dir",
+        "data.resize", "data.split", "data.split_seed", "data.test_fraction", "data.val_fraction",
+        "data.synthetic_size", "data.skip_bad", "data.workers", "train.eval_batch_size"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", default="", help="a run directory (its selected model)")
+    p.add_argument("--weights", default="", help="a model directory (model.safetensors + config.json)")
+    p.add_argument("--dataset", required=True, choices=SOURCES, metavar="NAME", help=" | ".join(SOURCES))
+    p.add_argument("--root", default="", help="its folder [default: the training run's, on its own dataset]")
+    p.add_argument("--split", default="test", choices=["val", "test", "all"],
+                   help="which images: the split's test or val part, or all of them (cross-dataset)")
+    p.add_argument("--allow-train-overlap", action="store_true",
+                   help="score images the model trained on (or of the same content) anyway; said in the title "
+                        "and recorded in the JSON")
+    p.add_argument("--preset", default=None, help="take the data settings from this preset instead of the run's")
+    p.add_argument("--output", default="", help="JSON file [default beside the model: eval-DATASET-SPLIT.json]")
+    add_config_arguments(p, KEYS)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluate import evaluate_model, write_predictions
+
+    if bool(args.run) == bool(args.weights):
+        raise UserError("evaluate: give exactly one of --run RUN_DIR or --weights MODEL_DIR")
+    extra = [f"data.root={args.root}"] if args.root else []
+    report = evaluate_model(args.run or args.weights, args.dataset, args.split, [*extra, *overrides(args)],
+                            args.preset, args.allow_train_overlap, console=console(stderr=True))
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
+    per_image = report.pop("per_image")
+    folder = Path(report["model"])
+    target = Path(args.output) if args.output else folder.parent / f"eval-{report['dataset']}-{args.split}.json"
+    target.write_text(json.dumps(report, indent=1))
+    predictions = target.with_suffix(".predictions.csv")
+    write_predictions(predictions, per_image["names"], per_image["targets"], per_image["preds"])
+    overlap = report["train_overlap"]
+    note = (f"; INCLUDES {overlap['images']} TRAINING IMAGES and {overlap['same_content']} of their content "
+            "(--allow-train-overlap)") if overlap["images"] or overlap["same_content"] else ""
+    print_table(console(), f"{folder} on {report['dataset']} ({args.split}, {report['protocol']} protocol, "
+                           f"{report['patches']} patches){note}", metrics_table({args.split: report["metrics"]}))
+    console(stderr=True).print(f"wrote {target} and {predictions.name}", highlight=False)
+    return 0

@@ -1,0 +1,47 @@
+"""`iqa-dist report`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.table import Table
+
+from ..output import console, print_table
+
+NAME = "report"
+HELP = "compare runs in a table (and plots)"
+DESCRIPTION = "Compare runs: the config fields that differ, val/test SRCC and PLCC, epochs, time, throughput."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="*", help="run directories or folders of runs [default: runs/]")
+    p.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    p.add_argument("--plot", default="", metavar="DIR", help="write train_loss.png and val_srcc.png there")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..report import PHASE_ONE, find_runs, load_run, markdown, plot, rows
+
+    runs = [load_run(p) for p in find_runs(args.runs)]
+    header, body = rows(runs, "; " if args.markdown else "\n")
+    out = console()
+    if args.markdown:
+        out.print(markdown(header, body), markup=False, highlight=False)
+    else:
+        table = Table()
+        for h in header:
+            table.add_column(h, justify="left" if h in ("run", "differs") else "right", overflow="fold")
+        for r in body:
+            table.add_row(*r)
+        print_table(out, f"{len(runs)} run(s)", table)
+        ref = Table()
+        for h in ("config", "SRCC", "PLCC"):
+            ref.add_column(h)
+        for name, s, p in PHASE_ONE:
+            ref.add_row(name, f"{s:.4f}", f"{p:.4f}")
+        print_table(out, "phase one (KonIQ-10k, Q-Align split, selected on test)", ref)
+    if args.plot:
+        for path in plot(runs, Path(args.plot)):
+            console(stderr=True).print(f"wrote {path}", highlight=False)
+    return 0

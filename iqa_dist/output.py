@@ -1,0 +1,125 @@
+"""What the commands show: consoles, tables, numbers, and a training run's progress.
+
+In a terminal: rich's live bars and the terminal's width. In files and pipes (cluster logs):
+one message per line at any length (no hard wrap at 80 columns, no titles folded inside a table's
+width), plain progress lines every `train.log_every` steps. Only the main process prints.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .metrics import METRIC_KEYS
+
+LOG_WIDTH = 1000  # columns of a non-terminal console: wide enough that no message or table folds
+
+
+def console(stderr: bool = False, quiet: bool = False, file=None) -> Console:
+    """The terminal's console, or in files and pipes one that never wraps a message."""
+    probe = Console(stderr=stderr, quiet=quiet, file=file)
+    if probe.is_terminal:
+        return probe
+    return Console(stderr=stderr, quiet=quiet, file=file, width=LOG_WIDTH, soft_wrap=True)
+
+
+def console_for(main_process: bool) -> Console:
+    """stderr for the main process; the other processes print nothing (no output storm)."""
+    return console(stderr=True, quiet=not main_process)
+
+
+def fmt(v) -> str:
+    """One number format for every table: correlations (|v| <= 1) to 4 places, other floats to 4
+    significant digits, '-' for missing or NaN; anything else as str."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) <= 1 else f"{v:.4g}"
+    return str(v)
+
+
+def print_table(out: Console, title: str, table: Table) -> None:
+    """The title on its own line (a Table title would fold at the table's width), then the table."""
+    out.print(title, highlight=False)
+    out.print(table)
+
+
+def metrics_table(rows: dict[str, dict]) -> Table:
+    """rows: split (or any label) -> metrics dict (srcc, plcc, krcc, rmse, n)."""
+    table = Table()
+    table.add_column("split")
+    for m in METRIC_KEYS:
+        table.add_column(m.upper() if m != "n" else "images", justify="right")
+    for name, m in rows.items():
+        table.add_row(name, *(fmt(m.get(k)) for k in METRIC_KEYS))
+    return table
+
+
+class Display:
+    """A training run's progress: a live bar in a terminal, a line every log_every steps in logs.
+
+    The ETA uses the rate over the last ETA_WINDOW steps (evaluation pauses included, in
+    proportion), so it does not swing with each evaluation the way a 10-step rate does."""
+
+    ETA_WINDOW = 500
+
+    def __init__(self, console: Console, total_steps: int, steps_per_epoch: int, log_every: int) -> None:
+        self.console = console
+        self.live = console.is_terminal and not console.quiet
+        self.total, self.per_epoch, self.log_every = total_steps, steps_per_epoch, log_every
+        self.times: deque[tuple[float, int]] = deque(maxlen=self.ETA_WINDOW)
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, disable=not self.live)
+        self.run_task = self.progress.add_task("steps", total=total_steps, info="")
+        self.epoch_task = self.progress.add_task("epoch", total=steps_per_epoch, info="")
+        self.progress.start()
+
+    def step(self, step: int) -> None:
+        """After every step: the bars move (no loss here: reading it would sync the device)."""
+        self.times.append((time.time(), step))
+        epoch = step // self.per_epoch
+        self.progress.update(self.run_task, completed=step)
+        self.progress.update(self.epoch_task, completed=step - epoch * self.per_epoch, description=f"epoch {epoch + 1}")
+
+    def wants_line(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.total
+
+    def rate(self) -> float:
+        """Steps per second over the window."""
+        if len(self.times) < 2:
+            return 0.0
+        (t0, s0), (t1, s1) = self.times[0], self.times[-1]
+        return (s1 - s0) / max(t1 - t0, 1e-9)
+
+    def line(self, step: int, loss: float, lr: float) -> None:
+        rate = self.rate()
+        info = f"loss {loss:.4f}  lr {lr:.2e}  {rate:.2f} steps/s"
+        self.progress.update(self.run_task, info=info)
+        if not self.live:
+            eta = (self.total - step) / rate / 60 if rate else float("nan")
+            self.console.print(f"step {step}/{self.total} epoch {step / self.per_epoch:.2f} {info} eta {eta:.1f} min",
+                               highlight=False)
+
+    def evaluation(self, record: dict, state) -> None:
+        val = {k[4:]: v for k, v in record.items() if k.startswith("val_")}
+        best = " (best)" if state.best_step == record["step"] else f" (best {state.best_srcc:.4f} at step {state.best_step})"
+        title = (f"step {record['step']}  epoch {record['epoch']:.2f}  train loss {record['train_loss']:.4f}  "
+                 f"{record['patches_per_s']:.0f} patches/s{best}")
+        print_table(self.console, title, metrics_table({"val": val}))
+
+    def summary(self, summary: dict, path: Path) -> None:
+        title = (f"selected step {summary['best_step']} (epoch {summary['best_epoch']}) of {summary['steps_run']}"
+                 f"{', stopped early' if summary['stopped_early'] else ''}; "
+                 f"{summary['train_seconds']:.0f} s training, {summary['patches_per_s']} patches/s")
+        print_table(self.console, title, metrics_table({"val": summary["val"], "test": summary["test"]}))
+        self.console.print(f"run directory: {path}", highlight=False)
+
+    def close(self) -> None:
+        self.progress.stop()

@@ -1,0 +1,235 @@
+"""A CLI without sharp edges: results that cannot leak, failed starts that leave nothing, resume
+and extend, one-line errors with exit 2, full-width logs, help that starts with what matters."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from iqa_dist.cli import main
+from iqa_dist.output import Display, console
+
+from . import fixtures
+from .conftest import RUN, metrics, only_run, run_train
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`iqa-dist ARGS` in this process: (exit status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
+def one_line_error(code: int, err: str, *expected: str) -> None:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+
+
+# ---------------------------------------------------------------- trust: evaluate never leaks
+
+
+def test_evaluate_uses_the_runs_split_and_refuses_training_images(single_run, cache_root, tmp_path, capsys):
+    cache = f"--data.cache_dir={cache_root}"
+    # another seed's split mixes the run's training contents into "test": refused, counted
+    code, _, err = cli(capsys, "evaluate", "--run", str(single_run), "--dataset", "synthetic", "--preset", "demo",
+                       cache, "--data.synthetic_size=1", "--data.split_seed=5", "--output", str(tmp_path / "a.json"))
+    assert code == 2 and "images this model trained on" in err and "--allow-train-overlap" in err
+    assert not (tmp_path / "a.json").exists()
+    code, out, _ = cli(capsys, "evaluate", "--run", str(single_run), "--dataset", "synthetic", "--preset", "demo",
+                       cache, "--data.synthetic_size=1", "--data.split_seed=5", "--allow-train-overlap",
+                       "--output", str(tmp_path / "b.json"))
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert code == 0 and report["train_overlap"]["allowed"] and report["train_overlap"]["images"] > 0
+    assert "TRAINING IMAGES" in out
+    # every image of the dataset ("all") includes the training images too
+    code, _, err = cli(capsys, "evaluate", "--run", str(single_run), "--dataset", "synthetic", "--split", "all", cache)
+    assert code == 2 and "trained on" in err
+
+
+def test_evaluate_split_all_names_its_output_all(single_run, tmp_path, capsys):
+    fixtures.kadid(tmp_path / "kadid", refs=2, per_ref=3)
+    code, out, err = cli(capsys, "evaluate", "--run", str(single_run), "--dataset", "kadid10k", "--root",
+                         str(tmp_path / "kadid"), "--split", "all", f"--data.cache_dir={tmp_path / 'c'}")
+    assert code == 0, err
+    assert (single_run / "eval-kadid10k-all.json").is_file() and "(all," in out
+    assert json.loads((single_run / "eval-kadid10k-all.json").read_text())["split"] == "all"
+
+
+# ---------------------------------------------------------------- failed starts, resume, extend
+
+
+def test_a_failed_start_leaves_no_run_directory(tiny_overrides, tmp_path):
+    bad_root = run_train(["data.dataset=csv", f"data.root={tmp_path / 'missing'}", f"run.root={tmp_path / 'r'}",
+                          *[o for o in tiny_overrides if "synthetic" not in o]])
+    assert bad_root.returncode == 2 and "no such folder" in bad_root.stderr
+    fixtures.generic_csv(tmp_path / "d", n=4)
+    (tmp_path / "d" / "meta.csv").write_text("file_name,quality_value\na.png,3\n")
+    bad_csv = run_train(["data.dataset=csv", f"data.root={tmp_path / 'd'}", f"run.root={tmp_path / 'r'}",
+                         *[o for o in tiny_overrides if "synthetic" not in o]])
+    assert bad_csv.returncode == 2 and "no image column" in bad_csv.stderr
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_resume_auto_ignores_runs_without_a_checkpoint(single_run, tmp_path):
+    from iqa_dist.rundir import RunDir
+
+    root = tmp_path / "runs"
+    never = root / "20200101-000000-demo"
+    (never / "checkpoints").mkdir(parents=True)
+    shutil.copy(single_run / "config.yaml", never / "config.yaml")
+    assert RunDir.find_resumable(root, "demo") is None
+    with_checkpoint = root / "20200101-000001-demo"
+    shutil.copytree(single_run, with_checkpoint)
+    (with_checkpoint / "summary.json").unlink()
+    assert RunDir.find_resumable(root, "demo") == with_checkpoint
+
+
+def test_finished_run_says_so_and_extend_trains_it_longer(tiny_overrides, tmp_path):
+    overrides = [*tiny_overrides, *RUN, "train.max_steps=4", "train.eval_every=2", f"run.root={tmp_path}"]
+    first = run_train(overrides)
+    assert first.returncode == 0, first.stderr
+    run = only_run(tmp_path)
+    again = run_train(overrides, resume=str(run))
+    assert again.returncode == 0 and "has finished" in again.stderr and "Traceback" not in again.stderr
+    assert "resumed" not in again.stdout
+    longer = [*overrides, "train.max_steps=6"]
+    refused = run_train(longer, resume=str(run))
+    assert refused.returncode == 2 and "--extend" in refused.stderr
+    extended = subprocess_train(longer, run, "--extend")
+    assert extended.returncode == 0, extended.stderr
+    assert [r["step"] for r in metrics(run)] == [2, 4, 6]
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["extensions"][0]["changes"] == ["train.max_steps: 4 -> 6"]
+    assert json.loads((run / "summary.json").read_text())["steps_run"] == 6
+
+
+def subprocess_train(overrides: list[str], run: Path, *extra: str):
+    import os
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "iqa_dist", "train", "--preset", "demo", *[f"--{o}" for o in overrides],
+            "--resume", str(run), *extra]
+    return subprocess.run(args, capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+# ---------------------------------------------------------------- one-line errors, exit 2
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--device", "cuda"], "no CUDA GPU"),
+    (["--device", "gpu"], "not a device name"),
+    (["--crops", "-1"], "--crops -1: must be at least 1"),
+    (["--crops", "0"], "--crops 0: must be at least 1"),
+    (["--batch-images", "0"], "--batch-images 0: must be at least 1"),
+])
+def test_predict_bad_options_are_one_line(single_run, tmp_path, capsys, args, expected):
+    fixtures.image(tmp_path / "a.png", (150, 120), seed=1)
+    code, _, err = cli(capsys, "predict", str(single_run), str(tmp_path / "a.png"), *args)
+    one_line_error(code, err, expected)
+
+
+def test_csv_errors_say_what_is_there(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "meta.csv").write_text("")
+    code, _, err = cli(capsys, "prepare", "--dataset", "csv", "--root", str(tmp_path / "empty"),
+                       "--cache-dir", str(tmp_path / "c"))
+    one_line_error(code, err, "meta.csv: the file is empty")
+    (tmp_path / "header").mkdir()
+    (tmp_path / "header" / "meta.csv").write_text("image,mos\n")
+    code, _, err = cli(capsys, "prepare", "--dataset", "csv", "--root", str(tmp_path / "header"),
+                       "--cache-dir", str(tmp_path / "c"))
+    one_line_error(code, err, "the annotations list no images")
+
+
+def test_bad_rows_hints_name_real_options(tmp_path, capsys):
+    root = tmp_path / "small"
+    rows = []
+    for i in range(6):
+        fixtures.image(root / f"{i}.png", (100, 80), seed=i)
+        rows.append(f"{i}.png,{i}")
+    (root / "meta.csv").write_text("image,mos\n" + "\n".join(rows) + "\n")
+    code, _, err = cli(capsys, "prepare", "--dataset", "csv", "--root", str(root), "--cache-dir", str(tmp_path / "c"),
+                       "--data.workers=1")
+    assert code == 2 and "6 of 6 images are smaller than the 224-px patch" in err
+    assert "--preset" in err and "--data.resize short:224" in err
+    for i in range(5):
+        fixtures.image(root / f"big{i}.png", (240, 240), seed=10 + i)
+    (root / "meta.csv").write_text("image,mos\n" + rows[0] + "\n" + "".join(f"big{i}.png,{i}\n" for i in range(5)))
+    code, _, err = cli(capsys, "prepare", "--dataset", "csv", "--root", str(root), "--cache-dir", str(tmp_path / "c"),
+                       "--data.workers=1")
+    assert code == 2 and "--data.skip_bad=true" in err and "--skip-bad to drop" not in err
+    code, _, err = cli(capsys, "prepare", "--dataset", "csv", "--root", str(root), "--cache-dir", str(tmp_path / "c"),
+                       "--data.workers=1", "--skip-bad", "--data.test_fraction=0.4", "--data.val_fraction=0.34")
+    assert code == 0, err
+    listed = [p for p in err.split() if p.endswith("meta.json")]
+    assert listed and all(Path(p).is_file() and ".partial" not in p for p in listed)
+
+
+def test_synthetic_root_is_warned_about(tmp_path, capsys):
+    code, _, err = cli(capsys, "prepare", "--dataset", "synthetic", "--root", str(tmp_path / "mine"),
+                       "--cache-dir", str(tmp_path / "c"), "--data.synthetic_size=1")
+    assert code == 0 and "warning:" in err and "is ignored" in err
+
+
+def test_unknown_options_suggest_the_full_key(capsys):
+    code, _, err = cli(capsys, "train", "--preset", "demo", "--lr", "1e-3")
+    one_line_error(code, err, "unknown option --lr; did you mean --optim.lr?")
+
+
+# ---------------------------------------------------------------- output
+
+
+def test_logs_never_wrap_a_message(tmp_path, capsys):
+    deep = tmp_path / ("a-rather-long-folder-name-" * 6) / "data"
+    code, _, err = cli(capsys, "prepare", "--dataset", "koniq10k", "--root", str(deep), "--cache-dir", str(tmp_path))
+    one_line_error(code, err, str(deep))
+    wide = console()
+    assert wide.width >= 1000 and not wide.is_terminal  # pipes and files get the long lines whole
+
+
+def test_eta_is_smoothed_over_evaluation_pauses():
+    display = Display(console(quiet=True), total_steps=2000, steps_per_epoch=100, log_every=50)
+    now = [1000.0]
+    etas = []
+    for step in range(1, 1001):
+        now[0] += 0.1 + (30.0 if step % 100 == 0 else 0.0)  # a 30 s evaluation every 100 steps
+        display.times.append((now[0], step))
+        if step % 50 == 0 and step >= 500:
+            etas.append((2000 - step) / display.rate())
+    per_step = (0.1 * 100 + 30) / 100  # the true average, evaluations included
+    for step, eta in zip(range(500, 1001, 50), etas):
+        assert eta == pytest.approx((2000 - step) * per_step, rel=0.1)
+    display.close()
+
+
+def test_version_and_help_that_starts_with_what_matters(capsys):
+    code, out, _ = cli(capsys, "--version")
+    assert code == 0 and out.startswith("iqa-dist ")
+    code, out, _ = cli(capsys, "train", "--help")
+    assert code == 0 and "examples:" in out
+    common = out.index("most used options")
+    assert out.index("examples:") < common < out.index("--data.cache_dir")
+    for key in ("--data.root", "--optim.lr", "--train.epochs", "--train.batch_size", "--run.name"):
+        assert common < out.index(f"  {key} V", common) < out.index("--data.cache_dir"), key
+    code, out, _ = cli(capsys, "evaluate", "--help")
+    assert code == 0 and "--data.split" in out and "--allow-train-overlap" in out
+    for key in ("--optim.lr", "--train.epochs", "--model.backbone", "--augment.hue", "--data.train_patch_num"):
+        assert key not in out, key
+
+
+def test_startup_lines(tiny_overrides, tmp_path):
+    out = run_train([*tiny_overrides, *RUN, "train.max_steps=1", "train.eval_every=1", f"run.root={tmp_path}"])
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "1 process, precision fp32; batch 16 patches per step = 1 process(es) x 1 micro-batch(es) x 16 patches" in text
+    assert "optimizer: adamw; groups: backbone" in text
+
