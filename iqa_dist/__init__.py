@@ -1,8 +1,11 @@
 """iqa-dist: distributed multi-GPU training of Swin HyperIQA for blind image quality assessment.
 
-Pipeline: files (sources.py) -> cache (cache.py, decode.py) -> device augmentation (augment.py)
--> model (model.py) -> metrics (evaluate.py) -> run directory (rundir.py); train.py holds the
-loop, cli.py the commands. Importing the package is cheap: torch loads on first use.
+Pipeline: dataset files (sources.py, splits.py) -> cache (cache.py builds, store.py reads) ->
+device augmentation (augment.py) -> model (model.py) -> metrics (evaluate.py, metrics.py,
+protocol.py) -> run directory (rundir.py, card.py). train.py holds the loop; commands/ holds the
+CLI's subcommands, cli.py dispatches. "Phase one", named in comments, is the study this project
+continues: the README's "Reproducing the papers" defines it and gives its table. Importing the
+package is cheap: torch loads on first use.
 """
 
 __version__ = "0.1.0"

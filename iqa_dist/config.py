@@ -176,12 +176,14 @@ class TrainConfig:
     mixed_precision: str = "bf16"  # bf16 | fp16 (loss scaling) | no | launcher (take accelerate's setting)
     compile: bool = False  # torch.compile the model for training and evaluation (compiled kernels cached beside the data cache)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
+    compile_backend: str = "inductor"  # torch.compile backend: inductor (fused kernels) | aot_eager (tracing only, for debugging)
     deterministic: bool = False  # deterministic kernels (for exact resume/parity checks; slower)
     timeout_s: int = 600  # collective timeout: a failed rank brings the others down after this long
 
     def __post_init__(self) -> None:
         _choice("train.mixed_precision", self.mixed_precision, ("bf16", "fp16", "no", "launcher"))
         _choice("train.compile_mode", self.compile_mode, ("default", "reduce-overhead", "max-autotune-no-cudagraphs"))
+        _choice("train.compile_backend", self.compile_backend, ("inductor", "aot_eager"))
         for name in ("epochs", "batch_size", "keep_checkpoints", "log_every", "timeout_s"):
             _positive(f"train.{name}", getattr(self, name))
         for name in ("max_steps", "micro_batch_size", "eval_batch_size", "patience", "eval_every", "checkpoint_every"):

@@ -38,8 +38,14 @@ class LocalDistortionAware(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(pooled)
         self.fc = nn.Linear((reduce or channels) * pooled * pooled, out)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.pool(self.conv(x)).flatten(1))
+    def forward(self, x: Tensor, nhwc: bool = False) -> Tensor:
+        """x: (B, C, H, W); nhwc says it is a permuted view of an NHWC tensor (Swin), whose 1x1
+        conv runs as a linear map over the channels: the same math without a layout copy."""
+        if nhwc and isinstance(self.conv, nn.Conv2d):
+            x = F.linear(x.permute(0, 2, 3, 1), self.conv.weight.flatten(1)).permute(0, 3, 1, 2)
+        else:
+            x = self.conv(x)
+        return self.fc(self.pool(x).flatten(1))
 
 
 class StageAttention(nn.Module):
@@ -147,25 +153,29 @@ class HyperIQA(nn.Module):
         return {"backbone": backbone, "head": [p for p in self.parameters() if id(p) not in taken]}
 
     def stages(self, x: Tensor) -> list[Tensor]:
-        """Backbone stage features, always NCHW: [(B, C_i, H_i, W_i)] x 4."""
+        """Backbone stage features as NCHW shapes: [(B, C_i, H_i, W_i)] x 4. Swin's NHWC stages
+        come as permuted views, not copies (LDA and pooling read them in place)."""
         feats = self.backbone(x)
         if self.channels_last_features:
-            feats = [f.permute(0, 3, 1, 2).contiguous() for f in feats]  # contiguous: conv grads keep DDP's layout
+            feats = [f.permute(0, 3, 1, 2) for f in feats]
         return feats
 
     def fuse(self, feats: list[Tensor]) -> Tensor:
         """Stage features -> hyper-network input (B, C_fused, f, f)."""
         size = self.cfg.feature_size
         if self.cfg.fusion == "last":
-            return F.adaptive_avg_pool2d(feats[3], size)
+            return F.adaptive_avg_pool2d(feats[3], size).contiguous()
         pooled = [F.adaptive_avg_pool2d(f, size) for f in feats]  # 56/28/14 -> 7 at 224 px
         if self.attention is not None:
             pooled = self.attention(pooled)
-        return torch.cat(pooled, 1)
+        # contiguous here, on the small 7x7 maps: the hyper network's conv weight gradients then
+        # keep the layout DDP's buckets expect (no stride-mismatch copies)
+        return torch.cat(pooled, 1).contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
         feats = self.stages(x)
-        target_in = torch.cat([lda(f) for lda, f in zip(self.lda, feats)], 1)  # (B, target_in)
+        nhwc = self.channels_last_features
+        target_in = torch.cat([lda(f, nhwc) for lda, f in zip(self.lda, feats)], 1)  # (B, target_in)
         weights, biases = self.hyper(self.fuse(feats))
         return target_net(target_in, weights, biases, self.cfg.dropout, self.training)
 

@@ -74,6 +74,7 @@ class Display:
         self.live = console.is_terminal and not console.quiet
         self.total, self.per_epoch, self.log_every = total_steps, steps_per_epoch, log_every
         self.times: deque[tuple[float, int]] = deque(maxlen=self.ETA_WINDOW)
+        self.last_line = -1
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, disable=not self.live)
@@ -99,6 +100,10 @@ class Display:
         return (s1 - s0) / max(t1 - t0, 1e-9)
 
     def line(self, step: int, loss: float, lr: float) -> None:
+        """The progress line of `step` (once, however many sync points the step has)."""
+        if step == self.last_line:
+            return
+        self.last_line = step
         rate = self.rate()
         info = f"loss {loss:.4f}  lr {lr:.2e}  {rate:.2f} steps/s"
         self.progress.update(self.run_task, info=info)

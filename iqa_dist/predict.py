@@ -109,6 +109,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Sc
     """A model directory (or a run directory) as a Scorer."""
     folder = model_dir(path)
     card = ModelCard.read(folder)
+    torch.set_flush_denormal(True)  # trained weights make CPU math hit slow denormals (train.py)
     model = build_model(card.model_config())
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     return Scorer(model, card, resolve_device(device))

@@ -12,6 +12,7 @@ data are ready), so a failed start leaves nothing behind. Only the main process 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -196,6 +197,18 @@ class RunDir:
                 (run.path / cls.SUMMARY).unlink(missing_ok=True)
             run._write_meta(target, about)
         return run
+
+    @contextlib.contextmanager
+    def discard_if_unstarted(self, created: bool):
+        """Removes the directory again when this launch created it and fails before its first
+        checkpoint (nothing to resume, nothing to look at); a kept debug state counts as a result."""
+        try:
+            yield
+        except BaseException:
+            if (created and self.accelerator.is_main_process and self.latest_checkpoint() is None
+                    and not any(self.path.glob("debug-step-*"))):
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
 
     def _write_meta(self, target: Target, about: dict) -> None:
         meta_file = self.path / self.META

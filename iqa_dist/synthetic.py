@@ -96,32 +96,51 @@ def score(pristine: np.ndarray, distorted: np.ndarray) -> float:
     return round(100.0 * (1.0 - np.sqrt(1.0 - min(1.0, max(0.0, float(ssim))))), 3)
 
 
+def _render(job: tuple[str, int, str, np.ndarray]) -> list[dict]:
+    """Writes one content's 31 images; returns their rows. Seeded by the content's index, so the
+    result does not depend on which process renders it."""
+    folder, c, content, img = job
+    rng = np.random.default_rng([VERSION, c])
+    variants: list[list[tuple[str, float]]] = [[]]
+    variants += [[(k, s)] for k in KINDS for s in LEVELS]
+    for _ in range(6):  # mixtures of two distortions
+        k1, k2 = rng.choice(len(KINDS), 2, replace=False)
+        variants.append([(KINDS[k1], float(rng.choice(LEVELS[:3]))), (KINDS[k2], float(rng.choice(LEVELS[:3])))])
+    rows = []
+    for v, parts in enumerate(variants):
+        out = img
+        for kind, s in parts:
+            out = distort(out, kind, s, rng)
+        label = "+".join(f"{k}{s:g}" for k, s in parts) or "pristine"
+        name = f"images/{content}_{v:02d}_{label}.png"
+        Image.fromarray(out).save(Path(folder) / name)
+        rows.append({"image": name, "score": score(img, out), "content": content, "distortion": label})
+    return rows
+
+
 def build(folder: Path, crops: int = DEFAULT_CROPS, side: int = DEFAULT_SIDE) -> Path:
-    """Writes the dataset (PNG images + meta.csv) to `folder` unless it is already complete."""
+    """Writes the dataset (PNG images + meta.csv) to `folder` unless it is already complete.
+    Contents render in parallel (one process per core); a file lock lets one caller build while
+    the others (every rank of a multi-process run) wait."""
+    import multiprocessing
+    import os
+
+    from filelock import FileLock
+
     marker = folder / "complete.json"
     spec = {"version": VERSION, "crops": crops, "side": side}
-    if marker.is_file() and json.loads(marker.read_text()) == spec:
-        return folder
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for c, (content, img) in enumerate(contents(side, crops)):
-        rng = np.random.default_rng([VERSION, c])
-        variants: list[list[tuple[str, float]]] = [[]]
-        variants += [[(k, s)] for k in KINDS for s in LEVELS]
-        for _ in range(6):  # mixtures of two distortions
-            k1, k2 = rng.choice(len(KINDS), 2, replace=False)
-            variants.append([(KINDS[k1], float(rng.choice(LEVELS[:3]))), (KINDS[k2], float(rng.choice(LEVELS[:3])))])
-        for v, parts in enumerate(variants):
-            out = img
-            for kind, s in parts:
-                out = distort(out, kind, s, rng)
-            label = "+".join(f"{k}{s:g}" for k, s in parts) or "pristine"
-            name = f"images/{content}_{v:02d}_{label}.png"
-            Image.fromarray(out).save(folder / name)
-            rows.append({"image": name, "score": score(img, out), "content": content, "distortion": label})
-    with open(folder / "meta.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    marker.write_text(json.dumps(spec))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if marker.is_file() and json.loads(marker.read_text()) == spec:
+            return folder
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        jobs = [(str(folder), c, content, img) for c, (content, img) in enumerate(contents(side, crops))]
+        # spawn: this process may hold torch's threads, which a fork can deadlock on
+        with multiprocessing.get_context("spawn").Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
+            rows = [row for part in pool.imap(_render, jobs) for row in part]
+        with open(folder / "meta.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        marker.write_text(json.dumps(spec))
     return folder

@@ -47,7 +47,7 @@ from .evaluate import evaluate_split, shard
 from .metrics import METRIC_KEYS
 from .model import HyperIQA, build_model, parameter_counts
 from .output import Display, console_for
-from .rundir import RunDir
+from .rundir import RunDir, Target
 from .store import EvalSet, ImageStore, View
 from .weights import provenance
 
@@ -464,14 +464,28 @@ def stop_non_finite(acc: Accelerator, run: RunDir, bad: BadStep) -> None:
                         f"training stopped; the weights and optimizer state from before it are kept in {debug}")
 
 
-def maybe_compile(model, cfg: Config, console: Console):
+def maybe_compile(model, cfg: Config, console: Console, what: str = "training"):
     """torch.compile with the inductor cache next to the data cache (a shared file system on a
-    cluster), so a second run or a resumed one reuses the compiled kernels instead of waiting."""
+    cluster), so a second run or a resumed one reuses the compiled kernels instead of waiting.
+    The first call's time (the compilation) is printed."""
     if not cfg.train.compile:
         return model
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root(cfg) / "inductor"))
     mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
-    return torch.compile(model, mode=mode)
+    compiled = torch.compile(model, mode=mode, backend=cfg.train.compile_backend)
+    started: list[float] = []
+
+    def before(module, args) -> None:
+        started.append(time.perf_counter())
+
+    def after(module, args, output) -> None:
+        console.print(f"torch.compile ({what}): the first forward took {time.perf_counter() - started[0]:.1f} s "
+                      f"(compiling; kernels cached in {os.environ['TORCHINDUCTOR_CACHE_DIR']})", highlight=False)
+        hooks[0].remove()
+        hooks[1].remove()
+
+    hooks = [compiled.register_forward_pre_hook(before), compiled.register_forward_hook(after)]
+    return compiled
 
 
 def evaluate_and_select(cfg: Config, acc: Accelerator, run: RunDir, eval_model, data: Data, augmenter: Augmenter,
@@ -504,10 +518,41 @@ def test_selected(cfg: Config, acc: Accelerator, run: RunDir, eval_model, data: 
 # ---------------------------------------------------------------- the loop
 
 
-def train(cfg: Config, resume: str = "", extend: bool = False) -> Path:
-    """Trains `cfg`; returns the run directory. Call under `accelerate launch` for many processes."""
+@dataclass
+class Session:
+    """Everything the loop uses, built before it by `start`."""
+
+    cfg: Config
+    acc: Accelerator
+    run: RunDir
+    target: Target
+    model: torch.nn.Module  # as prepared by Accelerate (DDP on several processes)
+    forward: torch.nn.Module  # the model the step calls (compiled with train.compile)
+    eval_model: torch.nn.Module  # the bare model for evaluation (compiled with train.compile)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data: Data
+    shares: Shares
+    augmenter: Augmenter
+    card: ModelCard
+    state: TrainState
+    guard: StepGuard
+    display: Display
+    counts: dict
+    total_steps: int
+    eval_every: int
+    checkpoint_every: int
+    eval_batch: int
+
+
+def start(cfg: Config, resume: str = "", extend: bool = False) -> Session:
+    """Builds (or restores) everything for a run, in the order that fails fastest: the resume
+    target, the model and its weights, the data, then the run directory."""
     acc = build_accelerator(cfg, Path(cfg.run.root))
     preempt = PreemptionFlag()  # first: a requeue warning may come during data preparation
+    # CPU math on denormal floats is ~30% slower and trained weights produce many: flush them to
+    # zero (a CPU setting; GPUs flush in their own kernels)
+    torch.set_flush_denormal(True)
     console = console_for(acc.is_main_process)
     target = RunDir.choose(cfg, resume, extend, acc)  # a bad --resume fails before anything is built
     set_seed(cfg.train.seed)  # identical initial weights on every process
@@ -520,88 +565,115 @@ def train(cfg: Config, resume: str = "", extend: bool = False) -> Path:
     steps_per_epoch = data.plan.steps_per_epoch
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     eval_every = cfg.train.eval_every or steps_per_epoch
-    checkpoint_every = cfg.train.checkpoint_every or eval_every
-    eval_batch = cfg.train.eval_batch_size or 2 * math.ceil(shares.per_process / shares.accum)
-
     augmenter = Augmenter(cfg.augment, cfg.model.img_size, model.mean, model.std, cfg.train.seed)
     optimizer = build_optimizer(model.to(acc.device), cfg)
     scheduler = build_schedule(optimizer, cfg, total_steps, steps_per_epoch)
     weights, groups, counts = provenance(cfg.model), group_sizes(optimizer), parameter_counts(model)
     card = model_card(cfg, data.view, model, weights, groups)
     run = RunDir.open(cfg, target, acc, {"weights": weights, "parameter_groups": groups})
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    forward, eval_model = maybe_compile(model, cfg, console), maybe_compile(acc.unwrap_model(model), cfg, console)
-    state = TrainState()
-    acc.register_for_checkpointing(state, augmenter)
-    set_seed(cfg.train.seed, device_specific=True)  # dropout and drop path differ per process
-    if target.resuming:
-        acc.load_state(str(run.latest_checkpoint()))  # weights, optimizer, schedule, every RNG, state
-        if not acc.is_main_process:  # the checkpoint holds the global window sums (consolidate_window)
-            state.window_loss, state.window_n = 0.0, 0
-        if target.extended:
-            state.stopped_early = False  # a longer schedule (or patience) continues past the old end
-        run.truncate_metrics(state.step)
-        acc.print(f"resumed {run.path} at step {state.step}" + (f" ({'; '.join(target.extended)})" if target.extended else ""))
-    print_start(acc, cfg, counts, weights, groups, shares, total_steps, steps_per_epoch, run)
-    if cfg.run.log_with:
-        acc.init_trackers(run.path.name, config={f"{s}.{k}": str(v) for s, d in cfg.to_dict().items()
-                                                 if isinstance(d, dict) for k, v in d.items()})
-    display = Display(console, total_steps, steps_per_epoch, cfg.train.log_every)
-    guard = StepGuard(acc, optimizer, preempt)
-    window = {"t0": time.time(), "step0": state.step, "loss": torch.zeros((), device=acc.device)}
-    o = cfg.optim
-
-    model.train()
-    while state.step < total_steps and not state.stopped_early:
-        batch = next_batch(data, augmenter, shares, state.step, card.to_target, acc.device, o.rank_weight)
-        try:
-            loss, norm = train_step(acc, forward, optimizer, scheduler, batch, state.step, shares.per_process,
-                                    o.rank_weight, o.grad_clip, guard)
-        except BadStep as bad:
-            stop_non_finite(acc, run, bad)
-        state.step += 1
-        window["loss"] += loss
-        state.window_n += sum(len(mb.target) for mb in batch.micro)
-        evaluate_now = state.step % eval_every == 0 or state.step == total_steps
-        display.step(state.step)
-        if display.wants_line(state.step) or evaluate_now or state.step % checkpoint_every == 0:
-            sync_point(guard, acc, run, state, window)  # the only host reads of the step's results
-            display.line(state.step, state.window_loss / max(1, state.window_n), scheduler.get_last_lr()[0])
-        if evaluate_now:
-            val = evaluate_and_select(cfg, acc, run, eval_model, data, augmenter, state, card, eval_batch)
-            record = log_record(acc, state, data, window, val, scheduler, norm)
-            run.log(record)
-            if cfg.run.log_with:
-                acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state.step)
-            display.evaluation(record, state)
-            state.window_loss, state.window_n = 0.0, 0
-            window.update(t0=time.time(), step0=state.step)
-        if state.step % checkpoint_every == 0 or state.stopped_early or state.step == total_steps or guard.preempted:
-            sync_point(guard, acc, run, state, window)
-            consolidate_window(acc, state)
-            run.save_checkpoint(state.step, cfg.train.keep_checkpoints)
-        if guard.preempted and state.step < total_steps and not state.stopped_early:
-            display.close()
-            raise Preempted(f"preempted at step {state.step}: checkpoint saved in {run.path}; relaunch to resume")
-    display.close()
-
-    test = test_selected(cfg, acc, run, eval_model, data, augmenter, card, eval_batch)
-    summary = summarize(run, state, data, test, acc, counts)
-    run.write_summary(summary)
-    display.summary(summary, run.path)
-    acc.end_training()
-    return run.path
+    with run.discard_if_unstarted(created=not target.resuming):
+        model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+        state = TrainState()
+        acc.register_for_checkpointing(state, augmenter)
+        set_seed(cfg.train.seed, device_specific=True)  # dropout and drop path differ per process
+        if target.resuming:
+            restore(acc, run, state, target)
+        print_start(acc, cfg, counts, weights, groups, shares, total_steps, steps_per_epoch, run)
+        if cfg.run.log_with:
+            acc.init_trackers(run.path.name, config={f"{s}.{k}": str(v) for s, d in cfg.to_dict().items()
+                                                     if isinstance(d, dict) for k, v in d.items()})
+    return Session(
+        cfg, acc, run, target, model, maybe_compile(model, cfg, console),
+        maybe_compile(acc.unwrap_model(model), cfg, console, "evaluation"), optimizer, scheduler, data, shares,
+        augmenter, card, state, StepGuard(acc, optimizer, preempt),
+        Display(console, total_steps, steps_per_epoch, cfg.train.log_every), counts, total_steps, eval_every,
+        cfg.train.checkpoint_every or eval_every,
+        cfg.train.eval_batch_size or 2 * math.ceil(shares.per_process / shares.accum))
 
 
-def sync_point(guard: StepGuard, acc: Accelerator, run: RunDir, state: TrainState, window: dict) -> None:
+def restore(acc: Accelerator, run: RunDir, state: TrainState, target: Target) -> None:
+    """Loads the latest checkpoint: weights, optimizer, schedule, every RNG, the loop's state."""
+    acc.load_state(str(run.latest_checkpoint()))
+    if not acc.is_main_process:  # the checkpoint holds the global window sums (consolidate_window)
+        state.window_loss, state.window_n = 0.0, 0
+    if target.extended:
+        state.stopped_early = False  # a longer schedule (or patience) continues past the old end
+    run.truncate_metrics(state.step)
+    acc.print(f"resumed {run.path} at step {state.step}" + (f" ({'; '.join(target.extended)})" if target.extended else ""))
+
+
+def train(cfg: Config, resume: str = "", extend: bool = False) -> Path:
+    """Trains `cfg`; returns the run directory. Call under `accelerate launch` for many processes."""
+    s = start(cfg, resume, extend)
+    state, o = s.state, cfg.optim
+    window = {"t0": time.time(), "step0": state.step, "loss": torch.zeros((), device=s.acc.device)}
+    with s.run.discard_if_unstarted(created=not s.target.resuming):  # a failed start leaves no directory
+        s.model.train()
+        while state.step < s.total_steps and not state.stopped_early:
+            batch = next_batch(s.data, s.augmenter, s.shares, state.step, s.card.to_target, s.acc.device, o.rank_weight)
+            try:
+                loss, norm = train_step(s.acc, s.forward, s.optimizer, s.scheduler, batch, state.step,
+                                        s.shares.per_process, o.rank_weight, o.grad_clip, s.guard)
+            except BadStep as bad:
+                stop_non_finite(s.acc, s.run, bad)
+            state.step += 1
+            window["loss"] += loss
+            state.window_n += sum(len(mb.target) for mb in batch.micro)
+            s.display.step(state.step)
+            evaluate_now = state.step % s.eval_every == 0 or state.step == s.total_steps
+            if s.display.wants_line(state.step) or evaluate_now or state.step % s.checkpoint_every == 0:
+                sync_point(s, window)  # the only host reads of the step's results
+            if evaluate_now:
+                evaluate_and_log(s, window, norm)
+            if state.step % s.checkpoint_every == 0 or state.stopped_early or state.step == s.total_steps \
+                    or s.guard.preempted:
+                checkpoint(s, window)
+        s.display.close()
+        finish(s)
+    return s.run.path
+
+
+def evaluate_and_log(s: Session, window: dict, norm: torch.Tensor) -> None:
+    """Validation, model selection, a metrics.jsonl line (and the tracker's), the table."""
+    val = evaluate_and_select(s.cfg, s.acc, s.run, s.eval_model, s.data, s.augmenter, s.state, s.card, s.eval_batch)
+    record = log_record(s.acc, s.state, s.data, window, val, s.scheduler, norm)
+    s.run.log(record)
+    if s.cfg.run.log_with:
+        s.acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=s.state.step)
+    s.display.evaluation(record, s.state)
+    s.state.window_loss, s.state.window_n = 0.0, 0
+    window.update(t0=time.time(), step0=s.state.step)
+
+
+def checkpoint(s: Session, window: dict) -> None:
+    """Every process saves together; a requested stop (preemption) then ends the launch."""
+    sync_point(s, window)
+    consolidate_window(s.acc, s.state)
+    s.run.save_checkpoint(s.state.step, s.cfg.train.keep_checkpoints)
+    if s.guard.preempted and s.state.step < s.total_steps and not s.state.stopped_early:
+        s.display.close()
+        raise Preempted(f"preempted at step {s.state.step}: checkpoint saved in {s.run.path}; relaunch to resume")
+
+
+def finish(s: Session) -> None:
+    """The selected model on the test split, once; the summary."""
+    test = test_selected(s.cfg, s.acc, s.run, s.eval_model, s.data, s.augmenter, s.card, s.eval_batch)
+    summary = summarize(s.run, s.state, s.data, test, s.acc, s.counts)
+    s.run.write_summary(summary)
+    s.display.summary(summary, s.run.path)
+    s.acc.end_training()
+
+
+def sync_point(s: Session, window: dict) -> None:
     """Reads what the device holds for the host: the pending step flags (stopping on a bad step)
-    and the loss window, which moves into `state` (checkpointed) as a float."""
+    and the loss window, which moves into the state (checkpointed) as a float; prints the line."""
     try:
-        guard.flush()
+        s.guard.flush()
     except BadStep as bad:
-        stop_non_finite(acc, run, bad)
-    state.window_loss += float(window["loss"])
+        stop_non_finite(s.acc, s.run, bad)
+    s.state.window_loss += float(window["loss"])
     window["loss"].zero_()
+    s.display.line(s.state.step, s.state.window_loss / max(1, s.state.window_n), s.scheduler.get_last_lr()[0])
 
 
 def print_start(acc: Accelerator, cfg: Config, counts: dict, weights: dict, groups: dict, shares: Shares,

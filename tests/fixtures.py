@@ -1,4 +1,4 @@
-"""Tiny datasets written in each dataset's real published format (REFERENCE.md §4).
+"""Tiny datasets written in each dataset's real published format (the README's Data table).
 
 Images are small random-texture JPEG/PNG files; scores are deterministic. Each writer returns
 the root folder and the list of (name, score) it wrote.

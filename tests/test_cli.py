@@ -233,3 +233,22 @@ def test_startup_lines(tiny_overrides, tmp_path):
     assert "1 process, precision fp32; batch 16 patches per step = 1 process(es) x 1 micro-batch(es) x 16 patches" in text
     assert "optimizer: adamw; groups: backbone" in text
 
+
+
+def test_demo_preempted_says_one_line_and_exits_124(tiny_overrides, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "iqa_dist", "demo", *[f"--{o}" for o in tiny_overrides], "--train.max_steps=400",
+            "--train.eval_every=400", f"--run.root={tmp_path}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if "parameters:" in line:
+            proc.send_signal(signal.SIGUSR1)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 124, err
+    assert "Traceback" not in err and "preempted at step" in err and "relaunch to resume" in err

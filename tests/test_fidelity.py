@@ -227,7 +227,7 @@ def _evaluate_and_predict(run, cache_root):
     from iqa_dist.evaluate import evaluate_model
 
     report = evaluate_model(run, "synthetic", "test", [f"data.cache_dir={cache_root}"])
-    root = next(cache_root.glob("synthetic-src-*"))
+    root = next(p for p in cache_root.glob("synthetic-src-*") if p.is_dir())
     scorer = iqa_dist.load_model(run, "cpu")
     predicted = scorer.score([root / name for name in report["per_image"]["names"]])
     return report["per_image"]["preds"], predicted

@@ -7,12 +7,12 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from iqa_dist.bench import TINY_SWIN
 from iqa_dist.config import ModelConfig, load_config
 from iqa_dist.errors import UserError
 from iqa_dist.model import build_model, parameter_counts
 
-TINY = dict(pretrained="none", img_size=112, hyper_hidden=[64, 32],
-            backbone_kwargs=dict(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=7))
+TINY = dict(pretrained="none", img_size=112, hyper_hidden=[64, 32], backbone_kwargs=TINY_SWIN)
 
 
 def tiny(**kw) -> torch.nn.Module:
@@ -101,3 +101,16 @@ def test_local_weight_file_is_loaded(tmp_path):
         tiny(pretrained=str(tmp_path / "missing.safetensors"))
     with pytest.raises(UserError, match="Unknown model"):
         build_model(ModelConfig(pretrained="none", backbone="swin_nonexistent"))
+
+
+def test_swin_features_are_read_in_place_with_the_same_math():
+    """Swin's NHWC stages feed LDA and fusion as views (no layout copy); the 1x1 LDA conv done
+    as a linear map over channels equals the conv on a contiguous copy."""
+    torch.manual_seed(0)
+    m = tiny(dropout=0.0, drop_path=0.0).eval()
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        feats = m.stages(x)
+        assert not feats[0].is_contiguous()  # a view of timm's NHWC tensor
+        for lda, f in zip(m.lda, feats):
+            torch.testing.assert_close(lda(f, nhwc=True), lda(f.contiguous()), rtol=1e-5, atol=1e-5)

@@ -165,13 +165,15 @@ def test_preempted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path):
     assert mismatch.returncode == 2 and "the config differs" in mismatch.stderr and "Traceback" not in mismatch.stderr
 
 
-def test_early_stopping_on_plateau(tiny_overrides, tmp_path):
-    out = run_train([*tiny_overrides, "optim.lr=1e-12", "optim.warmup_steps=0", "train.max_steps=0",
-                     "train.epochs=6", "train.eval_every=2", "train.patience=2", f"run.root={tmp_path}"])
-    assert out.returncode == 0, out.stderr
+def test_accumulation_and_stored_patches_train_end_to_end(tiny_overrides, tmp_path):
+    """train.micro_batch_size (gradient accumulation) and data.train_patches=cached run the real
+    loop; selection and early stopping are unit-tested on update_best (test_step.py)."""
+    out = run_train([*tiny_overrides, *RUN, "train.max_steps=4", "train.eval_every=2", "train.micro_batch_size=6",
+                     "data.train_patches=cached", "data.cached_patch_num=3", f"run.root={tmp_path}"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "1 process(es) x 3 micro-batch(es)" in out.stdout
     summary = json.loads((only_run(tmp_path) / "summary.json").read_text())
-    assert summary["stopped_early"] is True
-    assert summary["steps_run"] == 6 and summary["best_step"] == 2  # no gain after the first evaluation
+    assert summary["steps_run"] == 4 and math.isfinite(summary["test"]["srcc"])
 
 
 def test_non_finite_loss_stops_before_the_step(tiny_overrides, tmp_path):
