@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import re
 import typing
@@ -245,6 +246,7 @@ def _positive(key: str, value: float) -> None:
         raise UserError(f"{key}={value}: must be positive")
 
 
+@functools.cache  # reading a class's source costs milliseconds; the CLI asks once per option
 def field_docs(section_cls: type) -> dict[str, str]:
     """The trailing comment of each field in the class source: its documentation."""
     docs = {}

@@ -164,22 +164,21 @@ def test_a_failed_rank_brings_all_down(tiny_overrides, tmp_path):
 def test_sigterm_to_the_launcher_checkpoints_and_resumes(tiny_overrides, tmp_path):
     """SLURM's requeue/preemption SIGTERMs `accelerate launch`, which passes it to the workers:
     they finish the step, checkpoint together, exit; the relaunch resumes the same run."""
-    overrides = [*tiny_overrides, "train.max_steps=150", "train.eval_every=150", "train.checkpoint_every=1000",
-                 f"run.root={tmp_path}"]
+    overrides = [*tiny_overrides, "train.max_steps=60", "train.eval_every=60", "train.checkpoint_every=1000",
+                 "train.log_every=5", f"run.root={tmp_path}"]
     proc = _start_two(overrides)
-    _wait_for(proc, "parameters:")
-    time.sleep(3)
+    _wait_for(proc, "step 5/")
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     assert proc.returncode != 0
     run = only_run(tmp_path)
     [checkpoint] = list((run / "checkpoints").iterdir())
     step = int(checkpoint.name[5:])
-    assert 0 < step < 150
+    assert 0 < step < 60
     again = run_train(overrides, nproc=2, resume="auto")
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert f"at step {step}" in again.stdout
-    assert json.loads((run / "summary.json").read_text())["steps_run"] == 150
+    assert json.loads((run / "summary.json").read_text())["steps_run"] == 60
 
 
 def test_stop_file_checkpoints_and_exits(tiny_overrides, tmp_path):
