@@ -101,26 +101,40 @@ def color_jitter(x: Tensor, brightness: Tensor | None, contrast: Tensor | None, 
     x: (B, 3, H, W) float in [0, 1]; brightness, contrast, saturation: (B,) factors (1 = no
     change); hue: (B,) shifts in [-0.5, 0.5]; None skips an operation; order: (B, 4) long, each
     row a permutation of 0=brightness, 1=contrast, 2=saturation, 3=hue. Float32, even under
-    autocast.
+    autocast. Everything is whole-batch tensor math: no gather, no host sync, static shapes.
 
-    At position k every sample runs the operation its order puts there. Brightness, contrast and
-    saturation with factor 1 are exact identities on [0, 1] images, so they run on the whole
-    batch with factor 1 for the samples doing something else; hue (whose identity is only
-    approximate) is selected per sample with `where`. No gather, no host sync.
+    Brightness, contrast and saturation are one formula, torchvision's blend
+    clamp(f * x + (1 - f) * m, 0, 1) with m = 0, the image's mean gray, or the pixel's gray, so
+    one `blend` per order position serves all three, with per-sample f and m (and f = 1, an exact
+    identity, for a sample whose op at that position is another). Hue, the costly one, runs once:
+    the positions before each sample's hue position, then hue, then the positions after it.
     """
     dev = x.device
     order = order.to(dev)
+    factors = [f.to(dev).float() if f is not None else torch.ones(len(x), device=dev)
+               for f in (brightness, contrast, saturation)]
+    hue_at = order.argsort(1)[:, 3] if hue is not None else torch.full((len(x),), 4, device=dev)
     with torch.autocast(dev.type, enabled=False):
         x = x.float()
-        for k in range(4):
-            at = order[:, k]
-            for code, f, fn in ((0, brightness, adjust_brightness), (1, contrast, adjust_contrast),
-                                (2, saturation, adjust_saturation)):
-                if f is not None:
-                    x = fn(x, torch.where(at == code, f.to(dev).float(), 1.0))
-            if hue is not None:
-                x = torch.where((at == 3).view(-1, 1, 1, 1), adjust_hue(x, hue.to(dev).float()), x)
+        before, after = (range(3), range(1, 4)) if hue is not None else (range(4), range(0))
+        for k in before:
+            x = _blend_at(x, order[:, k], factors, order[:, k] != 3, k < hue_at)
+        if hue is not None:
+            x = adjust_hue(x, hue.to(dev).float())
+        for k in after:
+            x = _blend_at(x, order[:, k], factors, order[:, k] != 3, k > hue_at)
     return x
+
+
+def _blend_at(x: Tensor, op: Tensor, factors: list[Tensor], is_blend: Tensor, now: Tensor) -> Tensor:
+    """One order position for the whole batch: sample i applies op[i] (0 brightness, 1 contrast,
+    2 saturation) with its factor when `now[i]`, else the identity (f = 1)."""
+    f = torch.stack(factors, 1).gather(1, op.clamp(max=2)[:, None]).squeeze(1)
+    f = torch.where(is_blend & now, f, 1.0).view(-1, 1, 1, 1)
+    gray = (x * x.new_tensor(GRAY).view(1, 3, 1, 1)).sum(1, keepdim=True)  # (B, 1, H, W)
+    m = torch.where((op == 1).view(-1, 1, 1, 1), gray.mean((2, 3), keepdim=True), gray)
+    m = torch.where((op == 0).view(-1, 1, 1, 1), 0.0, m)  # brightness blends with black
+    return torch.lerp(m, x, f).clamp_(0.0, 1.0)  # m + f (x - m): torchvision's blend, one kernel
 
 
 # ---------------------------------------------------------------- random parameters

@@ -51,7 +51,9 @@ class DataConfig:
     test_protocol: str = "random"  # test-time patches: random (seeded by the image's pixels, as HyperIQA) | grid (a regular grid)
     train_patches: str = "random"  # random = fresh device crops each epoch | cached = sample from K stored patches
     cached_patch_num: int = 40  # K: patches stored per training image when train_patches=cached
-    score_norm: str = "none"  # none = train on raw scores (HyperIQA) | range = map the score range to [0,1] for the loss
+    score_norm: str = "none"  # training targets: none = raw scores (HyperIQA) | range = (s - min) / (max - min) | zscore = (s - mean) / std, from the training split
+    datasets: list = field(default_factory=list)  # joint training: [{name, weight, root?, score_column?, resize?, split?, ...}]; [] = data.dataset alone
+    roots: dict = field(default_factory=dict)  # joint training: dataset name -> its root (--data.roots.spaq=/data/spaq)
     resident: str = "auto"  # where training pixels live: auto | device | host
     skip_bad: bool = False  # drop unreadable/invalid rows (listed in the cache metadata) instead of failing
     workers: int = 0  # decode processes for the cache build; 0 = min(8, CPU count)
@@ -59,7 +61,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, SOURCES)
         _choice("data.train_patches", self.train_patches, ("random", "cached"))
-        _choice("data.score_norm", self.score_norm, ("none", "range"))
+        _choice("data.score_norm", self.score_norm, ("none", "range", "zscore"))
         _choice("data.resident", self.resident, ("auto", "device", "host"))
         _choice("data.test_protocol", self.test_protocol, PROTOCOLS)
         if not re.fullmatch(r"auto|none|\d+x\d+|short:\d+", self.resize):
@@ -74,6 +76,44 @@ class DataConfig:
                 f"data.cached_patch_num={self.cached_patch_num} is below data.train_patch_num="
                 f"{self.train_patch_num}: each epoch samples train_patch_num of the K stored patches"
             )
+        self.members()  # validates data.datasets
+
+    def members(self) -> list["DataConfig"]:
+        """One DataConfig per dataset trained on: this one, or each entry of data.datasets (its
+        own files, split and resize; the shared patch and cache settings from here)."""
+        if not self.datasets:
+            return [self]
+        if self.score_norm == "none":
+            raise UserError("data.datasets: joint training needs a common target scale: set data.score_norm to "
+                            "zscore or range (each computed on that dataset's training split)")
+        allowed = ("name", "weight", "root", *DATASET_FIELDS)
+        out, names = [], []
+        for i, entry in enumerate(self.datasets):
+            where = f"data.datasets[{i}]"
+            if not isinstance(entry, dict) or "name" not in entry:
+                raise UserError(f"{where}: expected a mapping with at least a name, e.g. {{name: spaq, weight: 1}}")
+            unknown = sorted(set(entry) - set(allowed))
+            if unknown:
+                raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+            _choice(f"{where}.name", entry["name"], SOURCES)
+            if entry["name"] in names:
+                raise UserError(f"{where}: {entry['name']} is listed twice")
+            names.append(entry["name"])
+            if not isinstance(entry.get("weight", 1.0), (int, float)) or not entry.get("weight", 1.0) > 0:
+                raise UserError(f"{where}.weight={entry.get('weight')!r}: must be a positive number")
+            fresh = {f: getattr(DataConfig(), f) for f in DATASET_FIELDS}
+            own = {k: str(v) for k, v in entry.items() if k in DATASET_FIELDS}
+            root = str(self.roots.get(entry["name"], entry.get("root", "")))
+            out.append(dataclasses.replace(self, dataset=entry["name"], root=root, datasets=[], roots={},
+                                           **{**fresh, **own}))
+        unknown_roots = sorted(set(self.roots) - set(names))
+        if unknown_roots:
+            raise UserError(f"data.roots: {', '.join(unknown_roots)} is not among data.datasets ({', '.join(names)})")
+        return out
+
+    def weights(self) -> list[float]:
+        """Each member's share of a global batch (proportional)."""
+        return [float(e.get("weight", 1.0)) for e in self.datasets] if self.datasets else [1.0]
 
 
 @dataclass
@@ -175,6 +215,8 @@ class TrainConfig:
     log_every: int = 50  # optimizer steps between progress lines in non-terminal logs
     seed: int = 0  # seeds the sampler, augmentation and model init
     mixed_precision: str = "bf16"  # bf16 | fp16 (loss scaling) | no | launcher (take accelerate's setting)
+    ema_decay: float = 0.0  # weight EMA (fp32, on the device, per optimizer step); 0 = off, e.g. 0.999; exported when better on val
+    select_on: str = ""  # joint training: the dataset whose val SRCC selects the model; "" = the weight-averaged val SRCC
     compile: bool = False  # torch.compile the model for training and evaluation (compiled kernels cached beside the data cache)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
     compile_backend: str = "inductor"  # torch.compile backend: inductor (fused kernels) | aot_eager (tracing only, for debugging)
@@ -187,6 +229,8 @@ class TrainConfig:
         _choice("train.compile_backend", self.compile_backend, ("inductor", "aot_eager"))
         for name in ("epochs", "batch_size", "keep_checkpoints", "log_every", "timeout_s"):
             _positive(f"train.{name}", getattr(self, name))
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"train.ema_decay={self.ema_decay}: must lie in [0, 1)")
         for name in ("max_steps", "micro_batch_size", "eval_batch_size", "patience", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name}={getattr(self, name)}: must not be negative")
@@ -217,6 +261,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     preset: str = ""  # the preset this config was loaded from
+
+    def __post_init__(self) -> None:
+        names = [m.dataset for m in self.data.members()]
+        if self.train.select_on and self.train.select_on not in names:
+            raise UserError(f"train.select_on={self.train.select_on!r}: not a dataset trained on ({', '.join(names)})")
 
     def run_name(self) -> str:
         return self.run.name or Path(self.preset).stem or "run"

@@ -566,6 +566,8 @@ def start(cfg: Config, resume: str = "", extend: bool = False) -> Session:
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     eval_every = cfg.train.eval_every or steps_per_epoch
     augmenter = Augmenter(cfg.augment, cfg.model.img_size, model.mean, model.std, cfg.train.seed)
+    if cfg.train.compile:  # static shapes (resident buffer, fixed micro-batch): a few fused kernels
+        augmenter.apply = torch.compile(augmenter.apply, dynamic=False, backend=cfg.train.compile_backend)
     optimizer = build_optimizer(model.to(acc.device), cfg)
     scheduler = build_schedule(optimizer, cfg, total_steps, steps_per_epoch)
     weights, groups, counts = provenance(cfg.model), group_sizes(optimizer), parameter_counts(model)
