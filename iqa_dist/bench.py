@@ -39,8 +39,10 @@ from .config import Config, load_config
 from .evaluate import predict_images
 from .model import build_model
 from .output import console as make_console, print_table
-from .train import (Batch, BatchPlan, Data, MicroBatch, PreemptionFlag, Shares, StepGuard, build_optimizer,
-                    build_schedule, maybe_compile, next_batch, train_step)
+from .optim import build_optimizer, build_schedule
+from .plan import BatchPlan, Shares
+from .step import Batch, MicroBatch, PreemptionFlag, StepGuard, next_batch, train_step
+from .train import maybe_compile
 
 # Dense bf16 peak FLOP/s of the GPUs people train on (datasheets; H100/H200 SXM).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
@@ -213,11 +215,11 @@ def _cache_rate(view, c: Config, batch: int, steps: int, device: torch.device) -
     store = (view.patch_store() if cached else view.image_store("train")).to(device)
     plan = BatchPlan(len(store), c.data.train_patch_num, batch, 0, c.data.cached_patch_num if cached else 0)
     aug = Augmenter(c.augment, c.model.img_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0)
-    data, shares = Data(view, store, None, plan), Shares.plan(batch, 0, 1, 0)
+    shares = Shares.plan(batch, 0, 1, 0)
     counter = iter(range(10**9))
 
     def step():
-        next_batch(data, aug, shares, next(counter) % plan.steps_per_epoch, lambda s: s, device)
+        next_batch(store, plan, aug, shares, next(counter) % plan.steps_per_epoch, device)
 
     def host_side():
         rows, k = plan.batch(next(counter) % plan.steps_per_epoch)
@@ -297,7 +299,7 @@ def _train_rates(c: Config, view, store, precision: str, batch: int, steps: int,
     forward = maybe_compile(model, c, Console(quiet=True))
     guard = StepGuard(acc, optimizer, PreemptionFlag())
     aug = Augmenter(c.augment, size, model.mean, model.std, 0)
-    data = Data(view, store, None, BatchPlan(len(store), c.data.train_patch_num, batch, 0))
+    plan = BatchPlan(len(store), c.data.train_patch_num, batch, 0)
     shares = Shares.plan(batch, 0, 1, 0)
     counter = iter(range(10**9))
     fixed = Batch([MicroBatch(torch.randn(batch, 3, size, size, device=device),
@@ -309,7 +311,7 @@ def _train_rates(c: Config, view, store, precision: str, batch: int, steps: int,
 
     def full() -> None:
         i = next(counter)
-        step(next_batch(data, aug, shares, i % data.plan.steps_per_epoch, lambda s: s, device))
+        step(next_batch(store, plan, aug, shares, i % plan.steps_per_epoch, device))
 
     t0 = time.perf_counter()
     step(fixed)  # the first step compiles when compile is on

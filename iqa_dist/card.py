@@ -1,8 +1,14 @@
 """The model card: what an exported model is and how it scores, beside its weights.
 
 A model directory is `model.safetensors` + `config.json` (this card) + `train_images.json` (the
-names and content groups it trained on, so that evaluating it on its own training images is
-caught). `ModelCard.write` and `ModelCard.read` are the only writer and reader.
+names and content groups it trained on, per dataset, so that evaluating it on its own training
+images is caught). `ModelCard.write` and `ModelCard.read` are the only writer and reader.
+
+Scores: the model outputs training targets. For each dataset it trained on, the card holds the
+affine map between that dataset's scores and the targets (`Scale`, fitted on its training split),
+so predictions can be reported on any of those datasets' scales, or on the shared target scale
+("normalized"). A model trained on one dataset reports on its scale by default; a jointly trained
+one must be told which.
 """
 
 from __future__ import annotations
@@ -20,16 +26,50 @@ from .errors import UserError
 CARD_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TRAIN_IMAGES_FILE = "train_images.json"
+NORMALIZED = "normalized"  # the shared training-target scale of a jointly trained model
+
+
+@dataclass
+class Scale:
+    """target = (score - shift) / scale, fitted on a dataset's training split."""
+
+    kind: str = "none"  # none | range | zscore (data.score_norm)
+    shift: float = 0.0
+    scale: float = 1.0
+
+    @classmethod
+    def fit(cls, kind: str, scores: np.ndarray) -> "Scale":
+        """From the TRAINING split's scores only: a test set never moves it."""
+        scores = np.asarray(scores, dtype=np.float64)
+        if kind == "none":
+            return cls()
+        if kind == "range":
+            lo, hi = float(scores.min()), float(scores.max())
+            return cls(kind, lo, (hi - lo) or 1.0)
+        return cls(kind, float(scores.mean()), float(scores.std()) or 1.0)
+
+    def to_target(self, score):
+        return (score - self.shift) / self.scale
+
+    def to_score(self, pred):
+        return pred * self.scale + self.shift
+
+
+@dataclass
+class TrainedOn:
+    """One dataset a model trained on."""
+
+    data: dict  # that dataset's DataConfig fields (split, seeds, resize): evaluate reuses them
+    score_range: list[float]  # the dataset's declared score scale [lo, hi]
+    resize: str  # the resize policy its images went through
+    scale: Scale = field(default_factory=Scale)
+    weight: float = 1.0  # its share of each global batch (joint training)
 
 
 @dataclass
 class ModelCard:
     model: dict  # ModelConfig fields (pretrained "none": every weight is in model.safetensors)
-    dataset: str  # the dataset trained on: its scale is the scores' scale
-    data: dict  # the training run's DataConfig fields (split, seeds, resize): evaluate reuses them
-    score_range: list[float]  # the dataset's score scale [lo, hi]
-    score_norm: str = "none"  # none: the model outputs scores | range: it outputs (score - lo) / (hi - lo)
-    resize: str = "none"  # the resize policy the training images went through
+    datasets: dict[str, TrainedOn]  # name -> what it trained on, in data.datasets order
     protocol: str = "random"  # test-time patch layout (protocol.py)
     test_patch_num: int = 20  # patches per image at test time
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # normalisation
@@ -38,22 +78,12 @@ class ModelCard:
     val: dict = field(default_factory=dict)  # validation metrics at that step
     weights: dict = field(default_factory=dict)  # the pretrained start: tag, source, file, sha256
     groups: dict = field(default_factory=dict)  # optimizer parameter groups: name -> parameter count
+    averaged: str = "raw"  # raw: the trained weights | ema: their moving average (train.ema_decay), better on val
 
-    # ------------------------------------------------------------ scores
-
-    def to_score(self, pred):
-        """Model output -> the dataset's scale (numpy, torch or float)."""
-        if self.score_norm == "none":
-            return pred
-        lo, hi = self.score_range
-        return pred * (hi - lo) + lo
-
-    def to_target(self, score):
-        """Dataset score -> the training target."""
-        if self.score_norm == "none":
-            return score
-        lo, hi = self.score_range
-        return (score - lo) / (hi - lo)
+    @property
+    def dataset(self) -> str:
+        """The (first) dataset trained on."""
+        return next(iter(self.datasets))
 
     @property
     def size(self) -> int:
@@ -62,38 +92,60 @@ class ModelCard:
     def model_config(self) -> ModelConfig:
         return ModelConfig(**{**self.model, "pretrained": "none"})
 
-    def data_config(self) -> DataConfig:
-        return DataConfig(**self.data)
+    def data_config(self, dataset: str) -> DataConfig:
+        return DataConfig(**self.datasets[dataset].data)
+
+    # ------------------------------------------------------------ scores
+
+    def scale(self, name: str | None = None) -> Scale:
+        """The map to the scale `name` (a dataset trained on, or "normalized"); None is the only
+        dataset's scale, and a jointly trained model has no default: the choice is the user's."""
+        if name == NORMALIZED:
+            return Scale()
+        if name is None:
+            if len(self.datasets) > 1:
+                raise UserError(f"this model trained jointly on {', '.join(self.datasets)}: say which scale to report "
+                                f"scores on with --scale ({' | '.join([*self.datasets, NORMALIZED])})")
+            name = self.dataset
+        if name not in self.datasets:
+            raise UserError(f"--scale {name}: this model trained on {', '.join(self.datasets)}; "
+                            f"choose one of them or {NORMALIZED}")
+        return self.datasets[name].scale
+
+    def to_score(self, pred, scale: str | None = None):
+        """Model output -> scores on `scale` (see `scale`)."""
+        return self.scale(scale).to_score(pred)
+
+    def resize_for(self, name: str | None) -> str:
+        """The resize policy for new images scored on scale `name` (the first dataset's for normalized)."""
+        return self.datasets[name].resize if name in self.datasets else self.datasets[self.dataset].resize
 
     # ------------------------------------------------------------ files
 
-    def write(self, folder: Path, train_names: list[str], train_groups: list[str]) -> None:
+    def write(self, folder: Path, train_images: dict[str, dict[str, list[str]]]) -> None:
+        """train_images: dataset -> {"names": [...], "groups": [...]} of its training split."""
         (folder / CARD_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=1))
-        (folder / TRAIN_IMAGES_FILE).write_text(json.dumps(
-            {"dataset": self.dataset, "names": train_names, "groups": train_groups}))
+        (folder / TRAIN_IMAGES_FILE).write_text(json.dumps(train_images))
 
     @classmethod
     def read(cls, folder: Path) -> "ModelCard":
         path = folder / CARD_FILE
         try:
             raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: not a readable model card: {e}") from None
+            datasets = {name: TrainedOn(**{**d, "scale": Scale(**d["scale"])}) for name, d in raw["datasets"].items()}
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{path}: not a model card this iqa-dist reads ({type(e).__name__}: {e})") from None
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in raw]
-        if missing:
-            raise UserError(f"{path}: model card without {', '.join(missing)} (exported by an older iqa-dist?)")
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        return cls(**{**{k: v for k, v in raw.items() if k in known}, "datasets": datasets})
 
     @staticmethod
-    def train_images(folder: Path) -> tuple[str, set[str], set[str]]:
-        """(dataset, names, content groups) the model trained on; empty sets when not recorded."""
+    def train_images(folder: Path, dataset: str) -> tuple[set[str], set[str]]:
+        """(names, content groups) of `dataset` the model trained on; empty when none."""
         path = folder / TRAIN_IMAGES_FILE
         if not path.is_file():
-            return "", set(), set()
-        raw = json.loads(path.read_text())
-        return raw["dataset"], set(raw["names"]), set(raw["groups"])
+            return set(), set()
+        own = json.loads(path.read_text()).get(dataset, {})
+        return set(own.get("names", [])), set(own.get("groups", []))
 
 
 def model_dir(path: str | Path) -> Path:
@@ -107,11 +159,9 @@ def model_dir(path: str | Path) -> Path:
 
 
 def overlap(folder: Path, dataset: str, names: list[str], groups: list[str]) -> tuple[int, int]:
-    """How many of these images the model trained on, and how many more share a content group
-    with a training image (the same scene under another distortion)."""
-    trained_on, train_names, train_groups = ModelCard.train_images(folder)
-    if trained_on != dataset:
-        return 0, 0
+    """How many of these images of `dataset` the model trained on, and how many more share a
+    content group with a training image (the same scene under another distortion)."""
+    train_names, train_groups = ModelCard.train_images(folder, dataset)
     same = np.array([n in train_names for n in names], dtype=bool)
     related = np.array([g in train_groups for g in groups], dtype=bool) & ~same
     return int(same.sum()), int(related.sum())

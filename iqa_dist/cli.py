@@ -12,7 +12,8 @@ from typing import Sequence
 from rich.markup import escape
 
 from . import __version__
-from .commands import bench, demo, evaluate, predict, prepare, reject_unknown, report, sweep, train, weights
+from .commands import (bench, demo, dict_overrides, evaluate, predict, prepare, reject_unknown, report, sweep,
+                       train, weights)
 from .errors import UserError
 from .output import console
 
@@ -39,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     err = console(stderr=True)
     try:
         args, unknown = build_parser().parse_known_args(argv)
-        reject_unknown(unknown)
+        reject_unknown(dict_overrides(args, unknown))
         code = args.command_fn(args)
     except UserError as e:
         if e.exit_code:

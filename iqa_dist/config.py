@@ -86,6 +86,9 @@ class DataConfig:
         if self.score_norm == "none":
             raise UserError("data.datasets: joint training needs a common target scale: set data.score_norm to "
                             "zscore or range (each computed on that dataset's training split)")
+        if self.root:
+            raise UserError(f"data.root={self.root!r} with data.datasets: give each dataset's folder with "
+                            f"data.roots.NAME=DIR (e.g. --data.roots.{self.datasets[0].get('name', 'koniq10k')}={self.root})")
         allowed = ("name", "weight", "root", *DATASET_FIELDS)
         out, names = [], []
         for i, entry in enumerate(self.datasets):

@@ -87,30 +87,35 @@ def evaluate_split(model: nn.Module, images: EvalSet, augmenter: Augmenter, batc
 
 def evaluation_config(card: ModelCard, dataset: str, split: str, overrides: Sequence[str] = (),
                       preset: str | None = None) -> Config:
-    """The data settings an evaluation uses. On the model's own dataset: the training run's (split,
-    seeds, fractions, resize), so "test" means the images it held out; on another dataset: that
-    dataset's defaults; with an explicit preset: the preset's. Overrides go on top; the patch
+    """The data settings an evaluation uses. On a dataset the model trained on: the training run's
+    (split, seeds, fractions, resize), so "test" means the images it held out; on another dataset:
+    that dataset's defaults; with an explicit preset: the preset's. Overrides go on top; the patch
     size is the model's."""
     extra = [f"data.dataset={dataset}", f"model.img_size={card.size}", *(["data.split=all"] if split == "all" else [])]
     if preset:
         return load_config_for(preset, [*extra, *overrides])
-    data = card.data if dataset == card.dataset else asdict(DataConfig(dataset=dataset))
+    data = card.datasets[dataset].data if dataset in card.datasets else asdict(DataConfig(dataset=dataset))
     return with_overrides({"data": {**data, "cache_dir": DataConfig().cache_dir}}, [*extra, *overrides],
-                          where=f"evaluation of a {card.dataset} model")
+                          where=f"evaluation of a {'+'.join(card.datasets)} model")
 
 
 def evaluate_model(path, dataset: str, split: str = "test", overrides: Sequence[str] = (), preset: str | None = None,
-                   allow_train_overlap: bool = False, accelerator: Accelerator | None = None,
+                   allow_train_overlap: bool = False, scale: str | None = None, accelerator: Accelerator | None = None,
                    console: Console | None = None) -> dict:
     """An exported model (a run or model directory) on a dataset's split ("test", "val" or "all"),
     under the model's own test protocol. Refuses images the model trained on (or that share a
-    content group with them) unless allow_train_overlap. Runs under `accelerate launch` too:
-    the images are spread over the processes. Returns the report (metrics, settings, per-image)."""
+    content group with them) unless allow_train_overlap. Scores are reported on `scale` (a
+    dataset the model trained on, or "normalized"); by default on the evaluated dataset's own when
+    the model trained on it, else on the only training dataset's (a jointly trained model needs a
+    choice). Runs under `accelerate launch` too: the images are spread over the processes.
+    Returns the report (metrics, settings, per-image predictions)."""
     from .cache import describe, prepare
     from .predict import load_model
 
     folder = model_dir(path)
     card = ModelCard.read(folder)
+    scale = scale or (dataset if dataset in card.datasets else None)
+    to_score = card.scale(scale).to_score  # a jointly trained model without a choice fails here, before any work
     cfg = evaluation_config(card, dataset, split, overrides, preset)
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())  # gloo across CPU processes without a GPU
     console = console or Console(stderr=True, quiet=not acc.is_main_process)
@@ -126,15 +131,16 @@ def evaluate_model(path, dataset: str, split: str = "test", overrides: Sequence[
             + f" (the evaluation split is data.split={cfg.data.split} seed {cfg.data.split_seed}). Scores on them "
             "are not held-out results. Evaluate the run's own test split (the default: no --preset, no split "
             "overrides), or pass --allow-train-overlap to score them anyway (recorded in the report).")
-    scorer = load_model(folder, acc.device)
+    scorer = load_model(folder, acc.device, scale)
     images = view.eval_set(which, card.protocol, card.test_patch_num, card.size,
                            shard(len(ids), acc.num_processes, acc.process_index))
     augmenter = Augmenter.evaluation(card.size, card.mean, card.std)
     batch = cfg.train.eval_batch_size or 256
-    result = evaluate_split(scorer.model, images, augmenter, batch, acc, card.to_score)
+    result = evaluate_split(scorer.model, images, augmenter, batch, acc, to_score)
     return {"model": str(folder), "dataset": cfg.data.dataset, "root": cfg.data.root, "split": split,
             "data_split": cfg.data.split, "split_seed": cfg.data.split_seed, "protocol": card.protocol,
-            "patches": card.test_patch_num, "score_scale": view.image_meta["score_range"], "trained_on": card.dataset,
+            "patches": card.test_patch_num, "score_scale": view.image_meta["score_range"],
+            "trained_on": "+".join(card.datasets), "scale": scale or card.dataset,
             "train_overlap": {"images": same, "same_content": related, "allowed": bool(allow_train_overlap)},
             "metrics": {k: result[k] for k in METRIC_KEYS},
             "per_image": {"names": view.names(result["ids"]), "targets": result["targets"].tolist(),

@@ -112,18 +112,26 @@ class Display:
             self.console.print(f"step {step}/{self.total} epoch {step / self.per_epoch:.2f} {info} eta {eta:.1f} min",
                                highlight=False)
 
-    def evaluation(self, record: dict, state) -> None:
-        val = {k[4:]: v for k, v in record.items() if k.startswith("val_")}
+    def evaluation(self, record: dict, state, per_dataset: dict[str, dict] | None = None) -> None:
+        rows = {"val": {k: record.get(f"val_{k}") for k in METRIC_KEYS}}
+        if per_dataset:  # joint training: each dataset, then the combination selection uses
+            rows = {f"val {name}": m for name, m in per_dataset.items()} | {"val (selection)": rows["val"]}
+        if "ema_val_srcc" in record:
+            rows["val EMA"] = {k: record.get(f"ema_val_{k}") for k in METRIC_KEYS}
         best = " (best)" if state.best_step == record["step"] else f" (best {state.best_srcc:.4f} at step {state.best_step})"
         title = (f"step {record['step']}  epoch {record['epoch']:.2f}  train loss {record['train_loss']:.4f}  "
                  f"{record['patches_per_s']:.0f} patches/s{best}")
-        print_table(self.console, title, metrics_table({"val": val}))
+        print_table(self.console, title, metrics_table(rows))
 
     def summary(self, summary: dict, path: Path) -> None:
         title = (f"selected step {summary['best_step']} (epoch {summary['best_epoch']}) of {summary['steps_run']}"
                  f"{', stopped early' if summary['stopped_early'] else ''}; "
                  f"{summary['train_seconds']:.0f} s training, {summary['patches_per_s']} patches/s")
-        print_table(self.console, title, metrics_table({"val": summary["val"], "test": summary["test"]}))
+        rows = {"val": summary["val"], "test": summary["test"]}
+        for name, m in summary.get("datasets", {}).items():
+            rows |= {f"val {name}": m["val"], f"test {name}": m["test"]}
+        print_table(self.console, title + (f"; weights: {summary['weights_from']}" if "weights_from" in summary else ""),
+                    metrics_table(rows))
         self.console.print(f"run directory: {path}", highlight=False)
 
     def close(self) -> None:

@@ -30,19 +30,21 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".g
 class Scorer:
     """A trained model that scores images on its training dataset's scale."""
 
-    def __init__(self, model: HyperIQA, card: ModelCard, device: torch.device) -> None:
+    def __init__(self, model: HyperIQA, card: ModelCard, device: torch.device, scale: str | None = None) -> None:
         self.model = model.to(device).eval()
         self.card = card
         self.device = device
         self.size = card.size
         self.mean = torch.tensor(card.mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(card.std, dtype=torch.float32, device=device)
+        self.scale = card.scale(scale)  # which dataset's scale scores are on (a joint model needs a choice)
+        self.resize = card.resize_for(scale)  # new images are resized as that dataset's were
 
     def prepare(self, image) -> np.ndarray:
         """A path, PIL image or uint8 array/tensor (HWC or CHW) -> resized uint8 HWC RGB, exactly
         as the cache decodes and resizes a dataset's files."""
         if isinstance(image, (str, Path)):
-            pixels, h, w, why = decode(str(image), self.card.resize, self.size)
+            pixels, h, w, why = decode(str(image), self.resize, self.size)
             if why:
                 raise UserError(f"{image}: {why}")
             return np.frombuffer(pixels, np.uint8).reshape(h, w, 3)
@@ -53,7 +55,7 @@ class Scorer:
             if a.dtype != np.uint8 or a.ndim != 3:
                 raise UserError(f"expected a uint8 HxWx3 or 3xHxW image, got {a.dtype} {a.shape}")
             img = Image.fromarray(a.transpose(1, 2, 0) if a.shape[0] == 3 and a.shape[2] != 3 else a)
-        img, problem = fit(img, self.card.resize, self.size)
+        img, problem = fit(img, self.resize, self.size)
         if problem:
             raise UserError(problem)
         return np.asarray(img)
@@ -78,7 +80,7 @@ class Scorer:
             preds.append(out.cpu())
         flat = torch.cat(preds).numpy() if preds else np.zeros(0)
         per_image = np.split(flat, np.cumsum(counts)[:-1]) if counts else []
-        return np.array([self.card.to_score(float(p.mean())) for p in per_image], dtype=np.float64)
+        return np.array([self.scale.to_score(float(p.mean())) for p in per_image], dtype=np.float64)
 
     def score(self, images, crops: int | None = None, flip: bool = False) -> np.ndarray:
         """Scores (on the training dataset's scale) of PIL images, file paths or uint8 tensors."""
@@ -105,14 +107,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None) -> Scorer:
-    """A model directory (or a run directory) as a Scorer."""
+def load_model(path: str | Path, device: str | torch.device | None = None, scale: str | None = None) -> Scorer:
+    """A model directory (or a run directory) as a Scorer; `scale`: the dataset (of those it
+    trained on) whose scale scores are on, or "normalized"; a one-dataset model's by default."""
     folder = model_dir(path)
     card = ModelCard.read(folder)
     torch.set_flush_denormal(True)  # trained weights make CPU math hit slow denormals (train.py)
     model = build_model(card.model_config())
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
-    return Scorer(model, card, resolve_device(device))
+    return Scorer(model, card, resolve_device(device), scale)
 
 
 def expand(paths: Iterable[str]) -> tuple[list[Path], list[tuple[str, str]]]:

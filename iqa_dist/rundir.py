@@ -245,8 +245,8 @@ class RunDir:
         if self.accelerator.is_main_process:
             (self.path / self.SUMMARY).write_text(json.dumps(summary, indent=1))
 
-    def export_model(self, state_dict: dict[str, torch.Tensor], card: ModelCard, train_names: list[str],
-                     train_groups: list[str]) -> None:
+    def export_model(self, state_dict: dict[str, torch.Tensor], card: ModelCard,
+                     train_images: dict[str, dict[str, list[str]]]) -> None:
         """The selected model as a self-contained directory (card.py), replaced atomically."""
         if not self.accelerator.is_main_process:
             return
@@ -254,7 +254,7 @@ class RunDir:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp / WEIGHTS_FILE)
-        card.write(tmp, train_names, train_groups)
+        card.write(tmp, train_images)
         shutil.rmtree(self.model_dir, ignore_errors=True)
         os.replace(tmp, self.model_dir)
 

@@ -9,7 +9,7 @@ Patches are cut from it on the device (`augment.crop`), from origins computed on
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import datasets
@@ -61,8 +61,10 @@ class ImageStore:
     offsets: torch.Tensor
     heights: torch.Tensor
     widths: torch.Tensor
-    scores: torch.Tensor
-    ids: torch.Tensor
+    scores: torch.Tensor  # on the dataset's own scale
+    ids: torch.Tensor  # image ids in the dataset's cache
+    targets: torch.Tensor | None = None  # (N,) float32 training targets (normalised scores); None = the scores
+    dataset: torch.Tensor | None = None  # (N,) int64: which dataset of a joint store each row comes from
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -71,9 +73,25 @@ class ImageStore:
     def nbytes(self) -> int:
         return self.pixels.numel()
 
+    def training_targets(self) -> torch.Tensor:
+        return self.scores if self.targets is None else self.targets
+
     def to(self, device: torch.device | str) -> "ImageStore":
         """The same store with its pixels moved (the metadata stays on the host)."""
-        return ImageStore(self.pixels.to(device), self.offsets, self.heights, self.widths, self.scores, self.ids)
+        return replace(self, pixels=self.pixels.to(device))
+
+    @classmethod
+    def join(cls, stores: list["ImageStore"], targets: list[torch.Tensor]) -> "ImageStore":
+        """One store holding several datasets' rows back to back (joint training), with each
+        row's training target and dataset index."""
+        sizes = [s.pixels.numel() for s in stores]
+        shift = torch.tensor([0, *sizes[:-1]]).cumsum(0)
+        return cls(torch.cat([s.pixels for s in stores]),
+                   torch.cat([s.offsets + int(o) for s, o in zip(stores, shift)]),
+                   torch.cat([s.heights for s in stores]), torch.cat([s.widths for s in stores]),
+                   torch.cat([s.scores for s in stores]), torch.cat([s.ids for s in stores]),
+                   torch.cat(targets).float(),
+                   torch.cat([torch.full((len(s),), d, dtype=torch.int64) for d, s in enumerate(stores)]))
 
     def image(self, row: int) -> np.ndarray:
         """Row `row` as a (H, W, 3) uint8 array (a view of host pixels)."""

@@ -140,8 +140,13 @@ def show(table: dict, group: Path) -> None:
     print_table(console(), f"sweep {table['kind']} ({group})", t)
 
 
-def cross(run: str, datasets: list[str], root: str, base_overrides: list[str], launcher: str) -> Path:
-    """Evaluates a trained run on each NAME=ROOT dataset (all images)."""
+def cross(run: str, datasets: list[str], root: str, base_overrides: list[str], launcher: str, scale: str = "") -> Path:
+    """Evaluates a trained run on each NAME=ROOT dataset (all images). A jointly trained run is
+    scored on the normalized scale unless `scale` names another (the correlations tabulated here
+    do not depend on it)."""
+    from .card import NORMALIZED, ModelCard, model_dir
+
+    scale = scale or (NORMALIZED if len(ModelCard.read(model_dir(run)).datasets) > 1 else "")
     group = new_group(root, "cross")
     results = []
     prefix = shlex.split(launcher) if launcher else [sys.executable]
@@ -152,7 +157,8 @@ def cross(run: str, datasets: list[str], root: str, base_overrides: list[str], l
             raise UserError(f"sweep cross: --dataset expects NAME=ROOT, got {spec!r}")
         out = group / f"{name}.json"
         args = [*prefix, "-m", "iqa_dist", "evaluate", "--run", run, "--dataset", name, "--split", "all",
-                "--output", str(out), *([f"--root={data_root}"] if data_root else []), *[f"--{o}" for o in base_overrides]]
+                "--output", str(out), *([f"--root={data_root}"] if data_root else []), *([f"--scale={scale}"] if scale else []),
+                *[f"--{o}" for o in base_overrides]]
         err.rule(f"cross-dataset: {name}")
         if subprocess.run(args).returncode or not out.exists():
             results.append({"dataset": name, "finished": False})

@@ -1,29 +1,19 @@
 """Training with Accelerate: one process, N GPUs or N nodes, the same recipe.
 
-`train()` is the loop; everything it uses is built by a named helper before it. Steps (optimizer
-steps) are the unit of control: the schedule, evaluation and checkpoints count them, the epoch is
-derived, and resuming is a single skip to the checkpoint's step. `train_step` is THE step: the
-loop runs it and `iqa-dist bench train` times it.
+`train()` is the loop; everything it uses is built before it by `start()` and named helpers.
+Steps (optimizer steps) are the unit of control: the schedule, evaluation and checkpoints count
+them, the epoch is derived, and resuming is a single skip to the checkpoint's step. The step
+itself (step.py) is the one `iqa-dist bench train` times; what each step trains on is plan.py's.
 
-World-size invariance: train.batch_size is GLOBAL. Step s draws its B samples (and their
-augmentation) identically on every process; process r takes chunk (micro * world + r) of them.
-The loss is per sample; the step sums a micro-batch's losses and divides by B / world: the
-micro-batch gradients add up, DDP's mean over processes divides by world, and the result is the
-mean over the global batch, even when chunks are uneven. The ranking term pairs every sample with
-every other of the GLOBAL batch (predictions gathered across processes with their gradients), so
-it too is the same loss on 1 GPU and on 64.
-
-No host round trip per step: the loss window stays on the device, and the non-finite and
-preemption flags are read one step late (StepGuard); the optimizer itself skips a non-finite
-step on the device, so no update is ever taken from a non-finite loss or gradient.
+Joint training (data.datasets): every dataset keeps its own cache, split and score scale; the
+training store joins them with each row's normalised target; validation is per dataset, and the
+model is selected on their weight-averaged val SRCC (or one named dataset's).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
@@ -31,23 +21,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from rich.console import Console
 from safetensors.torch import load_file
 
 from .augment import Augmenter
-from .card import ModelCard
 from .cache import cache_root, describe, prepare
+from .card import WEIGHTS_FILE, ModelCard, Scale, TrainedOn
 from .config import Config
 from .errors import UserError
 from .evaluate import evaluate_split, shard
 from .metrics import METRIC_KEYS
 from .model import HyperIQA, build_model, parameter_counts
+from .optim import WeightEMA, build_optimizer, build_schedule, group_sizes
 from .output import Display, console_for
+from .plan import BatchPlan, JointPlan, Shares
 from .rundir import RunDir, Target
+from .step import BadStep, PreemptionFlag, StepGuard, next_batch, train_step
 from .store import EvalSet, ImageStore, View
 from .weights import provenance
 
@@ -96,98 +87,15 @@ def update_best(state: TrainState, srcc: float, patience: int) -> bool:
     return best
 
 
-class BatchPlan:
-    """Which images (and stored patch) each global batch holds: a pure function of (seed, step).
-
-    An epoch is every training image x train_patch_num patches in a seeded permutation; the last
-    partial batch is dropped (a different remainder each epoch).
-    """
-
-    def __init__(self, n_images: int, patch_num: int, batch_size: int, seed: int, cached_k: int = 0) -> None:
-        self.n_images, self.patch_num, self.batch_size, self.seed, self.cached_k = (
-            n_images, patch_num, batch_size, seed, cached_k)
-        self.steps_per_epoch = n_images * patch_num // batch_size
-        if self.steps_per_epoch == 0:
-            raise UserError(f"train.batch_size={batch_size} exceeds an epoch ({n_images} images x {patch_num} patches)")
-        self._epoch = (-1, None, None)
-
-    def _permutation(self, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
-        if self._epoch[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            perm = rng.permutation(self.n_images * self.patch_num)
-            # cached patches: each epoch uses patch_num of the K stored patches of every image
-            chosen = rng.random((self.n_images, self.cached_k)).argsort(1)[:, :self.patch_num] if self.cached_k else None
-            self._epoch = (epoch, perm, chosen)
-        return self._epoch[1], self._epoch[2]
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(image rows (B,), stored patch index (B,) or None) of global batch `step`."""
-        epoch, i = divmod(step, self.steps_per_epoch)
-        perm, chosen = self._permutation(epoch)
-        items = perm[i * self.batch_size:(i + 1) * self.batch_size]
-        rows, rep = items // self.patch_num, items % self.patch_num
-        k = torch.from_numpy(chosen[rows, rep]) if chosen is not None else None
-        return torch.from_numpy(rows), k
-
-
-@dataclass
-class Shares:
-    """How a global batch splits over processes and micro-batches."""
-
-    world: int
-    rank: int
-    accum: int  # micro-batches per optimizer step (gradient accumulation)
-    batch_size: int
-
-    @classmethod
-    def plan(cls, batch_size: int, micro_batch_size: int, world: int, rank: int) -> "Shares":
-        if batch_size < world:
-            raise UserError(f"train.batch_size={batch_size} is smaller than the {world} processes")
-        share = math.ceil(batch_size / world)
-        accum = math.ceil(share / micro_batch_size) if micro_batch_size else 1
-        # at most batch_size // world micro-batches, so none is empty (a micro-batch may then
-        # hold one patch more than micro_batch_size)
-        return cls(world, rank, min(accum, batch_size // world), batch_size)
-
-    def _chunk(self, c: int) -> slice:
-        parts = self.world * self.accum
-        return slice(self.batch_size * c // parts, self.batch_size * (c + 1) // parts)
-
-    def slices(self) -> list[slice]:
-        return [self._chunk(m * self.world + self.rank) for m in range(self.accum)]
-
-    def sizes(self) -> list[int]:
-        """Every process's share when there is no accumulation (accum == 1), in rank order."""
-        return [self._chunk(r).stop - self._chunk(r).start for r in range(self.world)]
-
-    @property
-    def per_process(self) -> float:
-        """B / world: dividing a process's summed loss by it makes DDP's mean the global mean."""
-        return self.batch_size / self.world
-
-
 @dataclass
 class Data:
-    view: View
-    train: ImageStore  # every training image (or cached patch strip), device-resident when possible
-    val: EvalSet  # this process's shard of the validation images, with their test-protocol origins
-    plan: BatchPlan
-
-
-@dataclass
-class MicroBatch:
-    x: torch.Tensor  # (b, 3, S, S) normalised patches on the device
-    target: torch.Tensor  # (b,) training targets on the device
-    offset: int  # index of its first sample in the global batch
-
-
-@dataclass
-class Batch:
-    """One optimizer step's share of this process."""
-
-    micro: list[MicroBatch]
-    targets: torch.Tensor | None = None  # (B,) every target of the global batch (ranking loss only)
-    sizes: list[int] | None = None  # every process's share (ranking loss only)
+    names: list[str]  # the datasets trained on, in data.datasets order (one without joint training)
+    weights: list[float]  # their shares of each global batch
+    views: dict[str, View]  # each dataset's prepared cache and split
+    train: ImageStore  # every training image (or cached patch strip), joined, device-resident when possible
+    val: dict[str, EvalSet]  # this process's shard of each dataset's validation images
+    scales: dict[str, Scale]  # each dataset's score -> target map, fitted on its training split
+    plan: BatchPlan | JointPlan
 
 
 # ---------------------------------------------------------------- helpers built before the loop
@@ -217,243 +125,43 @@ def resident_device(cfg: Config, nbytes: int, device: torch.device) -> torch.dev
 
 
 def load_data(cfg: Config, acc: Accelerator, console: Console) -> Data:
-    # every process calls it: a file lock lets one build while the others wait (no collective,
-    # whose timeout a first build of a large dataset could exceed)
-    view = prepare(cfg, console)
-    acc.print(describe(view))
-    if not len(view.ids("train")):
-        raise UserError("data.split=all keeps every image for evaluation; training needs a train split")
+    """Every dataset trained on: prepared (cached, split), its training rows joined into one store
+    with their normalised targets, its validation images sharded over the processes."""
+    # every process calls prepare: a file lock lets one build while the others wait (no
+    # collective, whose timeout a first build of a large dataset could exceed)
+    members = cfg.data.members()
+    views, stores, targets, val, scales = {}, [], [], {}, {}
     cached = cfg.data.train_patches == "cached"
-    train = view.patch_store() if cached else view.image_store("train")
+    for m in members:
+        view = prepare(replace(cfg, data=m), console)
+        acc.print(describe(view))
+        if not len(view.ids("train")):
+            raise UserError(f"{m.dataset}: data.split=all keeps every image for evaluation; training needs a train split")
+        store = view.patch_store() if cached else view.image_store("train")
+        scales[m.dataset] = Scale.fit(cfg.data.score_norm, view.scores()[view.ids("train")])
+        stores.append(store)
+        targets.append(scales[m.dataset].to_target(store.scores))
+        val[m.dataset] = view.eval_set("val", m.test_protocol, m.test_patch_num, cfg.model.img_size,
+                                       shard(len(view.ids("val")), acc.num_processes, acc.process_index))
+        views[m.dataset] = view
+    train = ImageStore.join(stores, targets) if len(stores) > 1 else replace(stores[0], targets=targets[0].float())
     train = train.to(resident_device(cfg, train.nbytes, acc.device))
-    d = cfg.data
-    val = view.eval_set("val", d.test_protocol, d.test_patch_num, cfg.model.img_size,
-                        shard(len(view.ids("val")), acc.num_processes, acc.process_index))
-    plan = BatchPlan(len(train), d.train_patch_num, cfg.train.batch_size, cfg.train.seed,
-                     d.cached_patch_num if cached else 0)
-    return Data(view, train, val, plan)
+    d, weights = cfg.data, cfg.data.weights()
+    plan = (JointPlan([len(s) for s in stores], weights, d.train_patch_num, cfg.train.batch_size, cfg.train.seed)
+            if len(stores) > 1 else
+            BatchPlan(len(train), d.train_patch_num, cfg.train.batch_size, cfg.train.seed,
+                      d.cached_patch_num if cached else 0))
+    return Data([m.dataset for m in members], weights, views, train, val, scales, plan)
 
 
-def model_card(cfg: Config, view: View, model: HyperIQA, weights: dict, groups: dict) -> ModelCard:
-    """The card every exported model of this run carries (step and val filled at export)."""
-    d = cfg.data
-    return ModelCard(model={**asdict(cfg.model), "pretrained": "none"}, dataset=d.dataset, data=asdict(d),
-                     score_range=list(view.image_meta["score_range"]), score_norm=d.score_norm,
-                     resize=view.image_meta["resize"], protocol=d.test_protocol, test_patch_num=d.test_patch_num,
+def model_card(cfg: Config, data: Data, model: HyperIQA, weights: dict, groups: dict) -> ModelCard:
+    """The card every exported model of this run carries (step, val and averaging filled at export)."""
+    trained_on = {name: TrainedOn(asdict(m), list(data.views[name].image_meta["score_range"]),
+                                  data.views[name].image_meta["resize"], data.scales[name], w)
+                  for name, m, w in zip(data.names, cfg.data.members(), data.weights)}
+    return ModelCard(model={**asdict(cfg.model), "pretrained": "none"}, datasets=trained_on,
+                     protocol=cfg.data.test_protocol, test_patch_num=cfg.data.test_patch_num,
                      mean=list(model.mean), std=list(model.std), weights=weights, groups=groups)
-
-
-def build_optimizer(model: HyperIQA, cfg: Config, fused: bool | None = None) -> torch.optim.Optimizer:
-    """Adam (L2 decay in the gradient, as the original HyperIQA) or AdamW (decoupled decay), two
-    groups: "backbone" at lr, "head" at lr * lr_ratio (optim.lda_group says where LDA goes).
-    Fused kernels where torch has them (CUDA, CPU): one launch for the whole update, and the step
-    can skip itself on the device (StepGuard). Real parameter lists, not iterators."""
-    o = cfg.optim
-    groups = model.parameter_groups(o.lda_group)
-    params = [{"params": groups["backbone"], "lr": o.lr, "name": "backbone"},
-              {"params": groups["head"], "lr": o.lr * o.lr_ratio, "name": "head"}]
-    cls = torch.optim.Adam if o.optimizer == "adam" else torch.optim.AdamW
-    device = next(model.parameters()).device
-    fused = device.type in ("cuda", "cpu") if fused is None else fused
-    return cls(params, weight_decay=o.weight_decay, fused=fused)
-
-
-def group_sizes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    return {g["name"]: sum(p.numel() for p in g["params"]) for g in optimizer.param_groups}
-
-
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int, steps_per_epoch: int):
-    """Linear warmup then cosine to min_lr_ratio (or constant), per optimizer step; the head group
-    drops to 0 after optim.freeze_hyper_after epochs (the original code's frozen hyper network)."""
-    o = cfg.optim
-
-    def factor(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        if o.schedule == "constant":
-            return 1.0
-        t = (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps)
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    def head(step: int) -> float:
-        frozen = o.freeze_hyper_after and step >= o.freeze_hyper_after * steps_per_epoch
-        return 0.0 if frozen else factor(step)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor, head])
-
-
-# ---------------------------------------------------------------- the step
-
-
-class _GatherGlobal(torch.autograd.Function):
-    """Every process's predictions, concatenated in rank order (the global batch order), with the
-    gradient flowing back to each process's own slice: all processes' losses use every prediction,
-    so the backward sums their gradients (an all-reduce) and keeps this process's part."""
-
-    @staticmethod
-    def forward(ctx, local: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
-        ctx.sizes, ctx.rank = sizes, rank
-        padded = F.pad(local, (0, max(sizes) - len(local)))  # all_gather needs equal sizes
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded.contiguous())
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        start = sum(ctx.sizes[:ctx.rank])
-        return grad[start:start + ctx.sizes[ctx.rank]], None, None
-
-
-def gather_global(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    if len(sizes) == 1:
-        return local
-    return _GatherGlobal.apply(local, sizes, dist.get_rank())
-
-
-def sample_losses(pred: torch.Tensor, target: torch.Tensor, rank_weight: float = 0.0,
-                  ranked: tuple[torch.Tensor, torch.Tensor] | None = None, offset: int = 0) -> torch.Tensor:
-    """Per-sample training losses (b,): L1, plus rank_weight x this sample's share of the pairwise
-    ranking hinge over the global batch. Their sum over the global batch divided by B is the
-    objective: mean L1 + rank_weight x the mean hinge over ordered pairs with different targets.
-
-    ranked: (all predictions (B,), all targets (B,)) of the global batch, in which this
-    micro-batch starts at `offset`; required when rank_weight > 0. The step does the reduction."""
-    pred = pred.float()
-    losses = (pred - target).abs()
-    if rank_weight > 0:
-        p_all, t_all = ranked
-        sign = torch.sign(target[:, None] - t_all[None, :])  # (b, B)
-        hinge = F.relu(-(pred[:, None] - p_all[None, :]) * sign)
-        pairs = (torch.sign(t_all[:, None] - t_all[None, :]) != 0).sum().clamp(min=1)
-        losses = losses + rank_weight * len(t_all) * hinge.sum(1) / pairs
-    return losses
-
-
-class StepGuard:
-    """Every process's [loss non-finite, gradient non-finite, preemption requested] for a step,
-    decided together (one small all-reduce, no host sync).
-
-    With a fused optimizer (and not fp16) the step skips itself on the device when a flag is set
-    (the optimizer's `found_inf`), and the flags reach the host one step late through a pinned,
-    non-blocking copy: `check` at step s reads step s-1's flags before step s's update, so a bad
-    step stops the run with the weights from before it. Otherwise the flags are read at once.
-    Under fp16 a non-finite gradient is the loss scaler's overflow, which skips the step by
-    design: only a non-finite loss stops the run."""
-
-    def __init__(self, acc: Accelerator, optimizer: torch.optim.Optimizer, preempt: "PreemptionFlag") -> None:
-        self.acc, self.preempt = acc, preempt
-        self.inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
-        self.fp16 = acc.mixed_precision == "fp16"
-        self.deferred = bool(self.inner.defaults.get("fused")) and not self.fp16
-        self.pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
-        self.preempted = False  # a preemption flag has been read
-
-    def check(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
-        """After step `step`'s backward and clipping, before its update. Raises BadStep for a
-        non-finite step (this one, or the previous one when deferred) before the update."""
-        dev = loss.device
-        flags = torch.stack([(~torch.isfinite(loss)).float(),
-                             (~torch.isfinite(norm)).float().to(dev) * (0.0 if self.fp16 else 1.0),
-                             torch.full((), float(self.preempt.requested()), device=dev)])
-        if self.acc.num_processes > 1:
-            flags = self.acc.reduce(flags, "max")
-        if not self.deferred:
-            self._read(step, flags.cpu())
-            return
-        self.inner.found_inf = flags[:2].amax()  # the fused kernel skips the whole update when it is 1
-        self.flush()
-        host = torch.empty(3, pin_memory=dev.type == "cuda")
-        host.copy_(flags, non_blocking=True)
-        event = None
-        if dev.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        self.pending = (step, host, event)
-
-    def flush(self) -> None:
-        """Reads the pending step's flags (waiting for them): at log, eval and checkpoint points."""
-        if self.pending is not None:
-            step, host, event = self.pending
-            self.pending = None
-            if event is not None:
-                event.synchronize()
-            self._read(step, host)
-
-    def _read(self, step: int, flags: torch.Tensor) -> None:
-        self.preempted = self.preempted or bool(flags[2])
-        if flags[0] or flags[1]:
-            raise BadStep(step, "loss" if flags[0] else "gradient")
-
-
-class BadStep(Exception):
-    def __init__(self, step: int, what: str) -> None:
-        super().__init__(f"non-finite {what} at step {step}")
-        self.step, self.what = step, what
-
-
-def train_step(acc: Accelerator, model, optimizer, scheduler, batch: Batch, step: int, per_process: float,
-               rank_weight: float, grad_clip: float, guard: StepGuard) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward of each micro-batch (gradients synced on the last one only), clipping,
-    the guard, the update and the schedule. Returns (summed loss, gradient norm), both on the device."""
-    total = torch.zeros((), device=acc.device)
-    for m, mb in enumerate(batch.micro):
-        with acc.no_sync(model) if m < len(batch.micro) - 1 else contextlib.nullcontext():
-            pred = model(mb.x).float()
-            ranked = (gather_global(pred, batch.sizes), batch.targets) if rank_weight > 0 else None
-            losses = sample_losses(pred, mb.target, rank_weight, ranked, mb.offset)
-            acc.backward(losses.sum() / per_process)
-        total += losses.detach().sum()
-    norm = acc.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
-    guard.check(step, total, norm)
-    optimizer.step()
-    if not (guard.fp16 and optimizer.step_was_skipped):  # fp16 overflow: the scaler skipped this step
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total, norm
-
-
-def next_batch(data: Data, augmenter: Augmenter, shares: Shares, step: int, to_target, device: torch.device,
-               rank_weight: float = 0.0) -> Batch:
-    """This process's share of global batch `step`: augmented on the device, one upload per
-    micro-batch. to_target maps dataset scores to training targets (ModelCard.to_target)."""
-    rows, k = data.plan.batch(step)
-    params = augmenter.draw(len(rows))  # drawn for the whole global batch on every process
-    store = data.train
-    micro = []
-    for sl in shares.slices():
-        r = rows[sl]
-        pixels, offsets, widths = store.gather(r, device)
-        if k is None:  # fresh random crops inside each image
-            y0, x0 = augmenter.crop_origin(params[sl], store.heights[r], store.widths[r])
-        else:  # patch k of each cached strip
-            y0, x0 = k[sl] * augmenter.size, torch.zeros(len(r), dtype=torch.long)
-        packed = augmenter.upload(offsets, widths, y0, x0, params[sl], store.scores[r], device)
-        x, scores = augmenter.apply(pixels, packed)
-        micro.append(MicroBatch(x, to_target(scores), sl.start))
-    if rank_weight <= 0:
-        return Batch(micro)
-    targets = to_target(store.scores[rows]).to(device, non_blocking=True)
-    return Batch(micro, targets, shares.sizes())
-
-
-class PreemptionFlag:
-    """A request to checkpoint at the end of the step and exit: SIGUSR1 or SIGTERM to this
-    process, or the file named by $IQA_DIST_STOP_FILE appearing (the SLURM scripts touch it
-    when the time limit nears: no signal has to get through torchrun's agent)."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self.stop_file = os.environ.get("IQA_DIST_STOP_FILE", "")
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame) -> None:
-        self.raised = True
-
-    def requested(self) -> bool:
-        return self.raised or bool(self.stop_file and os.path.exists(self.stop_file))
 
 
 def stop_non_finite(acc: Accelerator, run: RunDir, bad: BadStep) -> None:
@@ -488,31 +196,60 @@ def maybe_compile(model, cfg: Config, console: Console, what: str = "training"):
     return compiled
 
 
-def evaluate_and_select(cfg: Config, acc: Accelerator, run: RunDir, eval_model, data: Data, augmenter: Augmenter,
-                        state: TrainState, card: ModelCard, eval_batch: int) -> dict:
-    """Validation metrics; a new best (val SRCC) is exported as the run's model."""
-    result = evaluate_split(eval_model, data.val, augmenter, eval_batch, acc, card.to_score, cfg.train.compile)
-    val = {k: result[k] for k in METRIC_KEYS}
-    if update_best(state, val["srcc"], cfg.train.patience):
-        view = data.view
-        ids = view.ids("train")
-        exported = replace(card, step=state.step, val=val)
-        run.export_model(acc.unwrap_model(eval_model, keep_torch_compile=False).state_dict(), exported,
-                         view.names(ids) if acc.is_main_process else [], view.groups(ids) if acc.is_main_process else [])
-    return val
+def evaluate_all(model, images: dict[str, EvalSet], card: ModelCard, s: "Session") -> dict[str, dict]:
+    """Metrics per dataset, each on its own score scale."""
+    return {name: {k: r[k] for k in METRIC_KEYS} for name, r in (
+        (name, evaluate_split(model, evalset, s.augmenter, s.eval_batch, s.acc, card.scale(name).to_score,
+                              s.cfg.train.compile)) for name, evalset in images.items())}
 
 
-def test_selected(cfg: Config, acc: Accelerator, run: RunDir, eval_model, data: Data, augmenter: Augmenter,
-                  card: ModelCard, eval_batch: int) -> dict:
-    """Loads the selected weights and evaluates the test split once."""
-    acc.wait_for_everyone()
-    bare = acc.unwrap_model(eval_model, keep_torch_compile=False)
-    bare.load_state_dict(load_file(str(run.model_dir / "model.safetensors")))
-    d = cfg.data
-    test = data.view.eval_set("test", d.test_protocol, d.test_patch_num, cfg.model.img_size,
-                              shard(len(data.view.ids("test")), acc.num_processes, acc.process_index))
-    result = evaluate_split(eval_model, test, augmenter, eval_batch, acc, card.to_score, cfg.train.compile)
-    return {k: result[k] for k in METRIC_KEYS}
+def combine(per_dataset: dict[str, dict], weights: list[float], select_on: str) -> dict:
+    """One set of metrics for selection and tables: the dataset's own with one dataset, else the
+    weight-averaged correlations (RMSE has no common scale across datasets) or `select_on`'s."""
+    if len(per_dataset) == 1:
+        return next(iter(per_dataset.values()))
+    if select_on:
+        return per_dataset[select_on]
+    w = np.asarray(weights) / sum(weights)
+    out = {k: float(sum(wi * m[k] for wi, m in zip(w, per_dataset.values()))) for k in ("srcc", "plcc", "krcc")}
+    return {**out, "rmse": None, "n": sum(m["n"] for m in per_dataset.values())}
+
+
+def evaluate_and_select(s: "Session") -> tuple[dict, dict[str, dict], dict | None, str]:
+    """Validation of the weights (and of their EMA); the better of the two, when it is a new best
+    (val SRCC), is exported as the run's model. Returns (the weights' combined metrics, per
+    dataset, the EMA's combined metrics or None, which was better: "raw" | "ema")."""
+    cfg, acc = s.cfg, s.acc
+    per_dataset = evaluate_all(s.eval_model, s.data.val, s.card, s)
+    val = combine(per_dataset, s.data.weights, cfg.train.select_on)
+    ema_val, chosen, chosen_val, chosen_model = None, "raw", val, acc.unwrap_model(s.eval_model, keep_torch_compile=False)
+    if s.ema is not None:
+        with acc.autocast():  # the same precision as the (Accelerate-wrapped) weights' evaluation
+            ema_val = combine(evaluate_all(s.ema.model, s.data.val, s.card, s), s.data.weights, cfg.train.select_on)
+        if _score(ema_val) > _score(val):
+            chosen, chosen_val, chosen_model = "ema", ema_val, s.ema.model
+    if update_best(s.state, chosen_val["srcc"], cfg.train.patience):
+        exported = replace(s.card, step=s.state.step, val=chosen_val, averaged=chosen)
+        train_images = {name: {"names": view.names(view.ids("train")), "groups": view.groups(view.ids("train"))}
+                        for name, view in s.data.views.items()} if acc.is_main_process else {}
+        s.run.export_model(chosen_model.state_dict(), exported, train_images)
+    return val, per_dataset, ema_val, chosen
+
+
+def _score(metrics: dict) -> float:
+    return metrics["srcc"] if math.isfinite(metrics["srcc"]) else -math.inf
+
+
+def test_selected(s: "Session") -> tuple[dict, dict[str, dict]]:
+    """Loads the selected weights and evaluates each dataset's test split once."""
+    s.acc.wait_for_everyone()
+    bare = s.acc.unwrap_model(s.eval_model, keep_torch_compile=False)
+    bare.load_state_dict(load_file(str(s.run.model_dir / WEIGHTS_FILE)))
+    images = {name: view.eval_set("test", m.test_protocol, m.test_patch_num, s.cfg.model.img_size,
+                                  shard(len(view.ids("test")), s.acc.num_processes, s.acc.process_index))
+              for (name, view), m in zip(s.data.views.items(), s.cfg.data.members())}
+    per_dataset = evaluate_all(s.eval_model, images, s.card, s)
+    return combine(per_dataset, s.data.weights, s.cfg.train.select_on), per_dataset
 
 
 # ---------------------------------------------------------------- the loop
@@ -538,6 +275,7 @@ class Session:
     state: TrainState
     guard: StepGuard
     display: Display
+    ema: WeightEMA | None  # the weights' moving average (train.ema_decay > 0)
     counts: dict
     total_steps: int
     eval_every: int
@@ -571,16 +309,17 @@ def start(cfg: Config, resume: str = "", extend: bool = False) -> Session:
     optimizer = build_optimizer(model.to(acc.device), cfg)
     scheduler = build_schedule(optimizer, cfg, total_steps, steps_per_epoch)
     weights, groups, counts = provenance(cfg.model), group_sizes(optimizer), parameter_counts(model)
-    card = model_card(cfg, data.view, model, weights, groups)
+    card = model_card(cfg, data, model, weights, groups)
     run = RunDir.open(cfg, target, acc, {"weights": weights, "parameter_groups": groups})
     with run.discard_if_unstarted(created=not target.resuming):
+        ema = WeightEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
         state = TrainState()
-        acc.register_for_checkpointing(state, augmenter)
+        acc.register_for_checkpointing(state, augmenter, *([ema] if ema else []))
         set_seed(cfg.train.seed, device_specific=True)  # dropout and drop path differ per process
         if target.resuming:
             restore(acc, run, state, target)
-        print_start(acc, cfg, counts, weights, groups, shares, total_steps, steps_per_epoch, run)
+        print_start(acc, cfg, data, counts, weights, groups, shares, total_steps, steps_per_epoch, run)
         if cfg.run.log_with:
             acc.init_trackers(run.path.name, config={f"{s}.{k}": str(v) for s, d in cfg.to_dict().items()
                                                      if isinstance(d, dict) for k, v in d.items()})
@@ -588,7 +327,7 @@ def start(cfg: Config, resume: str = "", extend: bool = False) -> Session:
         cfg, acc, run, target, model, maybe_compile(model, cfg, console),
         maybe_compile(acc.unwrap_model(model), cfg, console, "evaluation"), optimizer, scheduler, data, shares,
         augmenter, card, state, StepGuard(acc, optimizer, preempt),
-        Display(console, total_steps, steps_per_epoch, cfg.train.log_every), counts, total_steps, eval_every,
+        Display(console, total_steps, steps_per_epoch, cfg.train.log_every), ema, counts, total_steps, eval_every,
         cfg.train.checkpoint_every or eval_every,
         cfg.train.eval_batch_size or 2 * math.ceil(shares.per_process / shares.accum))
 
@@ -612,10 +351,11 @@ def train(cfg: Config, resume: str = "", extend: bool = False) -> Path:
     with s.run.discard_if_unstarted(created=not s.target.resuming):  # a failed start leaves no directory
         s.model.train()
         while state.step < s.total_steps and not state.stopped_early:
-            batch = next_batch(s.data, s.augmenter, s.shares, state.step, s.card.to_target, s.acc.device, o.rank_weight)
+            batch = next_batch(s.data.train, s.data.plan, s.augmenter, s.shares, state.step, s.acc.device,
+                               o.rank_weight)
             try:
                 loss, norm = train_step(s.acc, s.forward, s.optimizer, s.scheduler, batch, state.step,
-                                        s.shares.per_process, o.rank_weight, o.grad_clip, s.guard)
+                                        s.shares.per_process, o.rank_weight, o.grad_clip, s.guard, s.ema)
             except BadStep as bad:
                 stop_non_finite(s.acc, s.run, bad)
             state.step += 1
@@ -637,12 +377,12 @@ def train(cfg: Config, resume: str = "", extend: bool = False) -> Path:
 
 def evaluate_and_log(s: Session, window: dict, norm: torch.Tensor) -> None:
     """Validation, model selection, a metrics.jsonl line (and the tracker's), the table."""
-    val = evaluate_and_select(s.cfg, s.acc, s.run, s.eval_model, s.data, s.augmenter, s.state, s.card, s.eval_batch)
-    record = log_record(s.acc, s.state, s.data, window, val, s.scheduler, norm)
+    val, per_dataset, ema_val, chosen = evaluate_and_select(s)
+    record = log_record(s, window, val, per_dataset, ema_val, chosen, norm)
     s.run.log(record)
     if s.cfg.run.log_with:
         s.acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=s.state.step)
-    s.display.evaluation(record, s.state)
+    s.display.evaluation(record, s.state, per_dataset if len(per_dataset) > 1 else None)
     s.state.window_loss, s.state.window_n = 0.0, 0
     window.update(t0=time.time(), step0=s.state.step)
 
@@ -658,9 +398,9 @@ def checkpoint(s: Session, window: dict) -> None:
 
 
 def finish(s: Session) -> None:
-    """The selected model on the test split, once; the summary."""
-    test = test_selected(s.cfg, s.acc, s.run, s.eval_model, s.data, s.augmenter, s.card, s.eval_batch)
-    summary = summarize(s.run, s.state, s.data, test, s.acc, s.counts)
+    """The selected model on each test split, once; the summary."""
+    test, per_dataset = test_selected(s)
+    summary = summarize(s, test, per_dataset)
     s.run.write_summary(summary)
     s.display.summary(summary, s.run.path)
     s.acc.end_training()
@@ -678,7 +418,7 @@ def sync_point(s: Session, window: dict) -> None:
     s.display.line(s.state.step, s.state.window_loss / max(1, s.state.window_n), s.scheduler.get_last_lr()[0])
 
 
-def print_start(acc: Accelerator, cfg: Config, counts: dict, weights: dict, groups: dict, shares: Shares,
+def print_start(acc: Accelerator, cfg: Config, data: Data, counts: dict, weights: dict, groups: dict, shares: Shares,
                 total_steps: int, steps_per_epoch: int, run: RunDir) -> None:
     """The start-up lines: what is trained, from which weights, on what, with which batch."""
     sha = f", sha256 {weights['sha256'][:12]}" if weights.get("sha256") else ""
@@ -688,7 +428,13 @@ def print_start(acc: Accelerator, cfg: Config, counts: dict, weights: dict, grou
               f"{weights['tag']}{sha}")
     acc.print(f"optimizer: {cfg.optim.optimizer}; groups: " + ", ".join(
         f"{name} {n / 1e6:.2f}M at lr {lrs[name]:.2e}" for name, n in groups.items())
-        + f" (LDA with the {cfg.optim.lda_group})")
+        + f" (LDA with the {cfg.optim.lda_group})" + (f"; weight EMA {cfg.train.ema_decay}" if cfg.train.ema_decay else ""))
+    if len(data.names) > 1:
+        share = [w / sum(data.weights) for w in data.weights]
+        acc.print("joint training: " + ", ".join(
+            f"{name} {p:.0%} of each batch (targets {data.scales[name].kind}: shift {data.scales[name].shift:.4g}, "
+            f"scale {data.scales[name].scale:.4g})" for name, p in zip(data.names, share))
+            + f"; selection on {cfg.train.select_on or 'the weighted mean'} val SRCC")
     procs = f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''}"
     per = shares.per_process / shares.accum
     acc.print(f"{procs}, precision {acc.mixed_precision if acc.mixed_precision != 'no' else 'fp32'}; batch "
@@ -706,41 +452,60 @@ def consolidate_window(acc: Accelerator, state: TrainState) -> None:
         state.window_loss, state.window_n = (totals[0], int(totals[1])) if acc.is_main_process else (0.0, 0)
 
 
-def log_record(acc: Accelerator, state: TrainState, data: Data, window: dict, val: dict, scheduler, norm) -> dict:
-    """One metrics.jsonl line; the train loss is the mean over every process's patches."""
+def log_record(s: Session, window: dict, val: dict, per_dataset: dict[str, dict], ema_val: dict | None,
+               chosen: str, norm: torch.Tensor) -> dict:
+    """One metrics.jsonl line; the train loss is the mean over every process's patches. val_* is
+    the weights' selection metric set (the only dataset's, or the combination); joint runs add
+    val_<dataset>_*; with an EMA, ema_val_* and which of the two was better (`val_from`)."""
+    acc, state = s.acc, s.state
     totals = torch.tensor([state.window_loss, state.window_n], device=acc.device, dtype=torch.float64)
     totals = acc.reduce(totals, "sum") if acc.num_processes > 1 else totals
     seconds = time.time() - window["t0"]
     state.train_seconds += seconds
     steps = state.step - window["step0"]
-    return {
+    record = {
         "step": state.step,
-        "epoch": round(state.step / data.plan.steps_per_epoch, 4),
+        "epoch": round(state.step / s.data.plan.steps_per_epoch, 4),
         "train_loss": float(totals[0] / max(1.0, float(totals[1]))),
-        "lr": scheduler.get_last_lr()[0],
+        "lr": s.scheduler.get_last_lr()[0],
         "grad_norm": float(norm),
         **{f"val_{k}": v for k, v in val.items()},
-        "patches_per_s": round(steps * data.plan.batch_size / max(seconds, 1e-9), 1),
-        "elapsed_s": round(state.train_seconds, 1),
     }
+    if len(per_dataset) > 1:
+        record.update({f"val_{name}_{k}": v for name, m in per_dataset.items() for k, v in m.items()})
+    if ema_val is not None:
+        record.update({f"ema_val_{k}": v for k, v in ema_val.items()})
+        record["val_from"] = chosen
+    record["patches_per_s"] = round(steps * s.data.plan.batch_size / max(seconds, 1e-9), 1)
+    record["elapsed_s"] = round(state.train_seconds, 1)
+    return record
 
 
-def summarize(run: RunDir, state: TrainState, data: Data, test: dict, acc: Accelerator, counts: dict) -> dict:
-    lines = run.metrics() if acc.is_main_process else []
-    best = next((r for r in lines if r["step"] == state.best_step), {})
-    val = {k[4:]: v for k, v in best.items() if k.startswith("val_")}
+def summarize(s: Session, test: dict, per_dataset: dict[str, dict]) -> dict:
+    lines = s.run.metrics() if s.acc.is_main_process else []
+    best = next((r for r in lines if r["step"] == s.state.best_step), {})
+    prefix = "ema_val_" if best.get("val_from") == "ema" else "val_"  # the exported weights' own figures
+    val = {k: best.get(f"{prefix}{k}") for k in METRIC_KEYS} if best else {}
     rate = [r["patches_per_s"] for r in lines]
-    return {
+    steps_per_epoch = s.data.plan.steps_per_epoch
+    summary = {
         "val": val,
         "test": test,
-        "best_step": state.best_step,
-        "best_epoch": round(state.best_step / data.plan.steps_per_epoch, 2),
-        "epochs_run": round(state.step / data.plan.steps_per_epoch, 2),
-        "steps_run": state.step,
-        "stopped_early": state.stopped_early,
-        "train_seconds": round(state.train_seconds, 1),
+        "best_step": s.state.best_step,
+        "best_epoch": round(s.state.best_step / steps_per_epoch, 2),
+        "epochs_run": round(s.state.step / steps_per_epoch, 2),
+        "steps_run": s.state.step,
+        "stopped_early": s.state.stopped_early,
+        "train_seconds": round(s.state.train_seconds, 1),
         "patches_per_s": round(float(np.median(rate)), 1) if rate else None,
-        "world_size": acc.num_processes,
-        "images": data.view.meta["counts"],
-        "parameters": counts,
+        "world_size": s.acc.num_processes,
+        "images": {name: view.meta["counts"] for name, view in s.data.views.items()}
+        if len(s.data.views) > 1 else next(iter(s.data.views.values())).meta["counts"],
+        "parameters": s.counts,
     }
+    if best.get("val_from"):
+        summary["weights_from"] = best["val_from"]
+    if len(per_dataset) > 1:
+        summary["datasets"] = {name: {"val": {k: best.get(f"val_{name}_{k}") for k in METRIC_KEYS}, "test": m}
+                               for name, m in per_dataset.items()}
+    return summary

@@ -34,6 +34,16 @@ def tiny_overrides(cache_root) -> list[str]:
             "train.log_every=1000", *TINY_SWIN]
 
 
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`iqa-dist ARGS` in this process (no interpreter start-up): (exit status, stdout, stderr)."""
+    from iqa_dist.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`python -m iqa_dist ARGS` in a subprocess; output captured as text."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -12,7 +12,7 @@ import torchvision.transforms.functional as TF
 
 from iqa_dist.augment import Augmenter, color_jitter, crop, sample_jitter, to_unit
 from iqa_dist.config import AugmentConfig
-from iqa_dist.train import Shares
+from iqa_dist.plan import Shares
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

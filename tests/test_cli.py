@@ -9,19 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from iqa_dist.cli import main
 from iqa_dist.output import Display, console
 
 from . import fixtures
-from .conftest import RUN, metrics, only_run, run_train
-
-
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    """`iqa-dist ARGS` in this process: (exit status, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_:
-        main(list(args))
-    out = capsys.readouterr()
-    return exit_.value.code, out.out, out.err
+from .conftest import RUN, cli, metrics, only_run, run_train
 
 
 def one_line_error(code: int, err: str, *expected: str) -> None:

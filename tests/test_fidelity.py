@@ -17,7 +17,8 @@ import iqa_dist
 from iqa_dist.config import load_config
 from iqa_dist.errors import UserError
 from iqa_dist.model import build_model
-from iqa_dist.train import build_optimizer, build_schedule, group_sizes, sample_losses
+from iqa_dist.optim import build_optimizer, build_schedule, group_sizes
+from iqa_dist.step import sample_losses
 
 from .conftest import RUN, metrics, only_run, run_cli, run_train
 
@@ -217,7 +218,8 @@ def test_run_and_card_record_weights_and_groups(single_run):
     for record in (meta, card):
         assert record["weights"]["source"] == "none" and record["weights"]["tag"]
     assert set(meta["parameter_groups"]) == {"backbone", "head"} == set(card["groups"])
-    assert card["protocol"] == "random" and card["test_patch_num"] == 2 and card["data"]["split"] == "random"
+    assert card["protocol"] == "random" and card["test_patch_num"] == 2
+    assert card["datasets"]["synthetic"]["data"]["split"] == "random"
 
 
 # ---------------------------------------------------------------- one test-time protocol
@@ -258,11 +260,32 @@ def test_ranking_term_sums_to_the_mean_pairwise_hinge():
     dp = pred[:, None] - pred[None, :]
     sign = torch.sign(target[:, None] - target[None, :])
     hinge = F.relu(-dp * sign).sum() / (sign != 0).sum()
-    whole = sample_losses(pred, target, 0.3, (pred, target))
+    one = torch.zeros(12, dtype=torch.long)  # one dataset
+    whole = sample_losses(pred, target, 0.3, (pred, target, one))
     assert float(whole.sum()) == pytest.approx(float((pred - target).abs().sum() + 0.3 * 12 * hinge), rel=1e-6)
-    parts = sum(sample_losses(pred[sl], target[sl], 0.3, (pred, target), sl.start).sum()
+    parts = sum(sample_losses(pred[sl], target[sl], 0.3, (pred, target, one), sl.start).sum()
                 for sl in (slice(0, 5), slice(5, 12)))
     assert float(parts) == pytest.approx(float(whole.sum()), rel=1e-6)  # splitting the batch changes nothing
+
+
+def test_ranking_pairs_never_cross_datasets():
+    """Samples of different datasets are never a pair: moving one dataset's predictions by any
+    amount changes nothing in the other's ranking term, and the term equals each dataset's own."""
+    torch.manual_seed(1)
+    pred, target = torch.randn(10), torch.randn(10)
+    groups = torch.tensor([0] * 6 + [1] * 4)
+    base = sample_losses(pred, target, 1.0, (pred, target, groups)) - (pred - target).abs()
+    shifted = pred.clone()
+    shifted[6:] += 100.0  # dataset 1 far above dataset 0: cross pairs would all be violated
+    moved = sample_losses(shifted, target, 1.0, (shifted, target, groups)) - (shifted - target).abs()
+    torch.testing.assert_close(moved[:6], base[:6])
+    torch.testing.assert_close(moved[6:], base[6:])
+    a, b = slice(0, 6), slice(6, 10)
+    pairs_a = (torch.sign(target[a, None] - target[None, a]) != 0).sum()
+    pairs_b = (torch.sign(target[b, None] - target[None, b]) != 0).sum()
+    own_a = F.relu(-(pred[a, None] - pred[None, a]) * torch.sign(target[a, None] - target[None, a])).sum()
+    own_b = F.relu(-(pred[b, None] - pred[None, b]) * torch.sign(target[b, None] - target[None, b])).sum()
+    assert float(base.sum()) == pytest.approx(float(10 * (own_a + own_b) / (pairs_a + pairs_b)), rel=1e-6)
 
 
 @pytest.mark.slow

@@ -11,14 +11,15 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from iqa_dist import bench, train as train_mod
+from iqa_dist import bench, step as step_mod
 from iqa_dist.augment import Augmenter
 from iqa_dist.config import AugmentConfig, load_config
 from iqa_dist.evaluate import predict_images
 from iqa_dist.model import build_model
 from iqa_dist.store import EvalSet, ImageStore
-from iqa_dist.train import (Batch, BadStep, MicroBatch, PreemptionFlag, StepGuard, TrainState, build_optimizer,
-                            build_schedule, maybe_compile, train_step, update_best)
+from iqa_dist.optim import build_optimizer, build_schedule
+from iqa_dist.step import Batch, BadStep, MicroBatch, PreemptionFlag, StepGuard, train_step
+from iqa_dist.train import TrainState, maybe_compile, update_best
 
 
 
@@ -49,7 +50,7 @@ def test_bench_times_the_training_step_itself():
     """No second copy of the step: bench calls train.train_step and train.next_batch."""
     source = inspect.getsource(bench._train_rates)
     assert "train_step(" in source and "next_batch(" in source
-    assert bench.train_step is train_mod.train_step and bench.next_batch is train_mod.next_batch
+    assert bench.train_step is step_mod.train_step and bench.next_batch is step_mod.next_batch
     assert "backward(" not in source  # the step's work lives only in train.py
 
 

@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from iqa_dist.evaluate import correlation_metrics, shard
-from iqa_dist.train import BatchPlan, Shares
+from iqa_dist.plan import BatchPlan, Shares
 
 from .conftest import RUN, assert_same_training, metrics, only_run, run_train, train_cmd
 
@@ -75,7 +75,7 @@ def test_shares_give_the_global_mean_gradient(world, micro):
     the mean loss over the global batch: with accumulation and with uneven shares."""
     import torch
 
-    from iqa_dist.train import sample_losses
+    from iqa_dist.step import sample_losses
 
     torch.manual_seed(0)
     w = torch.randn(5, requires_grad=True)
@@ -109,7 +109,7 @@ def test_run_directory_holds_everything(single_run):
     model = load_file(run / "model" / "model.safetensors")
     config = json.loads((run / "model" / "config.json").read_text())
     assert any(k.startswith("backbone.") for k in model) and config["model"]["img_size"] == 112
-    assert config["step"] == summary["best_step"] and config["score_range"] == [0.0, 100.0]
+    assert config["step"] == summary["best_step"] and config["datasets"]["synthetic"]["score_range"] == [0.0, 100.0]
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert checkpoints == ["step-00000003", "step-00000006"]
     assert {"model.safetensors", "optimizer.bin", "scheduler.bin"} <= {p.name for p in (run / "checkpoints" / checkpoints[-1]).iterdir()}

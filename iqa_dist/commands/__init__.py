@@ -50,12 +50,35 @@ def add_config_arguments(parser: argparse.ArgumentParser, keys: Sequence[str] | 
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
-    """The --section.field options given, as section.field=value overrides."""
-    return [f"{k}={v}" for k, v in vars(args).items() if "." in k]
+    """The --section.field options given, as section.field=value overrides (then the
+    --section.dictfield.key ones, e.g. --data.roots.spaq=/data/spaq)."""
+    return [f"{k}={v}" for k, v in vars(args).items() if "." in k] + getattr(args, "dict_overrides", [])
 
 
 def config_from(args: argparse.Namespace, extra: Sequence[str] = ()):
     return load_config_for(args.preset, [*extra, *overrides(args)])
+
+
+DICT_FIELDS = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+               if f.default_factory is dict}  # e.g. data.roots, model.backbone_kwargs
+
+
+def dict_overrides(args: argparse.Namespace, unknown: list[str]) -> list[str]:
+    """Takes --section.dictfield.key=value (or `... value`) from the leftover arguments into
+    args.dict_overrides; returns what is left."""
+    args.dict_overrides, rest, items = [], [], list(unknown)
+    while items:
+        item = items.pop(0)
+        key, sep, value = item[2:].partition("=")
+        if item.startswith("--") and key.rsplit(".", 1)[0] in DICT_FIELDS and key.count(".") == 2:
+            if not sep:
+                if not items or items[0].startswith("--"):
+                    raise UserError(f"--{key}: give a value (--{key}=VALUE)")
+                value = items.pop(0)
+            args.dict_overrides.append(f"{key}={value}")
+        else:
+            rest.append(item)
+    return rest
 
 
 def reject_unknown(unknown: list[str]) -> None:

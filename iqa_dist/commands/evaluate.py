@@ -42,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-train-overlap", action="store_true",
                    help="score images the model trained on (or of the same content) anyway; said in the title "
                         "and recorded in the JSON")
+    p.add_argument("--scale", default=None, metavar="DATASET|normalized",
+                   help="report scores on this scale: a dataset the model trained on, or normalized (the shared "
+                        "training-target scale) [default: the evaluated dataset's when the model trained on it, "
+                        "else the only training dataset's; a jointly trained model needs it]")
     p.add_argument("--preset", default=None, help="take the data settings from this preset instead of the run's")
     p.add_argument("--output", default="", help="JSON file [default beside the model: eval-DATASET-SPLIT.json]")
     add_config_arguments(p, KEYS)
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("evaluate: give exactly one of --run RUN_DIR or --weights MODEL_DIR")
     extra = [f"data.root={args.root}"] if args.root else []
     report = evaluate_model(args.run or args.weights, args.dataset, args.split, [*extra, *overrides(args)],
-                            args.preset, args.allow_train_overlap, console=console(stderr=True))
+                            args.preset, args.allow_train_overlap, args.scale, console=console(stderr=True))
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
@@ -69,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     note = (f"; INCLUDES {overlap['images']} TRAINING IMAGES and {overlap['same_content']} of their content "
             "(--allow-train-overlap)") if overlap["images"] or overlap["same_content"] else ""
     print_table(console(), f"{folder} on {report['dataset']} ({args.split}, {report['protocol']} protocol, "
-                           f"{report['patches']} patches){note}", metrics_table({args.split: report["metrics"]}))
+                           f"{report['patches']} patches, scores on the {report['scale']} scale){note}",
+                metrics_table({args.split: report["metrics"]}))
     console(stderr=True).print(f"wrote {target} and {predictions.name}", highlight=False)
     return 0

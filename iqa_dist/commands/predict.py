@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="", help="write the results to this file instead of stdout")
     p.add_argument("--batch-images", type=int, default=16, help="images decoded and scored together [16]")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... [default: cuda when available]")
+    p.add_argument("--scale", default=None, metavar="DATASET|normalized",
+                   help="the scale of the scores: a dataset the model trained on, or normalized (a jointly trained "
+                        "model needs it) [default: the only training dataset's]")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     positive("--crops", args.crops)
     positive("--batch-images", args.batch_images)
     err = console(stderr=True)
-    scorer = load_model(args.model, args.device)
+    scorer = load_model(args.model, args.device, args.scale)
     files, failed = expand(args.paths)
     results: list[tuple[str, float]] = []
     progress = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", default="", help="cross: the trained run")
     p.add_argument("--dataset", action="append", default=[], metavar="NAME=ROOT",
                    help="cross: a dataset to evaluate on (repeat)")
+    p.add_argument("--scale", default="", metavar="DATASET|normalized",
+                   help="cross: the scale scores are reported on [a jointly trained run: normalized]")
     p.add_argument("--launcher", default="", help="how to start members, e.g. 'accelerate launch --multi_gpu' "
                    "[default: this Python, one process]")
     p.add_argument("--slurm", action="store_true", help="submit the members as a SLURM job array")
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.run or not args.dataset:
             raise UserError("sweep cross: give --run RUN_DIR and at least one --dataset NAME=ROOT")
         cfg = config_from(args)
-        sweep.cross(args.run, args.dataset, cfg.run.root, overrides(args), args.launcher)
+        sweep.cross(args.run, args.dataset, cfg.run.root, overrides(args), args.launcher, args.scale)
     else:
         sweep.run_sweep(args.kind, args.preset, overrides(args), args.n, args.launcher, args.slurm)
     return 0

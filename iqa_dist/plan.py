@@ -1,0 +1,143 @@
+"""What each optimizer step trains on: a pure function of (seed, step), the same on 1 GPU and 64.
+
+- BatchPlan: one dataset; an epoch is every training image x train_patch_num patches in a
+  seeded permutation, the last partial batch dropped (a different remainder each epoch).
+- JointPlan: several datasets (joint training); each global batch draws from them in proportion
+  to their weights, each dataset walking its own endless seeded stream of permutations.
+- Shares: how a global batch splits over processes and micro-batches.
+
+Because a plan depends on nothing but the step, resuming mid-epoch is a single skip, and every
+process derives the same global batch and takes its chunk of it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+
+class BatchPlan:
+    """Which images (and stored patch) each global batch holds, for one dataset."""
+
+    def __init__(self, n_images: int, patch_num: int, batch_size: int, seed: int, cached_k: int = 0) -> None:
+        self.n_images, self.patch_num, self.batch_size, self.seed, self.cached_k = (
+            n_images, patch_num, batch_size, seed, cached_k)
+        self.steps_per_epoch = n_images * patch_num // batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f"train.batch_size={batch_size} exceeds an epoch ({n_images} images x {patch_num} patches)")
+        self._epoch = (-1, None, None)
+
+    def _permutation(self, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
+        if self._epoch[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            perm = rng.permutation(self.n_images * self.patch_num)
+            # cached patches: each epoch uses patch_num of the K stored patches of every image
+            chosen = rng.random((self.n_images, self.cached_k)).argsort(1)[:, :self.patch_num] if self.cached_k else None
+            self._epoch = (epoch, perm, chosen)
+        return self._epoch[1], self._epoch[2]
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(image rows (B,), stored patch index (B,) or None) of global batch `step`."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        perm, chosen = self._permutation(epoch)
+        items = perm[i * self.batch_size:(i + 1) * self.batch_size]
+        rows, rep = items // self.patch_num, items % self.patch_num
+        k = torch.from_numpy(chosen[rows, rep]) if chosen is not None else None
+        return torch.from_numpy(rows), k
+
+
+class JointPlan:
+    """Global batches drawn from several datasets in proportion to their weights.
+
+    Dataset d (rows offsets[d] .. offsets[d] + sizes[d] of the joined store) contributes
+    cum_d(s+1) - cum_d(s) samples to step s, where cum_d(s) = floor(s * B * w_d / W) for every
+    dataset but the heaviest, which takes the rest: over any span of steps each dataset's share
+    is its weight's to within one sample per dataset. Its samples are the next ones of its own
+    endless stream: pass c over the dataset is a permutation of its images x patch_num seeded by
+    (seed, d, c). An epoch is as many steps as one pass over every dataset would take."""
+
+    def __init__(self, sizes: list[int], weights: list[float], patch_num: int, batch_size: int, seed: int) -> None:
+        if batch_size < len(sizes) ** 2:
+            raise UserError(f"train.batch_size={batch_size}: joint training on {len(sizes)} datasets needs a batch "
+                            f"of at least {len(sizes) ** 2}")
+        self.sizes, self.patch_num, self.batch_size, self.seed = sizes, patch_num, batch_size, seed
+        self.share = np.asarray(weights, dtype=np.float64) / sum(weights)
+        self.last = int(np.argmax(self.share))  # the heaviest takes the rounding remainder
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.steps_per_epoch = sum(sizes) * patch_num // batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f"train.batch_size={batch_size} exceeds an epoch ({sum(sizes)} images x {patch_num} patches)")
+
+    def cumulative(self, step: int) -> np.ndarray:
+        """Samples each dataset has contributed before step `step`. (D,)"""
+        total = step * self.batch_size
+        cum = np.floor(total * self.share + 1e-9).astype(np.int64)
+        cum[self.last] = 0
+        cum[self.last] = total - cum.sum()
+        return cum
+
+    @lru_cache(maxsize=16)
+    def _pass(self, d: int, c: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, d, c]).permutation(self.sizes[d] * self.patch_num)
+
+    def _stream(self, d: int, start: int, stop: int) -> np.ndarray:
+        """Rows (in the joined store) of samples start..stop-1 of dataset d's stream."""
+        per_pass = self.sizes[d] * self.patch_num
+        k = np.arange(start, stop)
+        items = np.empty(len(k), dtype=np.int64)
+        for c in np.unique(k // per_pass):  # a step spans at most two passes
+            at = k // per_pass == c
+            items[at] = self._pass(d, int(c))[k[at] % per_pass]
+        return self.offsets[d] + items // self.patch_num
+
+    def batch(self, step: int) -> tuple[torch.Tensor, None]:
+        """(rows (B,), None): dataset 0's samples first, then dataset 1's, ..."""
+        a, b = self.cumulative(step), self.cumulative(step + 1)
+        rows = np.concatenate([self._stream(d, int(a[d]), int(b[d])) for d in range(len(self.sizes))])
+        return torch.from_numpy(rows), None
+
+    def dataset_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """Which dataset each joined-store row belongs to."""
+        return torch.from_numpy(np.searchsorted(self.offsets, rows.numpy(), side="right") - 1)
+
+
+@dataclass
+class Shares:
+    """How a global batch splits over processes and micro-batches."""
+
+    world: int
+    rank: int
+    accum: int  # micro-batches per optimizer step (gradient accumulation)
+    batch_size: int
+
+    @classmethod
+    def plan(cls, batch_size: int, micro_batch_size: int, world: int, rank: int) -> "Shares":
+        if batch_size < world:
+            raise UserError(f"train.batch_size={batch_size} is smaller than the {world} processes")
+        share = math.ceil(batch_size / world)
+        accum = math.ceil(share / micro_batch_size) if micro_batch_size else 1
+        # at most batch_size // world micro-batches, so none is empty (a micro-batch may then
+        # hold one patch more than micro_batch_size)
+        return cls(world, rank, min(accum, batch_size // world), batch_size)
+
+    def _chunk(self, c: int) -> slice:
+        parts = self.world * self.accum
+        return slice(self.batch_size * c // parts, self.batch_size * (c + 1) // parts)
+
+    def slices(self) -> list[slice]:
+        return [self._chunk(m * self.world + self.rank) for m in range(self.accum)]
+
+    def sizes(self) -> list[int]:
+        """Every process's share when there is no accumulation (accum == 1), in rank order."""
+        return [self._chunk(r).stop - self._chunk(r).start for r in range(self.world)]
+
+    @property
+    def per_process(self) -> float:
+        """B / world: dividing a process's summed loss by it makes DDP's mean the global mean."""
+        return self.batch_size / self.world

@@ -1,0 +1,236 @@
+"""The training step, written once: `iqa-dist train` runs it and `iqa-dist bench train` times it.
+
+A step is this process's share of the global batch (next_batch: plan -> one upload -> device
+augmentation), forward and backward per micro-batch, the per-sample losses reduced once, gradient
+clipping, the guard, the update, the schedule and the weight EMA (train_step).
+
+World-size invariance: train.batch_size is GLOBAL. Step s draws its B samples (and their
+augmentation) identically on every process; process r takes chunk (micro * world + r) of them.
+The step sums a micro-batch's per-sample losses and divides by B / world: the micro-batch
+gradients add up, DDP's mean over processes divides by world, and the result is the mean over
+the global batch, even when chunks are uneven. The ranking term pairs every sample with every
+other of the GLOBAL batch (predictions gathered across processes with their gradients), so it
+too is the same loss on 1 GPU and on 64.
+
+No host round trip per step: the non-finite and preemption flags are read one step late
+(StepGuard), and the fused optimizer itself skips a non-finite step on the device, so no
+update is ever taken from a non-finite loss or gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from .augment import Augmenter
+from .optim import WeightEMA
+from .plan import Shares
+from .store import ImageStore
+
+
+@dataclass
+class MicroBatch:
+    x: torch.Tensor  # (b, 3, S, S) normalised patches on the device
+    target: torch.Tensor  # (b,) training targets on the device
+    offset: int  # index of its first sample in the global batch
+
+
+@dataclass
+class Batch:
+    """One optimizer step's share of this process."""
+
+    micro: list[MicroBatch]
+    targets: torch.Tensor | None = None  # (B,) every target of the global batch (ranking loss only)
+    sizes: list[int] | None = None  # every process's share (ranking loss only)
+    groups: torch.Tensor | None = None  # (B,) every sample's dataset (ranking loss only)
+
+
+class _GatherGlobal(torch.autograd.Function):
+    """Every process's predictions, concatenated in rank order (the global batch order), with the
+    gradient flowing back to each process's own slice: all processes' losses use every prediction,
+    so the backward sums their gradients (an all-reduce) and keeps this process's part."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
+        ctx.sizes, ctx.rank = sizes, rank
+        padded = F.pad(local, (0, max(sizes) - len(local)))  # all_gather needs equal sizes
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = sum(ctx.sizes[:ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]], None, None
+
+
+def gather_global(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    if len(sizes) == 1:
+        return local
+    return _GatherGlobal.apply(local, sizes, dist.get_rank())
+
+
+def sample_losses(pred: torch.Tensor, target: torch.Tensor, rank_weight: float = 0.0,
+                  ranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, offset: int = 0,
+                  group: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample training losses (b,): L1, plus rank_weight x this sample's share of the pairwise
+    ranking hinge over the global batch. Their sum over the global batch divided by B is the
+    objective: mean L1 + rank_weight x the mean hinge over ordered pairs with different targets
+    from the same dataset (different datasets' scores are not comparable, so never a pair).
+
+    ranked: (all predictions (B,), all targets (B,), all dataset ids (B,)) of the global batch,
+    in which this micro-batch starts at `offset`; group: this micro-batch's dataset ids (b,).
+    Required when rank_weight > 0. The caller (the step) does the reduction, once."""
+    pred = pred.float()
+    losses = (pred - target).abs()
+    if rank_weight > 0:
+        p_all, t_all, g_all = ranked
+        g = g_all[offset:offset + len(pred)] if group is None else group
+        same = g[:, None] == g_all[None, :]  # (b, B)
+        sign = torch.sign(target[:, None] - t_all[None, :]) * same
+        hinge = F.relu(-(pred[:, None] - p_all[None, :]) * sign)
+        all_same = g_all[:, None] == g_all[None, :]
+        pairs = ((torch.sign(t_all[:, None] - t_all[None, :]) != 0) & all_same).sum().clamp(min=1)
+        losses = losses + rank_weight * len(t_all) * hinge.sum(1) / pairs
+    return losses
+
+
+class StepGuard:
+    """Every process's [loss non-finite, gradient non-finite, preemption requested] for a step,
+    decided together (one small all-reduce, no host sync).
+
+    With a fused optimizer (and not fp16) the step skips itself on the device when a flag is set
+    (the optimizer's `found_inf`), and the flags reach the host one step late through a pinned,
+    non-blocking copy: `check` at step s reads step s-1's flags before step s's update, so a bad
+    step stops the run with the weights from before it. Otherwise the flags are read at once.
+    Under fp16 a non-finite gradient is the loss scaler's overflow, which skips the step by
+    design: only a non-finite loss stops the run."""
+
+    def __init__(self, acc: Accelerator, optimizer: torch.optim.Optimizer, preempt: "PreemptionFlag") -> None:
+        self.acc, self.preempt = acc, preempt
+        self.inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
+        self.fp16 = acc.mixed_precision == "fp16"
+        self.deferred = bool(self.inner.defaults.get("fused")) and not self.fp16
+        self.pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
+        self.preempted = False  # a preemption flag has been read
+
+    def check(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        """After step `step`'s backward and clipping, before its update. Raises BadStep for a
+        non-finite step (this one, or the previous one when deferred) before the update."""
+        dev = loss.device
+        flags = torch.stack([(~torch.isfinite(loss)).float(),
+                             (~torch.isfinite(norm)).float().to(dev) * (0.0 if self.fp16 else 1.0),
+                             torch.full((), float(self.preempt.requested()), device=dev)])
+        if self.acc.num_processes > 1:
+            flags = self.acc.reduce(flags, "max")
+        if not self.deferred:
+            self._read(step, flags.cpu())
+            return
+        self.inner.found_inf = flags[:2].amax()  # the fused kernel skips the whole update when it is 1
+        self.flush()
+        host = torch.empty(3, pin_memory=dev.type == "cuda")
+        host.copy_(flags, non_blocking=True)
+        event = None
+        if dev.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self.pending = (step, host, event)
+
+    def flush(self) -> None:
+        """Reads the pending step's flags (waiting for them): at log, eval and checkpoint points."""
+        if self.pending is not None:
+            step, host, event = self.pending
+            self.pending = None
+            if event is not None:
+                event.synchronize()
+            self._read(step, host)
+
+    def _read(self, step: int, flags: torch.Tensor) -> None:
+        self.preempted = self.preempted or bool(flags[2])
+        if flags[0] or flags[1]:
+            raise BadStep(step, "loss" if flags[0] else "gradient")
+
+
+class BadStep(Exception):
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(f"non-finite {what} at step {step}")
+        self.step, self.what = step, what
+
+
+def train_step(acc: Accelerator, model, optimizer, scheduler, batch: Batch, step: int, per_process: float,
+               rank_weight: float, grad_clip: float, guard: StepGuard, ema: WeightEMA | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of each micro-batch (gradients synced on the last one only), clipping,
+    the guard, the update, the schedule and the weight EMA. Returns (summed loss, gradient norm),
+    both on the device."""
+    total = torch.zeros((), device=acc.device)
+    for m, mb in enumerate(batch.micro):
+        with acc.no_sync(model) if m < len(batch.micro) - 1 else contextlib.nullcontext():
+            pred = model(mb.x).float()
+            ranked = (gather_global(pred, batch.sizes), batch.targets, batch.groups) if rank_weight > 0 else None
+            losses = sample_losses(pred, mb.target, rank_weight, ranked, mb.offset)
+            acc.backward(losses.sum() / per_process)
+        total += losses.detach().sum()
+    norm = acc.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    guard.check(step, total, norm)
+    optimizer.step()
+    if not (guard.fp16 and optimizer.step_was_skipped):  # fp16 overflow: the scaler skipped this step
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:  # a skipped (non-finite) step left the weights as they were: averaging them is harmless
+        ema.update(acc.unwrap_model(model))
+    return total, norm
+
+
+def next_batch(store: ImageStore, plan, augmenter: Augmenter, shares: Shares, step: int, device: torch.device,
+               rank_weight: float = 0.0) -> Batch:
+    """This process's share of global batch `step` of `plan` (plan.BatchPlan or JointPlan):
+    augmented on the device, one upload per micro-batch. Targets are the store's (normalised)
+    training targets."""
+    rows, k = plan.batch(step)
+    params = augmenter.draw(len(rows))  # drawn for the whole global batch on every process
+    targets = store.training_targets()
+    micro = []
+    for sl in shares.slices():
+        r = rows[sl]
+        pixels, offsets, widths = store.gather(r, device)
+        if k is None:  # fresh random crops inside each image
+            y0, x0 = augmenter.crop_origin(params[sl], store.heights[r], store.widths[r])
+        else:  # patch k of each cached strip
+            y0, x0 = k[sl] * augmenter.size, torch.zeros(len(r), dtype=torch.long)
+        packed = augmenter.upload(offsets, widths, y0, x0, params[sl], targets[r], device)
+        x, target = augmenter.apply(pixels, packed)
+        micro.append(MicroBatch(x, target, sl.start))
+    if rank_weight <= 0:
+        return Batch(micro)
+    groups = store.dataset[rows] if store.dataset is not None else torch.zeros(len(rows), dtype=torch.long)
+    return Batch(micro, targets[rows].to(device, non_blocking=True), shares.sizes(),
+                 groups.to(device, non_blocking=True))
+
+
+class PreemptionFlag:
+    """A request to checkpoint at the end of the step and exit: SIGUSR1 or SIGTERM to this
+    process, or the file named by $IQA_DIST_STOP_FILE appearing (the SLURM scripts touch it
+    when the time limit nears: no signal has to get through torchrun's agent)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self.stop_file = os.environ.get("IQA_DIST_STOP_FILE", "")
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.raised = True
+
+    def requested(self) -> bool:
+        return self.raised or bool(self.stop_file and os.path.exists(self.stop_file))
