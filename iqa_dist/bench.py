@@ -256,7 +256,8 @@ def _peak_memory(device: torch.device) -> float | None:
 
 
 def bench_train(cfg: Config, backbones: list[str], precisions: list[str], compiles: list[bool], batches: list[int],
-                n_images: int, steps: int, device: torch.device, work: Path, console: Console) -> list[dict]:
+                n_images: int, steps: int, device: torch.device, work: Path, console: Console,
+                anchors: bool = True) -> list[dict]:
     """Per setting: the real step end to end, the same step model-only, and the timm anchor."""
     rows = []
     peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
@@ -272,7 +273,8 @@ def bench_train(cfg: Config, backbones: list[str], precisions: list[str], compil
         for precision in precisions:
             for batch in batches:
                 console.print(f"train: {name} {precision} batch {batch}: anchor", highlight=False)
-                anchor = _anchor_rate(c, precision, batch, steps, device)
+                anchor = _anchor_rate(c, precision, batch, steps, device) if anchors else {"rate": math.nan,
+                                                                                          "memory_gib": None}
                 for compiled in compiles:
                     console.print(f"train: {name} {precision} batch {batch} compile={compiled}", highlight=False)
                     c_run = replace(c, train=replace(c.train, compile=compiled))
@@ -369,6 +371,71 @@ def projection(rows: list[dict], global_batch: int = 96, patches: int = KONIQ_EP
     return out
 
 
+# Interconnect bandwidth a ring all-reduce achieves per GPU (NCCL "bus bandwidth"), GB/s:
+# NVLink within an H100/H200 node (~360 measured by nccl-tests of all_reduce on 8 GPUs) and one
+# 400 Gb/s InfiniBand NIC per GPU across nodes (~45 after protocol overheads).
+INTRA_GBPS, INTER_GBPS, GPUS_PER_NODE = 360.0, 45.0, 8
+
+
+def rate_at(batch: float, rates: dict[int, float]) -> float:
+    """Patches/s at a per-process batch, interpolated linearly in log2(batch) between measured
+    batches (clamped outside them)."""
+    known = sorted(rates)
+    if batch <= known[0]:
+        return rates[known[0]]
+    if batch >= known[-1]:
+        return rates[known[-1]]
+    hi = next(b for b in known if b >= batch)
+    lo = max(b for b in known if b <= batch)
+    if hi == lo:
+        return rates[lo]
+    t = (math.log2(batch) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+    return rates[lo] + t * (rates[hi] - rates[lo])
+
+
+def project(rates: dict[int, float], grad_bytes: float, global_batch: int | None, gpus: int,
+            intra_gbps: float = INTRA_GBPS, inter_gbps: float = INTER_GBPS, per_node: int = GPUS_PER_NODE,
+            patches: int = KONIQ_EPOCH) -> dict:
+    """One projected row: N GPUs at a global batch (None: 96 per GPU). Each GPU computes its share
+    at the rate measured (interpolated) for that per-GPU batch; then a ring all-reduce moves
+    2 (N-1)/N x grad_bytes per GPU at the bus bandwidth (NVLink inside a node, InfiniBand beyond),
+    not overlapped with the backward pass: an upper bound on the step time."""
+    batch = global_batch or 96 * gpus
+    per_gpu = batch / gpus
+    compute = per_gpu / rate_at(per_gpu, rates)
+    bandwidth = (intra_gbps if gpus <= per_node else inter_gbps) * 1e9
+    comm = 2 * (gpus - 1) / gpus * grad_bytes / bandwidth if gpus > 1 else 0.0
+    step = compute + comm
+    return {"gpus": gpus, "global_batch": batch, "per_gpu_batch": per_gpu, "compute_ms": 1e3 * compute,
+            "comm_ms": 1e3 * comm, "step_ms": 1e3 * step, "patches_per_s": batch / step,
+            "epoch_s": patches / batch * step}
+
+
+def bench_scaling(cfg: Config, backbone: str, precision: str, batches: list[int], n_images: int, steps: int,
+                  device: torch.device, work: Path, console: Console, global_batch: int, intra_gbps: float,
+                  inter_gbps: float) -> dict:
+    """Measured: the real step's patches/s per per-process batch on this device. Projected: time
+    per KonIQ epoch on 1-64 GPUs at `global_batch` and at 96 per GPU, with the all-reduce of the
+    gradients at the stated bandwidths; and what that means for sweeps on one 8-GPU node."""
+    rows = bench_train(cfg, [backbone], [precision], [False], batches, n_images, steps, device, work, console,
+                       anchors=False)
+    rates = {r["batch"]: r["end_to_end"] for r in rows}
+    name, kwargs, size = BACKBONES[backbone]
+    params = sum(p.numel() for p in build_model(replace(cfg.model, backbone=name, pretrained="none", img_size=size,
+                                                              backbone_kwargs=kwargs)).parameters())
+    grad = {"fp32": 4 * params, "bf16": 2 * params}
+    gpus = (1, 2, 4, 8, 16, 32, 64)
+    fixed = [project(rates, grad["fp32"], global_batch, n, intra_gbps, inter_gbps) for n in gpus]
+    per_gpu = [project(rates, grad["fp32"], None, n, intra_gbps, inter_gbps) for n in gpus]
+    one, eight = fixed[0], fixed[3]  # a run at the recipe's batch on 1 GPU, and on all 8 of a node
+    sweep = {"members_per_hour_8_parallel": 8 * 3600 / (30 * one["epoch_s"]),
+             "members_per_hour_one_at_a_time_on_8": 3600 / (30 * eight["epoch_s"])}
+    sweep["speedup"] = sweep["members_per_hour_8_parallel"] / sweep["members_per_hour_one_at_a_time_on_8"]
+    return {"measured": rows, "parameters": params, "grad_bytes": grad, "global_batch": global_batch,
+            "intra_gbps": intra_gbps, "inter_gbps": inter_gbps, "fixed_batch": fixed, "per_gpu_96": per_gpu,
+            "sweep_30_epochs": sweep, "backbone": backbone, "precision": precision}
+
+
 def bench_eval(cfg: Config, n_images: int, batch_patches: int, compiles: list[bool], device: torch.device,
                work: Path, repeats: int) -> list[dict]:
     """Images/s of evaluation (`evaluate.predict_images`, what training and `evaluate` run): the
@@ -420,6 +487,11 @@ def bench_command(what: str, cfg: Config, args) -> dict:
         report["train"] = bench_train(cfg, backbones, precisions, compiles, batches, args.images, args.steps, device,
                                       work, console)
         report["projection"] = projection(report["train"])
+    if what == "scaling":
+        report["scaling"] = bench_scaling(cfg, (args.backbones or ("tiny" if device.type == "cpu" else "swin-t")).split(",")[0],
+                                          (args.precisions or ("fp32" if device.type == "cpu" else "bf16")).split(",")[0],
+                                          batches, args.images, args.steps, device, work, console, args.global_batch,
+                                          args.intra_gbps, args.inter_gbps)
     if what in ("eval", "all"):
         report["eval"] = bench_eval(cfg, args.images, batches[0] * 2, compiles, device, work, max(1, args.steps // 4))
     show(report)
@@ -441,6 +513,8 @@ def _figures(report: dict):
         yield from (row["model_only"], row["end_to_end"], row["anchor"])
     for row in report.get("eval", []):
         yield row["images_per_s"]
+    for row in report.get("scaling", {}).get("measured", []):
+        yield row["end_to_end"]
 
 
 def _cell(v, digits: int = 1) -> str:
@@ -496,7 +570,36 @@ def show(report: dict) -> None:
         print_table(out, f"projected (not measured): a KonIQ epoch ({KONIQ_EPOCH:,} patches) at global batch 96 on N "
                          "GPUs, each at the end-to-end rate measured for its per-GPU batch; communication and "
                          "evaluation not included", t)
+    if "scaling" in report:
+        show_scaling(out, report["scaling"], where)
     for e in report.get("eval", []):
         out.print(f"evaluation: {e['images_per_s']:.1f} images/s ({e['patches_per_s']:.0f} patches/s, "
                   f"{e['test_patch_num']} patches per image, {e['backbone']} at {e['img_size']} px, {e['precision']}, "
                   f"compile={e['compile']})", highlight=False)
+
+
+def show_scaling(out, sc: dict, where: str) -> None:
+    t = Table()
+    for c in ("per-process batch", "patches/s (measured)"):
+        t.add_column(c, justify="right")
+    for r in sc["measured"]:
+        t.add_row(str(r["batch"]), f"{r['end_to_end']:.1f}")
+    print_table(out, f"MEASURED: the real step (end to end), {sc['backbone']} {sc['precision']} - {where}; gradients "
+                     f"{sc['grad_bytes']['fp32'] / 1e6:.1f} MB per step in fp32 ({sc['grad_bytes']['bf16'] / 1e6:.1f} MB "
+                     f"with train.grad_compression=bf16)", t)
+    for key, label in (("fixed_batch", f"global batch {sc['global_batch']}"), ("per_gpu_96", "96 per GPU")):
+        t = Table()
+        for c in ("GPUs", "batch per GPU", "compute ms", "all-reduce ms", "step ms", "patches/s", "KonIQ epoch s"):
+            t.add_column(c, justify="right")
+        for r in sc[key]:
+            t.add_row(str(r["gpus"]), f"{r['per_gpu_batch']:.3g}", f"{r['compute_ms']:.1f}", f"{r['comm_ms']:.2f}",
+                      f"{r['step_ms']:.1f}", f"{r['patches_per_s']:.0f}", f"{r['epoch_s']:.0f}")
+        print_table(out, f"PROJECTED, not measured: {label}; compute at the measured rate for the per-GPU batch; "
+                         f"ring all-reduce at {sc['intra_gbps']:g} GB/s per GPU within a node of {GPUS_PER_NODE} "
+                         f"and {sc['inter_gbps']:g} GB/s across nodes, not overlapped with the backward pass "
+                         "(an upper bound)", t)
+    sw = sc["sweep_30_epochs"]
+    out.print(f"PROJECTED sweep throughput on one 8-GPU node (30-epoch KonIQ runs at batch 96): "
+              f"{sw['members_per_hour_8_parallel']:.2f} members/hour with 8 members in parallel (one GPU each) vs "
+              f"{sw['members_per_hour_one_at_a_time_on_8']:.2f} one at a time on all 8 GPUs ({sw['speedup']:.1f}x)",
+              highlight=False)

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -168,7 +169,9 @@ class OptimConfig:
     freeze_hyper_after: int = 0  # epochs after which the head group stops training (1 = the original code's accident); 0 = never
     weight_decay: float = 1e-4  # decoupled (adamw) or L2 (adam) weight decay
     schedule: str = "cosine"  # cosine (to min_lr_ratio * lr) | constant; stepped per optimizer step
-    warmup_steps: int = 0  # linear warmup, optimizer steps
+    warmup_steps: int = 0  # linear warmup, optimizer steps at base_batch (scaled to keep the same number of samples)
+    lr_scaling: str = "none"  # large batches: none | linear | sqrt: lr x (batch_size / base_batch) or its square root
+    base_batch: int = 96  # the batch the recipe's lr and warmup were tuned at (the presets': 96)
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the peak lr
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping (the norm is still logged)
     rank_weight: float = 0.0  # weight of the pairwise ranking loss added to L1 (phase one tried 0.3); pairs over the global batch
@@ -177,6 +180,8 @@ class OptimConfig:
         _choice("optim.optimizer", self.optimizer, ("adamw", "adam"))
         _choice("optim.lda_group", self.lda_group, ("backbone", "head"))
         _choice("optim.schedule", self.schedule, ("cosine", "constant"))
+        _choice("optim.lr_scaling", self.lr_scaling, ("none", "linear", "sqrt"))
+        _positive("optim.base_batch", self.base_batch)
         _positive("optim.lr", self.lr)
         _positive("optim.lr_ratio", self.lr_ratio)
         for name in ("weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "rank_weight", "freeze_hyper_after"):
@@ -218,6 +223,8 @@ class TrainConfig:
     log_every: int = 50  # optimizer steps between progress lines in non-terminal logs
     seed: int = 0  # seeds the sampler, augmentation and model init
     mixed_precision: str = "bf16"  # bf16 | fp16 (loss scaling) | no | launcher (take accelerate's setting)
+    grad_compression: str = "none"  # gradients all-reduced as: none (fp32) | bf16 (half the bytes, a DDP communication hook)
+    static_graph: bool = True  # DDP static_graph: the same parameters get gradients every step (true for HyperIQA)
     ema_decay: float = 0.0  # weight EMA (fp32, on the device, per optimizer step); 0 = off, e.g. 0.999; exported when better on val
     select_on: str = ""  # joint training: the dataset whose val SRCC selects the model; "" = the weight-averaged val SRCC
     compile: bool = False  # torch.compile the model for training and evaluation (compiled kernels cached beside the data cache)
@@ -230,6 +237,7 @@ class TrainConfig:
         _choice("train.mixed_precision", self.mixed_precision, ("bf16", "fp16", "no", "launcher"))
         _choice("train.compile_mode", self.compile_mode, ("default", "reduce-overhead", "max-autotune-no-cudagraphs"))
         _choice("train.compile_backend", self.compile_backend, ("inductor", "aot_eager"))
+        _choice("train.grad_compression", self.grad_compression, ("none", "bf16"))
         for name in ("epochs", "batch_size", "keep_checkpoints", "log_every", "timeout_s"):
             _positive(f"train.{name}", getattr(self, name))
         if not 0.0 <= self.ema_decay < 1.0:
@@ -269,6 +277,22 @@ class Config:
         names = [m.dataset for m in self.data.members()]
         if self.train.select_on and self.train.select_on not in names:
             raise UserError(f"train.select_on={self.train.select_on!r}: not a dataset trained on ({', '.join(names)})")
+
+    def lr_factor(self) -> float:
+        """How optim.lr_scaling scales the learning rates at this batch size."""
+        ratio = self.train.batch_size / self.optim.base_batch
+        return {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[self.optim.lr_scaling]
+
+    def effective_lr(self) -> float:
+        """The backbone group's peak learning rate at this batch size (the head's is x lr_ratio)."""
+        return self.optim.lr * self.lr_factor()
+
+    def effective_warmup(self) -> int:
+        """Warmup in optimizer steps at this batch size: as many samples as warmup_steps at base_batch
+        (unchanged without lr scaling)."""
+        if self.optim.lr_scaling == "none":
+            return self.optim.warmup_steps
+        return math.ceil(self.optim.warmup_steps * self.optim.base_batch / self.train.batch_size)
 
     def run_name(self) -> str:
         return self.run.name or Path(self.preset).stem or "run"

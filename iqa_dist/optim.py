@@ -19,10 +19,10 @@ def build_optimizer(model: HyperIQA, cfg: Config, fused: bool | None = None) -> 
     groups: "backbone" at lr, "head" at lr * lr_ratio (optim.lda_group says where LDA goes).
     Fused kernels where torch has them (CUDA, CPU): one launch for the whole update, and the step
     can skip itself on the device (step.StepGuard). Real parameter lists, not iterators."""
-    o = cfg.optim
+    o, lr = cfg.optim, cfg.effective_lr()  # optim.lr, scaled for the batch size by optim.lr_scaling
     groups = model.parameter_groups(o.lda_group)
-    params = [{"params": groups["backbone"], "lr": o.lr, "name": "backbone"},
-              {"params": groups["head"], "lr": o.lr * o.lr_ratio, "name": "head"}]
+    params = [{"params": groups["backbone"], "lr": lr, "name": "backbone"},
+              {"params": groups["head"], "lr": lr * o.lr_ratio, "name": "head"}]
     cls = torch.optim.Adam if o.optimizer == "adam" else torch.optim.AdamW
     device = next(model.parameters()).device
     fused = device.type in ("cuda", "cpu") if fused is None else fused
@@ -34,16 +34,17 @@ def group_sizes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int, steps_per_epoch: int):
-    """Linear warmup then cosine to min_lr_ratio (or constant), per optimizer step; the head group
+    """Linear warmup (optimizer steps, scaled with the batch by Config.effective_warmup) then cosine
+    to min_lr_ratio (or constant), per optimizer step; the head group
     drops to 0 after optim.freeze_hyper_after epochs (the original code's frozen hyper network)."""
-    o = cfg.optim
+    o, warmup = cfg.optim, cfg.effective_warmup()
 
     def factor(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
+        if step < warmup:
+            return (step + 1) / warmup
         if o.schedule == "constant":
             return 1.0
-        t = (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps)
+        t = (step - warmup) / max(1, total_steps - warmup)
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     def head(step: int) -> float:

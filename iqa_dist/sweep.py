@@ -1,4 +1,4 @@
-"""`iqa-dist sweep`: phase one's next steps as one command each.
+"""`iqa-dist sweep`: phase one's next steps as one command each, run as many at once as the node has GPUs.
 
 - ablation: each regulariser alone (dropout, drop_path, weight decay, ColorJitter), none, and all
   together, from one base preset;
@@ -6,15 +6,18 @@
 - cross: a trained run evaluated on every other dataset (all of its images).
 
 Members of a group share one folder `runs/<YYYYmmdd-HHMMSS>-sweep-<kind>/`, each a normal run
-directory. Locally they run one after another (through `--launcher`, e.g. `accelerate launch
---multi_gpu`); with `--slurm` they are submitted as one job array (launch/slurm_sweep.sbatch), and
-`iqa-dist sweep collect GROUP` builds the combined table once they are done.
+directory. On a node they run concurrently, each on its own GPU (or --gpus-per-member GPUs) with
+its own rendezvous port and log; `--slurm array` submits one job per member, `--slurm node` one
+node-sized job that runs them in parallel; `sweep --resume GROUP` finishes what a group lacks,
+and `sweep collect GROUP` rebuilds the combined table.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,6 +46,8 @@ ABLATION = {
     "all": [],
 }
 SLURM_SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "slurm_sweep.sbatch"
+SLURM_NODE_SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "slurm_sweep_node.sbatch"
+MEMBERS = "members.jsonl"  # a group's plan: one line per member, {"name", "args"}
 
 
 def members(kind: str, base_overrides: list[str], n: int) -> dict[str, list[str]]:
@@ -61,10 +66,14 @@ def new_group(root: str, kind: str) -> Path:
     return group
 
 
-def run_sweep(kind: str, preset: str, base_overrides: list[str], n: int, launcher: str, slurm: bool) -> Path:
-    """Runs (or submits) every member; returns the group folder."""
-    if slurm and not SLURM_SCRIPT.is_file():  # launch/ ships with the source tree, not in the package
-        raise UserError(f"sweep --slurm needs {SLURM_SCRIPT}: install from a source checkout (pip install -e .)")
+def run_sweep(kind: str, preset: str, base_overrides: list[str], n: int, launcher: str, slurm: str = "",
+              gpus_per_member: int = 0, parallel: int = 0) -> Path:
+    """Creates a group and runs its members on this node, several at once (run_members), or
+    submits them to SLURM: `slurm="array"` one job per member, `slurm="node"` one node-sized job
+    that runs them in parallel on its GPUs. Returns the group folder."""
+    script = {"array": SLURM_SCRIPT, "node": SLURM_NODE_SCRIPT}.get(slurm)
+    if slurm and not script.is_file():  # launch/ ships with the source tree, not in the package
+        raise UserError(f"sweep --slurm needs {script}: install from a source checkout (pip install -e .)")
     cfg = load_config(preset, base_overrides)  # fail early on a bad base config
     specs = members(kind, base_overrides, n)
     for overrides in specs.values():
@@ -72,24 +81,130 @@ def run_sweep(kind: str, preset: str, base_overrides: list[str], n: int, launche
     group = new_group(cfg.run.root, kind)
     plan = [{"name": name, "args": ["--preset", preset, *[f"--{o}" for o in overrides],
                                     f"--run.root={group}", f"--run.name={name}"]} for name, overrides in specs.items()]
-    (group / "members.jsonl").write_text("".join(json.dumps(p) + "\n" for p in plan))
+    (group / MEMBERS).write_text("".join(json.dumps(p) + "\n" for p in plan))
     (group / "sweep.json").write_text(json.dumps({"kind": kind, "preset": preset, "overrides": base_overrides}))
-    err = console(stderr=True)
     if slurm:
-        cmd = ["sbatch", f"--array=0-{len(plan) - 1}", str(SLURM_SCRIPT), str(group / "members.jsonl")]
-        err.print(f"submitting: {shlex.join(cmd)}")
-        subprocess.run(cmd, check=True)
-        err.print(f"when the array is done: iqa-dist sweep collect {group}")
+        submit(group, slurm, len(plan), gpus_per_member)
         return group
-    prefix = shlex.split(launcher) if launcher else [sys.executable]
-    for i, member in enumerate(plan):
-        err.rule(f"sweep {kind}: {member['name']} ({i + 1}/{len(plan)})")
-        # --resume auto: a member interrupted inside this call (e.g. preempted) continues when rerun
-        code = subprocess.run([*prefix, "-m", "iqa_dist", "train", *member["args"], "--resume", "auto"]).returncode
-        if code:
-            err.print(f"[red]member {member['name']} failed (exit {code})[/]; continuing")
+    return resume(group, launcher, gpus_per_member, parallel)
+
+
+def submit(group: Path, how: str, count: int, gpus_per_member: int) -> None:
+    err = console(stderr=True)
+    if how == "array":
+        cmd = ["sbatch", f"--array=0-{count - 1}", str(SLURM_SCRIPT), str(group / MEMBERS)]
+    else:
+        cmd = ["sbatch", str(SLURM_NODE_SCRIPT), str(group), str(gpus_per_member or 1)]
+    err.print(f"submitting: {shlex.join(cmd)}", highlight=False)
+    subprocess.run(cmd, check=True)
+    err.print(f"when it is done: iqa-dist sweep collect {group} (or continue it: iqa-dist sweep --resume {group})",
+              highlight=False)
+
+
+def resume(group: Path, launcher: str = "", gpus_per_member: int = 0, parallel: int = 0) -> Path:
+    """Runs what a group still lacks: finished members are kept, unfinished ones continue from
+    their checkpoints (--resume auto), missing ones start; then the combined table."""
+    group = Path(group)
+    if not (group / MEMBERS).is_file():
+        raise UserError(f"{group}: not a sweep group (no {MEMBERS})")
+    plan = [json.loads(line) for line in (group / MEMBERS).read_text().splitlines() if line.strip()]
+    todo = [m for m in plan if not _finished(group, m["name"])]
+    console(stderr=True).print(f"sweep {group.name}: {len(plan) - len(todo)} of {len(plan)} member(s) finished; "
+                               f"running {len(todo)}", highlight=False)
+    run_members(group, todo, launcher, gpus_per_member, parallel)
     collect(group)
     return group
+
+
+def _finished(group: Path, name: str) -> bool:
+    return any(RunDir(p).finished for p in group.glob(f"*-{name}") if RunDir.is_run(p))
+
+
+def slots(gpus_per_member: int, parallel: int) -> list[dict[str, str]]:
+    """The member slots of this node, each as its environment: GPU groups of gpus_per_member
+    (CUDA_VISIBLE_DEVICES) when there are GPUs, else `parallel` CPU slots sharing the cores."""
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = ([g for g in visible.split(",") if g.strip()] if visible is not None
+            else [str(i) for i in range(torch.cuda.device_count())])
+    if gpus:
+        k = gpus_per_member or 1
+        if k > len(gpus):
+            raise UserError(f"sweep: --gpus-per-member {k}, but this node has {len(gpus)} GPU(s)")
+        groups = [gpus[i:i + k] for i in range(0, len(gpus) - k + 1, k)][:parallel or None]
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(g)} for g in groups]
+    n = parallel or 1
+    threads = max(1, (os.cpu_count() or 1) // n)
+    return [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)} for _ in range(n)]
+
+
+def member_command(member: dict, launcher: str, gpus: int, port: int) -> list[str]:
+    """How one member starts: the user's --launcher, `accelerate launch` over its GPUs, or this Python."""
+    if launcher:
+        prefix = shlex.split(launcher)
+    elif gpus > 1:
+        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
+                  "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no"]
+    else:
+        prefix = [sys.executable]
+    # --resume auto: a member interrupted before (preempted, a killed sweep) continues from its checkpoint
+    return [*prefix, "-m", "iqa_dist", "train", *member["args"], "--resume", "auto"]
+
+
+def run_members(group: Path, todo: list[dict], launcher: str, gpus_per_member: int, parallel: int) -> dict[str, int]:
+    """Runs the members, as many at once as there are slots, each pinned to its slot's GPUs with
+    its own rendezvous port and log (group/NAME.log). A failing member is recorded (status
+    in group/status.json) and the others go on. SIGTERM/SIGINT stop the running members (they
+    checkpoint) and then the sweep; `sweep --resume` continues it."""
+    err = console(stderr=True)
+    free = list(enumerate(slots(gpus_per_member, parallel)))
+    status_file = group / "status.json"
+    status = json.loads(status_file.read_text()) if status_file.exists() else {}
+    queue, running = list(todo), {}
+    base_port = int(os.environ.get("IQA_DIST_SWEEP_PORT", "29600"))
+    stop, stopped = [], False
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while queue or running:
+            while queue and free and not stop:
+                (index, env), member = free.pop(0), queue.pop(0)
+                gpus = len(env["CUDA_VISIBLE_DEVICES"].split(",")) if env["CUDA_VISIBLE_DEVICES"] else 1
+                log = open(group / f"{member['name']}.log", "a")
+                cmd = member_command(member, launcher, gpus, base_port + 10 * index)
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+                running[proc.pid] = (proc, member, (index, env), log)
+                err.print(f"started {member['name']} in slot {index} ({env['CUDA_VISIBLE_DEVICES'] or 'CPU'}); "
+                          f"log {log.name}", highlight=False)
+            if stop:
+                for proc, *_ in running.values():
+                    proc.send_signal(signal.SIGTERM)  # members checkpoint and exit 124
+                stop.clear()
+                queue.clear()
+                stopped = True
+            for pid, (proc, member, slot, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                status[member["name"]] = proc.returncode
+                status_file.write_text(json.dumps(status, indent=1))
+                free.append(slot)
+                del running[pid]
+                word = "finished" if proc.returncode == 0 else f"[red]failed (exit {proc.returncode})[/]"
+                err.print(f"{member['name']} {word}; log {log.name}", highlight=False)
+            time.sleep(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopped:
+        raise Stopped(f"sweep stopped: running members checkpointed; continue with iqa-dist sweep --resume {group}")
+    return status
+
+
+class Stopped(UserError):
+    """The sweep was asked to stop (SIGTERM/SIGINT); its members checkpointed."""
+
+    exit_code = 124
 
 
 def collect(group: Path) -> dict:
@@ -98,11 +213,16 @@ def collect(group: Path) -> dict:
     if not (group / "sweep.json").is_file():
         raise UserError(f"{group}: not a sweep group (no sweep.json)")
     info = json.loads((group / "sweep.json").read_text())
+    status = json.loads((group / "status.json").read_text()) if (group / "status.json").exists() else {}
+    planned = [json.loads(line)["name"] for line in (group / MEMBERS).read_text().splitlines() if line.strip()] \
+        if (group / MEMBERS).exists() else []
     results = []
-    for run in sorted(p for p in group.iterdir() if RunDir.is_run(p)):
-        summary = RunDir(run).summary()
-        name = run.name.split("-", 2)[-1]
-        results.append({"member": name, "run": run.name, "finished": summary is not None,
+    for name in planned:
+        runs = sorted(p for p in group.glob(f"*-{name}") if RunDir.is_run(p))
+        summary = RunDir(runs[-1]).summary() if runs else None
+        state = "finished" if summary else f"failed (exit {status[name]})" if status.get(name) else "not finished"
+        results.append({"member": name, "run": runs[-1].name if runs else None, "finished": summary is not None,
+                        "state": state,
                         **({f"{s}_{m}": summary[s].get(m) for s in ("val", "test") for m in ("srcc", "plcc")}
                            if summary else {}),
                         "best_epoch": summary and summary["best_epoch"]})
@@ -129,7 +249,8 @@ def show(table: dict, group: Path) -> None:
     for c in columns:
         t.add_column(c.replace("_", " "), justify="left" if c in ("member", "dataset") else "right")
     for r in table["members"]:
-        t.add_row(*(fmt(r.get(c)) if r.get("finished", True) else "running" for c in columns))
+        t.add_row(*(fmt(r.get(c)) if r.get("finished", True) or c in ("member", "dataset") else r.get("state", "-")
+                    for c in columns))
     for key, label in (("median", "median"), ("mean", "mean")):
         if table["statistics"]:
             cells = []

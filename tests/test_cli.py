@@ -56,15 +56,16 @@ def test_evaluate_split_all_names_its_output_all(single_run, tmp_path, capsys):
 # ---------------------------------------------------------------- failed starts, resume, extend
 
 
-def test_a_failed_start_leaves_no_run_directory(tiny_overrides, tmp_path):
-    bad_root = run_train(["data.dataset=csv", f"data.root={tmp_path / 'missing'}", f"run.root={tmp_path / 'r'}",
-                          *[o for o in tiny_overrides if "synthetic" not in o]])
-    assert bad_root.returncode == 2 and "no such folder" in bad_root.stderr
+def test_a_failed_start_leaves_no_run_directory(tiny_overrides, tmp_path, capsys):
+    common = [f"--{o}" for o in tiny_overrides if "synthetic" not in o]
+    code, _, err = cli(capsys, "train", "--preset", "demo", "--data.dataset=csv", f"--data.root={tmp_path / 'missing'}",
+                       f"--run.root={tmp_path / 'r'}", *common)
+    assert code == 2 and "no such folder" in err
     fixtures.generic_csv(tmp_path / "d", n=4)
     (tmp_path / "d" / "meta.csv").write_text("file_name,quality_value\na.png,3\n")
-    bad_csv = run_train(["data.dataset=csv", f"data.root={tmp_path / 'd'}", f"run.root={tmp_path / 'r'}",
-                         *[o for o in tiny_overrides if "synthetic" not in o]])
-    assert bad_csv.returncode == 2 and "no image column" in bad_csv.stderr
+    code, _, err = cli(capsys, "train", "--preset", "demo", "--data.dataset=csv", f"--data.root={tmp_path / 'd'}",
+                       f"--run.root={tmp_path / 'r'}", *common)
+    assert code == 2 and "no image column" in err
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
 
 
@@ -82,34 +83,22 @@ def test_resume_auto_ignores_runs_without_a_checkpoint(single_run, tmp_path):
     assert RunDir.find_resumable(root, "demo") == with_checkpoint
 
 
-def test_finished_run_says_so_and_extend_trains_it_longer(tiny_overrides, tmp_path):
+def test_finished_run_says_so_and_extend_trains_it_longer(tiny_overrides, tmp_path, capsys):
     overrides = [*tiny_overrides, *RUN, "train.max_steps=4", "train.eval_every=2", f"run.root={tmp_path}"]
     first = run_train(overrides)
     assert first.returncode == 0, first.stderr
     run = only_run(tmp_path)
-    again = run_train(overrides, resume=str(run))
-    assert again.returncode == 0 and "has finished" in again.stderr and "Traceback" not in again.stderr
-    assert "resumed" not in again.stdout
-    longer = [*overrides, "train.max_steps=6"]
-    refused = run_train(longer, resume=str(run))
-    assert refused.returncode == 2 and "--extend" in refused.stderr
-    extended = subprocess_train(longer, run, "--extend")
-    assert extended.returncode == 0, extended.stderr
+    args = ["train", "--preset", "demo", *[f"--{o}" for o in overrides], "--resume", str(run)]
+    code, out, err = cli(capsys, *args)
+    assert code == 0 and "has finished" in err and "resumed" not in out
+    code, _, err = cli(capsys, *args, "--train.max_steps=6")
+    assert code == 2 and "--extend" in err
+    code, _, err = cli(capsys, *args, "--train.max_steps=6", "--extend")
+    assert code == 0, err
     assert [r["step"] for r in metrics(run)] == [2, 4, 6]
     meta = json.loads((run / "meta.json").read_text())
     assert meta["extensions"][0]["changes"] == ["train.max_steps: 4 -> 6"]
     assert json.loads((run / "summary.json").read_text())["steps_run"] == 6
-
-
-def subprocess_train(overrides: list[str], run: Path, *extra: str):
-    import os
-    import subprocess
-    import sys
-
-    args = [sys.executable, "-m", "iqa_dist", "train", "--preset", "demo", *[f"--{o}" for o in overrides],
-            "--resume", str(run), *extra]
-    return subprocess.run(args, capture_output=True, text=True, timeout=400,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 # ---------------------------------------------------------------- one-line errors, exit 2

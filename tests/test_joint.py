@@ -18,7 +18,7 @@ from iqa_dist.optim import WeightEMA
 from iqa_dist.plan import JointPlan, Shares
 
 from . import fixtures
-from .conftest import RUN, cli, metrics, only_run, run_cli, run_train
+from .conftest import RUN, cli, metrics, only_run, run_train
 
 # ---------------------------------------------------------------- the batch plan
 
@@ -169,21 +169,20 @@ def test_a_joint_model_scores_on_the_scale_asked(joint_run, tmp_path, capsys):
     assert report["scale"] == "kadid10k" and report["metrics"]["n"] > 0  # its own test split, on its own scale
 
 
-def test_ema_resumes_bit_exact(tiny_overrides, tmp_path):
+def test_ema_resumes_bit_exact(tiny_overrides, tmp_path, capsys):
     """A run checkpointed at step 3 and resumed to 6 equals one that ran 6 steps, EMA included."""
-    common = [*tiny_overrides, "train.eval_every=3", "train.checkpoint_every=3", "train.ema_decay=0.5",
-              "optim.schedule=constant", "optim.warmup_steps=0"]
-    whole = run_train([*common, "train.max_steps=6", f"run.root={tmp_path / 'a'}"])
-    part = run_train([*common, "train.max_steps=3", f"run.root={tmp_path / 'b'}"])
-    assert whole.returncode == 0 and part.returncode == 0, whole.stderr[-2000:] + part.stderr[-2000:]
+    common = [f"--{o}" for o in [*tiny_overrides, "train.eval_every=3", "train.checkpoint_every=3",
+                                 "train.ema_decay=0.5", "optim.schedule=constant", "optim.warmup_steps=0"]]
+    assert cli(capsys, "train", "--preset", "demo", *common, "--train.max_steps=6", f"--run.root={tmp_path / 'a'}")[0] == 0
+    assert cli(capsys, "train", "--preset", "demo", *common, "--train.max_steps=3", f"--run.root={tmp_path / 'b'}")[0] == 0
     run_b = only_run(tmp_path / "b")
-    resumed = run_cli("train", "--preset", "demo", *[f"--{o}" for o in [*common, "train.max_steps=6",
-                                                                         f"run.root={tmp_path / 'b'}"]],
-                      "--resume", str(run_b), "--extend")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    code, _, err = cli(capsys, "train", "--preset", "demo", *common, "--train.max_steps=6", f"--run.root={tmp_path / 'b'}",
+                       "--resume", str(run_b), "--extend")
+    assert code == 0, err
     a, b = metrics(only_run(tmp_path / "a")), metrics(run_b)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [3, 6]
     assert b[-1]["ema_val_srcc"] == a[-1]["ema_val_srcc"] and b[-1]["val_srcc"] == a[-1]["val_srcc"]
+
     def ema(run):  # the registered objects are state (0), augmenter (1), EMA (2)
         return torch.load(run / "checkpoints" / "step-00000006" / "custom_checkpoint_2.pkl", weights_only=False)
 

@@ -7,7 +7,7 @@ import argparse
 from . import add_config_arguments, add_preset, config_from
 
 NAME = "bench"
-USAGE = "iqa-dist bench {augment,data,train,eval,all} [options] [--SECTION.FIELD=VALUE ...]"
+USAGE = "iqa-dist bench {augment,data,train,eval,scaling,all} [options] [--SECTION.FIELD=VALUE ...]"
 HELP = "measure the data pipeline, training and evaluation throughput"
 DESCRIPTION = """\
 Throughput figures measured side by side in one run, printed as tables and written to a JSON file
@@ -17,11 +17,12 @@ backbone (the anchor), and evaluation images/s.
 
 examples:
   iqa-dist bench train --batch 12,24,48,96,192 --precisions bf16   # the per-GPU batch table
-  iqa-dist bench all --batch 96 --steps 20 --workers 8 --compile"""
+  iqa-dist bench all --batch 96 --steps 20 --workers 8 --compile
+  iqa-dist bench scaling --batch 12,24,48,96,192 --global-batch 96   # projected epoch time on 1-64 GPUs"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["augment", "data", "train", "eval", "all"], help="which figures")
+    p.add_argument("what", choices=["augment", "data", "train", "eval", "scaling", "all"], help="which figures")
     p.add_argument("--images", type=int, default=24, help="data: KonIQ-size source JPEGs [24]")
     p.add_argument("--batch", default="32", help="patches per batch; train takes a comma list [32; use 96 on a GPU]")
     p.add_argument("--steps", type=int, default=6, help="timed batches per figure, after warm-up [6]")
@@ -31,6 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precisions", default="", help="train: comma list of fp32,bf16 [fp32 on CPU, both on GPU]")
     p.add_argument("--compile", action="store_true", help="train, eval: also measure torch.compile")
     p.add_argument("--device", default=None, help="cuda, cpu [default: cuda when available]")
+    p.add_argument("--global-batch", type=int, default=96, help="scaling: the global batch projected [96]")
+    p.add_argument("--intra-gbps", type=float, default=360.0,
+                   help="scaling: all-reduce bus bandwidth per GPU within a node, GB/s [360: NVLink, H100/H200]")
+    p.add_argument("--inter-gbps", type=float, default=45.0,
+                   help="scaling: all-reduce bus bandwidth per GPU across nodes, GB/s [45: a 400 Gb/s NIC per GPU]")
     p.add_argument("--output", default="", help="JSON file [default runs/bench-WHAT-TIME.json]")
     p.add_argument("--work-dir", default="", help="where source JPEGs and caches go [a temporary folder]")
     add_preset(p, "koniq-swin-t")

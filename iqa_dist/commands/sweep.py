@@ -5,21 +5,35 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
-from . import COMMON, add_config_arguments, add_preset, config_from, overrides
+from . import COMMON, add_config_arguments, add_preset, config_from, overrides, positive
 
 NAME = "sweep"
-USAGE = "iqa-dist sweep {ablation,splits,cross,collect} [GROUP] [options] [--SECTION.FIELD=VALUE ...]"
+USAGE = "iqa-dist sweep {ablation,splits,cross,collect} [GROUP] [options] [--SECTION.FIELD=VALUE ...] | sweep --resume GROUP"
 HELP = "ablations, random splits and cross-dataset evaluation from one preset"
 DESCRIPTION = """\
 Many runs from one preset, in one group folder with a combined table: `ablation` (each
 regulariser alone, none, all), `splits` (N seeded random splits, the HyperIQA protocol),
-`cross` (a trained run evaluated on other datasets), `collect` (rebuild a group's table)."""
+`cross` (a trained run evaluated on other datasets), `collect` (rebuild a group's table).
+On a node with several GPUs the members run concurrently, one per GPU (--gpus-per-member K for
+more); a failed member is reported and the others go on; --resume GROUP finishes a group.
+
+examples:
+  iqa-dist sweep splits --n 10 --preset koniq-swin-t --data.root /data/koniq10k      # 8 at once on 8 GPUs
+  iqa-dist sweep ablation --preset koniq-swin-t --data.root /data/koniq10k --slurm node
+  iqa-dist sweep --resume runs/20261127-120000-sweep-splits"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=["ablation", "splits", "cross", "collect"],
+    p.add_argument("kind", nargs="?", choices=["ablation", "splits", "cross", "collect"],
                    help="ablation: each regulariser alone, none, all; splits: N seeded random splits; "
                         "cross: evaluate a run on other datasets; collect: rebuild a group's table")
+    p.add_argument("--resume", default="", metavar="GROUP", help="continue a group: keep finished members, "
+                   "resume unfinished ones from their checkpoints, start missing ones")
+    p.add_argument("--gpus-per-member", type=int, default=0, metavar="K",
+                   help="GPUs each member trains on (accelerate launch over K GPUs); members run concurrently, "
+                        "GPUs / K at a time [1]")
+    p.add_argument("--parallel", type=int, default=0, metavar="N",
+                   help="at most N members at once [GPUs / K; without GPUs: 1 (CPU slots share the cores)]")
     p.add_argument("group", nargs="?", default="", help="collect: the sweep group folder")
     p.add_argument("--n", type=int, default=10, help="splits: how many seeded random splits [10]")
     p.add_argument("--run", default="", help="cross: the trained run")
@@ -29,7 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cross: the scale scores are reported on [a jointly trained run: normalized]")
     p.add_argument("--launcher", default="", help="how to start members, e.g. 'accelerate launch --multi_gpu' "
                    "[default: this Python, one process]")
-    p.add_argument("--slurm", action="store_true", help="submit the members as a SLURM job array")
+    p.add_argument("--slurm", nargs="?", const="array", default="", choices=["array", "node"],
+                   help="submit to SLURM: array = one job per member (launch/slurm_sweep.sbatch); node = one "
+                        "node-sized job running the members in parallel on its GPUs (launch/slurm_sweep_node.sbatch)")
     add_preset(p, "koniq-swin-t")
     add_config_arguments(p, common=COMMON)
 
@@ -37,7 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import sweep
 
-    if args.kind == "collect":
+    positive("--gpus-per-member", args.gpus_per_member or None)
+    positive("--parallel", args.parallel or None)
+    if args.resume:
+        sweep.resume(args.resume, args.launcher, args.gpus_per_member, args.parallel)
+    elif args.kind is None:
+        raise UserError("sweep: give a kind (ablation, splits, cross, collect) or --resume GROUP")
+    elif args.kind == "collect":
         if not args.group:
             raise UserError("sweep collect: give the sweep group folder")
         sweep.collect(args.group)
@@ -47,5 +69,6 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_from(args)
         sweep.cross(args.run, args.dataset, cfg.run.root, overrides(args), args.launcher, args.scale)
     else:
-        sweep.run_sweep(args.kind, args.preset, overrides(args), args.n, args.launcher, args.slurm)
+        sweep.run_sweep(args.kind, args.preset, overrides(args), args.n, args.launcher, args.slurm,
+                        args.gpus_per_member, args.parallel)
     return 0
