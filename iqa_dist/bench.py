@@ -38,7 +38,7 @@ from .cache import prepare
 from .config import Config, load_config
 from .evaluate import predict_images
 from .model import build_model
-from .output import console as make_console, print_table
+from .output import console as make_console, fmt, print_table
 from .optim import build_optimizer, build_schedule
 from .plan import BatchPlan, Shares
 from .step import Batch, MicroBatch, PreemptionFlag, StepGuard, next_batch, train_step
@@ -517,10 +517,6 @@ def _figures(report: dict):
         yield row["end_to_end"]
 
 
-def _cell(v, digits: int = 1) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
 def show(report: dict) -> None:
     out = make_console()
     m = report["machine"]
@@ -553,9 +549,9 @@ def show(report: dict) -> None:
                   "input overhead %", "MFU %", "peak GiB", "first step s"):
             t.add_column(c, justify="right")
         for r in report["train"]:
-            t.add_row(r["backbone"], r["precision"], str(r["compile"]), str(r["batch"]), _cell(r["end_to_end"]),
-                      _cell(r["model_only"]), _cell(r["anchor"]), _cell(r["pct_of_anchor"]), _cell(r["overhead_pct"]),
-                      _cell(r.get("mfu_pct")), _cell(r["memory_gib"], 2), _cell(r["first_step_s"]))
+            t.add_row(r["backbone"], r["precision"], str(r["compile"]), str(r["batch"]), fmt(r["end_to_end"]),
+                      fmt(r["model_only"]), fmt(r["anchor"]), fmt(r["pct_of_anchor"]), fmt(r["overhead_pct"]),
+                      fmt(r.get("mfu_pct")), fmt(r["memory_gib"]), fmt(r["first_step_s"]))
         print_table(out, f"training steps, patches/s (end to end = `iqa-dist train`'s step with its input path; model "
                          f"only = the same step on a batch already on the device; anchor = timm's plain classifier of "
                          f"the backbone, same batch, precision, fused AdamW, clipping) - {where}", t)
@@ -566,7 +562,7 @@ def show(report: dict) -> None:
             t.add_column(c, justify="right")
         for r in report["projection"]:
             t.add_row(r["backbone"], r["precision"], str(r["compile"]), str(r["gpus"]), str(r["per_gpu_batch"]),
-                      _cell(r["patches_per_s"], 0), _cell(r["epoch_s"], 0), _cell(30 * r["epoch_s"] / 60, 0))
+                      fmt(r["patches_per_s"]), fmt(r["epoch_s"]), fmt(30 * r["epoch_s"] / 60))
         print_table(out, f"projected (not measured): a KonIQ epoch ({KONIQ_EPOCH:,} patches) at global batch 96 on N "
                          "GPUs, each at the end-to-end rate measured for its per-GPU batch; communication and "
                          "evaluation not included", t)

@@ -34,7 +34,7 @@ from .decode import decode_job
 from .errors import UserError
 from .sources import Problem, SourceData, read_source, source_root
 from .splits import assign_splits
-from .store import BinaryColumn, View, open_images
+from .store import META, BinaryColumn, View, open_images
 
 CACHE_VERSION = 2  # 2: a fixed WxH resize follows each image's orientation
 IMAGE_FEATURES = datasets.Features({
@@ -71,7 +71,7 @@ def _atomic_build(final: Path, build, console: Console, what: str) -> bool:
     so an interrupted build never leaves a directory that passes for complete. True if it built."""
     final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final) + ".lock"):
-        if (final / "meta.json").is_file():
+        if (final / META).is_file():
             console.print(f"[green]{what}: up to date[/] ({final}); nothing to do", highlight=False)
             return False
         # host and pid: file locks are not reliable across nodes on every shared file system
@@ -80,7 +80,7 @@ def _atomic_build(final: Path, build, console: Console, what: str) -> bool:
         partial.mkdir(parents=True)
         try:
             build(partial)
-            if not (final / "meta.json").is_file():  # nobody finished meanwhile
+            if not (final / META).is_file():  # nobody finished meanwhile
                 shutil.rmtree(final, ignore_errors=True)  # a leftover without meta.json is incomplete
                 os.replace(partial, final)
         finally:
@@ -198,7 +198,7 @@ def _build_images(partial: Path, cfg: Config, data: SourceData, root: Path, fing
         "skipped": [str(p) for p in problems],
         "build_seconds": round(time.time() - t0, 1),
     }
-    (partial / "meta.json").write_text(json.dumps(meta, indent=1))
+    (partial / META).write_text(json.dumps(meta, indent=1))
 
 
 def _patch_rows(images_path: str, ids: np.ndarray, n: int, size: int, seed: int) -> Iterator[dict]:
@@ -232,7 +232,7 @@ def _build_view(partial: Path, image_path: Path, cfg: Config, spec: dict, splits
         shutil.rmtree(partial / "hf")
     counts = {s: len(v) for s, v in splits.items()}
     meta = {**spec, "splits": splits, "counts": counts, "notes": notes}
-    (partial / "meta.json").write_text(json.dumps(meta))
+    (partial / META).write_text(json.dumps(meta))
 
 
 def prepare(cfg: Config, console: Console | None = None) -> View:
@@ -248,7 +248,7 @@ def prepare(cfg: Config, console: Console | None = None) -> View:
     built = _atomic_build(image_path, lambda p: _build_images(p, cfg, data, root, fingerprint, console), console,
                           f"image cache {cfg.data.dataset}")
     images = open_images(image_path)
-    image_meta = json.loads((image_path / "meta.json").read_text())
+    image_meta = json.loads((image_path / META).read_text())
     if built and image_meta["skipped"]:
         console.print(f"[yellow]dropped {len(image_meta['skipped'])} bad row(s)[/] (data.skip_bad); they are listed "
                       f"in {image_path / 'meta.json'}", highlight=False)
@@ -275,7 +275,7 @@ def prepare(cfg: Config, console: Console | None = None) -> View:
     _atomic_build(view_path, lambda p: _build_view(p, image_path, cfg, spec, splits, notes, console), console,
                   f"view {cfg.data.split} split" + (f", stored {cfg.model.img_size}-px training patches"
                                                     if spec["cached_patch_num"] else ""))
-    meta = json.loads((view_path / "meta.json").read_text())
+    meta = json.loads((view_path / META).read_text())
     return View(view_path, meta, image_meta, images)
 
 

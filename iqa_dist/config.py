@@ -25,8 +25,8 @@ from typing import Any, Sequence
 import yaml
 
 from .errors import UserError
+from .sources import SOURCES  # the dataset registry
 
-SOURCES = ("koniq10k", "spaq", "kadid10k", "agiqa3k", "livec", "csv", "synthetic")
 PROTOCOLS = ("random", "grid")  # test-time patch layouts (protocol.py)
 
 
@@ -467,8 +467,18 @@ def with_overrides(raw: dict, overrides: Sequence[str], preset: str = "", where:
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for text in overrides:
         key, value = parse_override(text)
+        if _field_type(key) is str:  # a string field takes the text as typed: YAML would read `no` as False
+            value = text.partition("=")[2].strip()
         _set(raw, key, value, "override")
     return build_config(raw, preset=preset, where=where)
+
+
+def _field_type(key: str):
+    """The declared type of `section.field`, or None for unknown or nested keys."""
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or "." in name:
+        return None
+    return typing.get_type_hints(SECTIONS[section]).get(name)
 
 
 # Fields that describe one dataset's files: they do not carry over to another dataset.

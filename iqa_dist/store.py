@@ -19,6 +19,8 @@ import torch
 from .errors import UserError
 from .protocol import patch_origins
 
+META = "meta.json"  # a cache level's metadata, written last: its presence marks the level complete
+
 
 class BinaryColumn:
     """Zero-copy numpy views of a large_binary column of a memory-mapped dataset.
@@ -157,7 +159,7 @@ def store_from_rows(ds: datasets.Dataset, rows: np.ndarray, scores: np.ndarray, 
 
 def open_images(path: Path) -> datasets.Dataset:
     """The image cache at `path` (its Arrow files, memory-mapped)."""
-    meta = json.loads((path / "meta.json").read_text())
+    meta = json.loads((path / META).read_text())
     parts = [datasets.Dataset.from_file(str(path / f)) for f in meta["files"]]
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 

@@ -8,8 +8,11 @@ set -u
 OUT=${1:-runs/gpu-bench}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
+LOOP_EXTRA=()
 if [ "${SMOKE:-0}" = 1 ]; then
     BACKBONE=tiny; PREC=fp32; BATCHES=8,16; STEPS=2; IMAGES=9; LOOP_STEPS=6; COMPILE=""; SCALE_BATCHES=8,16
+    LOOP_EXTRA=("--model.backbone_kwargs={embed_dim: 32, depths: [1, 1, 2, 1], num_heads: [1, 2, 4, 8], window_size: 7}"
+                --model.img_size=112 --train.batch_size=16 --train.mixed_precision=no)
 else
     BACKBONE=swin-t; PREC=bf16; BATCHES=12,24,48,96,192; STEPS=20; IMAGES=96; LOOP_STEPS=400; COMPILE=--compile
     SCALE_BATCHES=12,24,48,96
@@ -21,7 +24,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run bounded, keep the log, show its ta
     local t0=$SECONDS
     timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
-    echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$name.log"
+    echo "== $name: exit $rc after $((SECONDS - t0)) s" >> "$OUT/$name.log"
     tail -n 25 "$OUT/$name.log"
 }
 { nvidia-smi || true; $PY -c "import torch; print(torch.__version__, torch.cuda.is_available())"; } > "$OUT/machine.log" 2>&1
@@ -39,8 +42,7 @@ step eval 240 $PY -m iqa_dist bench eval --batch 96 --steps 8 --images $IMAGES $
 # 4. the real `iqa-dist train` loop on the KonIQ-size images bench made (patches/s from metrics.jsonl)
 step real-loop 300 $PY -m iqa_dist train --preset koniq-swin-t --data.root "$OUT/work/koniq" --data.split random \
     --data.cache_dir "$OUT/work/cache" --model.pretrained none --train.max_steps $LOOP_STEPS \
-    --train.eval_every $LOOP_STEPS --train.log_every 50 --run.root "$OUT/runs" \
-    $([ "${SMOKE:-0}" = 1 ] && echo "--model.backbone_kwargs={embed_dim: 32, depths: [1, 1, 2, 1], num_heads: [1, 2, 4, 8], window_size: 7} --model.img_size=112 --train.batch_size=16 --train.mixed_precision=no")
+    --train.eval_every $LOOP_STEPS --train.log_every 50 --run.root "$OUT/runs" "${LOOP_EXTRA[@]}"
 # 5. scaling: the step per per-process batch and the projection for 1-64 GPUs
 step scaling 240 $PY -m iqa_dist bench scaling --backbones $BACKBONE --precisions $PREC --batch $SCALE_BATCHES \
     --steps $STEPS --images $IMAGES --work-dir "$OUT/work" --output "$OUT/scaling.json"

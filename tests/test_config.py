@@ -115,3 +115,9 @@ def test_switching_dataset_drops_the_presets_dataset_fields():
     assert kept.data.score_column == "Sharpness"
     same = load_config_for("koniq-swin-t", ["data.root=/x"])
     assert same.data.score_column == "MOS_zscore" and same.data.resize == "512x384"
+
+
+def test_string_fields_take_the_text_as_typed():
+    """YAML would read `no` as False: `--train.mixed_precision=no` (the README's setting) is a string."""
+    cfg = load_config("koniq-swin-t", ["train.mixed_precision=no", "run.name=off", "data.root=/data/a b"])
+    assert (cfg.train.mixed_precision, cfg.run.name, cfg.data.root) == ("no", "off", "/data/a b")

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import SOURCES
+from ..sources import SOURCES
 from ..errors import UserError
 from ..output import console, metrics_table, print_table
 from . import add_config_arguments, overrides

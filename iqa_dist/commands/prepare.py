@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import SOURCES, all_keys
+from ..config import all_keys
+from ..sources import SOURCES
 from ..output import console
 from . import add_config_arguments, config_from
 
