@@ -224,7 +224,7 @@ class TrainConfig:
     seed: int = 0  # seeds the sampler, augmentation and model init
     mixed_precision: str = "bf16"  # bf16 | fp16 (loss scaling) | no | launcher (take accelerate's setting)
     grad_compression: str = "none"  # gradients all-reduced as: none (fp32) | bf16 (half the bytes, a DDP communication hook)
-    static_graph: bool = True  # DDP static_graph: the same parameters get gradients every step (true for HyperIQA)
+    static_graph: bool = True  # DDP static_graph (every parameter gets a gradient every step); off with micro_batch_size, which it breaks
     ema_decay: float = 0.0  # weight EMA (fp32, on the device, per optimizer step); 0 = off, e.g. 0.999; exported when better on val
     select_on: str = ""  # joint training: the dataset whose val SRCC selects the model; "" = the weight-averaged val SRCC
     compile: bool = False  # torch.compile the model for training and evaluation (compiled kernels cached beside the data cache)

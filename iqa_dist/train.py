@@ -115,9 +115,16 @@ def build_accelerator(cfg: Config, run_root: Path) -> Accelerator:
         log_with=cfg.run.log_with or None,
         project_dir=str(run_root),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s)),
-                         DistributedDataParallelKwargs(gradient_as_bucket_view=True, static_graph=cfg.train.static_graph,
+                         DistributedDataParallelKwargs(gradient_as_bucket_view=True, static_graph=static_graph(cfg),
                                                        comm_hook=hook)],
     )
+
+
+def static_graph(cfg: Config) -> bool:
+    """DDP's static graph, except with gradient accumulation: static_graph and no_sync() do not
+    mix in DDP (a crash, or gradients silently no longer all-reduced: pytorch/pytorch#187732,
+    huggingface/accelerate#3679)."""
+    return cfg.train.static_graph and cfg.train.micro_batch_size == 0
 
 
 def resident_device(cfg: Config, nbytes: int, device: torch.device) -> torch.device:

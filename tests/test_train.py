@@ -130,6 +130,16 @@ def test_one_process_equals_two(single_run, tiny_overrides, tmp_path):
     assert s2["test"]["srcc"] == pytest.approx(s1["test"]["srcc"], abs=1e-4)
 
 
+def test_accumulation_on_two_processes_still_syncs_gradients(single_run, tiny_overrides, tmp_path):
+    """2 processes x 2 micro-batches each (DDP no_sync on the first): the same training as one
+    process without accumulation. Guards against gradients that silently stop being all-reduced
+    (DDP's static graph with no_sync does that, so it is off with accumulation)."""
+    out = run_train([*tiny_overrides, *RUN, "train.micro_batch_size=4", f"run.root={tmp_path}"], nproc=2)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "2 process(es) x 2 micro-batch(es)" in out.stdout
+    assert_same_training(metrics(single_run), metrics(only_run(tmp_path)))
+
+
 def test_preempted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path):
     """SIGUSR1 (SLURM's warning) -> checkpoint and exit 124; relaunching continues mid-epoch and
     ends exactly where an uninterrupted run ends (dropout, drop path and jitter on: every RNG)."""
