@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from iqa_dist.evaluate import correlation_metrics, shard
 from iqa_dist.plan import BatchPlan, Shares
 
-from .conftest import RUN, assert_same_training, metrics, only_run, run_train, train_cmd
+from .conftest import RUN, assert_same_training, cli, metrics, only_run, run_train, train_cmd
 
 # ---------------------------------------------------------------- units
 
@@ -140,7 +140,7 @@ def test_accumulation_on_two_processes_still_syncs_gradients(single_run, tiny_ov
     assert_same_training(metrics(single_run), metrics(only_run(tmp_path)))
 
 
-def test_preempted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path):
+def test_preempted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path, capsys):
     """SIGUSR1 (SLURM's warning) -> checkpoint and exit 124; relaunching continues mid-epoch and
     ends exactly where an uninterrupted run ends (dropout, drop path and jitter on: every RNG)."""
     overrides = [*tiny_overrides, *RUN, "train.max_steps=8", "train.checkpoint_every=100", "model.dropout=0.2",
@@ -171,8 +171,9 @@ def test_preempted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path):
     sa = json.loads((only_run(ref_root) / "summary.json").read_text())
     sb = json.loads((run / "summary.json").read_text())
     assert sb["test"]["srcc"] == pytest.approx(sa["test"]["srcc"], abs=1e-6)
-    mismatch = run_train([*overrides, "optim.lr=0.5", f"run.root={cut_root}"], resume=str(run))
-    assert mismatch.returncode == 2 and "the config differs" in mismatch.stderr and "Traceback" not in mismatch.stderr
+    code, _, err = cli(capsys, "train", "--preset", "demo", *[f"--{o}" for o in overrides], "--optim.lr=0.5",
+                       f"--run.root={cut_root}", "--resume", str(run))
+    assert code == 2 and "the config differs" in err and "Traceback" not in err
 
 
 def test_accumulation_and_stored_patches_train_end_to_end(tiny_overrides, tmp_path):
