@@ -35,9 +35,18 @@ def tiny_overrides(cache_root) -> list[str]:
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
-    """`iqa-dist ARGS` in this process (no interpreter start-up, ~4 s less than a subprocess):
-    (exit status, stdout, stderr). Accelerate's process-wide state and the signal handlers a
-    training run installs are reset around the call."""
+    """`iqa-dist ARGS` in this process: (exit status, stdout, stderr). See `here`."""
+    out = here(*args)
+    return out.returncode, out.stdout, out.stderr
+
+
+def here(*args: str) -> subprocess.CompletedProcess:
+    """`run_cli` in this process, where a fresh interpreter adds nothing to the check (~5 s of
+    imports less). Output is redirected, not captured by a fixture, so module-scoped fixtures can
+    train too. Accelerate's process-wide state and the signal handlers a training run installs are
+    reset around the call."""
+    import contextlib
+    import io
     import signal
 
     from accelerate.state import AcceleratorState, GradientState
@@ -47,14 +56,19 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+    out, err = io.StringIO(), io.StringIO()
     try:
-        with pytest.raises(SystemExit) as exit_:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
             main(list(args))
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    out = capsys.readouterr()
-    return exit_.value.code, out.out, out.err
+    return subprocess.CompletedProcess(list(args), exit_.value.code, out.getvalue(), err.getvalue())
+
+
+def train_here(overrides: list[str], resume: str = "") -> subprocess.CompletedProcess:
+    """`run_train` for one process, in this process."""
+    return here(*train_cmd(overrides, resume=resume)[3:])
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -118,6 +132,6 @@ def assert_same_training(one: list[dict], two: list[dict]) -> None:
 def single_run(tiny_overrides, tmp_path_factory) -> Path:
     """One uninterrupted 1-process tiny run, shared by the checks that only read it."""
     root = tmp_path_factory.mktemp("runs1")
-    out = run_train([*tiny_overrides, *RUN, f"run.root={root}"])
+    out = train_here([*tiny_overrides, *RUN, f"run.root={root}"])
     assert out.returncode == 0, out.stdout + out.stderr
     return only_run(root)

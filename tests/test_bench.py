@@ -8,14 +8,14 @@ import math
 
 import pytest
 
-from .conftest import run_cli
+from .conftest import here
 
 
 @pytest.mark.slow
 def test_bench_all_runs_and_writes_its_json(tmp_path):
     out_file = tmp_path / "bench.json"
-    out = run_cli("bench", "all", "--images", "9", "--batch", "8", "--steps", "2", "--workers", "1",
-                  "--output", str(out_file), "--work-dir", str(tmp_path / "work"), timeout=600)
+    out = here("bench", "all", "--images", "9", "--batch", "8", "--steps", "2", "--workers", "1",
+               "--output", str(out_file), "--work-dir", str(tmp_path / "work"))
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out_file.read_text())
     for key in ("cpu", "cpu_cores", "gpu", "torch"):

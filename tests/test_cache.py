@@ -19,7 +19,7 @@ from iqa_dist.cache import prepare
 from iqa_dist.config import load_config
 
 from . import fixtures
-from .conftest import run_cli
+from .conftest import here
 
 TINY = ["model.img_size=112", "data.test_patch_num=3", "data.workers=2"]
 
@@ -34,11 +34,11 @@ def complete_caches(cache: Path) -> list[Path]:
 
 def test_prepare_synthetic_cli(tmp_path):
     cache = tmp_path / "cache"
-    out = run_cli("prepare", "--dataset", "synthetic", "--cache-dir", str(cache), "--data.synthetic_size=1")
+    out = here("prepare", "--dataset", "synthetic", "--cache-dir", str(cache), "--data.synthetic_size=1")
     assert out.returncode == 0, out.stderr
     m = re.search(r"synthetic: (\d+) images cached \(train (\d+) / val (\d+) / test (\d+)", " ".join(out.stderr.split()))
     assert m and int(m[1]) == int(m[2]) + int(m[3]) + int(m[4]) and min(map(int, m.groups())) > 0
-    again = run_cli("prepare", "--dataset", "synthetic", "--cache-dir", str(cache), "--data.synthetic_size=1")
+    again = here("prepare", "--dataset", "synthetic", "--cache-dir", str(cache), "--data.synthetic_size=1")
     assert again.returncode == 0 and "up to date" in again.stderr and "nothing to do" in again.stderr
 
 
@@ -98,8 +98,8 @@ def make_bad(root: Path) -> dict[str, str]:
 
 def test_bad_input_is_reported_together_and_caches_nothing(tmp_path):
     expected = make_bad(tmp_path / "k")
-    out = run_cli("prepare", "--dataset", "koniq10k", "--root", str(tmp_path / "k"), "--cache-dir",
-                  str(tmp_path / "c"), "--data.resize=none", "--data.workers=1")
+    out = here("prepare", "--dataset", "koniq10k", "--root", str(tmp_path / "k"), "--cache-dir",
+               str(tmp_path / "c"), "--data.resize=none", "--data.workers=1")
     text = " ".join(out.stderr.split())
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "6 bad row(s) in koniq10k; nothing was cached" in text
@@ -112,9 +112,9 @@ def test_bad_input_is_reported_together_and_caches_nothing(tmp_path):
 
 def test_skip_bad_drops_and_records(tmp_path):
     expected = make_bad(tmp_path / "k")
-    out = run_cli("prepare", "--dataset", "koniq10k", "--root", str(tmp_path / "k"), "--cache-dir",
-                  str(tmp_path / "c"), "--data.resize=none", "--data.workers=1", "--data.split=random",
-                  "--data.test_fraction=0.25", "--data.val_fraction=0.34", "--skip-bad")
+    out = here("prepare", "--dataset", "koniq10k", "--root", str(tmp_path / "k"), "--cache-dir",
+               str(tmp_path / "c"), "--data.resize=none", "--data.workers=1", "--data.split=random",
+               "--data.test_fraction=0.25", "--data.val_fraction=0.34", "--skip-bad")
     assert out.returncode == 0, out.stderr
     assert "dropped 6 bad row(s)" in " ".join(out.stderr.split())
     [cache] = complete_caches(tmp_path / "c")
@@ -126,7 +126,7 @@ def test_skip_bad_drops_and_records(tmp_path):
 def test_csv_without_expected_columns(tmp_path):
     fixtures.generic_csv(tmp_path / "d", n=4)
     (tmp_path / "d" / "meta.csv").write_text("file_name,quality_value\na.png,3\n")
-    out = run_cli("prepare", "--dataset", "csv", "--root", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c"))
+    out = here("prepare", "--dataset", "csv", "--root", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c"))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "meta.csv: no image column found among file_name, quality_value" in " ".join(out.stderr.split())
     assert not (tmp_path / "c").exists() or not complete_caches(tmp_path / "c")
@@ -191,7 +191,7 @@ def test_killed_prepare_is_never_accepted(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not complete_caches(tmp_path / "c")
-    out = subprocess.run(_prepare_cmd(tmp_path / "k", tmp_path / "c"), capture_output=True, text=True)
+    out = here(*_prepare_cmd(tmp_path / "k", tmp_path / "c")[3:])  # the rebuild needs no fresh interpreter
     assert out.returncode == 0 and "60 images cached" in " ".join(out.stderr.split())
 
 

@@ -12,7 +12,7 @@ import pytest
 from iqa_dist.output import Display, console
 
 from . import fixtures
-from .conftest import RUN, cli, metrics, only_run, run_train
+from .conftest import RUN, cli, metrics, only_run, train_here
 
 
 def one_line_error(code: int, err: str, *expected: str) -> None:
@@ -85,7 +85,7 @@ def test_resume_auto_ignores_runs_without_a_checkpoint(single_run, tmp_path):
 
 def test_finished_run_says_so_and_extend_trains_it_longer(tiny_overrides, tmp_path, capsys):
     overrides = [*tiny_overrides, *RUN, "train.max_steps=4", "train.eval_every=2", f"run.root={tmp_path}"]
-    first = run_train(overrides)
+    first = train_here(overrides)
     assert first.returncode == 0, first.stderr
     run = only_run(tmp_path)
     args = ["train", "--preset", "demo", *[f"--{o}" for o in overrides], "--resume", str(run)]
@@ -207,7 +207,7 @@ def test_version_and_help_that_starts_with_what_matters(capsys):
 
 
 def test_startup_lines(tiny_overrides, tmp_path):
-    out = run_train([*tiny_overrides, *RUN, "train.max_steps=1", "train.eval_every=1", f"run.root={tmp_path}"])
+    out = train_here([*tiny_overrides, *RUN, "train.max_steps=1", "train.eval_every=1", f"run.root={tmp_path}"])
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "1 process, precision fp32; batch 16 patches per step = 1 process(es) x 1 micro-batch(es) x 16 patches" in text

@@ -11,7 +11,7 @@ from iqa_dist.cli import COMMANDS, build_parser
 from iqa_dist.config import SECTIONS, config_from_yaml, field_docs, load_config, preset_names
 from iqa_dist.errors import UserError
 
-from .conftest import run_cli
+from .conftest import here, run_cli
 
 
 def test_presets_load_and_encode_their_recipes():
@@ -81,17 +81,17 @@ def test_every_field_is_documented():
 
 
 def test_cli_help_lists_fields_with_docs():
-    out = run_cli("train", "--help")
+    out = here("train", "--help")
     assert out.returncode == 0
     assert "--optim.lr" in out.stdout and "backbone learning rate" in out.stdout
     assert "--data.train_patches" in out.stdout and "--model.fusion" in out.stdout
 
 
 def test_cli_bad_option_exits_without_traceback():
-    out = run_cli("train", "--preset", "demo", "--optim.lrr=1")
+    out = here("train", "--preset", "demo", "--optim.lrr=1")
     assert out.returncode == 2
     assert "did you mean --optim.lr" in out.stderr and "Traceback" not in out.stderr
-    out = run_cli("train", "--preset", "nosuch")
+    out = here("train", "--preset", "nosuch")
     assert out.returncode == 2 and "nosuch" in out.stderr and "Traceback" not in out.stderr
 
 

@@ -20,7 +20,7 @@ from iqa_dist.model import build_model
 from iqa_dist.optim import build_optimizer, build_schedule, group_sizes
 from iqa_dist.step import sample_losses
 
-from .conftest import RUN, cli, metrics, only_run, run_cli, run_train
+from .conftest import RUN, cli, metrics, here, only_run, run_train, train_here
 
 
 # ---------------------------------------------------------------- the original computation
@@ -198,14 +198,12 @@ def test_hub_weights_load_offline_with_their_sha256(offline_hub):
         build_model(ModelConfig(backbone="resnet34.tv_in1k", pretrained="hub", fusion="last", hyper_hidden=[64]))
 
 
-def test_weights_fetch_and_a_missing_file_fails_before_the_data(hub_cache, tmp_path):
-    home, _ = hub_cache
-    env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    out = run_cli("weights", "fetch", "--model.backbone", "resnet18.tv_in1k", env=env)
+def test_weights_fetch_and_a_missing_file_fails_before_the_data(offline_hub, tmp_path):
+    out = here("weights", "fetch", "--model.backbone", "resnet18.tv_in1k")
     assert out.returncode == 0, out.stderr
     assert "resnet18.tv_in1k" in out.stdout and "sha256 " in out.stdout
-    missing = run_cli("train", "--preset", "koniq-swin-t", "--data.root", str(tmp_path / "no-such-folder"),
-                      "--run.root", str(tmp_path / "runs"), env=env)
+    missing = here("train", "--preset", "koniq-swin-t", "--data.root", str(tmp_path / "no-such-folder"),
+                   "--run.root", str(tmp_path / "runs"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "iqa-dist weights fetch --model.backbone swin_tiny_patch4_window7_224.ms_in1k" in missing.stderr
     assert "no-such-folder" not in missing.stderr  # the weights are checked before the data
@@ -291,7 +289,7 @@ def test_ranking_pairs_never_cross_datasets():
 @pytest.mark.slow
 def test_ranking_loss_is_the_same_on_one_and_two_processes(tiny_overrides, tmp_path, capsys):
     overrides = [*tiny_overrides, *RUN, "train.max_steps=4", "train.eval_every=2", "optim.rank_weight=0.3"]
-    one = run_train([*overrides, f"run.root={tmp_path / 'one'}"])
+    one = train_here([*overrides, f"run.root={tmp_path / 'one'}"])
     two = run_train([*overrides, f"run.root={tmp_path / 'two'}"], nproc=2)
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     a, b = metrics(only_run(tmp_path / "one")), metrics(only_run(tmp_path / "two"))

@@ -18,7 +18,7 @@ from iqa_dist.optim import WeightEMA
 from iqa_dist.plan import JointPlan, Shares
 
 from . import fixtures
-from .conftest import RUN, cli, metrics, only_run, run_train
+from .conftest import RUN, cli, metrics, only_run, train_here
 
 # ---------------------------------------------------------------- the batch plan
 
@@ -100,10 +100,10 @@ def test_ema_after_k_steps_is_the_closed_form():
 def joint_run(tiny_overrides, tmp_path_factory):
     root = tmp_path_factory.mktemp("joint")
     fixtures.kadid(root / "kadid", refs=6, per_ref=4)
-    out = run_train([*tiny_overrides, *RUN, "train.max_steps=6", "train.eval_every=3",
-                     "data.datasets=[{name: synthetic, weight: 3}, {name: kadid10k, weight: 1}]",
-                     f"data.roots.kadid10k={root / 'kadid'}", "data.score_norm=zscore", "optim.rank_weight=0.3",
-                     "train.ema_decay=0.5", f"run.root={root / 'runs'}"])
+    out = train_here([*tiny_overrides, *RUN, "train.max_steps=6", "train.eval_every=3",
+                      "data.datasets=[{name: synthetic, weight: 3}, {name: kadid10k, weight: 1}]",
+                      f"data.roots.kadid10k={root / 'kadid'}", "data.score_norm=zscore", "optim.rank_weight=0.3",
+                      "train.ema_decay=0.5", f"run.root={root / 'runs'}"])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "joint training: synthetic 75% of each batch" in out.stdout
     return only_run(root / "runs"), root

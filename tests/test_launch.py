@@ -16,7 +16,7 @@ import pytest
 from iqa_dist.config import load_config
 from iqa_dist.sweep import members
 
-from .conftest import RUN, assert_same_training, free_port, metrics, only_run, run_cli, run_train, train_cmd
+from .conftest import RUN, assert_same_training, free_port, here, metrics, only_run, run_train, train_cmd
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"
 CONFIGS = Path(__file__).resolve().parent.parent / "accelerate_configs"
@@ -167,7 +167,7 @@ def test_a_failed_rank_brings_all_down(tiny_overrides, tmp_path):
 def test_sigterm_to_the_launcher_checkpoints_and_resumes(tiny_overrides, tmp_path):
     """SLURM's requeue/preemption SIGTERMs `accelerate launch`, which passes it to the workers:
     they finish the step, checkpoint together, exit; the relaunch resumes the same run."""
-    overrides = [*tiny_overrides, "train.max_steps=60", "train.eval_every=60", "train.checkpoint_every=1000",
+    overrides = [*tiny_overrides, "train.max_steps=24", "train.eval_every=24", "train.checkpoint_every=1000",
                  "train.log_every=5", f"run.root={tmp_path}"]
     proc = _start_two(overrides)
     _wait_for(proc, "step 5/")
@@ -177,11 +177,11 @@ def test_sigterm_to_the_launcher_checkpoints_and_resumes(tiny_overrides, tmp_pat
     run = only_run(tmp_path)
     [checkpoint] = list((run / "checkpoints").iterdir())
     step = int(checkpoint.name[5:])
-    assert 0 < step < 60
+    assert 0 < step < 24
     again = run_train(overrides, nproc=2, resume="auto")
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert f"at step {step}" in again.stdout
-    assert json.loads((run / "summary.json").read_text())["steps_run"] == 60
+    assert json.loads((run / "summary.json").read_text())["steps_run"] == 24
 
 
 def test_stop_file_checkpoints_and_exits(tiny_overrides, tmp_path):
@@ -226,8 +226,8 @@ def test_parallel_sweep_reports_a_failure_and_resumes_only_what_is_missing(tiny_
     failing.chmod(0o755)
     overrides = [f"--{o}" for o in [*tiny_overrides, *RUN, "train.max_steps=2", "train.eval_every=2",
                                     f"run.root={tmp_path / 'runs'}"]]
-    out = run_cli("sweep", "splits", "--n", "3", "--preset", "demo", "--parallel", "2", "--launcher", str(failing),
-                  *overrides, timeout=600)
+    out = here("sweep", "splits", "--n", "3", "--preset", "demo", "--parallel", "2", "--launcher", str(failing),
+               *overrides)
     assert out.returncode == 0, out.stderr[-3000:]
     events = [" ".join(line.split()[:2]) for line in out.stderr.splitlines() if line.startswith(("started", "split"))]
     assert events[:2] == ["started split00", "started split01"]  # two at once
@@ -237,7 +237,7 @@ def test_parallel_sweep_reports_a_failure_and_resumes_only_what_is_missing(tiny_
     assert state == {"split00": "finished", "split01": "finished", "split02": "failed (exit 7)"}
     assert "failed (exit 7)" in out.stdout and (group / "split00.log").is_file()
     done = {p.name: (p / "summary.json").stat().st_mtime_ns for p in group.iterdir() if (p / "summary.json").exists()}
-    again = run_cli("sweep", "--resume", str(group), timeout=600)
+    again = here("sweep", "--resume", str(group))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 of 3 member(s) finished; running 1" in again.stderr
     results = json.loads((group / "results.json").read_text())
@@ -249,7 +249,7 @@ def test_parallel_sweep_reports_a_failure_and_resumes_only_what_is_missing(tiny_
     for name, stamp in done.items():
         assert (group / name / "summary.json").stat().st_mtime_ns == stamp  # finished members kept as they were
     assert len([r for r in group.iterdir() if (r / "summary.json").exists()]) == 3
-    collected = run_cli("sweep", "collect", str(group))
+    collected = here("sweep", "collect", str(group))
     assert collected.returncode == 0 and "split00" in collected.stdout
 
 

@@ -19,7 +19,7 @@ from iqa_dist.evaluate import write_predictions
 from iqa_dist.protocol import grid_origins, patch_origins
 
 from . import fixtures
-from .conftest import RUN, cli, run_cli, run_train
+from .conftest import RUN, cli, here, train_here
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,8 @@ def images(tmp_path_factory):
 def test_evaluate_reproduces_the_training_test_metrics(single_run, tiny_overrides):
     """load_model round trip: the exported model on the cached test patches gives the metrics
     the training process reported for its selected model."""
-    out = run_cli("evaluate", "--run", str(single_run), "--dataset", "synthetic",
-                  *[f"--{o}" for o in tiny_overrides if o.startswith("data.cache_dir")])
+    out = here("evaluate", "--run", str(single_run), "--dataset", "synthetic",
+               *[f"--{o}" for o in tiny_overrides if o.startswith("data.cache_dir")])
     assert out.returncode == 0, out.stderr
     report = json.loads((single_run / "eval-synthetic-test.json").read_text())
     summary = json.loads((single_run / "summary.json").read_text())
@@ -54,8 +54,8 @@ def test_prediction_csv_quotes_names_with_commas(tmp_path):
 
 def test_cross_dataset_evaluation_on_all_images(single_run, tmp_path):
     fixtures.kadid(tmp_path / "kadid", refs=3, per_ref=3)
-    out = run_cli("evaluate", "--run", str(single_run), "--dataset", "kadid10k", "--root", str(tmp_path / "kadid"),
-                  "--split", "all", "--data.cache_dir", str(tmp_path / "c"), "--output", str(tmp_path / "k.json"))
+    out = here("evaluate", "--run", str(single_run), "--dataset", "kadid10k", "--root", str(tmp_path / "kadid"),
+               "--split", "all", "--data.cache_dir", str(tmp_path / "c"), "--output", str(tmp_path / "k.json"))
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "k.json").read_text())
     assert report["metrics"]["n"] == 9 and report["trained_on"] == "synthetic" and report["score_scale"] == [1.0, 5.0]
@@ -90,7 +90,7 @@ def test_predict_is_deterministic_scores_folders_and_skips_bad_files(single_run,
     folder = tmp_path / "mixed"
     shutil.copytree(images, folder)
     (folder / "broken.jpg").write_bytes(b"not an image")
-    first = run_cli("predict", str(single_run), str(folder), "--format", "csv", "--crops", "4", "--flip")
+    first = here("predict", str(single_run), str(folder), "--format", "csv", "--crops", "4", "--flip")
     assert first.returncode == 1  # one file failed
     assert "broken.jpg" in first.stderr and "unreadable image" in first.stderr and "Traceback" not in first.stderr
     rows = list(csv.DictReader(io.StringIO(first.stdout)))
@@ -111,18 +111,18 @@ def test_predict_is_deterministic_scores_folders_and_skips_bad_files(single_run,
 def two_runs(tiny_overrides, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     for lr in ("1e-3", "3e-4"):
-        out = run_train([*tiny_overrides, *RUN, "train.max_steps=4", "train.eval_every=2", f"optim.lr={lr}",
-                         f"run.root={root}"])
+        out = train_here([*tiny_overrides, *RUN, "train.max_steps=4", "train.eval_every=2", f"optim.lr={lr}",
+                          f"run.root={root}"])
         assert out.returncode == 0, out.stderr
     return root
 
 
 def test_report_table_markdown_and_plots(two_runs, tmp_path):
-    out = run_cli("report", str(two_runs))
+    out = here("report", str(two_runs))
     assert out.returncode == 0, out.stderr
     assert "lr=0.001" in out.stdout and "lr=0.0003" in out.stdout  # what differs
     assert "phase one" in out.stdout and "0.9236" in out.stdout
-    md = run_cli("report", str(two_runs), "--markdown", "--plot", str(tmp_path / "plots"))
+    md = here("report", str(two_runs), "--markdown", "--plot", str(tmp_path / "plots"))
     assert md.returncode == 0, md.stderr
     assert md.stdout.count("| 20") == 2 and "| + ColorJitter (best) | 0.9236 | 0.9353 |" in md.stdout
     for name in ("train_loss.png", "val_srcc.png"):
@@ -131,5 +131,5 @@ def test_report_table_markdown_and_plots(two_runs, tmp_path):
         with Image.open(png) as im:
             assert im.size == (840, 540)
             assert len(np.unique(np.asarray(im.convert("L")))) > 20  # drawn, not blank
-    bad = run_cli("report", str(tmp_path / "nope"))
+    bad = here("report", str(tmp_path / "nope"))
     assert bad.returncode == 2 and "no such run directory" in bad.stderr

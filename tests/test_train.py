@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from iqa_dist.evaluate import correlation_metrics, shard
 from iqa_dist.plan import BatchPlan, Shares
 
-from .conftest import RUN, assert_same_training, cli, metrics, only_run, run_train, train_cmd
+from .conftest import RUN, assert_same_training, cli, metrics, only_run, run_train, train_cmd, train_here
 
 # ---------------------------------------------------------------- units
 
@@ -146,7 +146,7 @@ def test_preempted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path, c
     overrides = [*tiny_overrides, *RUN, "train.max_steps=8", "train.checkpoint_every=100", "model.dropout=0.2",
                  "model.drop_path=0.1", "augment.brightness=0.2", "augment.hue=0.05"]
     ref_root, cut_root = tmp_path / "ref", tmp_path / "cut"
-    ref = run_train([*overrides, f"run.root={ref_root}"])
+    ref = train_here([*overrides, f"run.root={ref_root}"])
     assert ref.returncode == 0, ref.stderr
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(train_cmd([*overrides, f"run.root={cut_root}"]), stdout=subprocess.PIPE,
@@ -160,7 +160,7 @@ def test_preempted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path, c
     run = only_run(cut_root)
     saved = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert len(saved) == 1 and int(saved[0][5:]) < 8 and not (run / "summary.json").exists()
-    again = run_train([*overrides, f"run.root={cut_root}"], resume="auto")
+    again = train_here([*overrides, f"run.root={cut_root}"], resume="auto")
     assert again.returncode == 0, again.stderr
     assert "resumed" in again.stdout
     a, b = metrics(only_run(ref_root)), metrics(run)
@@ -179,8 +179,8 @@ def test_preempted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path, c
 def test_accumulation_and_stored_patches_train_end_to_end(tiny_overrides, tmp_path):
     """train.micro_batch_size (gradient accumulation) and data.train_patches=cached run the real
     loop; selection and early stopping are unit-tested on update_best (test_step.py)."""
-    out = run_train([*tiny_overrides, *RUN, "train.max_steps=4", "train.eval_every=2", "train.micro_batch_size=6",
-                     "data.train_patches=cached", "data.cached_patch_num=3", f"run.root={tmp_path}"])
+    out = train_here([*tiny_overrides, *RUN, "train.max_steps=4", "train.eval_every=2", "train.micro_batch_size=6",
+                      "data.train_patches=cached", "data.cached_patch_num=3", f"run.root={tmp_path}"])
     assert out.returncode == 0, out.stderr[-2000:]
     assert "1 process(es) x 3 micro-batch(es)" in out.stdout
     summary = json.loads((only_run(tmp_path) / "summary.json").read_text())
@@ -188,8 +188,8 @@ def test_accumulation_and_stored_patches_train_end_to_end(tiny_overrides, tmp_pa
 
 
 def test_non_finite_loss_stops_before_the_step(tiny_overrides, tmp_path):
-    out = run_train([*tiny_overrides, "optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0",
-                     "train.max_steps=20", f"run.root={tmp_path}"])
+    out = train_here([*tiny_overrides, "optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0",
+                      "train.max_steps=20", f"run.root={tmp_path}"])
     assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
     assert "non-finite" in out.stderr and "at step" in out.stderr and "Traceback" not in out.stderr
     run = only_run(tmp_path)
