@@ -22,7 +22,8 @@ COMMANDS = {m.NAME: (m.HELP, m) for m in (prepare, train, evaluate, predict, rep
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iqa-dist", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="iqa-dist", description="Blind image quality assessment: HyperIQA with a "
+                                     "Swin backbone, trained on one GPU or many nodes.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"iqa-dist {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

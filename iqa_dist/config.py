@@ -39,7 +39,7 @@ class DataConfig:
     cache_dir: str = ""  # cache root; "" = $IQA_DIST_CACHE or ~/.cache/iqa_dist
     score_column: str = ""  # annotation column trained on; "" = the source's default (KonIQ: MOS_zscore)
     csv_file: str = ""  # csv source: annotation file, relative to root; "" = the only *.csv in root
-    image_column: str = ""  # csv source: column with image paths; "" = first of image/name/image_name/path
+    image_column: str = ""  # csv source: column with image paths; "" = first of image/name/image_name/dist_name/dist_img/path/filename/file
     image_dir: str = ""  # folder of images relative to root; "" = the source's default
     resize: str = "auto"  # auto (the source's literature default) | none | WxH (e.g. 512x384) | short:N
     split: str = "random"  # random | official | all (evaluation only) | split file(s), comma-separated (CSV, JSON or .txt)
@@ -65,8 +65,8 @@ class DataConfig:
         _choice("data.score_norm", self.score_norm, ("none", "range", "zscore"))
         _choice("data.resident", self.resident, ("auto", "device", "host"))
         _choice("data.test_protocol", self.test_protocol, PROTOCOLS)
-        if not re.fullmatch(r"auto|none|\d+x\d+|short:\d+", self.resize):
-            raise UserError(f"data.resize={self.resize!r}: expected auto, none, WxH (e.g. 512x384) or short:N")
+        if not re.fullmatch(r"auto|none|[1-9]\d*x[1-9]\d*|short:[1-9]\d*", self.resize):
+            raise UserError(f"data.resize={self.resize!r}: expected auto, none, WxH (e.g. 512x384) or short:N, sizes above 0")
         for name in ("test_fraction", "val_fraction"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise UserError(f"data.{name}={getattr(self, name)}: must lie strictly between 0 and 1")

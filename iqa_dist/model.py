@@ -200,14 +200,17 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
 
     try:
         return timm.create_model(cfg.backbone, **kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
+    except Exception as e:
+        if isinstance(e, RuntimeError) and "Unknown model" in str(e):
             raise UserError(f"model.backbone={cfg.backbone!r}: {e}") from None
+        if cfg.pretrained == "hub" and isinstance(e, (LocalEntryNotFoundError, OSError)):
+            raise missing_hub_weights(cfg.backbone, e) from None
+        if cfg.pretrained not in ("hub", "none"):  # a user's file: damaged, or weights of another model
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise UserError(f"model.pretrained={cfg.pretrained!r}: timm cannot load it as {cfg.backbone} weights "
+                            f"({type(e).__name__}: {first}); a trained iqa-dist model is scored with predict or "
+                            "evaluate, not loaded as a backbone") from None
         raise
-    except (LocalEntryNotFoundError, OSError) as e:
-        if cfg.pretrained != "hub":
-            raise
-        raise missing_hub_weights(cfg.backbone, e) from None
 
 
 def build_model(cfg: ModelConfig) -> HyperIQA:

@@ -128,7 +128,10 @@ def expand(paths: Iterable[str]) -> tuple[list[Path], list[tuple[str, str]]]:
         for m in matches:
             path = Path(m)
             if path.is_dir():
-                files += sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+                found = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+                if not found:
+                    missing.append((m, f"a folder with no images in it ({', '.join(sorted(IMAGE_SUFFIXES))})"))
+                files += found
             elif path.is_file():
                 files.append(path)
             else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,9 @@ from .errors import UserError
 
 CHECKPOINT_PREFIX = "step-"
 EXTENSIBLE = ("train.epochs", "train.max_steps", "train.patience")  # what --extend may change
+# Where things live, not what is trained: a runs or cache folder may move between launches (the
+# data themselves are checked by content, `_check_same_data`).
+LOCATIONS = ("run.root", "data.cache_dir")
 
 
 class RunFinished(UserError):
@@ -104,16 +108,25 @@ class RunDir:
         return yaml.safe_load((self.path / self.CONFIG).read_text()) or {}
 
     def metrics(self) -> list[dict]:
+        """The logged lines; a cut last line (the process was killed while writing it) is left out."""
         path = self.path / self.METRICS
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        lines = path.read_text().splitlines() if path.exists() else []
+        rows = []
+        for number, line in enumerate(lines, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if number < len(lines):
+                    raise UserError(f"{path}:{number}: damaged line ({e.msg}); remove it to read the run") from None
+        return rows
 
     def summary(self) -> dict | None:
         path = self.path / self.SUMMARY
-        return json.loads(path.read_text()) if path.exists() else None
+        return _read_json(path) if path.exists() else None
 
     def meta(self) -> dict:
         path = self.path / self.META
-        return json.loads(path.read_text()) if path.exists() else {}
+        return _read_json(path) if path.exists() else {}
 
     @property
     def finished(self) -> bool:
@@ -126,10 +139,16 @@ class RunDir:
     # ------------------------------------------------------------ choosing and creating
 
     @staticmethod
+    def named(root: Path, name: str) -> list[Path]:
+        """The run directories of this run name under root, oldest first: DATE-TIME-NAME exactly
+        (a run named `res` is not `my-res`)."""
+        pattern = re.compile(rf"\d{{8}}-\d{{6}}-{re.escape(name)}")
+        return sorted(p for p in Path(root).glob(f"*-{name}") if pattern.fullmatch(p.name) and p.is_dir())
+
+    @staticmethod
     def find_resumable(root: Path, name: str) -> Path | None:
         """The newest run of this name that did not finish and has a checkpoint to continue from."""
-        runs = sorted(p for p in root.glob(f"*-{name}") if p.is_dir() and not RunDir(p).finished
-                      and RunDir(p).latest_checkpoint() is not None)
+        runs = [p for p in RunDir.named(root, name) if not RunDir(p).finished and RunDir(p).latest_checkpoint() is not None]
         return runs[-1] if runs else None
 
     @classmethod
@@ -154,11 +173,14 @@ class RunDir:
         if path is None:
             if extend:
                 return UserError("--extend continues an existing run: give --resume RUN_DIR")
+            if resume == "auto":  # say so: a typo in run.name would otherwise silently start afresh
+                print(f"--resume auto: no unfinished run named {cfg.run_name()} with a checkpoint in {root}; "
+                      "starting a new one", file=sys.stderr)
             return Target("", False, [])
         if not cls.is_run(path):
             return UserError(f"--resume {resume}: {path} is not a run directory (no {cls.CONFIG})")
         run = RunDir(path)
-        diffs = _differences(run.config().to_dict(), cfg.to_dict())
+        diffs = [d for d in _differences(run.config().to_dict(), cfg.to_dict()) if d[0] not in LOCATIONS]
         schedule = [d for d in diffs if d[0] in EXTENSIBLE]
         other = [d for d in diffs if d[0] not in EXTENSIBLE]
         lines = [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs]
@@ -191,12 +213,23 @@ class RunDir:
         if accelerator.num_processes > 1 and not target.resuming:
             broadcast_object_list(choice)
         run = cls(Path(choice[0]), accelerator)
+        if target.resuming:  # every process checks, so every process stops with the same message
+            run._check_same_data(about.get("data", {}))
         if accelerator.is_main_process:
             if target.extended:
                 (run.path / cls.CONFIG).write_text(cfg.to_yaml())  # the extended schedule is the run's now
                 (run.path / cls.SUMMARY).unlink(missing_ok=True)
             run._write_meta(target, about)
         return run
+
+    def _check_same_data(self, now: dict) -> None:
+        """A resumed run must train on the images it started on: the cache folders named in
+        meta.json are content hashes of the annotations, image files and split."""
+        before = self.meta().get("data") or {}
+        changed = [f"{name}: {before.get(name)} -> {key}" for name, key in now.items() if before and before.get(name) != key]
+        if changed:
+            raise UserError(f"--resume {self.path}: the data differ from the run's (images, scores or split changed "
+                            f"since it started; cache {'; '.join(changed)}). Restore them, or start a new run")
 
     @contextlib.contextmanager
     def discard_if_unstarted(self, created: bool):
@@ -280,3 +313,10 @@ class RunDir:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: damaged JSON (line {e.lineno}: {e.msg})") from None

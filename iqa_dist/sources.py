@@ -7,6 +7,7 @@ splitting in `splits.py`. The file formats are listed in the README's "Data" tab
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 from dataclasses import dataclass, replace
@@ -59,6 +60,9 @@ class SourceData:
     score_column: str
 
 
+EXTRA = "\0extra"  # read_csv's key for the fields of a row beyond the header's columns
+
+
 def _need(path: Path, what: str) -> Path:
     if not path.is_file():
         raise UserError(f"{path}: missing ({what})")
@@ -68,19 +72,40 @@ def _need(path: Path, what: str) -> Path:
 def read_csv(path: Path, required: list[str]) -> list[tuple[int, dict[str, str]]]:
     """Rows as (line number, mapping); fails naming the file if a required column is absent."""
     _need(path, "annotation file")
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with _utf8(path) as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in required if c not in columns]
         if missing:
             raise UserError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}")
-        return [(i + 2, {k.strip(): (v or "").strip() for k, v in row.items() if k}) for i, row in enumerate(reader)]
+        return [(i + 2, _row(row)) for i, row in enumerate(reader)]
+
+
+def _row(row: dict) -> dict[str, str]:
+    """A DictReader row, stripped; fields beyond the header (DictReader's None key) under EXTRA."""
+    out = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+    extra = [x for x in row.get(None) or [] if x.strip()]
+    if extra:
+        out[EXTRA] = extra
+    return out
+
+
+@contextlib.contextmanager
+def _utf8(path: Path):
+    """The text of an annotation file (a UTF-8 byte-order mark is allowed); any other encoding is
+    one error naming the file, not a traceback from the middle of reading it."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            yield f
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                        "save it as UTF-8 (\"CSV UTF-8\" in a spreadsheet)") from None
 
 
 def csv_header(path: Path) -> list[str]:
     """The column names of a CSV file; an empty file (or one without a header) is an error."""
     _need(path, "annotation file")
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with _utf8(path) as f:
         header = next(csv.reader(f), [])
     columns = [c.strip() for c in header if c.strip()]
     if not columns:
@@ -104,7 +129,7 @@ def _score(text: str, lo: float | None, hi: float | None) -> tuple[float, str]:
 def _collect(rows, root: Path, image_dir: str, name_col: str, score_col: str, rng, where: str,
              group_col: str = "", split_of=None) -> tuple[list[Record], list[Problem]]:
     """Records from CSV-like rows; rows with a bad score or a missing file become problems."""
-    records, problems = [], []
+    records, problems, seen = [], [], {}
     lo, hi = rng
     for line, row in rows:
         raw_name = row.get(name_col, "")
@@ -115,6 +140,12 @@ def _collect(rows, root: Path, image_dir: str, name_col: str, score_col: str, rn
             continue
         value, why = _score(row.get(score_col, ""), lo, hi)
         path = root / name
+        if EXTRA in row:
+            why = (f"{len(row[EXTRA])} more field(s) than the header has columns "
+                   "(a name or value with a comma must be quoted)")
+        elif name in seen:
+            why = f"listed twice (first at row {seen[name]}): an image may have one score and one split"
+        seen.setdefault(name, line)
         if why:
             problems.append(Problem(here, name, why))
         elif not path.is_file():
@@ -174,9 +205,13 @@ def _read_xlsx(path: Path, required: list[str]) -> list[tuple[int, dict[str, str
     except ImportError:
         raise UserError(f"{path}: reading .xlsx needs openpyxl (pip install 'iqa-dist[spaq]'), "
                         "or save the sheet as a .csv beside it") from None
-    sheet = openpyxl.load_workbook(path, read_only=True, data_only=True).active
-    lines = sheet.iter_rows(values_only=True)
-    header = [str(c).strip() if c is not None else "" for c in next(lines, ())]
+    try:
+        sheet = openpyxl.load_workbook(path, read_only=True, data_only=True).active
+        lines = sheet.iter_rows(values_only=True)
+        header = [str(c).strip() if c is not None else "" for c in next(lines, ())]
+    except Exception as e:  # zipfile.BadZipFile, openpyxl's InvalidFileException, KeyError on a damaged file
+        raise UserError(f"{path}: not a readable .xlsx workbook ({type(e).__name__}); "
+                        "save the sheet as a .csv beside it") from None
     missing = [c for c in required if c not in header]
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(h for h in header if h)}")
@@ -257,6 +292,10 @@ def read_csv_source(root: Path, cfg: DataConfig) -> SourceData:
 
     def split_of(row, name):
         return SPLIT_WORDS.get(row.get("split", "").lower(), "")
+
+    for line, row in rows if has_split else ():  # as strict as a split file: a typo is not "no split"
+        if row.get("split") and row["split"].lower() not in SPLIT_WORDS:
+            raise UserError(f"{ann} row {line}: split {row['split']!r} is not train/val/test (or empty: no split)")
 
     records, problems = _collect(rows, root, cfg.image_dir, image_col, score_col, (None, None), ann.name,
                                  group_col=group_col, split_of=split_of if has_split else None)

@@ -93,8 +93,8 @@ def _read_split_file(path: Path) -> dict[str, list[str]]:
         if path.suffix == ".json":
             data = json.loads(path.read_text())
             if isinstance(data, dict):
-                return {_split_word(k, path): [_entry(e, path) for e in v] for k, v in data.items()}
-            entries = [_entry(e, path) for e in data]
+                return {_split_word(k, path): [_entry(e, path) for e in _names(v, path, k)] for k, v in data.items()}
+            entries = [_entry(e, path) for e in _names(data, path)]
         elif path.suffix == ".csv":
             out: dict[str, list[str]] = {}
             cols = read_csv(path, [])
@@ -111,6 +111,14 @@ def _read_split_file(path: Path) -> dict[str, list[str]]:
     if not single:
         raise UserError(f"{path}: a list of names must say its split in the file name (train/val/test)")
     return {single: entries}
+
+
+def _names(value, path: Path, split: str = "") -> list:
+    """A JSON split's list of image names (a lone string would iterate as its characters)."""
+    if not isinstance(value, list):
+        where = f"{path}: {split!r}" if split else str(path)
+        raise UserError(f"{where}: expected a list of image names, got {json.dumps(value)[:60]}")
+    return value
 
 
 def _split_word(word: str, path: Path, line: int | None = None) -> str:

@@ -117,7 +117,7 @@ def resume(group: Path, launcher: str = "", gpus_per_member: int = 0, parallel: 
 
 
 def _finished(group: Path, name: str) -> bool:
-    return any(RunDir(p).finished for p in group.glob(f"*-{name}") if RunDir.is_run(p))
+    return any(RunDir(p).finished for p in RunDir.named(group, name) if RunDir.is_run(p))
 
 
 def slots(gpus_per_member: int, parallel: int) -> list[dict[str, str]]:
@@ -218,7 +218,7 @@ def collect(group: Path) -> dict:
         if (group / MEMBERS).exists() else []
     results = []
     for name in planned:
-        runs = sorted(p for p in group.glob(f"*-{name}") if RunDir.is_run(p))
+        runs = [p for p in RunDir.named(group, name) if RunDir.is_run(p)]
         summary = RunDir(runs[-1]).summary() if runs else None
         state = "finished" if summary else f"failed (exit {status[name]})" if status.get(name) else "not finished"
         results.append({"member": name, "run": runs[-1].name if runs else None, "finished": summary is not None,

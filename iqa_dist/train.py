@@ -97,6 +97,10 @@ class Data:
     scales: dict[str, Scale]  # each dataset's score -> target map, fitted on its training split
     plan: BatchPlan | JointPlan
 
+    def fingerprint(self) -> dict[str, str]:
+        """Each dataset's cache folder: image cache / view, both content hashes (recorded in meta.json)."""
+        return {name: f"{v.path.parent.parent.name}/{v.path.name}" for name, v in self.views.items()}
+
 
 # ---------------------------------------------------------------- helpers built before the loop
 
@@ -323,7 +327,7 @@ def start(cfg: Config, resume: str = "", extend: bool = False) -> Session:
     scheduler = build_schedule(optimizer, cfg, total_steps, steps_per_epoch)
     weights, groups, counts = provenance(cfg.model), group_sizes(optimizer), parameter_counts(model)
     card = model_card(cfg, data, model, weights, groups)
-    run = RunDir.open(cfg, target, acc, {"weights": weights, "parameter_groups": groups,
+    run = RunDir.open(cfg, target, acc, {"weights": weights, "parameter_groups": groups, "data": data.fingerprint(),
                                          "effective_lr": {"backbone": cfg.effective_lr(),
                                                           "head": cfg.effective_lr() * cfg.optim.lr_ratio,
                                                           "warmup_steps": cfg.effective_warmup()}})
@@ -350,7 +354,13 @@ def start(cfg: Config, resume: str = "", extend: bool = False) -> Session:
 
 def restore(acc: Accelerator, run: RunDir, state: TrainState, target: Target) -> None:
     """Loads the latest checkpoint: weights, optimizer, schedule, every RNG, the loop's state."""
-    acc.load_state(str(run.latest_checkpoint()))
+    checkpoint = run.latest_checkpoint()
+    try:
+        acc.load_state(str(checkpoint))
+    except Exception as e:  # a damaged file (a full disk, a copy cut short): say which, and the way out
+        raise UserError(f"--resume: checkpoint {checkpoint} cannot be read ({type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0][:200]}); move that folder away to resume from "
+                        "the checkpoint before it") from None
     if not acc.is_main_process:  # the checkpoint holds the global window sums (consolidate_window)
         state.window_loss, state.window_n = 0.0, 0
     if target.extended:

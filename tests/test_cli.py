@@ -81,6 +81,28 @@ def test_resume_auto_ignores_runs_without_a_checkpoint(single_run, tmp_path):
     shutil.copytree(single_run, with_checkpoint)
     (with_checkpoint / "summary.json").unlink()
     assert RunDir.find_resumable(root, "demo") == with_checkpoint
+    other = root / "20200101-000002-my-demo"  # another run name that ends in -demo
+    shutil.copytree(with_checkpoint, other)
+    assert RunDir.find_resumable(root, "demo") == with_checkpoint and RunDir.named(root, "demo") == [never, with_checkpoint]
+
+
+def test_resume_refuses_data_that_changed(tiny_overrides, tmp_path, capsys):
+    """The cache folders recorded in meta.json are content hashes: an annotation file that lost
+    rows since the run started makes --resume stop, naming what changed."""
+    fixtures.generic_csv(tmp_path / "d", n=24)
+    overrides = [f"--{o}" for o in [*tiny_overrides, *RUN, "train.max_steps=2", "train.eval_every=2"]
+                 if "synthetic" not in o]
+    args = ["train", "--preset", "demo", "--data.dataset=csv", f"--data.root={tmp_path / 'd'}",
+            f"--run.root={tmp_path / 'r'}", "--data.test_fraction=0.25", "--data.val_fraction=0.25", *overrides]
+    code, _, err = cli(capsys, *args, "--resume", "auto")
+    assert code == 0 and "--resume auto: no unfinished run named demo" in err and "starting a new one" in err, err
+    run = only_run(tmp_path / "r")
+    assert set(json.loads((run / "meta.json").read_text())["data"]) == {"csv"}
+    meta = tmp_path / "d" / "meta.csv"
+    meta.write_text("".join(meta.read_text().splitlines(keepends=True)[:-4]))
+    code, _, err = cli(capsys, *args, "--resume", str(run), "--extend", "--train.max_steps=4")
+    one_line_error(code, err, "the data differ from the run's", "csv: csv-")
+    assert [r["step"] for r in metrics(run)] == [2]  # nothing trained on the changed data
 
 
 def test_finished_run_says_so_and_extend_trains_it_longer(tiny_overrides, tmp_path, capsys):
@@ -152,6 +174,122 @@ def test_bad_rows_hints_name_real_options(tmp_path, capsys):
     assert code == 0, err
     listed = [p for p in err.split() if p.endswith("meta.json")]
     assert listed and all(Path(p).is_file() and ".partial" not in p for p in listed)
+
+
+def test_inputs_that_used_to_end_in_a_traceback(single_run, tmp_path, capsys):
+    """Each of these once raised from deep inside; each is now one line naming the input."""
+    fixtures.generic_csv(tmp_path / "d", n=4)
+    (tmp_path / "d" / "meta.csv").write_bytes("name,mos\ncaf\xe9.png,3\n".encode("latin-1"))
+    prepare = ["prepare", "--dataset", "csv", "--preset", "demo", "--cache-dir", str(tmp_path / "c"), "--data.workers=1"]
+    code, _, err = cli(capsys, *prepare, "--root", str(tmp_path / "d"))
+    one_line_error(code, err, "meta.csv: not UTF-8 text (byte 0xe9")
+    fixtures.generic_csv(tmp_path / "e", n=4)
+    for resize in ("0x0", "short:0"):
+        code, _, err = cli(capsys, *prepare, "--root", str(tmp_path / "e"), f"--data.resize={resize}")
+        one_line_error(code, err, f"data.resize='{resize}'")
+    (tmp_path / "split.json").write_text(json.dumps({"train": "img/000.png"}))
+    code, _, err = cli(capsys, *prepare, "--root", str(tmp_path / "e"), f"--data.split={tmp_path / 'split.json'}")
+    one_line_error(code, err, "split.json: 'train': expected a list of image names")
+    code, _, err = cli(capsys, "evaluate", "--run", str(single_run), "--dataset", "synthetic", "--train.batch_size=3")
+    one_line_error(code, err, "--train.batch_size: this command does not read that setting")
+    (tmp_path / "file").write_text("")
+    code, _, err = cli(capsys, "evaluate", "--run", str(single_run), "--dataset", "synthetic",
+                       "--output", str(tmp_path / "file" / "e.json"))
+    one_line_error(code, err, "--output", "cannot make the folder")
+    code, _, err = cli(capsys, "report", str(single_run), "--plot", str(tmp_path / "file"))
+    one_line_error(code, err, "--plot", "cannot make the folder")
+    fixtures.image(tmp_path / "one.png", (160, 160), seed=1)
+    code, _, err = cli(capsys, "predict", str(single_run), str(tmp_path / "one.png"), "--format", "csv",
+                       "--output", str(tmp_path / "new" / "deeper" / "p.csv"))
+    assert code == 0 and (tmp_path / "new" / "deeper" / "p.csv").read_text().startswith("path,score"), err
+
+
+def test_sweep_options_are_checked_before_a_group_is_made(single_run, tmp_path, capsys):
+    code, _, err = cli(capsys, "sweep", "splits", "--n", "0", "--preset", "demo", f"--run.root={tmp_path}")
+    one_line_error(code, err, "--n 0: must be at least 1")
+    code, _, err = cli(capsys, "sweep", "cross", "--run", str(single_run), "--dataset", f"kadid10k={tmp_path}",
+                       "--train.epochs=3", f"--run.root={tmp_path}")
+    one_line_error(code, err, "sweep cross: --train.epochs is not read by evaluation")
+    assert not list(tmp_path.iterdir())
+
+
+def test_damaged_weights_checkpoints_and_workbooks_are_named(single_run, tiny_overrides, tmp_path, capsys):
+    (tmp_path / "bad.safetensors").write_bytes(b"not weights at all")
+    code, _, err = cli(capsys, "train", "--preset", "demo", *[f"--{o}" for o in tiny_overrides],
+                       f"--model.pretrained={tmp_path / 'bad.safetensors'}", f"--run.root={tmp_path / 'r'}")
+    one_line_error(code, err, "bad.safetensors", "timm cannot load it as swin_tiny")
+    assert not (tmp_path / "r").exists()
+    run = tmp_path / "runs" / single_run.name
+    shutil.copytree(single_run, run)
+    (run / "summary.json").unlink()
+    latest = sorted((run / "checkpoints").iterdir())[-1]
+    (latest / "model.safetensors").write_bytes((latest / "model.safetensors").read_bytes()[:100])
+    code, _, err = cli(capsys, "train", "--preset", "demo", *[f"--{o}" for o in [*tiny_overrides, *RUN]],
+                       f"--run.root={tmp_path / 'runs'}", "--resume", str(run))
+    assert code == 2 and "Traceback" not in err, err  # after the data's "up to date" lines, one error line
+    assert err.strip().splitlines()[-1].startswith(f"error: --resume: checkpoint {latest} cannot be read"), err
+    assert "move that folder away" in err
+    sheet = tmp_path / "spaq" / "Annotations" / "MOS and Image attribute scores.xlsx"
+    sheet.parent.mkdir(parents=True)
+    sheet.write_bytes(b"PK not really a workbook")
+    code, _, err = cli(capsys, "prepare", "--dataset", "spaq", "--root", str(tmp_path / "spaq"),
+                       "--cache-dir", str(tmp_path / "c"))
+    one_line_error(code, err, "scores.xlsx: not a readable .xlsx workbook")
+
+
+@pytest.mark.parametrize("args,expected", [(["--batch", "abc"], "--batch abc: expected positive whole numbers"),
+                                           (["--batch", "12,0"], "--batch 12,0: expected positive"),
+                                           (["--backbones", "nosuch"], "--backbones: 'nosuch' is not one of tiny"),
+                                           (["--precisions", "fp16"], "--precisions: 'fp16' is not one of fp32, bf16"),
+                                           (["--steps", "0"], "--steps 0: must be at least 1")])
+def test_bench_options_are_checked_first(capsys, args, expected):
+    code, _, err = cli(capsys, "bench", "train", *args)
+    one_line_error(code, err, expected)
+
+
+def test_bench_on_a_gpu_that_is_not_there(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = cli(capsys, "bench", "eval", "--device", "cuda")
+    one_line_error(code, err, "--device cuda: no CUDA GPU is visible")
+
+
+def test_predict_on_a_folder_without_images_says_so(single_run, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no pictures here")
+    code, _, err = cli(capsys, "predict", str(single_run), str(tmp_path / "empty"))
+    assert code == 1 and "a folder with no images in it" in err and "Traceback" not in err, err
+
+
+def test_damaged_run_files_are_named_and_a_cut_metrics_line_is_skipped(single_run, tmp_path, capsys):
+    run = tmp_path / single_run.name
+    shutil.copytree(single_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "train_lo')  # the process was killed while writing
+    code, out, err = cli(capsys, "report", str(run))
+    assert code == 0 and "1 run(s)" in out, err
+    (run / "summary.json").write_text('{"test": ')
+    code, _, err = cli(capsys, "report", str(run))
+    one_line_error(code, err, "summary.json: damaged JSON (line 1")
+
+
+def test_rows_that_used_to_pass_unnoticed(tmp_path, capsys):
+    """An image listed twice (it could sit in train and test), a row with more fields than the
+    header (an unquoted comma) and a mistyped split word are bad rows, not silently accepted."""
+    fixtures.generic_csv(tmp_path / "d", n=8, split=True)
+    meta = tmp_path / "d" / "meta.csv"
+    lines = meta.read_text().splitlines()
+    prepare = ["prepare", "--dataset", "csv", "--preset", "demo", "--root", str(tmp_path / "d"), "--cache-dir",
+               str(tmp_path / "c"), "--data.workers=1", "--data.split=official"]
+    meta.write_text("\n".join([*lines, "img/000.png,0.7,0.1,test", "img/001.png,0.5,0.1,test,extra"]) + "\n")
+    code, _, err = cli(capsys, *prepare)
+    assert code == 2 and "Traceback" not in err, err
+    assert "meta.csv row 10 (img/000.png): listed twice (first at row 2)" in err
+    assert "meta.csv row 11 (img/001.png): 1 more field(s) than the header has columns" in err
+    meta.write_text("\n".join([*lines[:-1], lines[-1].replace(",train", ",tset")]) + "\n")
+    code, _, err = cli(capsys, *prepare)
+    one_line_error(code, err, "meta.csv row 9: split 'tset' is not train/val/test")
 
 
 def test_synthetic_root_is_warned_about(tmp_path, capsys):

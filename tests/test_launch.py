@@ -228,7 +228,8 @@ def test_parallel_sweep_reports_a_failure_and_resumes_only_what_is_missing(tiny_
                                     f"run.root={tmp_path / 'runs'}"]]
     out = here("sweep", "splits", "--n", "3", "--preset", "demo", "--parallel", "2", "--launcher", str(failing),
                *overrides)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 1, out.stderr[-3000:]  # a member failed: scripts must notice
+    assert "1 of 3 member(s) did not finish: split02" in out.stderr and f"sweep --resume {tmp_path}" in out.stderr
     events = [" ".join(line.split()[:2]) for line in out.stderr.splitlines() if line.startswith(("started", "split"))]
     assert events[:2] == ["started split00", "started split01"]  # two at once
     [group] = list((tmp_path / "runs").iterdir())

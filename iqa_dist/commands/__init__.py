@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+from pathlib import Path
 from typing import Sequence
 
 from ..config import SECTIONS, all_keys, field_docs, load_config_for, preset_names
@@ -87,10 +88,26 @@ def reject_unknown(unknown: list[str]) -> None:
         if not item.startswith("--"):
             raise UserError(f"unexpected argument {item!r}")
         key = item[2:].split("=")[0]
+        if key in all_keys():
+            raise UserError(f"--{key}: this command does not read that setting (its --help lists the ones it does)")
         by_field = [k for k in all_keys() if k.split(".", 1)[1] == key]
         hint = by_field or difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
         more = f"; did you mean --{hint[0]}?" if hint else ""
         raise UserError(f"unknown option --{key}{more}")
+
+
+def writable(option: str, path: str, folder: bool = False) -> None:
+    """Checks an output path before any work is done: its folder (or, with folder=True, the path
+    itself) is made if missing; a file in the way or a folder that cannot be made is one error."""
+    if not path:
+        return
+    target = Path(path) if folder else Path(path).parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot make the folder {target} ({e.strerror})") from None
+    if not folder and Path(path).is_dir():
+        raise UserError(f"{option} {path}: is a folder; give a file name")
 
 
 def positive(name: str, value: int | None) -> None:

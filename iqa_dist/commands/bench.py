@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_config_arguments, add_preset, config_from
+from ..errors import UserError
+from . import add_config_arguments, add_preset, config_from, positive
 
 NAME = "bench"
 USAGE = "iqa-dist bench {augment,data,train,eval,scaling,all} [options] [--SECTION.FIELD=VALUE ...]"
@@ -44,7 +45,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import bench_command
+    from ..bench import BACKBONES, bench_command
 
+    batches = [b.strip() for b in str(args.batch).split(",")]
+    if not all(b.isdigit() and int(b) > 0 for b in batches):
+        raise UserError(f"--batch {args.batch}: expected positive whole numbers, comma-separated (e.g. 12,24,48,96)")
+    for option, given, known in (("--backbones", args.backbones, BACKBONES), ("--precisions", args.precisions,
+                                                                              ("fp32", "bf16"))):
+        unknown = [x for x in given.split(",") if given and x not in known]
+        if unknown:
+            raise UserError(f"{option}: {unknown[0]!r} is not one of {', '.join(known)}")
+    positive("--steps", args.steps)
+    positive("--images", args.images)
+    if args.device and args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: no CUDA GPU is visible on this machine")
     bench_command(args.what, config_from(args), args)
     return 0

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..sources import SOURCES
 from ..errors import UserError
 from ..output import console, metrics_table, print_table
-from . import add_config_arguments, overrides
+from . import add_config_arguments, overrides, writable
 
 NAME = "evaluate"
 USAGE = "iqa-dist evaluate (--run RUN_DIR | --weights MODEL_DIR) --dataset NAME [--root DIR] [--split test|val|all] [options]"
@@ -18,7 +18,8 @@ DESCRIPTION = """\
 Score a trained model on a dataset with the model's own test protocol. On the dataset it trained
 on, the run's own data settings are used (split, seeds, resize), so `--split test` is the images
 it held out; images it trained on are refused unless --allow-train-overlap. On another dataset
-(`--split all`: every image) it is a cross-dataset evaluation, reported on that dataset's scale.
+(`--split all`: every image) it is a cross-dataset evaluation: the correlations compare the
+model's scores (on its training dataset's scale, or --scale) with that dataset's own scores.
 Runs under `accelerate launch` too.
 
 examples:
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.run) == bool(args.weights):
         raise UserError("evaluate: give exactly one of --run RUN_DIR or --weights MODEL_DIR")
+    writable("--output", args.output)
     extra = [f"data.root={args.root}"] if args.root else []
     report = evaluate_model(args.run or args.weights, args.dataset, args.split, [*extra, *overrides(args)],
                             args.preset, args.allow_train_overlap, args.scale, console=console(stderr=True))

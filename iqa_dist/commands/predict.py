@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ..errors import UserError
 from ..output import console, print_table
-from . import positive
+from . import positive, writable
 
 NAME = "predict"
 HELP = "score your own images with a trained model"
@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     positive("--crops", args.crops)
     positive("--batch-images", args.batch_images)
+    writable("--output", args.output)
     err = console(stderr=True)
     scorer = load_model(args.model, args.device, args.scale)
     files, failed = expand(args.paths)

@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.table import Table
 
 from ..output import console, print_table
+from . import writable
 
 NAME = "report"
 HELP = "compare runs in a table (and plots)"
@@ -23,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..report import PHASE_ONE, find_runs, load_run, markdown, plot, rows
 
+    writable("--plot", args.plot, folder=True)
     runs = [load_run(p) for p in find_runs(args.runs)]
     header, body = rows(runs, "; " if args.markdown else "\n")
     out = console()

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from ..errors import UserError
+from ..output import console
 from . import COMMON, add_config_arguments, add_preset, config_from, overrides, positive
+from .evaluate import KEYS as EVAL_KEYS
 
 NAME = "sweep"
 USAGE = "iqa-dist sweep {ablation,splits,cross,collect} [GROUP] [options] [--SECTION.FIELD=VALUE ...] | sweep --resume GROUP"
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     positive("--gpus-per-member", args.gpus_per_member or None)
     positive("--parallel", args.parallel or None)
     if args.resume:
-        sweep.resume(args.resume, args.launcher, args.gpus_per_member, args.parallel)
+        return _outcome(sweep.resume(args.resume, args.launcher, args.gpus_per_member, args.parallel))
     elif args.kind is None:
         raise UserError("sweep: give a kind (ablation, splits, cross, collect) or --resume GROUP")
     elif args.kind == "collect":
@@ -66,9 +70,35 @@ def run(args: argparse.Namespace) -> int:
     elif args.kind == "cross":
         if not args.run or not args.dataset:
             raise UserError("sweep cross: give --run RUN_DIR and at least one --dataset NAME=ROOT")
+        given = overrides(args)
+        unread = [o.split("=")[0] for o in given if o.split("=")[0] not in (*EVAL_KEYS, "run.root")]
+        if unread:  # caught here, not once per member after the group is made
+            raise UserError(f"sweep cross: --{unread[0]} is not read by evaluation (it reads --run.root and "
+                            f"{', '.join('--' + k for k in EVAL_KEYS)})")
         cfg = config_from(args)
-        sweep.cross(args.run, args.dataset, cfg.run.root, overrides(args), args.launcher, args.scale)
+        return _outcome(sweep.cross(args.run, args.dataset, cfg.run.root,
+                                    [o for o in given if o.split("=")[0] in EVAL_KEYS], args.launcher, args.scale))
     else:
-        sweep.run_sweep(args.kind, args.preset, overrides(args), args.n, args.launcher, args.slurm,
-                        args.gpus_per_member, args.parallel)
+        if args.kind == "splits":
+            positive("--n", args.n)
+        return _outcome(sweep.run_sweep(args.kind, args.preset, overrides(args), args.n, args.launcher, args.slurm,
+                                        args.gpus_per_member, args.parallel))
+    return 0
+
+
+def _outcome(group: Path) -> int:
+    """1 when a member did not finish (the table says which and why), so scripts notice; 0 for a
+    complete group or one submitted to SLURM (no table yet)."""
+    from ..sweep import MEMBERS
+
+    results = Path(group) / "results.json"
+    if not results.exists():
+        return 0
+    members = json.loads(results.read_text())["members"]
+    failed = [m.get("member") or m.get("dataset") for m in members if not m.get("finished", True)]
+    if failed:
+        again = f"; iqa-dist sweep --resume {group} runs them again" if (Path(group) / MEMBERS).exists() else ""
+        console(stderr=True).print(f"sweep: {len(failed)} of {len(members)} member(s) did not finish: "
+                                   f"{', '.join(failed)} (logs in {group}){again}", highlight=False)
+        return 1
     return 0
