@@ -262,6 +262,17 @@ def test_predict_on_a_folder_without_images_says_so(single_run, tmp_path, capsys
     assert code == 1 and "a folder with no images in it" in err and "Traceback" not in err, err
 
 
+def test_a_tracker_that_is_not_installed_fails_at_start(tiny_overrides, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    code, _, err = cli(capsys, "train", "--preset", "demo", *[f"--{o}" for o in tiny_overrides],
+                       "--run.log_with=wandb", f"--run.root={tmp_path}")
+    one_line_error(code, err, "run.log_with=wandb: the wandb package is not installed")
+    assert not list(tmp_path.iterdir())
+
+
 def test_damaged_run_files_are_named_and_a_cut_metrics_line_is_skipped(single_run, tmp_path, capsys):
     run = tmp_path / single_run.name
     shutil.copytree(single_run, run, ignore=shutil.ignore_patterns("checkpoints"))
