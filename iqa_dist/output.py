@@ -104,12 +104,12 @@ class Display:
         if step == self.last_line:
             return
         self.last_line = step
-        rate = self.rate()
-        info = f"loss {loss:.4f}  lr {lr:.2e}  {rate:.2f} steps/s"
+        rate = self.rate()  # 0 until two steps are timed (e.g. the first line after a resume)
+        info = f"loss {loss:.4f}  lr {lr:.2e}  " + (f"{rate:.2f} steps/s" if rate else "speed not yet measured")
         self.progress.update(self.run_task, info=info)
         if not self.live:
-            eta = (self.total - step) / rate / 60 if rate else float("nan")
-            self.console.print(f"step {step}/{self.total} epoch {step / self.per_epoch:.2f} {info} eta {eta:.1f} min",
+            eta = f" eta {(self.total - step) / rate / 60:.1f} min" if rate else ""
+            self.console.print(f"step {step}/{self.total} epoch {step / self.per_epoch:.2f} {info}{eta}",
                                highlight=False)
 
     def evaluation(self, record: dict, state, per_dataset: dict[str, dict] | None = None) -> None:

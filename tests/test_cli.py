@@ -340,6 +340,15 @@ def test_eta_is_smoothed_over_evaluation_pauses():
     display.close()
 
 
+def test_the_first_line_after_a_resume_has_no_speed_yet(capsys):
+    display = Display(console(), total_steps=100, steps_per_epoch=10, log_every=5)
+    display.times.append((1000.0, 20))
+    display.line(20, 0.5, 1e-4)
+    display.close()
+    out = capsys.readouterr().out
+    assert "speed not yet measured" in out and "nan" not in out and "0.00 steps/s" not in out
+
+
 def test_version_and_help_that_starts_with_what_matters(capsys):
     code, out, _ = cli(capsys, "--version")
     assert code == 0 and out.startswith("iqa-dist ")
