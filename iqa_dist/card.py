@@ -108,8 +108,10 @@ class ModelCard:
                                 f"scores on with --scale ({' | '.join([*self.datasets, NORMALIZED])})")
             name = self.dataset
         if name not in self.datasets:
-            raise UserError(f"--scale {name}: this model trained on {', '.join(self.datasets)}; "
-                            f"choose one of them or {NORMALIZED}")
+            choices = "choose one of them or" if len(self.datasets) > 1 else "its scale is the default; or use"
+            raise UserError(f"--scale {name}: this model trained on {', '.join(self.datasets)} only ({choices} "
+                            f"{NORMALIZED}, the training-target scale); scores on another dataset's scale would need "
+                            "a model trained on it")
         return self.datasets[name].scale
 
     def to_score(self, pred, scale: str | None = None):

@@ -273,6 +273,12 @@ def test_a_tracker_that_is_not_installed_fails_at_start(tiny_overrides, tmp_path
     assert not list(tmp_path.iterdir())
 
 
+def test_a_scale_the_model_never_saw_is_explained(single_run, tmp_path, capsys):
+    fixtures.image(tmp_path / "one.png", (160, 160), seed=1)
+    code, _, err = cli(capsys, "predict", str(single_run), str(tmp_path / "one.png"), "--scale", "koniq10k")
+    one_line_error(code, err, "--scale koniq10k: this model trained on synthetic only", "its scale is the default")
+
+
 def test_damaged_run_files_are_named_and_a_cut_metrics_line_is_skipped(single_run, tmp_path, capsys):
     run = tmp_path / single_run.name
     shutil.copytree(single_run, run, ignore=shutil.ignore_patterns("checkpoints"))
