@@ -120,7 +120,13 @@ def test_finished_run_says_so_and_extend_trains_it_longer(tiny_overrides, tmp_pa
     assert [r["step"] for r in metrics(run)] == [2, 4, 6]
     meta = json.loads((run / "meta.json").read_text())
     assert meta["extensions"][0]["changes"] == ["train.max_steps: 4 -> 6"]
-    assert json.loads((run / "summary.json").read_text())["steps_run"] == 6
+    # the run's own config is the base: only what changes needs saying
+    code, _, err = cli(capsys, "train", "--resume", str(run), "--extend", "--train.max_steps=8")
+    assert code == 0, err
+    assert [r["step"] for r in metrics(run)] == [2, 4, 6, 8]
+    code, _, err = cli(capsys, "train", "--preset", "koniq-resnet50", "--resume", str(run))
+    one_line_error(code, err, "--preset koniq-resnet50", "was trained from preset demo")
+    assert json.loads((run / "summary.json").read_text())["steps_run"] == 8
 
 
 # ---------------------------------------------------------------- one-line errors, exit 2

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 
 from ..output import console
-from . import COMMON, add_config_arguments, add_preset, config_from
+from ..errors import UserError
+from . import COMMON, add_config_arguments, add_preset, config_from, overrides
 
 NAME = "train"
+DEFAULT_PRESET = "koniq-swin-t"
 USAGE = "iqa-dist train [--preset NAME] [--resume RUN_DIR|auto] [--extend] [--SECTION.FIELD=VALUE ...]"
 HELP = "train a preset (run under `accelerate launch` for several GPUs or nodes)"
 DESCRIPTION = """\
@@ -19,11 +21,11 @@ examples:
   iqa-dist train --preset koniq-swin-t --data.root /data/koniq10k
   accelerate launch --multi_gpu --num_processes 8 -m iqa_dist train --preset koniq-swin-t --data.root /data/koniq10k
   iqa-dist train --preset koniq-swin-t --data.root /data/koniq10k --resume auto     # continue after a stop
-  iqa-dist train --preset koniq-swin-t --resume runs/RUN --extend --train.epochs 40  # train a finished run longer"""
+  iqa-dist train --resume runs/RUN --extend --train.epochs 40   # a finished run longer (its own config + this)"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_preset(p, "koniq-swin-t")
+    add_preset(p, DEFAULT_PRESET)
     p.add_argument("--resume", default="", metavar="RUN_DIR|auto",
                    help="continue a run from its latest checkpoint (auto: the newest unfinished run of this name)")
     p.add_argument("--extend", action="store_true",
@@ -36,8 +38,28 @@ def run(args: argparse.Namespace) -> int:
     from ..train import Preempted, train
 
     try:
-        train(config_from(args), resume=args.resume, extend=args.extend)
+        train(resumed_config(args) or config_from(args), resume=args.resume, extend=args.extend)
     except Preempted as e:
         console(stderr=True).print(f"[yellow]{e}[/]")
         return 124  # a distinct status for "checkpointed on request; relaunch to resume"
     return 0
+
+
+def resumed_config(args: argparse.Namespace):
+    """--resume RUN_DIR: the run's own config plus the options given, so `--resume RUN --extend
+    --train.epochs 40` is enough (relaunching the original command gives the same config). A
+    --preset other than the run's (and other than the default) is refused rather than ignored."""
+    from pathlib import Path
+
+    from ..config import with_overrides
+    from ..rundir import RunDir
+
+    path = Path(args.resume)
+    if args.resume in ("", "auto") or not RunDir.is_run(path):
+        return None  # a new run, auto, or a path _choose reports as not a run
+    raw = RunDir(path).raw_config()
+    preset = raw.pop("preset", "")
+    if args.preset not in (preset, DEFAULT_PRESET):
+        raise UserError(f"--preset {args.preset}: {path} was trained from preset {preset or '(none)'}; "
+                        "--resume RUN_DIR continues it with its own config (give only what changes)")
+    return with_overrides(raw, overrides(args), preset=preset, where=str(path / RunDir.CONFIG))
