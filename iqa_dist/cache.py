@@ -251,7 +251,7 @@ def prepare(cfg: Config, console: Console | None = None) -> View:
     image_meta = json.loads((image_path / META).read_text())
     if built and image_meta["skipped"]:
         console.print(f"[yellow]dropped {len(image_meta['skipped'])} bad row(s)[/] (data.skip_bad); they are listed "
-                      f"in {image_path / 'meta.json'}", highlight=False)
+                      f"in {image_path / META}", highlight=False)
 
     # The split is computed from the cached images, so rows skipped as bad never enter it.
     names = images.data.table.column("name").to_pylist()

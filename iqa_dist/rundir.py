@@ -226,8 +226,10 @@ class RunDir:
     def _check_same_data(self, now: dict) -> None:
         """A resumed run must train on the images it started on: the cache folders named in
         meta.json are content hashes of the annotations, image files and split."""
-        before = self.meta().get("data") or {}
-        changed = [f"{name}: {before.get(name)} -> {key}" for name, key in now.items() if before and before.get(name) != key]
+        before = self.meta().get("data")
+        if not before:  # a run from before the data were recorded: nothing to compare
+            return
+        changed = [f"{name}: {before.get(name)} -> {key}" for name, key in now.items() if before.get(name) != key]
         if changed:
             raise UserError(f"--resume {self.path}: the data differ from the run's (images, scores or split changed "
                             f"since it started; cache {'; '.join(changed)}). Restore them, or start a new run")
@@ -245,10 +247,9 @@ class RunDir:
             raise
 
     def _write_meta(self, target: Target, about: dict) -> None:
-        meta_file = self.path / self.META
-        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {"launches": []}
-        acc = self.accelerator
-        meta.setdefault("git_sha", git_sha())
+        meta = self.meta() or {"launches": []}
+        acc, sha = self.accelerator, git_sha()
+        meta.setdefault("git_sha", sha)
         meta.update(about)
         if target.extended:
             meta.setdefault("extensions", []).append({"time": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -258,9 +259,9 @@ class RunDir:
             "world_size": acc.num_processes, "num_machines": int(os.environ.get("GROUP_WORLD_SIZE", "1")),  # torchrun
             "device": str(acc.device), "mixed_precision": acc.mixed_precision,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "iqa_dist": __version__, "git_sha": git_sha(),
+            "torch": torch.__version__, "iqa_dist": __version__, "git_sha": sha,
         })
-        meta_file.write_text(json.dumps(meta, indent=1))
+        (self.path / self.META).write_text(json.dumps(meta, indent=1))
 
     # ------------------------------------------------------------ logs and results
 

@@ -81,8 +81,9 @@ def read_csv(path: Path, required: list[str]) -> list[tuple[int, dict[str, str]]
         return [(i + 2, _row(row)) for i, row in enumerate(reader)]
 
 
-def _row(row: dict) -> dict[str, str]:
-    """A DictReader row, stripped; fields beyond the header (DictReader's None key) under EXTRA."""
+def _row(row: dict) -> dict:
+    """A DictReader row, stripped (name -> str); fields beyond the header (DictReader's None key)
+    as a list under EXTRA, so the row can be reported instead of silently shortened."""
     out = {k.strip(): (v or "").strip() for k, v in row.items() if k}
     extra = [x for x in row.get(None) or [] if x.strip()]
     if extra:

@@ -12,7 +12,6 @@ model is selected on their weight-averaged val SRCC (or one named dataset's).
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import time
@@ -23,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
+from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs,
+                               is_tensorboard_available, is_wandb_available, set_seed)
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -112,10 +112,10 @@ def build_accelerator(cfg: Config, run_root: Path) -> Accelerator:
     graph (HyperIQA uses every parameter every step, so DDP can plan its all-reduces once), and
     optionally bf16 all-reduces (half the bytes on the wire; the average is then bf16-rounded)."""
     precision = None if cfg.train.mixed_precision == "launcher" else cfg.train.mixed_precision
-    tracker = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(cfg.run.log_with, ())
-    if tracker and not any(importlib.util.find_spec(m) for m in tracker):  # Accelerate would only warn
-        raise UserError(f"run.log_with={cfg.run.log_with}: the {tracker[0]} package is not installed "
-                        f"(pip install {tracker[0]}); without it the run would log nothing there")
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    if cfg.run.log_with and not available[cfg.run.log_with]():  # Accelerate would only warn
+        raise UserError(f"run.log_with={cfg.run.log_with}: the {cfg.run.log_with} package is not installed "
+                        f"(pip install {cfg.run.log_with}); without it the run would log nothing there")
     hook = DDPCommunicationHookType.BF16 if cfg.train.grad_compression == "bf16" else DDPCommunicationHookType.NO
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # without GPUs, several processes need cpu=True to use gloo

@@ -34,7 +34,7 @@ def tiny_overrides(cache_root) -> list[str]:
             "train.log_every=1000", *TINY_SWIN]
 
 
-def cli(capsys, *args: str) -> tuple[int, str, str]:
+def cli(*args: str) -> tuple[int, str, str]:
     """`iqa-dist ARGS` in this process: (exit status, stdout, stderr). See `here`."""
     out = here(*args)
     return out.returncode, out.stdout, out.stderr

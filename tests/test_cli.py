@@ -26,27 +26,27 @@ def one_line_error(code: int, err: str, *expected: str) -> None:
 # ---------------------------------------------------------------- trust: evaluate never leaks
 
 
-def test_evaluate_uses_the_runs_split_and_refuses_training_images(single_run, cache_root, tmp_path, capsys):
+def test_evaluate_uses_the_runs_split_and_refuses_training_images(single_run, cache_root, tmp_path):
     cache = f"--data.cache_dir={cache_root}"
     # another seed's split mixes the run's training contents into "test": refused, counted
-    code, _, err = cli(capsys, "evaluate", "--run", str(single_run), "--dataset", "synthetic", "--preset", "demo",
+    code, _, err = cli("evaluate", "--run", str(single_run), "--dataset", "synthetic", "--preset", "demo",
                        cache, "--data.synthetic_size=1", "--data.split_seed=5", "--output", str(tmp_path / "a.json"))
     assert code == 2 and "images this model trained on" in err and "--allow-train-overlap" in err
     assert not (tmp_path / "a.json").exists()
-    code, out, _ = cli(capsys, "evaluate", "--run", str(single_run), "--dataset", "synthetic", "--preset", "demo",
+    code, out, _ = cli("evaluate", "--run", str(single_run), "--dataset", "synthetic", "--preset", "demo",
                        cache, "--data.synthetic_size=1", "--data.split_seed=5", "--allow-train-overlap",
                        "--output", str(tmp_path / "b.json"))
     report = json.loads((tmp_path / "b.json").read_text())
     assert code == 0 and report["train_overlap"]["allowed"] and report["train_overlap"]["images"] > 0
     assert "TRAINING IMAGES" in out
     # every image of the dataset ("all") includes the training images too
-    code, _, err = cli(capsys, "evaluate", "--run", str(single_run), "--dataset", "synthetic", "--split", "all", cache)
+    code, _, err = cli("evaluate", "--run", str(single_run), "--dataset", "synthetic", "--split", "all", cache)
     assert code == 2 and "trained on" in err
 
 
-def test_evaluate_split_all_names_its_output_all(single_run, tmp_path, capsys):
+def test_evaluate_split_all_names_its_output_all(single_run, tmp_path):
     fixtures.kadid(tmp_path / "kadid", refs=2, per_ref=3)
-    code, out, err = cli(capsys, "evaluate", "--run", str(single_run), "--dataset", "kadid10k", "--root",
+    code, out, err = cli("evaluate", "--run", str(single_run), "--dataset", "kadid10k", "--root",
                          str(tmp_path / "kadid"), "--split", "all", f"--data.cache_dir={tmp_path / 'c'}")
     assert code == 0, err
     assert (single_run / "eval-kadid10k-all.json").is_file() and "(all," in out
@@ -56,14 +56,14 @@ def test_evaluate_split_all_names_its_output_all(single_run, tmp_path, capsys):
 # ---------------------------------------------------------------- failed starts, resume, extend
 
 
-def test_a_failed_start_leaves_no_run_directory(tiny_overrides, tmp_path, capsys):
+def test_a_failed_start_leaves_no_run_directory(tiny_overrides, tmp_path):
     common = [f"--{o}" for o in tiny_overrides if "synthetic" not in o]
-    code, _, err = cli(capsys, "train", "--preset", "demo", "--data.dataset=csv", f"--data.root={tmp_path / 'missing'}",
+    code, _, err = cli("train", "--preset", "demo", "--data.dataset=csv", f"--data.root={tmp_path / 'missing'}",
                        f"--run.root={tmp_path / 'r'}", *common)
     assert code == 2 and "no such folder" in err
     fixtures.generic_csv(tmp_path / "d", n=4)
     (tmp_path / "d" / "meta.csv").write_text("file_name,quality_value\na.png,3\n")
-    code, _, err = cli(capsys, "train", "--preset", "demo", "--data.dataset=csv", f"--data.root={tmp_path / 'd'}",
+    code, _, err = cli("train", "--preset", "demo", "--data.dataset=csv", f"--data.root={tmp_path / 'd'}",
                        f"--run.root={tmp_path / 'r'}", *common)
     assert code == 2 and "no image column" in err
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
@@ -86,7 +86,7 @@ def test_resume_auto_ignores_runs_without_a_checkpoint(single_run, tmp_path):
     assert RunDir.find_resumable(root, "demo") == with_checkpoint and RunDir.named(root, "demo") == [never, with_checkpoint]
 
 
-def test_resume_refuses_data_that_changed(tiny_overrides, tmp_path, capsys):
+def test_resume_refuses_data_that_changed(tiny_overrides, tmp_path):
     """The cache folders recorded in meta.json are content hashes: an annotation file that lost
     rows since the run started makes --resume stop, naming what changed."""
     fixtures.generic_csv(tmp_path / "d", n=24)
@@ -94,37 +94,37 @@ def test_resume_refuses_data_that_changed(tiny_overrides, tmp_path, capsys):
                  if "synthetic" not in o]
     args = ["train", "--preset", "demo", "--data.dataset=csv", f"--data.root={tmp_path / 'd'}",
             f"--run.root={tmp_path / 'r'}", "--data.test_fraction=0.25", "--data.val_fraction=0.25", *overrides]
-    code, _, err = cli(capsys, *args, "--resume", "auto")
+    code, _, err = cli(*args, "--resume", "auto")
     assert code == 0 and "--resume auto: no unfinished run named demo" in err and "starting a new one" in err, err
     run = only_run(tmp_path / "r")
     assert set(json.loads((run / "meta.json").read_text())["data"]) == {"csv"}
     meta = tmp_path / "d" / "meta.csv"
     meta.write_text("".join(meta.read_text().splitlines(keepends=True)[:-4]))
-    code, _, err = cli(capsys, *args, "--resume", str(run), "--extend", "--train.max_steps=4")
+    code, _, err = cli(*args, "--resume", str(run), "--extend", "--train.max_steps=4")
     one_line_error(code, err, "the data differ from the run's", "csv: csv-")
     assert [r["step"] for r in metrics(run)] == [2]  # nothing trained on the changed data
 
 
-def test_finished_run_says_so_and_extend_trains_it_longer(tiny_overrides, tmp_path, capsys):
+def test_finished_run_says_so_and_extend_trains_it_longer(tiny_overrides, tmp_path):
     overrides = [*tiny_overrides, *RUN, "train.max_steps=4", "train.eval_every=2", f"run.root={tmp_path}"]
     first = train_here(overrides)
     assert first.returncode == 0, first.stderr
     run = only_run(tmp_path)
     args = ["train", "--preset", "demo", *[f"--{o}" for o in overrides], "--resume", str(run)]
-    code, out, err = cli(capsys, *args)
+    code, out, err = cli(*args)
     assert code == 0 and "has finished" in err and "resumed" not in out
-    code, _, err = cli(capsys, *args, "--train.max_steps=6")
+    code, _, err = cli(*args, "--train.max_steps=6")
     assert code == 2 and "--extend" in err
-    code, _, err = cli(capsys, *args, "--train.max_steps=6", "--extend")
+    code, _, err = cli(*args, "--train.max_steps=6", "--extend")
     assert code == 0, err
     assert [r["step"] for r in metrics(run)] == [2, 4, 6]
     meta = json.loads((run / "meta.json").read_text())
     assert meta["extensions"][0]["changes"] == ["train.max_steps: 4 -> 6"]
     # the run's own config is the base: only what changes needs saying
-    code, _, err = cli(capsys, "train", "--resume", str(run), "--extend", "--train.max_steps=8")
+    code, _, err = cli("train", "--resume", str(run), "--extend", "--train.max_steps=8")
     assert code == 0, err
     assert [r["step"] for r in metrics(run)] == [2, 4, 6, 8]
-    code, _, err = cli(capsys, "train", "--preset", "koniq-resnet50", "--resume", str(run))
+    code, _, err = cli("train", "--preset", "koniq-resnet50", "--resume", str(run))
     one_line_error(code, err, "--preset koniq-resnet50", "was trained from preset demo")
     assert json.loads((run / "summary.json").read_text())["steps_run"] == 8
 
@@ -139,89 +139,89 @@ def test_finished_run_says_so_and_extend_trains_it_longer(tiny_overrides, tmp_pa
     (["--crops", "0"], "--crops 0: must be at least 1"),
     (["--batch-images", "0"], "--batch-images 0: must be at least 1"),
 ])
-def test_predict_bad_options_are_one_line(single_run, tmp_path, capsys, args, expected):
+def test_predict_bad_options_are_one_line(single_run, tmp_path, args, expected):
     fixtures.image(tmp_path / "a.png", (150, 120), seed=1)
-    code, _, err = cli(capsys, "predict", str(single_run), str(tmp_path / "a.png"), *args)
+    code, _, err = cli("predict", str(single_run), str(tmp_path / "a.png"), *args)
     one_line_error(code, err, expected)
 
 
-def test_csv_errors_say_what_is_there(tmp_path, capsys):
+def test_csv_errors_say_what_is_there(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "meta.csv").write_text("")
-    code, _, err = cli(capsys, "prepare", "--dataset", "csv", "--root", str(tmp_path / "empty"),
+    code, _, err = cli("prepare", "--dataset", "csv", "--root", str(tmp_path / "empty"),
                        "--cache-dir", str(tmp_path / "c"))
     one_line_error(code, err, "meta.csv: the file is empty")
     (tmp_path / "header").mkdir()
     (tmp_path / "header" / "meta.csv").write_text("image,mos\n")
-    code, _, err = cli(capsys, "prepare", "--dataset", "csv", "--root", str(tmp_path / "header"),
+    code, _, err = cli("prepare", "--dataset", "csv", "--root", str(tmp_path / "header"),
                        "--cache-dir", str(tmp_path / "c"))
     one_line_error(code, err, "the annotations list no images")
 
 
-def test_bad_rows_hints_name_real_options(tmp_path, capsys):
+def test_bad_rows_hints_name_real_options(tmp_path):
     root = tmp_path / "small"
     rows = []
     for i in range(6):
         fixtures.image(root / f"{i}.png", (100, 80), seed=i)
         rows.append(f"{i}.png,{i}")
     (root / "meta.csv").write_text("image,mos\n" + "\n".join(rows) + "\n")
-    code, _, err = cli(capsys, "prepare", "--dataset", "csv", "--root", str(root), "--cache-dir", str(tmp_path / "c"),
+    code, _, err = cli("prepare", "--dataset", "csv", "--root", str(root), "--cache-dir", str(tmp_path / "c"),
                        "--data.workers=1")
     assert code == 2 and "6 of 6 images are smaller than the 224-px patch" in err
     assert "--preset" in err and "--data.resize short:224" in err
     for i in range(5):
         fixtures.image(root / f"big{i}.png", (240, 240), seed=10 + i)
     (root / "meta.csv").write_text("image,mos\n" + rows[0] + "\n" + "".join(f"big{i}.png,{i}\n" for i in range(5)))
-    code, _, err = cli(capsys, "prepare", "--dataset", "csv", "--root", str(root), "--cache-dir", str(tmp_path / "c"),
+    code, _, err = cli("prepare", "--dataset", "csv", "--root", str(root), "--cache-dir", str(tmp_path / "c"),
                        "--data.workers=1")
     assert code == 2 and "--data.skip_bad=true" in err and "--skip-bad to drop" not in err
-    code, _, err = cli(capsys, "prepare", "--dataset", "csv", "--root", str(root), "--cache-dir", str(tmp_path / "c"),
+    code, _, err = cli("prepare", "--dataset", "csv", "--root", str(root), "--cache-dir", str(tmp_path / "c"),
                        "--data.workers=1", "--skip-bad", "--data.test_fraction=0.4", "--data.val_fraction=0.34")
     assert code == 0, err
     listed = [p for p in err.split() if p.endswith("meta.json")]
     assert listed and all(Path(p).is_file() and ".partial" not in p for p in listed)
 
 
-def test_inputs_that_used_to_end_in_a_traceback(single_run, tmp_path, capsys):
+def test_inputs_that_used_to_end_in_a_traceback(single_run, tmp_path):
     """Each of these once raised from deep inside; each is now one line naming the input."""
     fixtures.generic_csv(tmp_path / "d", n=4)
     (tmp_path / "d" / "meta.csv").write_bytes("name,mos\ncaf\xe9.png,3\n".encode("latin-1"))
     prepare = ["prepare", "--dataset", "csv", "--preset", "demo", "--cache-dir", str(tmp_path / "c"), "--data.workers=1"]
-    code, _, err = cli(capsys, *prepare, "--root", str(tmp_path / "d"))
+    code, _, err = cli(*prepare, "--root", str(tmp_path / "d"))
     one_line_error(code, err, "meta.csv: not UTF-8 text (byte 0xe9")
     fixtures.generic_csv(tmp_path / "e", n=4)
     for resize in ("0x0", "short:0"):
-        code, _, err = cli(capsys, *prepare, "--root", str(tmp_path / "e"), f"--data.resize={resize}")
+        code, _, err = cli(*prepare, "--root", str(tmp_path / "e"), f"--data.resize={resize}")
         one_line_error(code, err, f"data.resize='{resize}'")
     (tmp_path / "split.json").write_text(json.dumps({"train": "img/000.png"}))
-    code, _, err = cli(capsys, *prepare, "--root", str(tmp_path / "e"), f"--data.split={tmp_path / 'split.json'}")
+    code, _, err = cli(*prepare, "--root", str(tmp_path / "e"), f"--data.split={tmp_path / 'split.json'}")
     one_line_error(code, err, "split.json: 'train': expected a list of image names")
-    code, _, err = cli(capsys, "evaluate", "--run", str(single_run), "--dataset", "synthetic", "--train.batch_size=3")
+    code, _, err = cli("evaluate", "--run", str(single_run), "--dataset", "synthetic", "--train.batch_size=3")
     one_line_error(code, err, "--train.batch_size: this command does not read that setting")
     (tmp_path / "file").write_text("")
-    code, _, err = cli(capsys, "evaluate", "--run", str(single_run), "--dataset", "synthetic",
+    code, _, err = cli("evaluate", "--run", str(single_run), "--dataset", "synthetic",
                        "--output", str(tmp_path / "file" / "e.json"))
     one_line_error(code, err, "--output", "cannot make the folder")
-    code, _, err = cli(capsys, "report", str(single_run), "--plot", str(tmp_path / "file"))
+    code, _, err = cli("report", str(single_run), "--plot", str(tmp_path / "file"))
     one_line_error(code, err, "--plot", "cannot make the folder")
     fixtures.image(tmp_path / "one.png", (160, 160), seed=1)
-    code, _, err = cli(capsys, "predict", str(single_run), str(tmp_path / "one.png"), "--format", "csv",
+    code, _, err = cli("predict", str(single_run), str(tmp_path / "one.png"), "--format", "csv",
                        "--output", str(tmp_path / "new" / "deeper" / "p.csv"))
     assert code == 0 and (tmp_path / "new" / "deeper" / "p.csv").read_text().startswith("path,score"), err
 
 
-def test_sweep_options_are_checked_before_a_group_is_made(single_run, tmp_path, capsys):
-    code, _, err = cli(capsys, "sweep", "splits", "--n", "0", "--preset", "demo", f"--run.root={tmp_path}")
+def test_sweep_options_are_checked_before_a_group_is_made(single_run, tmp_path):
+    code, _, err = cli("sweep", "splits", "--n", "0", "--preset", "demo", f"--run.root={tmp_path}")
     one_line_error(code, err, "--n 0: must be at least 1")
-    code, _, err = cli(capsys, "sweep", "cross", "--run", str(single_run), "--dataset", f"kadid10k={tmp_path}",
+    code, _, err = cli("sweep", "cross", "--run", str(single_run), "--dataset", f"kadid10k={tmp_path}",
                        "--train.epochs=3", f"--run.root={tmp_path}")
     one_line_error(code, err, "sweep cross: --train.epochs is not read by evaluation")
     assert not list(tmp_path.iterdir())
 
 
-def test_damaged_weights_checkpoints_and_workbooks_are_named(single_run, tiny_overrides, tmp_path, capsys):
+def test_damaged_weights_checkpoints_and_workbooks_are_named(single_run, tiny_overrides, tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not weights at all")
-    code, _, err = cli(capsys, "train", "--preset", "demo", *[f"--{o}" for o in tiny_overrides],
+    code, _, err = cli("train", "--preset", "demo", *[f"--{o}" for o in tiny_overrides],
                        f"--model.pretrained={tmp_path / 'bad.safetensors'}", f"--run.root={tmp_path / 'r'}")
     one_line_error(code, err, "bad.safetensors", "timm cannot load it as swin_tiny")
     assert not (tmp_path / "r").exists()
@@ -230,7 +230,7 @@ def test_damaged_weights_checkpoints_and_workbooks_are_named(single_run, tiny_ov
     (run / "summary.json").unlink()
     latest = sorted((run / "checkpoints").iterdir())[-1]
     (latest / "model.safetensors").write_bytes((latest / "model.safetensors").read_bytes()[:100])
-    code, _, err = cli(capsys, "train", "--preset", "demo", *[f"--{o}" for o in [*tiny_overrides, *RUN]],
+    code, _, err = cli("train", "--preset", "demo", *[f"--{o}" for o in [*tiny_overrides, *RUN]],
                        f"--run.root={tmp_path / 'runs'}", "--resume", str(run))
     assert code == 2 and "Traceback" not in err, err  # after the data's "up to date" lines, one error line
     assert err.strip().splitlines()[-1].startswith(f"error: --resume: checkpoint {latest} cannot be read"), err
@@ -238,7 +238,7 @@ def test_damaged_weights_checkpoints_and_workbooks_are_named(single_run, tiny_ov
     sheet = tmp_path / "spaq" / "Annotations" / "MOS and Image attribute scores.xlsx"
     sheet.parent.mkdir(parents=True)
     sheet.write_bytes(b"PK not really a workbook")
-    code, _, err = cli(capsys, "prepare", "--dataset", "spaq", "--root", str(tmp_path / "spaq"),
+    code, _, err = cli("prepare", "--dataset", "spaq", "--root", str(tmp_path / "spaq"),
                        "--cache-dir", str(tmp_path / "c"))
     one_line_error(code, err, "scores.xlsx: not a readable .xlsx workbook")
 
@@ -248,56 +248,55 @@ def test_damaged_weights_checkpoints_and_workbooks_are_named(single_run, tiny_ov
                                            (["--backbones", "nosuch"], "--backbones: 'nosuch' is not one of tiny"),
                                            (["--precisions", "fp16"], "--precisions: 'fp16' is not one of fp32, bf16"),
                                            (["--steps", "0"], "--steps 0: must be at least 1")])
-def test_bench_options_are_checked_first(capsys, args, expected):
-    code, _, err = cli(capsys, "bench", "train", *args)
+def test_bench_options_are_checked_first(args, expected):
+    code, _, err = cli("bench", "train", *args)
     one_line_error(code, err, expected)
 
 
-def test_bench_on_a_gpu_that_is_not_there(capsys, monkeypatch):
+def test_bench_on_a_gpu_that_is_not_there(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    code, _, err = cli(capsys, "bench", "eval", "--device", "cuda")
+    code, _, err = cli("bench", "eval", "--device", "cuda")
     one_line_error(code, err, "--device cuda: no CUDA GPU is visible")
 
 
-def test_predict_on_a_folder_without_images_says_so(single_run, tmp_path, capsys):
+def test_predict_on_a_folder_without_images_says_so(single_run, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no pictures here")
-    code, _, err = cli(capsys, "predict", str(single_run), str(tmp_path / "empty"))
+    code, _, err = cli("predict", str(single_run), str(tmp_path / "empty"))
     assert code == 1 and "a folder with no images in it" in err and "Traceback" not in err, err
 
 
-def test_a_tracker_that_is_not_installed_fails_at_start(tiny_overrides, tmp_path, capsys, monkeypatch):
-    import importlib.util
+def test_a_tracker_that_is_not_installed_fails_at_start(tiny_overrides, tmp_path, monkeypatch):
+    import iqa_dist.train
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    code, _, err = cli(capsys, "train", "--preset", "demo", *[f"--{o}" for o in tiny_overrides],
+    monkeypatch.setattr(iqa_dist.train, "is_wandb_available", lambda: None)  # as Accelerate says it
+    code, _, err = cli("train", "--preset", "demo", *[f"--{o}" for o in tiny_overrides],
                        "--run.log_with=wandb", f"--run.root={tmp_path}")
     one_line_error(code, err, "run.log_with=wandb: the wandb package is not installed")
     assert not list(tmp_path.iterdir())
 
 
-def test_a_scale_the_model_never_saw_is_explained(single_run, tmp_path, capsys):
+def test_a_scale_the_model_never_saw_is_explained(single_run, tmp_path):
     fixtures.image(tmp_path / "one.png", (160, 160), seed=1)
-    code, _, err = cli(capsys, "predict", str(single_run), str(tmp_path / "one.png"), "--scale", "koniq10k")
+    code, _, err = cli("predict", str(single_run), str(tmp_path / "one.png"), "--scale", "koniq10k")
     one_line_error(code, err, "--scale koniq10k: this model trained on synthetic only", "its scale is the default")
 
 
-def test_damaged_run_files_are_named_and_a_cut_metrics_line_is_skipped(single_run, tmp_path, capsys):
+def test_damaged_run_files_are_named_and_a_cut_metrics_line_is_skipped(single_run, tmp_path):
     run = tmp_path / single_run.name
     shutil.copytree(single_run, run, ignore=shutil.ignore_patterns("checkpoints"))
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 9, "train_lo')  # the process was killed while writing
-    code, out, err = cli(capsys, "report", str(run))
+    code, out, err = cli("report", str(run))
     assert code == 0 and "1 run(s)" in out, err
     (run / "summary.json").write_text('{"test": ')
-    code, _, err = cli(capsys, "report", str(run))
+    code, _, err = cli("report", str(run))
     one_line_error(code, err, "summary.json: damaged JSON (line 1")
 
 
-def test_rows_that_used_to_pass_unnoticed(tmp_path, capsys):
+def test_rows_that_used_to_pass_unnoticed(tmp_path):
     """An image listed twice (it could sit in train and test), a row with more fields than the
     header (an unquoted comma) and a mistyped split word are bad rows, not silently accepted."""
     fixtures.generic_csv(tmp_path / "d", n=8, split=True)
@@ -306,32 +305,32 @@ def test_rows_that_used_to_pass_unnoticed(tmp_path, capsys):
     prepare = ["prepare", "--dataset", "csv", "--preset", "demo", "--root", str(tmp_path / "d"), "--cache-dir",
                str(tmp_path / "c"), "--data.workers=1", "--data.split=official"]
     meta.write_text("\n".join([*lines, "img/000.png,0.7,0.1,test", "img/001.png,0.5,0.1,test,extra"]) + "\n")
-    code, _, err = cli(capsys, *prepare)
+    code, _, err = cli(*prepare)
     assert code == 2 and "Traceback" not in err, err
     assert "meta.csv row 10 (img/000.png): listed twice (first at row 2)" in err
     assert "meta.csv row 11 (img/001.png): 1 more field(s) than the header has columns" in err
     meta.write_text("\n".join([*lines[:-1], lines[-1].replace(",train", ",tset")]) + "\n")
-    code, _, err = cli(capsys, *prepare)
+    code, _, err = cli(*prepare)
     one_line_error(code, err, "meta.csv row 9: split 'tset' is not train/val/test")
 
 
-def test_synthetic_root_is_warned_about(tmp_path, capsys):
-    code, _, err = cli(capsys, "prepare", "--dataset", "synthetic", "--root", str(tmp_path / "mine"),
+def test_synthetic_root_is_warned_about(tmp_path):
+    code, _, err = cli("prepare", "--dataset", "synthetic", "--root", str(tmp_path / "mine"),
                        "--cache-dir", str(tmp_path / "c"), "--data.synthetic_size=1")
     assert code == 0 and "warning:" in err and "is ignored" in err
 
 
-def test_unknown_options_suggest_the_full_key(capsys):
-    code, _, err = cli(capsys, "train", "--preset", "demo", "--lr", "1e-3")
+def test_unknown_options_suggest_the_full_key():
+    code, _, err = cli("train", "--preset", "demo", "--lr", "1e-3")
     one_line_error(code, err, "unknown option --lr; did you mean --optim.lr?")
 
 
 # ---------------------------------------------------------------- output
 
 
-def test_logs_never_wrap_a_message(tmp_path, capsys):
+def test_logs_never_wrap_a_message(tmp_path):
     deep = tmp_path / ("a-rather-long-folder-name-" * 6) / "data"
-    code, _, err = cli(capsys, "prepare", "--dataset", "koniq10k", "--root", str(deep), "--cache-dir", str(tmp_path))
+    code, _, err = cli("prepare", "--dataset", "koniq10k", "--root", str(deep), "--cache-dir", str(tmp_path))
     one_line_error(code, err, str(deep))
     wide = console()
     assert wide.width >= 1000 and not wide.is_terminal  # pipes and files get the long lines whole
@@ -361,16 +360,16 @@ def test_the_first_line_after_a_resume_has_no_speed_yet(capsys):
     assert "speed not yet measured" in out and "nan" not in out and "0.00 steps/s" not in out
 
 
-def test_version_and_help_that_starts_with_what_matters(capsys):
-    code, out, _ = cli(capsys, "--version")
+def test_version_and_help_that_starts_with_what_matters():
+    code, out, _ = cli("--version")
     assert code == 0 and out.startswith("iqa-dist ")
-    code, out, _ = cli(capsys, "train", "--help")
+    code, out, _ = cli("train", "--help")
     assert code == 0 and "examples:" in out
     common = out.index("most used options")
     assert out.index("examples:") < common < out.index("--data.cache_dir")
     for key in ("--data.root", "--optim.lr", "--train.epochs", "--train.batch_size", "--run.name"):
         assert common < out.index(f"  {key} V", common) < out.index("--data.cache_dir"), key
-    code, out, _ = cli(capsys, "evaluate", "--help")
+    code, out, _ = cli("evaluate", "--help")
     assert code == 0 and "--data.split" in out and "--allow-train-overlap" in out
     for key in ("--optim.lr", "--train.epochs", "--model.backbone", "--augment.hue", "--data.train_patch_num"):
         assert key not in out, key

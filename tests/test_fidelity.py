@@ -287,7 +287,7 @@ def test_ranking_pairs_never_cross_datasets():
 
 
 @pytest.mark.slow
-def test_ranking_loss_is_the_same_on_one_and_two_processes(tiny_overrides, tmp_path, capsys):
+def test_ranking_loss_is_the_same_on_one_and_two_processes(tiny_overrides, tmp_path):
     overrides = [*tiny_overrides, *RUN, "train.max_steps=4", "train.eval_every=2", "optim.rank_weight=0.3"]
     one = train_here([*overrides, f"run.root={tmp_path / 'one'}"])
     two = run_train([*overrides, f"run.root={tmp_path / 'two'}"], nproc=2)
@@ -297,7 +297,7 @@ def test_ranking_loss_is_the_same_on_one_and_two_processes(tiny_overrides, tmp_p
     for x, y in zip(a, b):
         for key in ("train_loss", "val_srcc", "val_plcc"):
             assert y[key] == pytest.approx(x[key], abs=1e-5), key
-    code, _, err = cli(capsys, "train", "--preset", "demo", *[f"--{o}" for o in overrides], "--train.micro_batch_size=4",
+    code, _, err = cli("train", "--preset", "demo", *[f"--{o}" for o in overrides], "--train.micro_batch_size=4",
                        f"--run.root={tmp_path / 'three'}")
     assert code == 2 and "micro_batch_size" in err and "Traceback" not in err
 

@@ -149,34 +149,34 @@ def test_ema_export_is_the_better_of_the_two(joint_run):
     assert summary["val"]["srcc"] == pytest.approx(max(best["ema_val_srcc"], best["val_srcc"]))
 
 
-def test_a_joint_model_scores_on_the_scale_asked(joint_run, tmp_path, capsys):
+def test_a_joint_model_scores_on_the_scale_asked(joint_run, tmp_path):
     run, root = joint_run
     image = root / "kadid" / "images" / "I01_01_01.png"
-    code, _, err = cli(capsys, "predict", str(run), str(image))
+    code, _, err = cli("predict", str(run), str(image))
     assert code == 2 and "--scale" in err and "normalized" in err
     scores = {}
     for scale in ("kadid10k", "synthetic", "normalized"):
-        code, out, err = cli(capsys, "predict", str(run), str(image), "--scale", scale, "--format", "jsonl")
+        code, out, err = cli("predict", str(run), str(image), "--scale", scale, "--format", "jsonl")
         assert code == 0, err
         scores[scale] = json.loads(out)["score"]
     card = ModelCard.read(run / "model")
     for name in ("kadid10k", "synthetic"):  # printed to 4 decimals: the normalized one's rounding, scaled
         scale = card.datasets[name].scale
         assert scores[name] == pytest.approx(scale.to_score(scores["normalized"]), abs=1e-4 + 5e-5 * scale.scale)
-    code, _, err = cli(capsys, "evaluate", "--run", str(run), "--dataset", "kadid10k", "--output", str(tmp_path / "k.json"))
+    code, _, err = cli("evaluate", "--run", str(run), "--dataset", "kadid10k", "--output", str(tmp_path / "k.json"))
     assert code == 0, err
     report = json.loads((tmp_path / "k.json").read_text())
     assert report["scale"] == "kadid10k" and report["metrics"]["n"] > 0  # its own test split, on its own scale
 
 
-def test_ema_resumes_bit_exact(tiny_overrides, tmp_path, capsys):
+def test_ema_resumes_bit_exact(tiny_overrides, tmp_path):
     """A run checkpointed at step 3 and resumed to 6 equals one that ran 6 steps, EMA included."""
     common = [f"--{o}" for o in [*tiny_overrides, "train.eval_every=3", "train.checkpoint_every=3",
                                  "train.ema_decay=0.5", "optim.schedule=constant", "optim.warmup_steps=0"]]
-    assert cli(capsys, "train", "--preset", "demo", *common, "--train.max_steps=6", f"--run.root={tmp_path / 'a'}")[0] == 0
-    assert cli(capsys, "train", "--preset", "demo", *common, "--train.max_steps=3", f"--run.root={tmp_path / 'b'}")[0] == 0
+    assert cli("train", "--preset", "demo", *common, "--train.max_steps=6", f"--run.root={tmp_path / 'a'}")[0] == 0
+    assert cli("train", "--preset", "demo", *common, "--train.max_steps=3", f"--run.root={tmp_path / 'b'}")[0] == 0
     run_b = only_run(tmp_path / "b")
-    code, _, err = cli(capsys, "train", "--preset", "demo", *common, "--train.max_steps=6", f"--run.root={tmp_path / 'b'}",
+    code, _, err = cli("train", "--preset", "demo", *common, "--train.max_steps=6", f"--run.root={tmp_path / 'b'}",
                        "--resume", str(run_b), "--extend")
     assert code == 0, err
     a, b = metrics(only_run(tmp_path / "a")), metrics(run_b)

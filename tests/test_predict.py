@@ -86,7 +86,7 @@ def test_scorer_matches_the_model_and_tta_with_one_crop_is_plain(single_run, ima
         scorer.prepare(Image.new("RGB", (60, 50)))
 
 
-def test_predict_is_deterministic_scores_folders_and_skips_bad_files(single_run, images, tmp_path, capsys):
+def test_predict_is_deterministic_scores_folders_and_skips_bad_files(single_run, images, tmp_path):
     folder = tmp_path / "mixed"
     shutil.copytree(images, folder)
     (folder / "broken.jpg").write_bytes(b"not an image")
@@ -95,15 +95,15 @@ def test_predict_is_deterministic_scores_folders_and_skips_bad_files(single_run,
     assert "broken.jpg" in first.stderr and "unreadable image" in first.stderr and "Traceback" not in first.stderr
     rows = list(csv.DictReader(io.StringIO(first.stdout)))
     assert len(rows) == 4 and {r["path"].split("/")[-1] for r in rows} == {"a0.png", "a1.png", "a2.png", "b.jpg"}
-    code, out, err = cli(capsys, "predict", str(single_run / "model"), str(folder / "*.png"),
+    code, out, err = cli("predict", str(single_run / "model"), str(folder / "*.png"),
                          str(folder / "sub" / "b.jpg"), "--format", "jsonl", "--crops", "4", "--flip")
     assert code == 0, err
     scores = {json.loads(line)["path"]: json.loads(line)["score"] for line in out.splitlines()}
     for r in rows:
         assert scores[r["path"]] == pytest.approx(float(r["score"]), abs=1e-3)
-    code, out, _ = cli(capsys, "predict", str(single_run), str(images / "a1.png"))
+    code, out, _ = cli("predict", str(single_run), str(images / "a1.png"))
     assert code == 0 and "a1.png" in out
-    code, _, err = cli(capsys, "predict", str(single_run), str(tmp_path / "nothing-here.png"))
+    code, _, err = cli("predict", str(single_run), str(tmp_path / "nothing-here.png"))
     assert code == 1 and "no such file" in err
 
 

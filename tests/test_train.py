@@ -140,7 +140,7 @@ def test_accumulation_on_two_processes_still_syncs_gradients(single_run, tiny_ov
     assert_same_training(metrics(single_run), metrics(only_run(tmp_path)))
 
 
-def test_preempted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path, capsys):
+def test_preempted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path):
     """SIGUSR1 (SLURM's warning) -> checkpoint and exit 124; relaunching continues mid-epoch and
     ends exactly where an uninterrupted run ends (dropout, drop path and jitter on: every RNG)."""
     overrides = [*tiny_overrides, *RUN, "train.max_steps=8", "train.checkpoint_every=100", "model.dropout=0.2",
@@ -171,7 +171,7 @@ def test_preempted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path, c
     sa = json.loads((only_run(ref_root) / "summary.json").read_text())
     sb = json.loads((run / "summary.json").read_text())
     assert sb["test"]["srcc"] == pytest.approx(sa["test"]["srcc"], abs=1e-6)
-    code, _, err = cli(capsys, "train", "--preset", "demo", *[f"--{o}" for o in overrides], "--optim.lr=0.5",
+    code, _, err = cli("train", "--preset", "demo", *[f"--{o}" for o in overrides], "--optim.lr=0.5",
                        f"--run.root={cut_root}", "--resume", str(run))
     assert code == 2 and "the config differs" in err and "Traceback" not in err
 

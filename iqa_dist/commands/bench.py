@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch {args.batch}: expected positive whole numbers, comma-separated (e.g. 12,24,48,96)")
     for option, given, known in (("--backbones", args.backbones, BACKBONES), ("--precisions", args.precisions,
                                                                               ("fp32", "bf16"))):
-        unknown = [x for x in given.split(",") if given and x not in known]
+        unknown = [x for x in given.split(",") if x not in known] if given else []
         if unknown:
             raise UserError(f"{option}: {unknown[0]!r} is not one of {', '.join(known)}")
     positive("--steps", args.steps)
