@@ -9,10 +9,12 @@ drawn per sample, as torchvision does per image on the CPU.
 Random parameters are drawn on the host from one `torch.Generator` for the whole GLOBAL batch,
 and each process applies the rows of its share: the augmentation of sample i of step s does not
 depend on the number of processes, ranks still see different augmentations (different samples),
-and the generator state is checkpointed. A micro-batch's numbers (crop origins, flips, factors,
-orders, scores) travel to the device in ONE packed copy; everything after that is a fixed
-sequence of batched tensor operations with static shapes and no host round trip (no per-sample
-Python, no data-dependent indexing), which torch.compile fuses into a few kernels.
+and the generator state is checkpointed. A micro-batch's numbers (crop origins, flips, scores,
+and the jitter's per-sample factors already laid out per blend pass by `jitter_table`) travel to
+the device in ONE packed copy; everything after that is a fixed sequence of batched tensor
+operations with static shapes and no host round trip (no per-sample Python, no data-dependent
+indexing, no tensor made from Python data: the constants are made at set-up, `Augmenter.to`),
+about 80 kernels eager, which torch.compile fuses into a few.
 """
 
 from __future__ import annotations
@@ -56,85 +58,98 @@ def normalize(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
-def _gray(x: Tensor) -> Tensor:
-    r, g, b = x.unbind(1)
-    return (GRAY[0] * r + GRAY[1] * g + GRAY[2] * b).unsqueeze(1)  # (B, 1, H, W)
+def adjust_hue(x: Tensor, turn: Tensor) -> Tensor:
+    """RGB -> HSV, H += shift (mod 1), -> RGB: torchvision's adjust_hue in fewer passes.
 
-
-def _blend(a: Tensor, b: Tensor, ratio: Tensor) -> Tensor:
-    r = ratio.view(-1, 1, 1, 1)
-    return (r * a + (1.0 - r) * b).clamp_(0.0, 1.0)
-
-
-def adjust_brightness(x: Tensor, f: Tensor) -> Tensor:
-    return (x * f.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
-
-
-def adjust_contrast(x: Tensor, f: Tensor) -> Tensor:
-    return _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), f)
-
-
-def adjust_saturation(x: Tensor, f: Tensor) -> Tensor:
-    return _blend(x, _gray(x), f)
-
-
-def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
-    """RGB -> HSV, H += shift (mod 1), -> RGB: torchvision's adjust_hue, in fewer passes.
-
-    V and S do not change, so out = max - (max - min) * clamp(min(k, 4 - k), 0, 1) with
-    k = (n + 6H) mod 6, n = 5, 3, 1 for R, G, B (the closed form of torchvision's six-way
-    HSV -> RGB table); 6H comes from torchvision's _rgb2hsv cases with one division."""
+    turn: (B, 3) = 6 + 6 * shift + (5, 3, 1) per sample (`jitter_table`, on the host). V and S do
+    not change, so out = max - (max - min) * clamp(min(k, 4 - k), 0, 1) with k = (n + 6H') mod 6,
+    n = 5, 3, 1 for R, G, B (the closed form of torchvision's six-way HSV -> RGB table) and
+    6H' = 6H + 6 shift. torchvision's _rgb2hsv cases give 6H = (q + 6) mod 6 with
+    q = num / (max - min) in [-1, 5], so k = (q + turn) mod 6: one pass from q to all three k."""
     r, g, b = x.unbind(1)
     maxc, minc = x.amax(1), x.amin(1)
     cr = maxc - minc
-    num = torch.where(maxc == r, g - b, torch.where(maxc == g, b - r + 2.0 * cr, r - g + 4.0 * cr))
-    h = torch.fmod(num / torch.where(cr == 0, 1.0, cr) / 6.0 + 1.0, 1.0)  # gray pixels: cr = 0, num = 0
-    h6 = (h + shift.view(-1, 1, 1)) % 1.0 * 6.0  # (B, H, W) in [0, 6)
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h6.unsqueeze(1)) % 6.0
+    num = torch.where(maxc == r, g - b, torch.where(maxc == g, torch.add(b - r, cr, alpha=2.0),
+                                                     torch.add(r - g, cr, alpha=4.0)))
+    q = num / cr.clamp(min=torch.finfo(cr.dtype).tiny)  # gray pixels: cr = 0 and num = 0, so q = 0
+    k = torch.remainder(q.unsqueeze(1) + turn.view(-1, 3, 1, 1), 6.0)  # (B, 3, H, W)
     return maxc.unsqueeze(1) - cr.unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
 
-def color_jitter(x: Tensor, brightness: Tensor | None, contrast: Tensor | None, saturation: Tensor | None,
-                 hue: Tensor | None, order: Tensor) -> Tensor:
-    """ColorJitter with per-sample factors and per-sample order, deterministic.
+def gray_weights(device: torch.device | str = "cpu") -> Tensor:
+    """(1, 3, 1, 1) float32: torchvision's grayscale weights, made once per device (at set-up:
+    a tensor made from Python data on a GPU is a blocking copy)."""
+    return torch.tensor(GRAY, device=device).view(1, 3, 1, 1)
 
-    x: (B, 3, H, W) float in [0, 1]; brightness, contrast, saturation: (B,) factors (1 = no
-    change); hue: (B,) shifts in [-0.5, 0.5]; None skips an operation; order: (B, 4) long, each
-    row a permutation of 0=brightness, 1=contrast, 2=saturation, 3=hue. Float32, even under
-    autocast. Everything is whole-batch tensor math: no gather, no host sync, static shapes.
 
-    Brightness, contrast and saturation are one formula, torchvision's blend
-    clamp(f * x + (1 - f) * m, 0, 1) with m = 0, the image's mean gray, or the pixel's gray, so
-    one `blend` per order position serves all three, with per-sample f and m (and f = 1, an exact
-    identity, for a sample whose op at that position is another). Hue, the costly one, runs once:
-    the positions before each sample's hue position, then hue, then the positions after it.
-    """
-    dev = x.device
-    order = order.to(dev)
-    factors = [f.to(dev).float() if f is not None else torch.ones(len(x), device=dev)
-               for f in (brightness, contrast, saturation)]
-    hue_at = order.argsort(1)[:, 3] if hue is not None else torch.full((len(x),), 4, device=dev)
-    with torch.autocast(dev.type, enabled=False):
+def jitter_table(factors: Tensor, hue: Tensor | None, order: Tensor) -> Tensor:
+    """What the device jitter reads per sample, computed where the draws are (the host).
+
+    factors: (B, 3) brightness, contrast, saturation factors (1 = off); hue: (B,) shifts, or None
+    when hue is off; order: (B, 4) long, each row a permutation of 0=brightness, 1=contrast,
+    2=saturation, 3=hue. Brightness, contrast and saturation are one formula, torchvision's blend
+    clamp(f * x + (1 - f) * m, 0, 1) with m = 0, the image's mean gray or the pixel's gray, so
+    the device runs P whole-batch blend passes: the 4 order positions without hue; with hue, the
+    3 positions that can come before it, hue once, then the 3 that can come after it (each sample
+    uses 3 of the 6, f = 1 in the others: an exact identity). Per pass p: the factor f_p, the
+    contrast weight c_p (m is the mean gray when 1) and the keep weight k_p (0 for brightness:
+    m = 0). Returns (B, 3P) float64 [f | c | k], then with hue the three `adjust_hue` turns."""
+    op_f = factors.double().gather(1, order.clamp(max=2))  # (B, 4): the factor of each position's op
+    blend = order != 3
+    if hue is None:
+        f, ops = torch.where(blend, op_f, 1.0), order
+    else:
+        at = order.argsort(1)[:, 3:]  # hue's position (B, 1)
+        pos = torch.arange(4, device=order.device)
+        f = torch.cat([torch.where(blend & (pos < at), op_f, 1.0)[:, :3],
+                       torch.where(blend & (pos > at), op_f, 1.0)[:, 1:]], 1)
+        ops = torch.cat([order[:, :3], order[:, 1:]], 1)
+    columns = [f, (ops == 1).double(), (ops != 0).double()]
+    if hue is not None:
+        n = torch.arange(5.0, 0.0, -2.0, dtype=torch.float64, device=order.device)  # R, G, B
+        columns.append(6.0 + 6.0 * hue.double()[:, None] + n)
+    return torch.cat(columns, 1)
+
+
+def jitter(x: Tensor, table: Tensor, hue: bool, gray: Tensor) -> Tensor:
+    """ColorJitter of a batch from its `jitter_table` (float32, on x's device): P blend passes,
+    hue once between them. Whole-batch tensor math: no gather, no host sync, static shapes.
+    x: (B, 3, H, W) float in [0, 1]; gray: `gray_weights` on x's device. Float32, even under
+    autocast."""
+    passes = 6 if hue else 4
+    f, c, k = (table[:, i * passes:(i + 1) * passes] for i in range(3))
+
+    def blend(x: Tensor, p: int) -> Tensor:
+        g = (x * gray).sum(1, keepdim=True)  # (B, 1, H, W)
+        # lerp with weight 0 or 1 is exact: the pixel's gray or the image's mean gray, then 0 or itself
+        m = torch.lerp(g, g.mean((2, 3), keepdim=True), c[:, p].view(-1, 1, 1, 1)) * k[:, p].view(-1, 1, 1, 1)
+        return torch.lerp(m, x, f[:, p].view(-1, 1, 1, 1)).clamp_(0.0, 1.0)  # torchvision's blend; f = 1 gives x
+
+    with torch.autocast(x.device.type, enabled=False):
         x = x.float()
-        before, after = (range(3), range(1, 4)) if hue is not None else (range(4), range(0))
-        for k in before:
-            x = _blend_at(x, order[:, k], factors, order[:, k] != 3, k < hue_at)
-        if hue is not None:
-            x = adjust_hue(x, hue.to(dev).float())
-        for k in after:
-            x = _blend_at(x, order[:, k], factors, order[:, k] != 3, k > hue_at)
+        for p in range(3 if hue else 4):
+            x = blend(x, p)
+        if hue:
+            x = adjust_hue(x, table[:, 3 * passes:3 * passes + 3])
+            for p in range(3, 6):
+                x = blend(x, p)
     return x
 
 
-def _blend_at(x: Tensor, op: Tensor, factors: list[Tensor], is_blend: Tensor, now: Tensor) -> Tensor:
-    """One order position for the whole batch: sample i applies op[i] (0 brightness, 1 contrast,
-    2 saturation) with its factor when `now[i]`, else the identity (f = 1)."""
-    f = torch.stack(factors, 1).gather(1, op.clamp(max=2)[:, None]).squeeze(1)
-    f = torch.where(is_blend & now, f, 1.0).view(-1, 1, 1, 1)
-    gray = (x * x.new_tensor(GRAY).view(1, 3, 1, 1)).sum(1, keepdim=True)  # (B, 1, H, W)
-    m = torch.where((op == 1).view(-1, 1, 1, 1), gray.mean((2, 3), keepdim=True), gray)
-    m = torch.where((op == 0).view(-1, 1, 1, 1), 0.0, m)  # brightness blends with black
-    return torch.lerp(m, x, f).clamp_(0.0, 1.0)  # m + f (x - m): torchvision's blend, one kernel
+def color_jitter(x: Tensor, brightness: Tensor | None, contrast: Tensor | None, saturation: Tensor | None,
+                 hue: Tensor | None, order: Tensor, gray: Tensor | None = None) -> Tensor:
+    """ColorJitter with per-sample factors and per-sample order, deterministic, torchvision's math.
+
+    x: (B, 3, H, W) float in [0, 1]; brightness, contrast, saturation: (B,) factors (1 = no
+    change); hue: (B,) shifts in [-0.5, 0.5]; None skips an operation; order: (B, 4) long, each
+    row a permutation of 0=brightness, 1=contrast, 2=saturation, 3=hue. A convenience over
+    `jitter_table` + `jitter` (the training step uploads the table with the batch's other numbers,
+    and passes the Augmenter's `gray`; made here when None)."""
+    dev = x.device
+    ones = torch.ones(len(x), device=order.device)
+    factors = torch.stack([ones if f is None else f.to(order.device) for f in (brightness, contrast, saturation)], 1)
+    table = jitter_table(factors, None if hue is None else hue.to(order.device), order).to(dev).float()
+    return jitter(x, table, hue is not None, gray_weights(dev) if gray is None else gray)
 
 
 # ---------------------------------------------------------------- random parameters
@@ -180,14 +195,16 @@ class Augmenter:
         self.cfg = cfg
         self.size = size
         self.generator = torch.Generator().manual_seed(seed)
+        # the constants the device work reads, made here and moved once by `to` (set-up, not per step)
         self.mean = torch.tensor(mean, dtype=torch.float32)
         self.std = torch.tensor(std, dtype=torch.float32)
+        self.gray = gray_weights()
         self.jitter = any(v > 0 for v in (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
-        self._stats: tuple[Tensor, Tensor] | None = None  # mean and std on the device
+        self._compiled = None  # the training augmentation under torch.compile (`compile`)
 
     @classmethod
     def evaluation(cls, size: int, mean: Sequence[float], std: Sequence[float]) -> "Augmenter":
-        """Crop + normalise only (what `eval` uses)."""
+        """Crop + normalise only (what evaluation uses)."""
         return cls(AugmentConfig(hflip=False, brightness=0, contrast=0, saturation=0, hue=0), size, tuple(mean),
                    tuple(std), seed=0)
 
@@ -211,50 +228,51 @@ class Augmenter:
 
     def upload(self, offsets: Tensor, widths: Tensor, y0: Tensor, x0: Tensor, params: AugmentParams | None,
                scores: Tensor, device: torch.device) -> Tensor:
-        """A micro-batch's per-sample numbers, packed (B, 14) float64 and copied to `device` in one
-        non-blocking transfer from pinned memory: offset, width, y0, x0, flip, the four jitter
-        factors, the four order codes, score. (float64 holds byte offsets exactly below 2^53.)"""
+        """A micro-batch's per-sample numbers, packed (B, W) float64 and copied to `device` in one
+        non-blocking transfer from pinned memory: offset, width, y0, x0, flip, score, then (when
+        training with jitter) its `jitter_table`. (float64 holds byte offsets exactly below 2^53.)"""
         n = len(offsets)
-        if params is None:
-            jitter = [torch.ones(n), torch.ones(n), torch.ones(n), torch.zeros(n)]
-            flip, order = torch.zeros(n), torch.arange(4).expand(n, 4)
-        else:
-            identity = (1.0, 1.0, 1.0, 0.0)
-            jitter = [torch.full((n,), identity[i]) if f is None else f
-                      for i, f in enumerate((params.brightness, params.contrast, params.saturation, params.hue))]
-            flip, order = params.flip, params.order
-        columns = [offsets, widths, y0, x0, flip, *jitter]
-        packed = torch.cat([torch.stack([c.double() for c in columns], 1), order.double(),
-                            scores.double()[:, None]], 1)
+        flip = torch.zeros(n) if params is None else params.flip
+        packed = torch.stack([c.double() for c in (offsets, widths, y0, x0, flip, scores)], 1)
+        if params is not None and self.jitter:
+            factors = torch.stack([torch.ones(n) if f is None else f
+                                   for f in (params.brightness, params.contrast, params.saturation)], 1)
+            packed = torch.cat([packed, jitter_table(factors, params.hue, params.order)], 1)
         if device.type == "cuda":
             packed = packed.pin_memory()
         return packed.to(device, non_blocking=True)
 
-    def _device_stats(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        if self._stats is None or self._stats[0].device != device:  # once per device, not per step
-            self._stats = (self.mean.to(device), self.std.to(device))
-        return self._stats
+    def to(self, device: torch.device | str) -> "Augmenter":
+        """Moves the constants to the device the pixels live on (once, at set-up)."""
+        self.mean, self.std, self.gray = (t.to(device) for t in (self.mean, self.std, self.gray))
+        return self
+
+    def compile(self, backend: str = "inductor") -> None:
+        """Compiles the training augmentation (static shapes: a resident buffer, a fixed micro-batch)
+        into a few fused kernels. Evaluation's crop + normalise stays eager: its buffers differ per
+        split, and each size would be one more compilation for a few cheap kernels."""
+        self._compiled = torch.compile(self._apply, dynamic=False, backend=backend)
 
     def apply(self, pixels: Tensor, packed: Tensor, train: bool = True) -> tuple[Tensor, Tensor]:
         """(normalised patches (B, 3, S, S) float32, scores (B,) float32) from an upload()."""
+        if pixels.device != self.mean.device:  # a device comparison, no sync
+            raise RuntimeError(f"the augmentation's constants are on {self.mean.device} and the pixels on "
+                               f"{pixels.device}: call Augmenter.to(device) at set-up")
+        if train and self._compiled is not None:
+            return self._compiled(pixels, packed, True)
+        return self._apply(pixels, packed, train)
+
+    def _apply(self, pixels: Tensor, packed: Tensor, train: bool) -> tuple[Tensor, Tensor]:
         off, w, y0, x0 = packed[:, :4].long().unbind(1)
         flip = packed[:, 4] > 0.5
-        mean, std = self._device_stats(pixels.device)
         with torch.autocast(pixels.device.type, enabled=False):
             x = to_unit(crop(pixels, off, w, y0, x0, flip, self.size))
             if train and self.jitter:
-                active = (self.cfg.brightness, self.cfg.contrast, self.cfg.saturation, self.cfg.hue)
-                factors = [packed[:, 5 + i].float() if v > 0 else None for i, v in enumerate(active)]
-                x = color_jitter(x, *factors, packed[:, 9:13].long())
-            return normalize(x, mean, std), packed[:, 13].float()
+                x = jitter(x, packed[:, 6:].float(), self.cfg.hue > 0, self.gray)
+            return normalize(x, self.mean, self.std), packed[:, 5].float()
 
     def train(self, pixels: Tensor, offsets: Tensor, widths: Tensor, y0: Tensor, x0: Tensor,
               params: AugmentParams) -> Tensor:
         """Training patches (B, 3, S, S), normalised; y0/x0 from crop_origin or a cached strip."""
         packed = self.upload(offsets, widths, y0, x0, params, torch.zeros(len(offsets)), pixels.device)
         return self.apply(pixels, packed)[0]
-
-    def eval(self, pixels: Tensor, offsets: Tensor, widths: Tensor, y0: Tensor, x0: Tensor) -> Tensor:
-        """Evaluation patches: the given crops, no flip or jitter, the same normalisation."""
-        packed = self.upload(offsets, widths, y0, x0, None, torch.zeros(len(offsets)), pixels.device)
-        return self.apply(pixels, packed, train=False)[0]

@@ -5,12 +5,17 @@
          of the source JPEG per patch, torchvision CPU transforms in DataLoader workers), (b) the
          cache + device augmentation with fresh crops, (c) the cache with stored training patches.
 - train: per backbone, precision, batch and compile setting, patches/s of (1) the real training
-         step end to end (`train.next_batch` + `train.train_step`, the functions `iqa-dist train`
-         runs), (2) the same step on a batch already on the device (model only), (3) the anchor:
+         step end to end (`step.next_batch` + `step.train_step`, the functions `iqa-dist train`
+         runs, built by rig.StepRig), (2) the same step on a batch already on the device (model
+         only), (3) the anchor:
          timm's plain classifier of the same backbone, same batch, precision and optimizer (what
          a user would train instead). Per row: % of the anchor, MFU (on a GPU), peak GPU memory.
          With several batches it projects the time of a KonIQ epoch on 1-8 GPUs at global batch 96.
 - eval:  images/s of evaluation (the test protocol's patches per image).
+- kernels: the step's kernel budget (budget.py): device kernels and host syncs per step of the
+         real step, the model-only step and the anchor, per part, against the targets; counted
+         on any device. On a GPU it then runs the real step under
+         `torch.cuda.set_sync_debug_mode("error")`, which fails on any synchronisation.
 
 The source images are KonIQ-size (1024x768) JPEGs made from scikit-image's photos, written once
 to a temporary folder, so every pipeline reads the same files.
@@ -34,14 +39,15 @@ from rich.console import Console
 from rich.table import Table
 
 from .augment import Augmenter
+from .budget import step_budget
 from .cache import prepare
 from .config import Config, load_config
 from .evaluate import predict_images
 from .model import build_model
 from .output import console as make_console, fmt, print_table
-from .optim import build_optimizer, build_schedule
 from .plan import BatchPlan, Shares
-from .step import Batch, MicroBatch, PreemptionFlag, StepGuard, next_batch, train_step
+from .rig import AnchorRig, StepRig
+from .step import next_batch
 from .train import maybe_compile
 
 # Dense bf16 peak FLOP/s of the GPUs people train on (datasheets; H100/H200 SXM).
@@ -214,7 +220,7 @@ def _cache_rate(view, c: Config, batch: int, steps: int, device: torch.device) -
     cached = c.data.train_patches == "cached"
     store = (view.patch_store() if cached else view.image_store("train")).to(device)
     plan = BatchPlan(len(store), c.data.train_patch_num, batch, 0, c.data.cached_patch_num if cached else 0)
-    aug = Augmenter(c.augment, c.model.img_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0)
+    aug = Augmenter(c.augment, c.model.img_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0).to(device)
     shares = Shares.plan(batch, 0, 1, 0)
     counter = iter(range(10**9))
 
@@ -239,16 +245,6 @@ def flops_per_patch(model: torch.nn.Module, size: int, device: torch.device) -> 
         model(x).sum().backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / 2
-
-
-def _accelerator(precision: str, device: torch.device):
-    """A fresh single-process Accelerator for one precision (Accelerate keeps one global state)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if precision == "bf16" else "no")
 
 
 def _peak_memory(device: torch.device) -> float | None:
@@ -288,72 +284,46 @@ def bench_train(cfg: Config, backbones: list[str], precisions: list[str], compil
 
 
 def _train_rates(c: Config, view, store, precision: str, batch: int, steps: int, device: torch.device) -> dict:
-    """The real step (`train_step`) on a batch already on the device (model only) and fed by the
-    real input path (`next_batch`: cache -> device augmentation), under a real Accelerator."""
-    acc = _accelerator(precision, device)
+    """The real step (`train_step`, what `train` runs, compiled as `train` compiles it) on a batch
+    already on the device (model only) and fed by the real input path (`next_batch`: cache ->
+    device augmentation), under a real Accelerator."""
     torch.manual_seed(0)
     size = c.model.img_size
-    model = build_model(c.model).to(device).train()
-    flops = flops_per_patch(model, size, device)
-    optimizer = build_optimizer(model, c)
-    scheduler = build_schedule(optimizer, c, 10**6, 10**6)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    forward = maybe_compile(model, c, Console(quiet=True))
-    guard = StepGuard(acc, optimizer, PreemptionFlag())
-    aug = Augmenter(c.augment, size, model.mean, model.std, 0)
-    plan = BatchPlan(len(store), c.data.train_patch_num, batch, 0)
-    shares = Shares.plan(batch, 0, 1, 0)
-    counter = iter(range(10**9))
-    fixed = Batch([MicroBatch(torch.randn(batch, 3, size, size, device=device),
-                              torch.rand(batch, device=device) * 100, 0)])
-
-    def step(b: Batch) -> None:
-        train_step(acc, forward, optimizer, scheduler, b, next(counter), shares.per_process, 0.0, c.optim.grad_clip,
-                   guard)
-
-    def full() -> None:
-        i = next(counter)
-        step(next_batch(store, plan, aug, shares, i % plan.steps_per_epoch, device))
-
+    flops = flops_per_patch(build_model(c.model).to(device).train(), size, device)
+    rig = StepRig.build(c, store, precision, batch, device)
     t0 = time.perf_counter()
-    step(fixed)  # the first step compiles when compile is on
-    guard.flush()
+    rig.model_only()  # the first step compiles when compile is on
+    rig.end_to_end()  # ... and the augmentation
+    rig.guard.flush()
     first = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model_only = _rate(lambda: step(fixed), batch, steps, device)
-    end_to_end = _rate(full, batch, steps, device)
-    guard.flush()
+    model_only = _rate(rig.model_only, batch, steps, device)
+    end_to_end = _rate(rig.end_to_end, batch, steps, device)
+    rig.guard.flush()
     return {"precision": precision, "compile": c.train.compile, "batch": batch, "img_size": size,
             "model_only": model_only, "end_to_end": end_to_end, "overhead_pct": 100 * (1 - end_to_end / model_only),
-            "gflop_per_patch": flops / 1e9, "memory_gib": _peak_memory(device), "first_step_s": first}
+            "gflop_per_patch": flops / 1e9, "memory_gib": _peak_memory(device), "first_step_s": first,
+            **_compiled_graphs(c)}
+
+
+def _compiled_graphs(c: Config) -> dict:
+    """What dynamo compiled so far in this process (with compile on): graphs, breaks, recompiles."""
+    if not c.train.compile:
+        return {}
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "recompiles": sum(counters["recompiles"].values())}
 
 
 def _anchor_rate(c: Config, precision: str, batch: int, steps: int, device: torch.device) -> dict:
-    """timm's plain classifier of the same backbone: the same batch, precision, fused AdamW and
-    gradient clipping, cross-entropy on random labels."""
-    import timm
-
-    acc = _accelerator(precision, device)
-    torch.manual_seed(0)
-    model = timm.create_model(c.model.backbone, pretrained=False, img_size=c.model.img_size,
-                              **c.model.backbone_kwargs).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type in ("cuda", "cpu"))
-    model, optimizer = acc.prepare(model, optimizer)
-    x = torch.randn(batch, 3, c.model.img_size, c.model.img_size, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
-
-    def step() -> None:
-        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-        acc.backward(loss)
-        acc.clip_grad_norm_(model.parameters(), c.optim.grad_clip or math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()
+    """timm's plain classifier of the same backbone (rig.AnchorRig)."""
+    anchor = AnchorRig(c, precision, batch, device)
+    anchor.step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    return {"rate": _rate(step, batch, steps, device), "memory_gib": _peak_memory(device)}
+    return {"rate": _rate(anchor.step, batch, steps, device), "memory_gib": _peak_memory(device)}
 
 
 def projection(rows: list[dict], global_batch: int = 96, patches: int = KONIQ_EPOCH, gpus=(1, 2, 4, 8)) -> list[dict]:
@@ -452,7 +422,7 @@ def bench_eval(cfg: Config, n_images: int, batch_patches: int, compiles: list[bo
     images = view.eval_set("test", c.data.test_protocol, n, size)
     images = replace(images, store=images.store.to(device))
     model = build_model(c.model).to(device)
-    aug = Augmenter.evaluation(size, model.mean, model.std)
+    aug = Augmenter.evaluation(size, model.mean, model.std).to(device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     rows = []
     for compiled in compiles:
@@ -467,6 +437,46 @@ def bench_eval(cfg: Config, n_images: int, batch_patches: int, compiles: list[bo
                      "backbone": name, "img_size": size, "compile": compiled,
                      "precision": "bf16" if device.type == "cuda" else "fp32", "batch_patches": batch_patches})
     return rows
+
+
+def bench_kernels(cfg: Config, backbone: str, compiled: bool, n_images: int, batch: int, steps: int,
+                  device: torch.device, work: Path, console: Console) -> dict:
+    """The kernel budget of the koniq-swin-t step with `backbone` (counted at batch 2: the counts do
+    not depend on the batch), and on a GPU `steps` real steps at `batch` under the sync check."""
+    name, kwargs, size = BACKBONES[backbone]
+    root = source_images(work / "koniq", n_images)
+    c = load_config("koniq-swin-t", [f"data.root={root}", "data.split=random", f"model.img_size={size}",
+                                     f"data.cache_dir={work / 'cache'}", f"model.backbone={name}", "model.pretrained=none",
+                                     f"train.compile={str(compiled).lower()}"])
+    c = replace(c, model=replace(c.model, backbone_kwargs=kwargs))
+    store = prepare(c, Console(quiet=True)).image_store("train")
+    console.print(f"kernels: {backbone}, compile={compiled}: counting A, B and C", highlight=False)
+    out = step_budget(c, store, 2, device, precision="fp32" if device.type == "cpu" else "bf16")
+    out["backbone"] = backbone
+    if device.type == "cuda":
+        out["sync_debug"] = sync_debug(c, store, batch, steps, device)
+    return out
+
+
+def sync_debug(c: Config, store, batch: int, steps: int, device: torch.device) -> dict:
+    """`steps` real steps (next_batch + train_step) under torch.cuda.set_sync_debug_mode("error"),
+    after two warm-up steps: "passed", or the first synchronisation's error."""
+    rig = StepRig.build(replace(c, train=replace(c.train, ema_decay=c.train.ema_decay or 0.999)), store, "bf16",
+                        batch, device)
+    for _ in range(2):
+        rig.end_to_end()
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(steps):
+            rig.end_to_end()
+        result = {"steps": steps, "batch": batch, "passed": True}
+    except RuntimeError as e:
+        result = {"steps": steps, "batch": batch, "passed": False, "error": str(e).splitlines()[0][:300]}
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    rig.guard.flush()
+    return result
 
 
 def bench_command(what: str, cfg: Config, args) -> dict:
@@ -492,6 +502,10 @@ def bench_command(what: str, cfg: Config, args) -> dict:
                                           (args.precisions or ("fp32" if device.type == "cpu" else "bf16")).split(",")[0],
                                           batches, args.images, args.steps, device, work, console, args.global_batch,
                                           args.intra_gbps, args.inter_gbps)
+    if what == "kernels":
+        backbone = (args.backbones or "swin-t").split(",")[0]  # counted at batch 2: Swin-T is cheap on a CPU too
+        report["kernels"] = [bench_kernels(cfg, backbone, compiled, args.images, batches[0], args.steps, device, work,
+                                           console) for compiled in compiles]
     if what in ("eval", "all"):
         report["eval"] = bench_eval(cfg, args.images, batches[0] * 2, compiles, device, work, max(1, args.steps // 4))
     show(report)
@@ -568,6 +582,8 @@ def show(report: dict) -> None:
                          "evaluation not included", t)
     if "scaling" in report:
         show_scaling(out, report["scaling"], where)
+    for k in report.get("kernels", []):
+        show_kernels(out, k, where)
     for e in report.get("eval", []):
         out.print(f"evaluation: {e['images_per_s']:.1f} images/s ({e['patches_per_s']:.0f} patches/s, "
                   f"{e['test_patch_num']} patches per image, {e['backbone']} at {e['img_size']} px, {e['precision']}, "
@@ -599,3 +615,33 @@ def show_scaling(out, sc: dict, where: str) -> None:
               f"{sw['members_per_hour_8_parallel']:.2f} members/hour with 8 members in parallel (one GPU each) vs "
               f"{sw['members_per_hour_one_at_a_time_on_8']:.2f} one at a time on all 8 GPUs ({sw['speedup']:.1f}x)",
               highlight=False)
+
+
+def show_kernels(out, k: dict, where: str) -> None:
+    parts = sorted({p for x in "ABC" for p in k[x]["parts"]}, key=lambda p: -k["A"]["parts"].get(p, 0))
+    t = Table()
+    for c in ("part", "A: real step", "B: model only", "C: anchor"):
+        t.add_column(c, justify="right" if c != "part" else "left")
+    for p in parts:
+        t.add_row(p, *(f"{k[x]['parts'][p]:,.4g}" if p in k[x]["parts"] else "-" for x in "ABC"))
+    t.add_row("total kernels", *(f"{k[x]['kernels']:,.6g}" for x in "ABC"))
+    t.add_row("host syncs", *(f"{k[x]['syncs']:g}" for x in "ABC"))
+    t.add_row("uploads / downloads", *(f"{k[x]['uploads']:g} / {k[x]['downloads']:g}" for x in "ABC"))
+    print_table(out, f"device kernels per step (compute and copies, views excluded), {k['backbone']} HyperIQA, "
+                     f"koniq-swin-t recipe with an EMA, compile={k['compile']}, counted on {where}", t)
+    verdict = {True: "met", False: "MISSED"}
+    tg, ch = k["targets"], k["checks"]
+    out.print(f"A/B {k['a_over_b']:.3f} (<= {tg['a_over_b']}: {verdict[ch['a_over_b']]}), B/C {k['b_over_c']:.3f} "
+              f"(<= {tg['b_over_c']}: {verdict[ch['b_over_c']]}), augmentation {k['A']['parts'].get('augment', 0):g} "
+              f"(<= {tg['augment']}: {verdict[ch['augment']]}), guard {k['A']['parts'].get('guard', 0):g} "
+              f"(<= {tg['guard']}: {verdict[ch['guard']]}), EMA {k['A']['parts'].get('ema', 0):g} "
+              f"(= {tg['ema']}: {verdict[ch['ema']]}), no host sync: {verdict[ch['no_syncs']]}", highlight=False)
+    for x in "ABC":
+        for f in k[x]["findings"]:
+            out.print(f"  {x}: {f}", highlight=False)
+    if "augment_inductor_kernels" in k:
+        out.print(f"compiled augmentation: inductor generated {k['augment_inductor_kernels']} kernel(s)", highlight=False)
+    if "sync_debug" in k:
+        sd = k["sync_debug"]
+        out.print(f"torch.cuda.set_sync_debug_mode('error'), {sd['steps']} real steps at batch {sd['batch']}: "
+                  + ("passed" if sd["passed"] else f"FAILED: {sd['error']}"), highlight=False)

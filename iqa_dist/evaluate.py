@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from rich.console import Console
 from torch import nn
 
+from .audit import part
 from .augment import Augmenter
 from .card import ModelCard, model_dir, overlap
 from .config import Config, DataConfig, load_config_for, with_overrides
@@ -47,15 +48,20 @@ def predict_images(model: nn.Module, images: EvalSet, augmenter: Augmenter, batc
     per_batch = max(1, batch_patches // n)
     out = []
     for start in range(0, len(images), per_batch):
-        rows = torch.arange(start, min(start + per_batch, len(images)))
-        real = len(rows)
-        if fixed_shapes and real < per_batch:
-            rows = torch.cat([rows, rows[-1:].expand(per_batch - real)])
-        pixels, offsets, widths = images.store.gather(rows, device)
-        sample = torch.arange(len(rows)).repeat_interleave(n)  # image of each patch
-        origins = images.origins[rows].reshape(-1, 2)
-        x = augmenter.eval(pixels, offsets[sample], widths[sample], origins[:, 0], origins[:, 1])
-        out.append(model(x).float().view(len(rows), n).mean(1)[:real])
+        with part("host"):  # which images and crops: host numbers, one upload (and the pixels' when not resident)
+            rows = torch.arange(start, min(start + per_batch, len(images)))
+            real = len(rows)
+            if fixed_shapes and real < per_batch:
+                rows = torch.cat([rows, rows[-1:].expand(per_batch - real)])
+            pixels, offsets, widths = images.store.gather(rows, device)
+            sample = torch.arange(len(rows)).repeat_interleave(n)  # image of each patch
+            origins = images.origins[rows].reshape(-1, 2)
+            packed = augmenter.upload(offsets[sample], widths[sample], origins[:, 0], origins[:, 1], None,
+                                      torch.zeros(len(sample)), device)
+        with part("augment"):
+            x = augmenter.apply(pixels, packed, train=False)[0]
+        with part("forward"):
+            out.append(model(x).float().view(len(rows), n).mean(1)[:real])
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, device=device)
 
@@ -134,7 +140,7 @@ def evaluate_model(path, dataset: str, split: str = "test", overrides: Sequence[
     scorer = load_model(folder, acc.device, scale)
     images = view.eval_set(which, card.protocol, card.test_patch_num, card.size,
                            shard(len(ids), acc.num_processes, acc.process_index))
-    augmenter = Augmenter.evaluation(card.size, card.mean, card.std)
+    augmenter = Augmenter.evaluation(card.size, card.mean, card.std).to(acc.device)
     batch = cfg.train.eval_batch_size or 256
     result = evaluate_split(scorer.model, images, augmenter, batch, acc, to_score)
     return {"model": str(folder), "dataset": cfg.data.dataset, "root": cfg.data.root, "split": split,

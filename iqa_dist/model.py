@@ -103,12 +103,19 @@ class HyperNetwork(nn.Module):
         h = self.dropout(self.reduce(fused))  # (B, hyper_in, f, f)
         pooled = h.mean((2, 3))  # (B, hyper_in)
         bsz = h.shape[0]
-        weights = [
-            conv(h).reshape(bsz, d_out, d_in)
-            for conv, d_in, d_out in zip(self.weight_convs, self.dims[:-2], self.dims[1:-1])
-        ]
-        weights.append(self.last_weight(pooled).reshape(bsz, 1, self.dims[-2]))
-        biases = [fc(pooled) for fc in self.bias_fcs]
+        # The weight convs all read h, and the last weight and the biases all read `pooled`: each
+        # group runs as ONE conv / linear over its layers' concatenated parameters. The same sums in
+        # 2 kernels instead of 10 forward (and ~25 fewer backward, where the many small launches
+        # bound the step on a GPU); the layers stay separate modules, so checkpoints are unchanged.
+        convs = self.weight_convs
+        maps = F.conv2d(h, torch.cat([c.weight for c in convs]), torch.cat([c.bias for c in convs]), padding=1)
+        weights = [m.reshape(bsz, d_out, d_in)  # a view: each chunk's (channels, f, f) block is contiguous
+                   for m, d_in, d_out in zip(maps.split([c.out_channels for c in convs], 1), self.dims[:-2],
+                                             self.dims[1:-1])]
+        fcs = [self.last_weight, *self.bias_fcs]
+        out = F.linear(pooled, torch.cat([fc.weight for fc in fcs]), torch.cat([fc.bias for fc in fcs]))
+        last, *biases = out.split([fc.out_features for fc in fcs], 1)
+        weights.append(last.reshape(bsz, 1, self.dims[-2]))
         return weights, biases
 
 

@@ -56,9 +56,12 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: i
 
 class WeightEMA:
     """An exponential moving average of a model's weights, kept in fp32 on the model's device:
-    after each optimizer step, ema += (1 - decay) * (weights - ema), one fused kernel, no host
+    after each optimizer step, ema += (1 - decay) * (weights - ema), one foreach kernel, no host
     sync. `model` is a full copy whose parameters ARE the average (evaluate or export it as
-    is); buffers (BatchNorm statistics) are copied, not averaged. Checkpointed with the run
+    is). Running statistics (BatchNorm's) are copied, not averaged, in one more foreach copy;
+    constant buffers (Swin's position indices and attention masks) are never copied. The live
+    weights are the ones given here: optimizers and Accelerate update them in place, so the EMA
+    needs no unwrapping of a DDP or compiled model per step. Checkpointed with the run
     (state_dict / load_state_dict, registered with Accelerate), so a resume continues it exactly.
 
     It is also the teacher a self-distillation step would need: a smoothed copy of the student
@@ -68,13 +71,20 @@ class WeightEMA:
         self.decay = decay
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
         self.updates = 0
+        self.pairs = (list(self.model.parameters()), list(model.parameters()))
+        running = [(copy_m, m) for copy_m, m in zip(self.model.modules(), model.modules())
+                   if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+        self.stats = ([b for c, _ in running for b in c.buffers(recurse=False)],
+                      [b for _, m in running for b in m.buffers(recurse=False)])
+        if any(p.dtype != torch.float32 for p in self.pairs[1]):
+            raise ValueError("WeightEMA averages fp32 weights (mixed precision keeps them fp32)")  # a bug, never input
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        ema, live = list(self.model.parameters()), [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema, [p.float() for p in live], 1.0 - self.decay)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
+    def update(self) -> None:
+        ema, live = self.pairs
+        torch._foreach_lerp_(ema, live, 1.0 - self.decay)
+        if self.stats[0]:
+            torch._foreach_copy_(*self.stats)
         self.updates += 1
 
     def state_dict(self) -> dict:

@@ -14,7 +14,11 @@ too is the same loss on 1 GPU and on 64.
 
 No host round trip per step: the non-finite and preemption flags are read one step late
 (StepGuard), and the fused optimizer itself skips a non-finite step on the device, so no
-update is ever taken from a non-finite loss or gradient.
+update is ever taken from a non-finite loss or gradient. The host work (the plan, the random
+draws, the packing) is marked `part("host")` and touches no device tensor; everything else is
+device work that never waits for the device (tests/test_audit.py proves it on the CPU with
+`audit.StepAudit`). The other `part` names label the step's stretches for the audit's kernel
+counts and for torch.profiler traces.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from .audit import part
 from .augment import Augmenter
 from .optim import WeightEMA
 from .plan import Shares
@@ -106,59 +111,67 @@ def sample_losses(pred: torch.Tensor, target: torch.Tensor, rank_weight: float =
 
 
 class StepGuard:
-    """Every process's [loss non-finite, gradient non-finite, preemption requested] for a step,
-    decided together (one small all-reduce, no host sync).
+    """Whether a step's loss or gradient is non-finite, and whether a stop was requested, decided
+    for every process together, without waiting for the device.
 
-    With a fused optimizer (and not fp16) the step skips itself on the device when a flag is set
-    (the optimizer's `found_inf`), and the flags reach the host one step late through a pinned,
-    non-blocking copy: `check` at step s reads step s-1's flags before step s's update, so a bad
-    step stops the run with the weights from before it. Otherwise the flags are read at once.
-    Under fp16 a non-finite gradient is the loss scaler's overflow, which skips the step by
-    design: only a non-finite loss stops the run."""
+    With a fused optimizer (and not fp16) the step skips itself on the device when the flag is
+    set (the optimizer's `found_inf`), and the flag reaches the host one step late through a
+    pinned, non-blocking copy: `check` at step s reads step s-1's flag before step s's update, so
+    a bad step stops the run with the weights from before it. Three kernels make the flag (a sum,
+    times zero, NaN to one: finite values give 0, inf and NaN give 1) and one copies it out.
+    Otherwise the flag is read at once. Under fp16 a non-finite gradient is the loss scaler's
+    overflow, which skips the step by design: only a non-finite loss stops the run. A stop
+    request is the host's own flag with one process; with several it travels with the
+    non-finite flag in the same all-reduce, so every process stops at the same step."""
 
     def __init__(self, acc: Accelerator, optimizer: torch.optim.Optimizer, preempt: "PreemptionFlag") -> None:
         self.acc, self.preempt = acc, preempt
         self.inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
         self.fp16 = acc.mixed_precision == "fp16"
         self.deferred = bool(self.inner.defaults.get("fused")) and not self.fp16
-        self.pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
+        self.shared = acc.num_processes > 1
+        # the host's copy of [non-finite(, stop requested)], allocated once (pinned: a non-blocking copy)
+        self.host = torch.zeros(2 if self.shared else 1, pin_memory=acc.device.type == "cuda")
+        self.host_values = self.host.numpy()  # the same memory, read without a torch call
+        self.pending: tuple[int, torch.Tensor, torch.Tensor, torch.cuda.Event | None] | None = None
         self.preempted = False  # a preemption flag has been read
 
     def check(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
         """After step `step`'s backward and clipping, before its update. Raises BadStep for a
         non-finite step (this one, or the previous one when deferred) before the update."""
-        dev = loss.device
-        flags = torch.stack([(~torch.isfinite(loss)).float(),
-                             (~torch.isfinite(norm)).float().to(dev) * (0.0 if self.fp16 else 1.0),
-                             torch.full((), float(self.preempt.requested()), device=dev)])
-        if self.acc.num_processes > 1:
-            flags = self.acc.reduce(flags, "max")
+        watched = loss if self.fp16 else loss + norm.to(loss.dtype)
+        bad = torch.nan_to_num(watched * 0.0, nan=1.0)  # 0 when finite, 1 for inf or NaN
+        flags = bad.view(1)
+        if self.shared:
+            stop = torch.full((1,), float(self.preempt.requested()), device=bad.device)
+            flags = self.acc.reduce(torch.cat([flags, stop]), "max")
         if not self.deferred:
-            self._read(step, flags.cpu())
+            self._read(step, flags.cpu().numpy(), loss)
             return
-        self.inner.found_inf = flags[:2].amax()  # the fused kernel skips the whole update when it is 1
+        self.inner.found_inf = flags[0]  # the fused kernel skips the whole update when it is 1
         self.flush()
-        host = torch.empty(3, pin_memory=dev.type == "cuda")
-        host.copy_(flags, non_blocking=True)
+        self.host.copy_(flags, non_blocking=True)
         event = None
-        if dev.type == "cuda":
+        if flags.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        self.pending = (step, host, event)
+        self.pending = (step, flags, loss, event)
 
     def flush(self) -> None:
         """Reads the pending step's flags (waiting for them): at log, eval and checkpoint points."""
         if self.pending is not None:
-            step, host, event = self.pending
+            step, _, loss, event = self.pending
             self.pending = None
             if event is not None:
                 event.synchronize()
-            self._read(step, host)
+            self._read(step, self.host_values, loss)
 
-    def _read(self, step: int, flags: torch.Tensor) -> None:
-        self.preempted = self.preempted or bool(flags[2])
-        if flags[0] or flags[1]:
-            raise BadStep(step, "loss" if flags[0] else "gradient")
+    def _read(self, step: int, flags, loss: torch.Tensor) -> None:
+        """flags: [non-finite, stop requested] on the host (the second only with several processes)."""
+        stop = bool(flags[1]) if self.shared else self.preempt.requested()
+        self.preempted = self.preempted or stop
+        if flags[0]:  # rare: which one was it (a read of the device, once, on the way out)
+            raise BadStep(step, "loss" if not torch.isfinite(loss).item() else "gradient")
 
 
 class BadStep(Exception):
@@ -173,22 +186,29 @@ def train_step(acc: Accelerator, model, optimizer, scheduler, batch: Batch, step
     """Forward and backward of each micro-batch (gradients synced on the last one only), clipping,
     the guard, the update, the schedule and the weight EMA. Returns (summed loss, gradient norm),
     both on the device."""
-    total = torch.zeros((), device=acc.device)
+    total = None
     for m, mb in enumerate(batch.micro):
         with acc.no_sync(model) if m < len(batch.micro) - 1 else contextlib.nullcontext():
-            pred = model(mb.x).float()
-            ranked = (gather_global(pred, batch.sizes), batch.targets, batch.groups) if rank_weight > 0 else None
-            losses = sample_losses(pred, mb.target, rank_weight, ranked, mb.offset)
-            acc.backward(losses.sum() / per_process)
-        total += losses.detach().sum()
-    norm = acc.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
-    guard.check(step, total, norm)
-    optimizer.step()
-    if not (guard.fp16 and optimizer.step_was_skipped):  # fp16 overflow: the scaler skipped this step
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+            with part("forward"):
+                pred = model(mb.x).float()
+            with part("loss"):
+                ranked = (gather_global(pred, batch.sizes), batch.targets, batch.groups) if rank_weight > 0 else None
+                summed = sample_losses(pred, mb.target, rank_weight, ranked, mb.offset).sum()
+                total = summed.detach() if total is None else total + summed.detach()
+            with part("backward"):
+                acc.backward(summed / per_process)
+    with part("clip"):
+        norm = acc.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    with part("guard"):
+        guard.check(step, total, norm)
+    with part("optimizer"):
+        optimizer.step()
+        if not (guard.fp16 and optimizer.step_was_skipped):  # fp16 overflow: the scaler skipped this step
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
     if ema is not None:  # a skipped (non-finite) step left the weights as they were: averaging them is harmless
-        ema.update(acc.unwrap_model(model))
+        with part("ema"):
+            ema.update()
     return total, norm
 
 
@@ -197,25 +217,35 @@ def next_batch(store: ImageStore, plan, augmenter: Augmenter, shares: Shares, st
     """This process's share of global batch `step` of `plan` (plan.BatchPlan or JointPlan):
     augmented on the device, one upload per micro-batch. Targets are the store's (normalised)
     training targets."""
-    rows, k = plan.batch(step)
-    params = augmenter.draw(len(rows))  # drawn for the whole global batch on every process
-    targets = store.training_targets()
+    with part("host"):  # the plan, the draws, the crop origins and the packing: host memory only
+        rows, k = plan.batch(step)
+        params = augmenter.draw(len(rows))  # drawn for the whole global batch on every process
+        targets = store.training_targets()
+        uploads = []
+        for sl in shares.slices():
+            r = rows[sl]
+            pixels, offsets, widths = store.gather(r, device)
+            if k is None:  # fresh random crops inside each image
+                y0, x0 = augmenter.crop_origin(params[sl], store.heights[r], store.widths[r])
+            else:  # patch k of each cached strip
+                y0, x0 = k[sl] * augmenter.size, torch.zeros(len(r), dtype=torch.long)
+            uploads.append((sl.start, pixels, augmenter.upload(offsets, widths, y0, x0, params[sl], targets[r], device)))
+        if rank_weight > 0:
+            groups = store.dataset[rows] if store.dataset is not None else torch.zeros(len(rows), dtype=torch.long)
+            every = [_upload(t, device) for t in (targets[rows], groups)]
     micro = []
-    for sl in shares.slices():
-        r = rows[sl]
-        pixels, offsets, widths = store.gather(r, device)
-        if k is None:  # fresh random crops inside each image
-            y0, x0 = augmenter.crop_origin(params[sl], store.heights[r], store.widths[r])
-        else:  # patch k of each cached strip
-            y0, x0 = k[sl] * augmenter.size, torch.zeros(len(r), dtype=torch.long)
-        packed = augmenter.upload(offsets, widths, y0, x0, params[sl], targets[r], device)
-        x, target = augmenter.apply(pixels, packed)
-        micro.append(MicroBatch(x, target, sl.start))
+    with part("augment"):
+        for start, pixels, packed in uploads:
+            x, target = augmenter.apply(pixels, packed)
+            micro.append(MicroBatch(x, target, start))
     if rank_weight <= 0:
         return Batch(micro)
-    groups = store.dataset[rows] if store.dataset is not None else torch.zeros(len(rows), dtype=torch.long)
-    return Batch(micro, targets[rows].to(device, non_blocking=True), shares.sizes(),
-                 groups.to(device, non_blocking=True))
+    return Batch(micro, every[0], shares.sizes(), every[1])
+
+
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting: pinned, then a non-blocking copy."""
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
 
 
 class PreemptionFlag:

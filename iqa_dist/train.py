@@ -194,13 +194,29 @@ def stop_non_finite(acc: Accelerator, run: RunDir, bad: BadStep) -> None:
                         f"training stopped; the weights and optimizer state from before it are kept in {debug}")
 
 
+def inductor_cache(cfg: Config) -> Path:
+    """Where compiled kernels are cached: $TORCHINDUCTOR_CACHE_DIR when set, else beside the data
+    cache (a shared file system on a cluster), so a second run or a resumed one reuses them instead
+    of compiling again. Set before every torch.compile call: inductor reads it when it compiles."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root(cfg) / "inductor"))
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def compile_step(model, augmenter: Augmenter, cfg: Config, console: Console):
+    """What train.compile compiles for a training step, in `train` and `bench train` alike: the
+    training augmentation (a few fused kernels) and the model. Returns the model to call."""
+    if cfg.train.compile:
+        inductor_cache(cfg)
+        augmenter.compile(cfg.train.compile_backend)
+    return maybe_compile(model, cfg, console)
+
+
 def maybe_compile(model, cfg: Config, console: Console, what: str = "training"):
-    """torch.compile with the inductor cache next to the data cache (a shared file system on a
-    cluster), so a second run or a resumed one reuses the compiled kernels instead of waiting.
-    The first call's time (the compilation) is printed."""
+    """torch.compile of a model (train.compile), the kernels cached by `inductor_cache`. The first
+    call's time (the compilation) is printed."""
     if not cfg.train.compile:
         return model
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root(cfg) / "inductor"))
+    inductor_cache(cfg)
     mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
     compiled = torch.compile(model, mode=mode, backend=cfg.train.compile_backend)
     started: list[float] = []
@@ -325,9 +341,7 @@ def start(cfg: Config, resume: str = "", extend: bool = False) -> Session:
     steps_per_epoch = data.plan.steps_per_epoch
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     eval_every = cfg.train.eval_every or steps_per_epoch
-    augmenter = Augmenter(cfg.augment, cfg.model.img_size, model.mean, model.std, cfg.train.seed)
-    if cfg.train.compile:  # static shapes (resident buffer, fixed micro-batch): a few fused kernels
-        augmenter.apply = torch.compile(augmenter.apply, dynamic=False, backend=cfg.train.compile_backend)
+    augmenter = Augmenter(cfg.augment, cfg.model.img_size, model.mean, model.std, cfg.train.seed).to(acc.device)
     optimizer = build_optimizer(model.to(acc.device), cfg)
     scheduler = build_schedule(optimizer, cfg, total_steps, steps_per_epoch)
     weights, groups, counts = provenance(cfg.model), group_sizes(optimizer), parameter_counts(model)
@@ -349,7 +363,7 @@ def start(cfg: Config, resume: str = "", extend: bool = False) -> Session:
             acc.init_trackers(run.path.name, config={f"{s}.{k}": str(v) for s, d in cfg.to_dict().items()
                                                      if isinstance(d, dict) for k, v in d.items()})
     return Session(
-        cfg, acc, run, target, model, maybe_compile(model, cfg, console),
+        cfg, acc, run, target, model, compile_step(model, augmenter, cfg, console),
         maybe_compile(acc.unwrap_model(model), cfg, console, "evaluation"), optimizer, scheduler, data, shares,
         augmenter, card, state, StepGuard(acc, optimizer, preempt),
         Display(console, total_steps, steps_per_epoch, cfg.train.log_every), ema, counts, total_steps, eval_every,

@@ -1,25 +1,41 @@
 #!/bin/bash
-# The GPU figures of BENCHMARKS.md, in one bounded script (every step under `timeout`, so one
-# slow step cannot eat the others' time). Run it from the checkout on a machine with one GPU:
-#   launch/gpu_bench.sh [OUT_DIR]                 # default runs/gpu-bench
+# The GPU figures of BENCHMARKS.md, in one bounded script: run it first whenever a GPU is lent.
+#   launch/gpu_bench.sh [OUT_DIR]                 # default runs/gpu-bench; ~6-7 min on one H100
 #   SMOKE=1 launch/gpu_bench.sh /tmp/smoke       # tiny settings on the CPU: checks the script itself
-# Writes one JSON and one log per step into OUT_DIR; `iqa-dist bench` prints the tables.
+#   STEPS="kernels real-eager" DEADLINE=300 launch/gpu_bench.sh OUT   # some steps, a total budget
+# Every step runs under `timeout`, and no step starts with less than 30 s of DEADLINE (seconds,
+# default 480) left, so one slow step cannot eat the others' time. Steps, most important first:
+#   kernels        the kernel budget (device kernels and syncs per step: real step, model only,
+#                  timm anchor) and 20 real steps at batch 96 under set_sync_debug_mode("error")
+#   real-eager     `iqa-dist train`, koniq-swin-t, batch 96, 300 steps: patches/s from metrics.jsonl
+#   real-compiled  the same with train.compile (one cold compile; the second window is steady state)
+#   batches        `bench train` at batch 12..192: end to end, model only, anchor, MFU, peak memory
+#   scaling        `bench scaling`: the step per per-process batch and the projection to 1-64 GPUs
+#   eval           `bench eval`: evaluation images/s at 20 patches per image
+# Writes one JSON and one log per step into OUT_DIR, then gpu-bench.json and gpu-bench.md (the
+# markdown table BENCHMARKS.md takes as it is) from `iqa-dist bench summary`.
 set -u
 OUT=${1:-runs/gpu-bench}
 PY=${PYTHON:-python3}
+STEPS=${STEPS:-kernels real-eager real-compiled batches scaling eval}
+DEADLINE=${DEADLINE:-480}
 mkdir -p "$OUT"
-LOOP_EXTRA=()
+export COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+TINY=()
 if [ "${SMOKE:-0}" = 1 ]; then
-    BACKBONE=tiny; PREC=fp32; BATCHES=8,16; STEPS=2; IMAGES=9; LOOP_STEPS=6; COMPILE=""; SCALE_BATCHES=8,16
-    LOOP_EXTRA=("--model.backbone_kwargs={embed_dim: 32, depths: [1, 1, 2, 1], num_heads: [1, 2, 4, 8], window_size: 7}"
-                --model.img_size=112 --train.batch_size=16 --train.mixed_precision=no)
+    BACKBONE=tiny; PREC=fp32; BATCHES=8,16; STEPS_N=2; IMAGES=9; LOOP=6; BATCH=16; SYNC_BATCH=8
+    TINY=("--model.backbone_kwargs={embed_dim: 32, depths: [1, 1, 2, 1], num_heads: [1, 2, 4, 8], window_size: 7}"
+          --model.img_size=112 --train.batch_size=16 --train.mixed_precision=no --train.compile_backend=aot_eager)
 else
-    BACKBONE=swin-t; PREC=bf16; BATCHES=12,24,48,96,192; STEPS=20; IMAGES=96; LOOP_STEPS=400; COMPILE=--compile
-    SCALE_BATCHES=12,24,48,96
+    BACKBONE=swin-t; PREC=bf16; BATCHES=12,24,48,96,192; STEPS_N=20; IMAGES=96; LOOP=300; BATCH=96; SYNC_BATCH=96
 fi
-step() {  # step NAME LIMIT_S COMMAND...: run bounded, keep the log, show its tail
+step() {  # step NAME LIMIT_S COMMAND...: run bounded (by LIMIT_S and what is left of DEADLINE), keep the log
     local name=$1 limit=$2
     shift 2
+    case " $STEPS " in *" $name "*) ;; *) return ;; esac
+    local left=$((DEADLINE - SECONDS))
+    if [ "$left" -lt 30 ]; then echo "== $name: skipped, ${left} s of the deadline left" | tee "$OUT/$name.log"; return; fi
+    [ "$limit" -gt "$left" ] && limit=$left
     echo "== $name (at most ${limit} s): $*"
     local t0=$SECONDS
     timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -28,22 +44,20 @@ step() {  # step NAME LIMIT_S COMMAND...: run bounded, keep the log, show its ta
     tail -n 25 "$OUT/$name.log"
 }
 { nvidia-smi || true; $PY -c "import torch; print(torch.__version__, torch.cuda.is_available())"; } > "$OUT/machine.log" 2>&1
+WORK=(--images $IMAGES --work-dir "$OUT/work")
+LOOP_ARGS=(--preset koniq-swin-t --data.root "$OUT/work/koniq" --data.split random --data.cache_dir "$OUT/work/cache"
+           --model.pretrained none --train.max_steps $LOOP --train.eval_every $((LOOP / 2)) --train.log_every 50)
 
-# 1. the real step, model-only step and timm anchor per per-GPU batch (the per-GPU batch table),
-#    with the projected time of a KonIQ epoch on 1-8 GPUs
-step train-batches 300 $PY -m iqa_dist bench train --backbones $BACKBONE --precisions $PREC --batch $BATCHES \
-    --steps $STEPS --images $IMAGES --work-dir "$OUT/work" --output "$OUT/train-batches.json"
-# 2. the same at batch 96 with torch.compile (the first step's time is the compilation)
-[ -n "$COMPILE" ] && step train-compile 420 $PY -m iqa_dist bench train --backbones $BACKBONE --precisions $PREC \
-    --batch 96 --steps $STEPS --images $IMAGES --compile --work-dir "$OUT/work" --output "$OUT/train-compile.json"
-# 3. evaluation images/s at 20 patches per image
-step eval 240 $PY -m iqa_dist bench eval --batch 96 --steps 8 --images $IMAGES $COMPILE --work-dir "$OUT/work" \
-    --output "$OUT/eval.json"
-# 4. the real `iqa-dist train` loop on the KonIQ-size images bench made (patches/s from metrics.jsonl)
-step real-loop 300 $PY -m iqa_dist train --preset koniq-swin-t --data.root "$OUT/work/koniq" --data.split random \
-    --data.cache_dir "$OUT/work/cache" --model.pretrained none --train.max_steps $LOOP_STEPS \
-    --train.eval_every $LOOP_STEPS --train.log_every 50 --run.root "$OUT/runs" "${LOOP_EXTRA[@]}"
-# 5. scaling: the step per per-process batch and the projection for 1-64 GPUs
-step scaling 240 $PY -m iqa_dist bench scaling --backbones $BACKBONE --precisions $PREC --batch $SCALE_BATCHES \
-    --steps $STEPS --images $IMAGES --work-dir "$OUT/work" --output "$OUT/scaling.json"
-echo "figures in $OUT"
+step kernels 150 $PY -m iqa_dist bench kernels --backbones swin-t --batch $SYNC_BATCH --steps 20 "${WORK[@]}" \
+    --output "$OUT/kernels.json"
+step real-eager 150 $PY -m iqa_dist train "${LOOP_ARGS[@]}" --run.root "$OUT/runs-eager" "${TINY[@]}"
+step real-compiled 330 $PY -m iqa_dist train "${LOOP_ARGS[@]}" --train.compile true --run.root "$OUT/runs-compiled" \
+    "${TINY[@]}"
+step batches 180 $PY -m iqa_dist bench train --backbones $BACKBONE --precisions $PREC --batch $BATCHES \
+    --steps $STEPS_N "${WORK[@]}" --output "$OUT/batches.json"
+step scaling 120 $PY -m iqa_dist bench scaling --backbones $BACKBONE --precisions $PREC --batch ${BATCHES%,192} \
+    --steps $STEPS_N "${WORK[@]}" --output "$OUT/scaling.json"
+step eval 90 $PY -m iqa_dist bench eval --batch $BATCH --steps 8 "${WORK[@]}" --output "$OUT/eval.json"
+$PY -m iqa_dist bench summary --work-dir "$OUT" --output "$OUT/gpu-bench.json" > "$OUT/gpu-bench.md" 2> "$OUT/summary.log"
+cat "$OUT/gpu-bench.md"
+echo "figures in $OUT (total $SECONDS s)"

@@ -91,7 +91,8 @@ def test_jitter_runs_before_normalisation_in_float32():
     expected = (min(1.0, f) - torch.tensor(MEAN)) / torch.tensor(STD)  # jitter in [0,1], then normalise
     torch.testing.assert_close(out[0, :, 0, 0], expected)
     plain = Augmenter(AugmentConfig(hflip=False, brightness=0, contrast=0, saturation=0, hue=0), 8, MEAN, STD, 0)
-    out = plain.eval(white, zero, torch.tensor([8]), zero, zero)
+    packed = plain.upload(zero, torch.tensor([8]), zero, zero, None, torch.zeros(1), torch.device("cpu"))
+    out = plain.apply(white, packed, train=False)[0]
     torch.testing.assert_close(out[0, :, 0, 0], (1 - torch.tensor(MEAN)) / torch.tensor(STD))
 
 

@@ -84,7 +84,7 @@ def test_ema_after_k_steps_is_the_closed_form():
         with torch.no_grad():
             model.weight.add_(torch.randn_like(model.weight))
         history.append(model.weight.detach().clone())
-        ema.update(model)
+        ema.update()
     d = 0.9  # ema_k = d^k w_0 + (1 - d) sum_i d^(k - i) w_i
     expected = d ** 5 * start + sum((1 - d) * d ** (5 - i) * w for i, w in enumerate(history, 1))
     torch.testing.assert_close(ema.model.weight, expected)

@@ -47,11 +47,15 @@ def batch(n: int = 8, size: int = 64, seed: int = 0, bad: bool = False) -> Batch
 
 
 def test_bench_times_the_training_step_itself():
-    """No second copy of the step: bench calls train.train_step and train.next_batch."""
-    source = inspect.getsource(bench._train_rates)
+    """No second copy of the step: bench times rig.StepRig, which calls step.train_step and
+    step.next_batch (and compiles them as `train` does: tests/test_audit.py)."""
+    from iqa_dist import rig
+
+    assert "StepRig.build(" in inspect.getsource(bench._train_rates)
+    source = inspect.getsource(rig.StepRig)
     assert "train_step(" in source and "next_batch(" in source
-    assert bench.train_step is step_mod.train_step and bench.next_batch is step_mod.next_batch
-    assert "backward(" not in source  # the step's work lives only in train.py
+    assert rig.train_step is step_mod.train_step and rig.next_batch is step_mod.next_batch
+    assert "backward(" not in source  # the step's work lives only in step.py
 
 
 def test_a_non_finite_step_never_updates_and_stops_before_the_next():
@@ -123,7 +127,7 @@ def test_augmentation_is_batched_with_one_upload():
     y0, x0 = aug.crop_origin(params, torch.full((n,), 40), torch.full((n,), 50))
     packed = aug.upload(torch.zeros(n, dtype=torch.long), torch.full((n,), 50), y0, x0, params, torch.arange(n).float(),
                         torch.device("cpu"))
-    assert packed.shape == (n, 14) and packed.dtype == torch.float64
+    assert packed.shape == (n, 6 + 3 * 6 + 3) and packed.dtype == torch.float64  # the numbers, the jitter table
     x, scores = aug.apply(pixels, packed)
     assert x.shape == (n, 3, 16, 16) and torch.equal(scores, torch.arange(n).float())
     torch.testing.assert_close(x, aug.train(pixels, torch.zeros(n, dtype=torch.long), torch.full((n,), 50), y0, x0,

@@ -8,22 +8,26 @@ from ..errors import UserError
 from . import add_config_arguments, add_preset, config_from, positive
 
 NAME = "bench"
-USAGE = "iqa-dist bench {augment,data,train,eval,scaling,all} [options] [--SECTION.FIELD=VALUE ...]"
+USAGE = "iqa-dist bench {augment,data,train,eval,scaling,kernels,summary,all} [options] [--SECTION.FIELD=VALUE ...]"
 HELP = "measure the data pipeline, training and evaluation throughput"
 DESCRIPTION = """\
 Throughput figures measured side by side in one run, printed as tables and written to a JSON file
 with the machine: the data pipeline against phase one's, the augmentation against torchvision's,
 the real training step against the model-only step and a plain timm classifier of the same
-backbone (the anchor), and evaluation images/s.
+backbone (the anchor), evaluation images/s, and the step's kernel budget (device kernels and
+host syncs per step, counted on any device).
 
 examples:
   iqa-dist bench train --batch 12,24,48,96,192 --precisions bf16   # the per-GPU batch table
   iqa-dist bench all --batch 96 --steps 20 --workers 8 --compile
-  iqa-dist bench scaling --batch 12,24,48,96,192 --global-batch 96   # projected epoch time on 1-64 GPUs"""
+  iqa-dist bench scaling --batch 12,24,48,96,192 --global-batch 96   # projected epoch time on 1-64 GPUs
+  iqa-dist bench kernels --backbones swin-t   # kernels and host syncs per step (+ the sync check on a GPU)
+  iqa-dist bench summary --work-dir runs/gpu-bench   # gpu_bench.sh's figures as one JSON and a markdown table"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["augment", "data", "train", "eval", "scaling", "all"], help="which figures")
+    p.add_argument("what", choices=["augment", "data", "train", "eval", "scaling", "kernels", "summary", "all"],
+                   help="which figures (summary: one JSON and a markdown table from a launch/gpu_bench.sh folder)")
     p.add_argument("--images", type=int, default=24, help="data: KonIQ-size source JPEGs [24]")
     p.add_argument("--batch", default="32", help="patches per batch; train takes a comma list [32; use 96 on a GPU]")
     p.add_argument("--steps", type=int, default=6, help="timed batches per figure, after warm-up [6]")
@@ -31,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbones", default="", help="train: comma list of tiny,swin-t,swin-s,swin-b "
                    "[tiny on CPU, swin-t,swin-s,swin-b on GPU]")
     p.add_argument("--precisions", default="", help="train: comma list of fp32,bf16 [fp32 on CPU, both on GPU]")
-    p.add_argument("--compile", action="store_true", help="train, eval: also measure torch.compile")
+    p.add_argument("--compile", action="store_true", help="train, eval, kernels: also measure torch.compile")
     p.add_argument("--device", default=None, help="cuda, cpu [default: cuda when available]")
     p.add_argument("--global-batch", type=int, default=96, help="scaling: the global batch projected [96]")
     p.add_argument("--intra-gbps", type=float, default=360.0,
@@ -45,7 +49,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from ..bench import BACKBONES, bench_command
+
+    if args.what == "summary":
+        from ..gpu_report import summary
+
+        folder = Path(args.work_dir or "runs/gpu-bench")
+        if not folder.is_dir():
+            raise UserError(f"--work-dir {folder}: no such folder (the OUT_DIR of launch/gpu_bench.sh)")
+        print(summary(folder, Path(args.output) if args.output else folder / "gpu-bench.json"), end="")
+        return 0
 
     batches = [b.strip() for b in str(args.batch).split(",")]
     if not all(b.isdigit() and int(b) > 0 for b in batches):

@@ -1,0 +1,75 @@
+"""The kernel budget of a training step: what it would launch on a GPU, and whether it would ever
+wait for one, counted by `audit.StepAudit` on any device (the CPU included).
+
+- A: the step `iqa-dist train` runs (`next_batch` + `train_step`: plan, one upload, device
+  crop/flip/ColorJitter/normalise, forward, loss, backward, clipping, guard, fused update, EMA);
+- B: the same `train_step` on a batch already on the device (model only);
+- C: timm's plain classifier of the backbone (bench's anchor): the model alone, trained plainly.
+
+Counts per step are exact and do not depend on the batch size or the data (static shapes), so a
+small batch counts what a large one launches. The targets (eager, the koniq-swin-t recipe with
+train.ema_decay on): A/B <= 1.10 with the augmentation <= 90 kernels; B/C <= 1.17 (the HyperIQA
+head's own kernels: the step adds almost nothing to the model); the guard <= 4 kernels; the EMA
+one foreach kernel; no sync anywhere. With train.compile the augmentation is inductor's few
+fused kernels (counted from inductor's metrics when it compiles).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from .audit import StepAudit
+from .config import Config
+from .rig import AnchorRig, StepRig
+from .store import ImageStore
+
+TARGETS = {"a_over_b": 1.10, "b_over_c": 1.17, "augment": 90, "guard": 4, "ema": 1}
+
+
+def count(run, tensors, steps: int, warmup: int = 1) -> dict:
+    """Per-step counts of `run()` after `warmup` calls (the first steps create optimizer state, and
+    compile under train.compile); `tensors()` lists what is on the device before the audit."""
+    for _ in range(warmup):
+        run()
+    audit = StepAudit(tensors())
+    with audit:
+        for _ in range(steps):
+            run()
+    report = audit.report(steps)
+    return {**report.per_step(), "findings": [str(f) for f in report.syncs],
+            "top": {p: report.top(p) for p in report.kernels}}
+
+
+def step_budget(cfg: Config, store: ImageStore, batch: int, device: torch.device, steps: int = 1,
+                precision: str = "fp32") -> dict:
+    """A, B and C of `cfg` (counted with its weight EMA on), their ratios and the targets' verdicts."""
+    cfg = replace(cfg, train=replace(cfg.train, ema_decay=cfg.train.ema_decay or 0.999))
+    rig = StepRig.build(cfg, store, precision, batch, device)
+    generated = _augmentation_kernels(rig) if cfg.train.compile and cfg.train.compile_backend == "inductor" else None
+    a = count(rig.end_to_end, rig.device_tensors, steps, warmup=2)
+    b = count(rig.model_only, rig.device_tensors, steps)
+    anchor = AnchorRig(cfg, precision, batch, device)
+    c = count(anchor.step, anchor.device_tensors, steps)
+    ratios = {"a_over_b": a["kernels"] / b["kernels"], "b_over_c": b["kernels"] / c["kernels"]}
+    parts = {"augment": a["parts"].get("augment", 0.0), "guard": a["parts"].get("guard", 0.0),
+             "ema": a["parts"].get("ema", 0.0)}
+    checks = {k: (ratios | parts)[k] <= v for k, v in TARGETS.items()}
+    checks["no_syncs"] = a["syncs"] == b["syncs"] == c["syncs"] == 0
+    out = {"A": a, "B": b, "C": c, **ratios, "targets": TARGETS, "checks": checks, "batch": batch,
+           "compile": cfg.train.compile, "backbone": cfg.model.backbone, "img_size": cfg.model.img_size}
+    if generated is not None:
+        out["augment_inductor_kernels"] = generated
+    return out
+
+
+def _augmentation_kernels(rig: StepRig) -> int:
+    """The kernels inductor generates for the compiled training augmentation (its first call,
+    compiled afresh: a cached graph would generate none)."""
+    from torch._inductor import config, metrics
+
+    before = metrics.generated_kernel_count
+    with config.patch(fx_graph_cache=False):
+        rig.augment()
+    return metrics.generated_kernel_count - before

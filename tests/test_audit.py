@@ -1,0 +1,229 @@
+"""A step that never waits for the device, proven on the CPU: audit.StepAudit finds every kind of
+host-device synchronisation at the dispatcher; the real training step (eager and compiled), the
+evaluation batch loop and the EMA update have none; the kernel budget of the koniq-swin-t step;
+compile that holds (no graph break, no recompile after the first step)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from iqa_dist import rig as rig_mod, train as train_mod
+from iqa_dist.audit import StepAudit, part
+from iqa_dist.augment import GRAY, Augmenter, color_jitter
+from iqa_dist.bench import TINY_SWIN
+from iqa_dist.budget import TARGETS, step_budget
+from iqa_dist.config import load_config
+from iqa_dist.evaluate import predict_images
+from iqa_dist.model import build_model
+from iqa_dist.optim import WeightEMA
+from iqa_dist.rig import StepRig, device_tensors
+from iqa_dist.store import EvalSet, ImageStore
+
+CPU = torch.device("cpu")
+
+
+def store(n: int = 6, h: int = 130, w: int = 150, seed: int = 0) -> ImageStore:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    sizes = torch.full((n,), h * w * 3)
+    return ImageStore(torch.from_numpy(images.ravel().copy()), torch.cumsum(sizes, 0) - sizes, torch.full((n,), h),
+                      torch.full((n,), w), torch.rand(n) * 100, torch.arange(n))
+
+
+def tiny_recipe(*extra: str):
+    """koniq-swin-t's recipe (jitter, dropout, drop path, two groups, clipping) on a tiny Swin, EMA on."""
+    return load_config("koniq-swin-t", ["model.pretrained=none", f"model.backbone_kwargs={json.dumps(TINY_SWIN)}",
+                                        "model.img_size=112", "train.ema_decay=0.9", *extra])
+
+
+def findings(fn, device: list[torch.Tensor]) -> list[str]:
+    audit = StepAudit(device)
+    with audit:
+        fn()
+    return [f"{f.op}: {f.why}" for f in audit.report(1).syncs]
+
+
+# ---------------------------------------------------------------- the audit itself
+
+
+def _in_host_part(fn):
+    with part("host"):
+        return fn()
+
+
+def test_the_audit_finds_every_kind_of_wait():
+    w, idx = torch.randn(4, 4), torch.arange(4)
+    cases = {  # what the code does: a word of the finding that names it
+        "item": (lambda: w.sum().item(), "_local_scalar_dense"),
+        "float": (lambda: float(w[0, 0]), "_local_scalar_dense"),
+        "bool": (lambda: bool(w[0, 0] > 0), "_local_scalar_dense"),
+        "nonzero": (lambda: w.nonzero(), "nonzero"),
+        "mask": (lambda: w[w > 0], "boolean-mask"),
+        "masked_select": (lambda: w.masked_select(w > 0), "masked_select"),
+        "unique": (lambda: w.unique(), "unique"),
+        "repeat_interleave": (lambda: w[0].long().abs().repeat_interleave(w[1].long().abs() + 1), "output_size"),
+        "tensor": (lambda: w * torch.tensor([1.0, 2.0, 3.0, 4.0], device=w.device), "Python data"),
+        "new_tensor": (lambda: w * w.new_tensor([1.0, 2.0, 3.0, 4.0]), "Python data"),
+        "as_tensor": (lambda: w * torch.as_tensor([1.0, 2.0, 3.0, 4.0], device=w.device), "Python data"),
+        "host index": (lambda: w[idx], "implicit, blocking host-to-device"),
+        "blocking upload": (lambda: w + idx.float().to(w.device), "blocking host-to-device"),
+        "tolist": (lambda: w.tolist(), "Tensor.tolist"),
+        "numpy": (lambda: w.numpy(), "Tensor.numpy"),
+        "cpu": (lambda: w.cpu(), "Tensor.cpu"),
+        "equal": (lambda: torch.equal(w, w), "Python bool"),
+        "host part": (lambda: _in_host_part(lambda: w + 1), "host part"),
+    }
+    for name, (fn, word) in cases.items():
+        found = findings(fn, [w])
+        assert found and word in found[0], f"{name}: {found}"
+    # what a step may do: device factories, non-blocking uploads, fixed-shape math, host work in a host part
+    def fine():
+        with part("host"):
+            rows = torch.arange(4)
+            staged = torch.stack([rows.double(), torch.ones(4, dtype=torch.float64)], 1)
+            n = int(staged[0, 1])
+        up = staged.to(w.device, non_blocking=True)
+        ar = torch.arange(n * 4, device=w.device)
+        return torch.where(up[:, 0] > 1, w[0], 0.0) + ar + torch.nan_to_num(w.sum() * 0.0, nan=1.0)
+
+    assert findings(fine, [w]) == []
+
+
+def test_the_audit_would_fail_the_augmentation_as_it_landed_before():
+    """021370f's jitter made its constants per call (augment.py:93 and :134 there): the audit names
+    both. Today's convenience `color_jitter(gray=None)` does the same, which is why the step passes
+    the Augmenter's constants."""
+    x = torch.rand(4, 3, 8, 8)
+
+    def landed():
+        gray = (x * x.new_tensor(GRAY).view(1, 3, 1, 1)).sum(1, keepdim=True)  # augment.py:134 at 021370f
+        k = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + gray  # augment.py:93 at 021370f
+        return k
+
+    found = findings(landed, [x])
+    assert len(found) == 2 and all("Python data" in f for f in found)
+    order = torch.stack([torch.randperm(4) for _ in range(4)])
+    factors = [torch.rand(4) + 0.5 for _ in range(3)]
+    assert any("Python data" in f for f in findings(lambda: color_jitter(x, *factors, None, order), [x]))
+
+
+# ---------------------------------------------------------------- the real step, evaluation, the EMA
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_the_training_step_never_waits_for_the_device(compiled):
+    """`next_batch` + `train_step` of the koniq-swin-t recipe (jitter, dropout, drop path, EMA,
+    clipping, the guard): no sync, one upload (the packed batch numbers) and one download (the
+    guard's flag, non-blocking) per step, no host work outside the host part. Compiled with
+    aot_eager: inductor's graph capture and autograd, without its C++ build on 2 cores."""
+    cfg = tiny_recipe(*(["train.compile=true", "train.compile_backend=aot_eager"] if compiled else []))
+    r = StepRig.build(cfg, store(), "fp32", 8, CPU)
+    for _ in range(2):  # the optimizer state, the first compilation
+        r.end_to_end()
+    audit = StepAudit(r.device_tensors())
+    with audit:
+        for _ in range(2):
+            r.end_to_end()
+    report = audit.report(2)
+    assert [str(f) for f in report.syncs] == []
+    per = report.per_step()
+    assert per["uploads"] == 1 and per["downloads"] == 1 and per["host_ops"] == 0
+    if not compiled:
+        assert set(per["parts"]) == {"augment", "forward", "loss", "backward", "clip", "guard", "optimizer", "ema"}
+
+
+def test_evaluation_batches_never_wait_for_the_device():
+    cfg = tiny_recipe()
+    model = build_model(cfg.model).eval()
+    images = EvalSet(store(5), torch.from_numpy(np.random.default_rng(1).integers(0, 18, (5, 3, 2))))
+    aug = Augmenter.evaluation(112, model.mean, model.std).to(CPU)
+    predict_images(model, images, aug, batch_patches=6, device=CPU, fixed_shapes=True)
+    device = device_tensors(model, torch.optim.SGD(model.parameters()), None,
+                            [images.store.pixels, aug.mean, aug.std, aug.gray])
+    found = findings(lambda: predict_images(model, images, aug, batch_patches=6, device=CPU, fixed_shapes=True), device)
+    assert found == []
+
+
+def test_the_ema_is_one_foreach_kernel_and_copies_only_running_statistics():
+    torch.manual_seed(0)
+    live = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    live.register_buffer("constant", torch.arange(3))  # a buffer like Swin's position index
+    ema = WeightEMA(live, 0.5)
+    start = ema.model[0].weight.clone()
+    live(torch.randn(8, 3))  # moves the running statistics
+    with torch.no_grad():
+        live[0].weight.add_(1.0)
+        live.constant.add_(5)  # never copied: constants are constant
+    audit = StepAudit(device_tensors(live, torch.optim.SGD(live.parameters()), ema.model, []))
+    with audit, part("ema"):
+        ema.update()
+    report = audit.report(1)
+    assert report.syncs == [] and report.kernels["ema"] == 2  # the lerp, and the copy of the BatchNorm statistics
+    torch.testing.assert_close(ema.model[0].weight, 0.5 * start + 0.5 * live[0].weight.detach())
+    assert torch.equal(ema.model[1].running_mean, live[1].running_mean)
+    assert torch.equal(ema.model.constant, torch.arange(3))
+
+
+# ---------------------------------------------------------------- the kernel budget
+
+
+def test_the_kernel_budget_of_the_koniq_swin_t_step():
+    """Swin-T HyperIQA at 224 px (the counts do not depend on the batch: batch 2 counts what 96
+    launches): the step adds almost nothing to the model, and the augmentation, guard and EMA
+    stay in their budgets."""
+    cfg = load_config("koniq-swin-t", ["model.pretrained=none"])
+    out = step_budget(cfg, store(4, 240, 320), batch=2, device=CPU)
+    assert out["checks"] == {**{k: True for k in TARGETS}, "no_syncs": True}, out["checks"]
+    assert out["A"]["parts"]["guard"] == 4 and out["A"]["parts"]["ema"] == 1
+    assert out["A"]["uploads"] == 1 and out["B"]["uploads"] == 0
+
+
+# ---------------------------------------------------------------- compile that holds
+
+
+def test_compile_holds_for_training_and_evaluation(monkeypatch, tmp_path):
+    """One compile path for `train` and bench (`compile_step`): the model and the training
+    augmentation; no graph break; after the first training step and the first evaluation,
+    further steps and evaluations compile nothing (no recompile); every torch.compile call
+    happens with the inductor cache where the README says (beside the data cache)."""
+    from torch._dynamo.utils import counters
+
+    assert "compile_step(" in inspect.getsource(train_mod.start)
+    assert "compile_step(" in inspect.getsource(rig_mod.StepRig.build)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    seen = []
+    real = torch.compile
+
+    def recording(*args, **kwargs):
+        seen.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    torch._dynamo.reset()
+    cfg = tiny_recipe("train.compile=true", "train.compile_backend=aot_eager", f"data.cache_dir={tmp_path}")
+    r = StepRig.build(cfg, store(), "fp32", 8, CPU)
+    evaluator = train_mod.maybe_compile(r.acc.unwrap_model(r.model), cfg, Console(quiet=True), "evaluation")
+    images = EvalSet(store(5), torch.from_numpy(np.random.default_rng(1).integers(0, 18, (5, 3, 2))))
+    counters.clear()
+
+    def evaluate():
+        predict_images(evaluator, images, r.augmenter, batch_patches=6, device=CPU, fixed_shapes=True)
+
+    r.end_to_end()
+    evaluate()
+    first = dict(counters["stats"])
+    for _ in range(2):
+        r.end_to_end()
+        r.end_to_end()
+        evaluate()
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == first["unique_graphs"]  # nothing compiled after the first ones
+    assert r.augmenter._compiled is not None and len(seen) == 3  # augmentation, training model, evaluation model
+    assert set(seen) == {str(tmp_path / "inductor")}
