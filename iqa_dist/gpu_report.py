@@ -11,6 +11,8 @@ import os
 import time
 from pathlib import Path
 
+import yaml
+
 from .bench import KONIQ_EPOCH
 
 # The targets of the speed work (the step's own, not the model's): see BENCHMARKS.md.
@@ -28,11 +30,13 @@ def _json(path: Path) -> dict | None:
 def real_loop(folder: Path) -> dict | None:
     """A real `iqa-dist train` run's rates: each evaluation window's patches/s (the first holds the
     start-up and, compiled, the compilation; the last is the steady state)."""
-    lines = [json.loads(x) for f in sorted(folder.glob("*/metrics.jsonl")) for x in f.read_text().splitlines() if x]
+    runs = sorted(folder.glob("*/metrics.jsonl"))
+    lines = [json.loads(x) for f in runs for x in f.read_text().splitlines() if x]
     if not lines:
         return None
+    cfg = yaml.safe_load((runs[-1].parent / "config.yaml").read_text())
     return {"windows": [r["patches_per_s"] for r in lines], "steady": lines[-1]["patches_per_s"],
-            "steps": lines[-1]["step"], "elapsed_s": lines[-1]["elapsed_s"]}
+            "steps": lines[-1]["step"], "elapsed_s": lines[-1]["elapsed_s"], "batch": cfg["train"]["batch_size"]}
 
 
 def collect(folder: Path) -> dict:
@@ -70,14 +74,14 @@ def checks(out: dict) -> dict:
 
 def markdown(out: dict) -> str:
     m = out["machine"] or {}
-    lines = [f"## GPU: {m.get('gpu', 'unknown')}, torch {m.get('torch', '?')}, commit {out['commit']} ({out['date']})",
+    lines = [f"## GPU: {m.get('gpu') or 'none (' + str(m.get('cpu')) + ')'}, torch {m.get('torch', '?')}, commit {out['commit']} ({out['date']})",
              "", "`launch/gpu_bench.sh` (one run; figures in patches/s unless said otherwise).", ""]
     na = "not measured (step missing or failed)"
     for key, label in (("real_eager", "real `iqa-dist train` loop, eager"),
                        ("real_compiled", "real `iqa-dist train` loop, `train.compile`")):
         r = out[key]
-        lines.append(f"- {label}, batch 96: " + (f"**{r['steady']:,.0f}** in the last window (windows: "
-                                                 + ", ".join(f"{w:,.0f}" for w in r["windows"]) + ")" if r else na))
+        lines.append(f"- {label}" + (f", batch {r['batch']}: **{r['steady']:,.0f}** in the last window (windows: "
+                                     + ", ".join(f"{w:,.0f}" for w in r["windows"]) + ")" if r else f": {na}"))
     k = (out["kernels"] or {}).get("kernels", [None])[0]
     if k:
         lines.append(f"- kernels per step (A real step / B model only / C anchor): {k['A']['kernels']:,.0f} / "
@@ -93,7 +97,8 @@ def markdown(out: dict) -> str:
         lines += ["", "| batch | end to end | model only | anchor | model only % of anchor | MFU % | peak GiB |",
                   "|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['batch']} | {r['end_to_end']:,.0f} | {r['model_only']:,.0f} | {r['anchor']:,.0f} | "
-                  f"{r['pct_of_anchor']:.0f} | {r.get('mfu_pct') or 0:.2f} | {r['memory_gib'] or 0:.1f} |" for r in rows]
+                  f"{r['pct_of_anchor']:.0f} | {_opt(r.get('mfu_pct'), '.2f')} | {_opt(r['memory_gib'], '.1f')} |"
+                  for r in rows]
     else:
         lines.append(f"- per-GPU batch table: {na}")
     sc = (out["scaling"] or {}).get("scaling")
@@ -115,6 +120,10 @@ def markdown(out: dict) -> str:
         lines.append(f"| {label} | " + (f"{c['measured']:,.3g} | {c['target']:g} | {'met' if c['met'] else 'missed'} |"
                                         if c else "missing | | |"))
     return "\n".join(lines) + "\n"
+
+
+def _opt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def summary(folder: Path, output: Path) -> str:

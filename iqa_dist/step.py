@@ -120,9 +120,10 @@ class StepGuard:
     a bad step stops the run with the weights from before it. Three kernels make the flag (a sum,
     times zero, NaN to one: finite values give 0, inf and NaN give 1) and one copies it out.
     Otherwise the flag is read at once. Under fp16 a non-finite gradient is the loss scaler's
-    overflow, which skips the step by design: only a non-finite loss stops the run. A stop
-    request is the host's own flag with one process; with several it travels with the
-    non-finite flag in the same all-reduce, so every process stops at the same step."""
+    overflow, which skips the step by design: only a non-finite loss stops the run. With one
+    process a stop request is the host's own flag; with several, [non-finite, loss non-finite,
+    stop requested] travel in one all-reduce, so every process stops at the same step and names
+    the same cause."""
 
     def __init__(self, acc: Accelerator, optimizer: torch.optim.Optimizer, preempt: "PreemptionFlag") -> None:
         self.acc, self.preempt = acc, preempt
@@ -130,8 +131,8 @@ class StepGuard:
         self.fp16 = acc.mixed_precision == "fp16"
         self.deferred = bool(self.inner.defaults.get("fused")) and not self.fp16
         self.shared = acc.num_processes > 1
-        # the host's copy of [non-finite(, stop requested)], allocated once (pinned: a non-blocking copy)
-        self.host = torch.zeros(2 if self.shared else 1, pin_memory=acc.device.type == "cuda")
+        # the host's copy of the flags, allocated once (pinned: a non-blocking copy)
+        self.host = torch.zeros(3 if self.shared else 1, pin_memory=acc.device.type == "cuda")
         self.host_values = self.host.numpy()  # the same memory, read without a torch call
         self.pending: tuple[int, torch.Tensor, torch.Tensor, torch.cuda.Event | None] | None = None
         self.preempted = False  # a preemption flag has been read
@@ -140,11 +141,10 @@ class StepGuard:
         """After step `step`'s backward and clipping, before its update. Raises BadStep for a
         non-finite step (this one, or the previous one when deferred) before the update."""
         watched = loss if self.fp16 else loss + norm.to(loss.dtype)
-        bad = torch.nan_to_num(watched * 0.0, nan=1.0)  # 0 when finite, 1 for inf or NaN
-        flags = bad.view(1)
+        flags = torch.nan_to_num(watched * 0.0, nan=1.0).view(1)  # 0 when finite, 1 for inf or NaN
         if self.shared:
-            stop = torch.full((1,), float(self.preempt.requested()), device=bad.device)
-            flags = self.acc.reduce(torch.cat([flags, stop]), "max")
+            stop = torch.full((1,), float(self.preempt.requested()), device=flags.device)
+            flags = self.acc.reduce(torch.cat([flags, torch.nan_to_num(loss * 0.0, nan=1.0).view(1), stop]), "max")
         if not self.deferred:
             self._read(step, flags.cpu().numpy(), loss)
             return
@@ -167,11 +167,12 @@ class StepGuard:
             self._read(step, self.host_values, loss)
 
     def _read(self, step: int, flags, loss: torch.Tensor) -> None:
-        """flags: [non-finite, stop requested] on the host (the second only with several processes)."""
-        stop = bool(flags[1]) if self.shared else self.preempt.requested()
-        self.preempted = self.preempted or stop
-        if flags[0]:  # rare: which one was it (a read of the device, once, on the way out)
-            raise BadStep(step, "loss" if not torch.isfinite(loss).item() else "gradient")
+        """flags on the host: [non-finite], or with several processes [non-finite, loss
+        non-finite, stop requested]."""
+        self.preempted = self.preempted or (bool(flags[2]) if self.shared else self.preempt.requested())
+        if flags[0]:  # rare: with one process, the loss says which (a read of the device, once, on the way out)
+            loss_bad = bool(flags[1]) if self.shared else not torch.isfinite(loss).item()
+            raise BadStep(step, "loss" if loss_bad else "gradient")
 
 
 class BadStep(Exception):

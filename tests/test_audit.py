@@ -197,7 +197,10 @@ def test_compile_holds_for_training_and_evaluation(monkeypatch, tmp_path):
 
     assert "compile_step(" in inspect.getsource(train_mod.start)
     assert "compile_step(" in inspect.getsource(rig_mod.StepRig.build)
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # what importing torch's compiler leaves in the environment: its own default, not a user's choice
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     seen = []
     real = torch.compile
 
@@ -227,3 +230,10 @@ def test_compile_holds_for_training_and_evaluation(monkeypatch, tmp_path):
     assert counters["stats"]["unique_graphs"] == first["unique_graphs"]  # nothing compiled after the first ones
     assert r.augmenter._compiled is not None and len(seen) == 3  # augmentation, training model, evaluation model
     assert set(seen) == {str(tmp_path / "inductor")}
+
+
+def test_a_users_inductor_cache_is_honoured(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert train_mod.inductor_cache(tiny_recipe(f"data.cache_dir={tmp_path}")) == tmp_path / "mine"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert train_mod.inductor_cache(tiny_recipe(f"data.cache_dir={tmp_path}")) == tmp_path / "inductor"

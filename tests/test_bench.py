@@ -35,3 +35,30 @@ def test_bench_all_runs_and_writes_its_json(tmp_path):
     [ev] = report["eval"]
     assert ev["images_per_s"] > 0 and ev["test_patch_num"] == 20
     assert "x phase one" in out.stdout and "model only" in out.stdout and "images/s" in out.stdout
+
+
+def test_the_gpu_script_summary_reports_what_ran_and_names_what_did_not(tmp_path):
+    """`bench summary` over a launch/gpu_bench.sh folder holding only the eager real loop and a
+    `bench kernels` result: those figures in the markdown, every other figure 'missing', the
+    JSON beside it; a folder that does not exist is one line, exit 2."""
+    run = tmp_path / "runs-eager" / "20261127-000000-koniq-swin-t"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("train:\n  batch_size: 96\n")
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "patches_per_s": r, "elapsed_s": s / 10}) + "\n"
+                                               for s, r in ((150, 1191.3), (300, 1496.4))))
+    counts = {"kernels": 1000.0, "syncs": 0.0, "parts": {"augment": 80.0, "guard": 4.0}}
+    kernels = {"machine": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "cpu": "x"},
+               "kernels": [{"A": counts, "B": {**counts, "kernels": 920.0}, "C": {**counts, "kernels": 800.0},
+                            "sync_debug": {"steps": 20, "batch": 96, "passed": True}}]}
+    (tmp_path / "kernels.json").write_text(json.dumps(kernels))
+    out = here("bench", "summary", "--work-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    md = out.stdout
+    assert "NVIDIA H100 80GB HBM3" in md and "batch 96: **1,496** in the last window (windows: 1,191, 1,496)" in md
+    assert "1,000 / 920 / 800" in md and "20 real steps at batch 96: passed" in md
+    assert "train.compile`: not measured" in md and "per-GPU batch table: not measured" in md
+    assert "| real loop / model only | missing |" in md  # no batch table: no model-only figure
+    report = json.loads((tmp_path / "gpu-bench.json").read_text())
+    assert report["real_eager"]["steady"] == 1496.4 and report["real_compiled"] is None
+    missing = here("bench", "summary", "--work-dir", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "no such folder" in missing.stderr and "Traceback" not in missing.stderr
