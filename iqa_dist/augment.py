@@ -6,10 +6,11 @@ normalised tensors and fell from SRCC 0.92 to 0.83), with torchvision's math
 (`torchvision.transforms.functional.adjust_*`): factors and the order of the four operations
 drawn per sample, as torchvision does per image on the CPU.
 
-Random parameters are drawn on the host from one `torch.Generator` for the whole GLOBAL batch,
-and each process applies the rows of its share: the augmentation of sample i of step s does not
-depend on the number of processes, ranks still see different augmentations (different samples),
-and the generator state is checkpointed. A micro-batch's numbers (crop origins, flips, scores,
+Random parameters are drawn on the host for the whole GLOBAL batch from a generator seeded by
+(seed, step) alone (plan.step_seed), and each process applies the rows of its share: the
+augmentation of sample i of step s does not depend on the number of processes, ranks still see
+different augmentations (different samples), and a resumed run draws what an uninterrupted one
+would, with no generator state to checkpoint. A micro-batch's numbers (crop origins, flips, scores,
 and the jitter's per-sample factors already laid out per blend pass by `jitter_table`) travel to
 the device in ONE packed copy; everything after that is a fixed sequence of batched tensor
 operations with static shapes and no host round trip (no per-sample Python, no data-dependent
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .config import AugmentConfig
+from .plan import AUGMENT, step_seed
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
@@ -194,7 +196,7 @@ class Augmenter:
     def __init__(self, cfg: AugmentConfig, size: int, mean: tuple, std: tuple, seed: int) -> None:
         self.cfg = cfg
         self.size = size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
         # the constants the device work reads, made here and moved once by `to` (set-up, not per step)
         self.mean = torch.tensor(mean, dtype=torch.float32)
         self.std = torch.tensor(std, dtype=torch.float32)
@@ -209,13 +211,14 @@ class Augmenter:
                    tuple(std), seed=0)
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {}  # the draws are a function of (seed, step): nothing to save
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        pass  # checkpoints before draws were keyed by the step held a generator state: not needed
 
-    def draw(self, n: int) -> AugmentParams:
-        g = self.generator
+    def draw(self, n: int, step: int = 0) -> AugmentParams:
+        """The augmentation of global batch `step` (n samples)."""
+        g = torch.Generator().manual_seed(step_seed(self.seed, step, AUGMENT))
         u_y, u_x = torch.rand(n, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
         flip = torch.rand(n, generator=g) < 0.5 if self.cfg.hflip else torch.zeros(n, dtype=torch.bool)
         return AugmentParams(u_y, u_x, flip, *sample_jitter(g, n, self.cfg))

@@ -229,7 +229,7 @@ def _cache_rate(view, c: Config, batch: int, steps: int, device: torch.device) -
 
     def host_side():
         rows, k = plan.batch(next(counter) % plan.steps_per_epoch)
-        params = aug.draw(len(rows))
+        params = aug.draw(len(rows), 0)
         y0, x0 = aug.crop_origin(params, store.heights[rows], store.widths[rows]) if k is None else (k, k)
         aug.upload(store.offsets[rows], store.widths[rows], y0, x0, params, store.scores[rows], torch.device("cpu"))
 

@@ -79,6 +79,9 @@ class ModelCard:
     weights: dict = field(default_factory=dict)  # the pretrained start: tag, source, file, sha256
     groups: dict = field(default_factory=dict)  # optimizer parameter groups: name -> parameter count
     averaged: str = "raw"  # raw: the trained weights | ema: their moving average (train.ema_decay), better on val
+    # the precision every score of this model was and is computed in: training-time evaluation,
+    # `evaluate` and `predict` alike, whatever the training precision (fp32 matmuls, no autocast)
+    eval_precision: str = "fp32"
 
     @property
     def dataset(self) -> str:

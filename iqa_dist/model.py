@@ -7,6 +7,12 @@ The backbone's four stages feed two paths:
   Swin-T), feed the hyper network, which generates the weights and biases of a small per-image
   target net (224-112-56-28-14-1, sigmoid between layers) that outputs the score.
 
+Regularisers keyed by sample: in training, `forward(x, noise)` takes this batch's uniforms
+(b, noise_width), one row per sample, and every stochastic layer (the backbone's drop path, the
+hyper and target nets' dropout) reads its draws from them instead of from torch's generator. The
+caller makes row i a function of sample i alone, so the same sample is regularised the same way
+whatever the batch is split into. Without `noise` the layers draw from torch's generator as usual.
+
 This file knows nothing of devices, processes or precision: Accelerate wraps it from outside.
 """
 
@@ -17,6 +23,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath, drop_path
 from torch import Tensor, nn
 
 from .config import ModelConfig
@@ -61,18 +68,64 @@ class StageAttention(nn.Module):
         return [f * w[:, i, None, None, None] for i, f in enumerate(feats)]
 
 
-def target_net(x: Tensor, weights: list[Tensor], biases: list[Tensor], dropout: float, training: bool) -> Tensor:
+class Draws:
+    """This forward's keyed drop-path scales, (b, L) (None outside a keyed forward): set by
+    HyperIQA.forward, read by the backbone's KeyedDropPath layers, which timm's blocks call
+    with x alone."""
+
+    def __init__(self) -> None:
+        self.path: Tensor | None = None
+
+
+class KeyedDropPath(nn.Module):
+    """timm's DropPath (stochastic depth, per sample), its keep-or-drop from column `index` of the
+    forward's keyed scales (0 or 1 / keep), or from torch's generator when there are none."""
+
+    def __init__(self, drop_prob: float, index: int, draws: Draws) -> None:
+        super().__init__()
+        self.drop_prob, self.index, self.draws = drop_prob, index, draws
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        if self.draws.path is None:
+            return drop_path(x, self.drop_prob, True)
+        scale = self.draws.path[:, self.index].to(x.dtype)  # a no-op when made in x's dtype
+        return x * scale.view(-1, *([1] * (x.ndim - 1)))
+
+
+def keyed_drop_paths(backbone: nn.Module, draws: Draws) -> list[float]:
+    """Replaces every active timm DropPath of the backbone by a KeyedDropPath; their drop rates."""
+    rates: list[float] = []
+    for module in list(backbone.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, DropPath) and child.drop_prob > 0:
+                setattr(module, name, KeyedDropPath(child.drop_prob, len(rates), draws))
+                rates.append(child.drop_prob)
+    return rates
+
+
+def dropout(x: Tensor, p: float, training: bool, scale: Tensor | None) -> Tensor:
+    """F.dropout, or with keyed draws: x times `scale` (b, *x.shape[1:] flattened), 0 or 1 / keep."""
+    if scale is None or not training:
+        return F.dropout(x, p, training)
+    return x * scale.view(x.shape)
+
+
+def target_net(x: Tensor, weights: list[Tensor], biases: list[Tensor], p: float, training: bool,
+               drops: list[Tensor] | None = None) -> Tensor:
     """Runs every image through its own generated fully connected net.
 
     x: (B, D0) target input; weights[i]: (B, D_{i+1}, D_i); biases[i]: (B, D_{i+1}).
-    Sigmoid (and dropout) between layers, none after the last. Returns (B,).
+    Sigmoid (and dropout at rate p, keyed by `drops` when given) between layers, none after the
+    last. Returns (B,).
     """
     for i, (w, b) in enumerate(zip(weights, biases)):
         x = torch.baddbmm(b.unsqueeze(-1), w, x.unsqueeze(-1)).squeeze(-1)
         if i < len(weights) - 1:
             x = torch.sigmoid(x)
             if i < len(weights) - 2:  # phase one: dropout after the first three layers
-                x = F.dropout(x, dropout, training)
+                x = dropout(x, p, training, drops[i] if drops else None)
     return x.squeeze(-1)
 
 
@@ -99,8 +152,9 @@ class HyperNetwork(nn.Module):
         self.last_weight = nn.Linear(cfg.hyper_in, self.dims[-2])
         self.bias_fcs = nn.ModuleList(nn.Linear(cfg.hyper_in, d) for d in self.dims[1:])
 
-    def forward(self, fused: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        h = self.dropout(self.reduce(fused))  # (B, hyper_in, f, f)
+    def forward(self, fused: Tensor, drop: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """drop: keyed dropout scales for the reduced map, (B, hyper_in * f * f), or None."""
+        h = dropout(self.reduce(fused), self.dropout.p, self.training, drop)  # (B, hyper_in, f, f)
         pooled = h.mean((2, 3))  # (B, hyper_in)
         bsz = h.shape[0]
         # The weight convs all read h, and the last weight and the biases all read `pooled`: each
@@ -141,6 +195,13 @@ class HyperIQA(nn.Module):
         self.attention = StageAttention(channels) if cfg.fusion == "attention" else None
         fused = channels[3] if cfg.fusion == "last" else sum(channels)
         self.hyper = HyperNetwork(fused, cfg)
+        # keyed regularisers: the drop rates of the backbone's drop paths and, with dropout, the
+        # elements of each dropout (the hyper net's reduced map, then three target-net layers)
+        self.draws = Draws()
+        rates = keyed_drop_paths(backbone, self.draws)
+        self.register_buffer("path_drop", torch.tensor(rates, dtype=torch.float32), persistent=False)
+        widths = [cfg.hyper_in * cfg.feature_size**2, *self.hyper.dims[1:len(self.hyper.dims) - 2]]
+        self.drop_widths = widths if cfg.dropout > 0 else []
         # The original HyperIQA's initialisation: Kaiming-normal weights for the LDA layers and for
         # the layers that generate the target net; PyTorch's default for the 1x1 convs that reduce
         # the backbone features (its `conv1`), whose Kaiming init would make the generated target
@@ -179,12 +240,36 @@ class HyperIQA(nn.Module):
         # keep the layout DDP's buckets expect (no stride-mismatch copies)
         return torch.cat(pooled, 1).contiguous()
 
-    def forward(self, x: Tensor) -> Tensor:
-        feats = self.stages(x)
+    @property
+    def noise_width(self) -> int:
+        """Uniforms per sample that a keyed training forward reads: drop paths, then dropouts."""
+        return len(self.path_drop) + sum(self.drop_widths)
+
+    def keyed_scales(self, noise: Tensor, like: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """noise (b, noise_width) uniforms -> (drop-path scales (b, L), dropout scales per layer),
+        each 0 (dropped) or 1 / keep, in the dtype the layers compute in (autocast's, if on)."""
+        dev = like.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else like.dtype
+        n = len(self.path_drop)
+        path = torch.where(noise[:, :n] >= self.path_drop, 1.0 / (1.0 - self.path_drop), 0.0).to(dtype)
+        p = self.cfg.dropout
+        drop = torch.where(noise[:, n:] >= p, 1.0 / (1.0 - p), 0.0).to(dtype) if self.drop_widths else None
+        return path, list(drop.split(self.drop_widths, 1)) if drop is not None else []
+
+    def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
+        """x: (B, 3, S, S) normalised patches; noise: (B, noise_width) uniforms in [0, 1) keying
+        this batch's regularisers in training (None: torch's generator). Returns (B,) scores."""
+        keyed = noise is not None and self.training and self.noise_width > 0
+        path, drops = self.keyed_scales(noise, x) if keyed else (None, [])
+        self.draws.path = path
+        try:
+            feats = self.stages(x)
+        finally:
+            self.draws.path = None
         nhwc = self.channels_last_features
         target_in = torch.cat([lda(f, nhwc) for lda, f in zip(self.lda, feats)], 1)  # (B, target_in)
-        weights, biases = self.hyper(self.fuse(feats))
-        return target_net(target_in, weights, biases, self.cfg.dropout, self.training)
+        weights, biases = self.hyper(self.fuse(feats), drops[0] if drops else None)
+        return target_net(target_in, weights, biases, self.cfg.dropout, self.training, drops[1:])
 
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:

@@ -22,6 +22,16 @@ import torch
 from .errors import UserError
 
 
+# Streams of random numbers drawn per step, each a pure function of (seed, step, stream).
+AUGMENT, NOISE = 1, 2
+
+
+def step_seed(seed: int, step: int, stream: int) -> int:
+    """A 63-bit seed for `stream`'s draws at `step` of a run seeded `seed`: every process computes
+    the same one, a resumed run the same as an uninterrupted one, with no generator to checkpoint."""
+    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
 class BatchPlan:
     """Which images (and stored patch) each global batch holds, for one dataset."""
 

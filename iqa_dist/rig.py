@@ -24,7 +24,7 @@ from .config import Config
 from .model import build_model
 from .optim import WeightEMA, build_optimizer, build_schedule
 from .plan import BatchPlan, Shares
-from .step import Batch, MicroBatch, PreemptionFlag, StepGuard, next_batch, train_step
+from .step import Batch, MicroBatch, NoiseSource, PreemptionFlag, StepGuard, next_batch, train_step
 from .store import ImageStore
 from .train import compile_step
 
@@ -52,29 +52,35 @@ class StepRig:
     store: ImageStore
     plan: BatchPlan
     shares: Shares
-    fixed: Batch  # one batch already on the device (model only)
+    noise: NoiseSource
+    fixed: Batch  # this process's share of one batch already on the device (model only)
     step: int = 0
 
     @classmethod
     def build(cls, cfg: Config, store: ImageStore, precision: str, batch: int, device: torch.device,
-              seed: int = 0) -> "StepRig":
-        """The step of `cfg` at a global batch of `batch` on one process; `store` is moved to `device`."""
-        acc = fresh_accelerator(precision, device)
+              seed: int = 0, acc: Accelerator | None = None) -> "StepRig":
+        """The step of `cfg` at a global batch of `batch` (micro-batched by train.micro_batch_size);
+        `store` is moved to `device`. One process under a fresh Accelerator, or `acc`'s processes."""
+        acc = acc or fresh_accelerator(precision, device)
         torch.manual_seed(seed)
         model = build_model(cfg.model).to(device).train()
         optimizer = build_optimizer(model, cfg)
         scheduler = build_schedule(optimizer, cfg, 10**6, 10**6)
         ema = WeightEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
-        model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+        noise = NoiseSource(seed, model.noise_width, device)
         augmenter = Augmenter(cfg.augment, cfg.model.img_size, model.mean, model.std, seed).to(device)
+        model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+        shares = Shares.plan(batch, cfg.train.micro_batch_size, acc.num_processes, acc.process_index)
         size = cfg.model.img_size
-        fixed = Batch([MicroBatch(torch.randn(batch, 3, size, size, device=device),
-                                  torch.rand(batch, device=device) * 100, 0)])
+        u = noise.draw(0, batch, device)
+        fixed = Batch([MicroBatch(torch.randn(sl.stop - sl.start, 3, size, size, device=device),
+                                  torch.rand(sl.stop - sl.start, device=device) * 100, sl.start,
+                                  None if u is None else u[sl]) for sl in shares.slices()])
+        guard = StepGuard(acc, optimizer, PreemptionFlag(), scheduler=scheduler, ema=ema)
         return cls(cfg=cfg, acc=acc, model=model, forward=compile_step(model, augmenter, cfg, Console(quiet=True)),
-                   optimizer=optimizer, scheduler=scheduler, guard=StepGuard(acc, optimizer, PreemptionFlag()),
-                   ema=ema, augmenter=augmenter, store=store.to(device),
-                   plan=BatchPlan(len(store), cfg.data.train_patch_num, batch, seed), shares=Shares.plan(batch, 0, 1, 0),
-                   fixed=fixed)
+                   optimizer=optimizer, scheduler=scheduler, guard=guard, ema=ema, augmenter=augmenter,
+                   store=store.to(device), plan=BatchPlan(len(store), cfg.data.train_patch_num, batch, seed),
+                   shares=shares, noise=noise, fixed=fixed)
 
     def model_only(self) -> None:
         """`train_step` on the fixed batch."""
@@ -87,19 +93,18 @@ class StepRig:
     def augment(self) -> Batch:
         """`next_batch` alone: the input path of the next step."""
         return next_batch(self.store, self.plan, self.augmenter, self.shares, self.step % self.plan.steps_per_epoch,
-                          self.acc.device)
+                          self.acc.device, noise=self.noise)
 
     def _train(self, batch: Batch) -> None:
-        o = self.cfg.optim
-        train_step(self.acc, self.forward, self.optimizer, self.scheduler, batch, self.step, self.shares.per_process,
-                   0.0, o.grad_clip, self.guard, self.ema)
+        train_step(self.acc, self.forward, self.optimizer, batch, self.step, self.shares.per_process, 0.0,
+                   self.cfg.optim.grad_clip, self.guard)
         self.step += 1
 
     def device_tensors(self) -> list[torch.Tensor]:
         """What lives on the device before a step: weights, optimizer state, EMA, resident pixels."""
+        fixed = [t for mb in self.fixed.micro for t in (mb.x, mb.target, mb.noise) if t is not None]
         return device_tensors(self.model, self.optimizer, self.ema.model if self.ema else None,
-                              [self.store.pixels, self.fixed.micro[0].x, self.fixed.micro[0].target,
-                               self.augmenter.mean, self.augmenter.std, self.augmenter.gray])
+                              [self.store.pixels, *fixed, self.augmenter.mean, self.augmenter.std, self.augmenter.gray])
 
 
 class AnchorRig:

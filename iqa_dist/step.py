@@ -37,7 +37,7 @@ from accelerate import Accelerator
 from .audit import part
 from .augment import Augmenter
 from .optim import WeightEMA
-from .plan import Shares
+from .plan import NOISE, Shares, step_seed
 from .store import ImageStore
 
 
@@ -46,6 +46,7 @@ class MicroBatch:
     x: torch.Tensor  # (b, 3, S, S) normalised patches on the device
     target: torch.Tensor  # (b,) training targets on the device
     offset: int  # index of its first sample in the global batch
+    noise: torch.Tensor | None = None  # (b, noise_width) uniforms keying the regularisers (NoiseSource)
 
 
 @dataclass
@@ -111,44 +112,55 @@ def sample_losses(pred: torch.Tensor, target: torch.Tensor, rank_weight: float =
 
 
 class StepGuard:
-    """Whether a step's loss or gradient is non-finite, and whether a stop was requested, decided
-    for every process together, without waiting for the device.
+    """Decides, for every process together and without waiting for the device, whether each step
+    was applied, and applies what follows from it: the schedule step and the EMA update.
 
-    With a fused optimizer (and not fp16) the step skips itself on the device when the flag is
-    set (the optimizer's `found_inf`), and the flag reaches the host one step late through a
-    pinned, non-blocking copy: `check` at step s reads step s-1's flag before step s's update, so
-    a bad step stops the run with the weights from before it. Three kernels make the flag (a sum,
-    times zero, NaN to one: finite values give 0, inf and NaN give 1) and one copies it out.
-    Otherwise the flag is read at once. Under fp16 a non-finite gradient is the loss scaler's
-    overflow, which skips the step by design: only a non-finite loss stops the run. With one
-    process a stop request is the host's own flag; with several, [non-finite, loss non-finite,
-    stop requested] travel in one all-reduce, so every process stops at the same step and names
-    the same cause."""
+    The flag: 1 when the loss or the gradient norm is non-finite (three kernels: a sum, times
+    zero, NaN to one), else 0, so exactly {0, 1} (all-reduced by max with several processes). With
+    a fused optimizer the update skips itself on the device when it is 1 (the optimizer's
+    `found_inf`; under fp16 the loss scaler passes its own overflow flag instead), and the flag
+    reaches the host one step late through a pinned, non-blocking copy: `check` at step s reads
+    step s-1's flag before step s's update. Only then does step s-1 count: an applied step steps
+    the schedule and updates the EMA (the weights have not moved since: step s's update comes
+    after), a skipped one changes nothing, so the schedule is a function of applied updates. A
+    non-finite loss (or, except under fp16, gradient) stops the run with BadStep, leaving the
+    weights, moments, schedule and EMA from before the bad step; under fp16 a non-finite gradient
+    with a finite loss is the loss scaler's overflow: skipped, and training goes on.
 
-    def __init__(self, acc: Accelerator, optimizer: torch.optim.Optimizer, preempt: "PreemptionFlag") -> None:
-        self.acc, self.preempt = acc, preempt
+    Without a fused optimizer the flag is read at once (a host sync). With one process a stop
+    request is the host's own flag; with several, [skipped, loss non-finite, stop requested]
+    travel in one all-reduce, so every process stops at the same step and names the same cause."""
+
+    def __init__(self, acc: Accelerator, optimizer: torch.optim.Optimizer, preempt: "PreemptionFlag",
+                 scheduler=None, ema: WeightEMA | None = None) -> None:
+        self.acc, self.preempt, self.scheduler, self.ema = acc, preempt, scheduler, ema
         self.inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
-        self.fp16 = acc.mixed_precision == "fp16"
-        self.deferred = bool(self.inner.defaults.get("fused")) and not self.fp16
+        self.fp16 = acc.scaler is not None  # a loss scaler: overflows are skipped, not fatal
+        self.deferred = bool(self.inner.defaults.get("fused"))
         self.shared = acc.num_processes > 1
+        width = 3 if self.shared else 2 if self.fp16 else 1  # [skipped(, loss non-finite(, stop))]
         # the host's copy of the flags, allocated once (pinned: a non-blocking copy)
-        self.host = torch.zeros(3 if self.shared else 1, pin_memory=acc.device.type == "cuda")
+        self.host = torch.zeros(width, pin_memory=acc.device.type == "cuda")
         self.host_values = self.host.numpy()  # the same memory, read without a torch call
         self.pending: tuple[int, torch.Tensor, torch.Tensor, torch.cuda.Event | None] | None = None
         self.preempted = False  # a preemption flag has been read
+        self.skipped = 0  # steps skipped so far (fp16 overflows)
 
     def check(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
         """After step `step`'s backward and clipping, before its update. Raises BadStep for a
         non-finite step (this one, or the previous one when deferred) before the update."""
-        watched = loss if self.fp16 else loss + norm.to(loss.dtype)
-        flags = torch.nan_to_num(watched * 0.0, nan=1.0).view(1)  # 0 when finite, 1 for inf or NaN
+        skipped = torch.nan_to_num((loss + norm.to(loss.dtype)) * 0.0, nan=1.0).view(1)  # 0 finite, 1 not
+        flags = skipped
+        if self.fp16 or self.shared:
+            flags = torch.cat([skipped, torch.nan_to_num(loss * 0.0, nan=1.0).view(1)])
         if self.shared:
             stop = torch.full((1,), float(self.preempt.requested()), device=flags.device)
-            flags = self.acc.reduce(torch.cat([flags, torch.nan_to_num(loss * 0.0, nan=1.0).view(1), stop]), "max")
+            flags = self.acc.reduce(torch.cat([flags, stop]), "max")
         if not self.deferred:
             self._read(step, flags.cpu().numpy(), loss)
             return
-        self.inner.found_inf = flags[0]  # the fused kernel skips the whole update when it is 1
+        if not self.fp16:  # under fp16 the loss scaler hands the fused kernel its own overflow flag
+            self.inner.found_inf = flags[0]  # the fused kernel skips the whole update when it is 1
         self.flush()
         self.host.copy_(flags, non_blocking=True)
         event = None
@@ -158,7 +170,7 @@ class StepGuard:
         self.pending = (step, flags, loss, event)
 
     def flush(self) -> None:
-        """Reads the pending step's flags (waiting for them): at log, eval and checkpoint points."""
+        """Settles the pending step (waiting for its flags): at log, eval and checkpoint points."""
         if self.pending is not None:
             step, _, loss, event = self.pending
             self.pending = None
@@ -167,12 +179,21 @@ class StepGuard:
             self._read(step, self.host_values, loss)
 
     def _read(self, step: int, flags, loss: torch.Tensor) -> None:
-        """flags on the host: [non-finite], or with several processes [non-finite, loss
-        non-finite, stop requested]."""
+        """flags on the host: [skipped], with fp16 [skipped, loss non-finite], with several
+        processes [skipped, loss non-finite, stop requested]."""
         self.preempted = self.preempted or (bool(flags[2]) if self.shared else self.preempt.requested())
-        if flags[0]:  # rare: with one process, the loss says which (a read of the device, once, on the way out)
-            loss_bad = bool(flags[1]) if self.shared else not torch.isfinite(loss).item()
-            raise BadStep(step, "loss" if loss_bad else "gradient")
+        if flags[0]:
+            # rare: with one process and no scaler the loss says which (one read of the device, on the way out)
+            loss_bad = bool(flags[1]) if len(flags) > 1 else not torch.isfinite(loss).item()
+            if loss_bad or not self.fp16:
+                raise BadStep(step, "loss" if loss_bad else "gradient")
+            self.skipped += 1  # an fp16 overflow: the scaler skipped the update and lowered its scale
+            return
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.ema is not None:
+            with part("ema"):
+                self.ema.update()
 
 
 class BadStep(Exception):
@@ -181,17 +202,16 @@ class BadStep(Exception):
         self.step, self.what = step, what
 
 
-def train_step(acc: Accelerator, model, optimizer, scheduler, batch: Batch, step: int, per_process: float,
-               rank_weight: float, grad_clip: float, guard: StepGuard, ema: WeightEMA | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(acc: Accelerator, model, optimizer, batch: Batch, step: int, per_process: float, rank_weight: float,
+               grad_clip: float, guard: StepGuard) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward of each micro-batch (gradients synced on the last one only), clipping,
-    the guard, the update, the schedule and the weight EMA. Returns (summed loss, gradient norm),
-    both on the device."""
+    the guard (which settles the previous step: its schedule step and EMA update), the update.
+    Returns (summed loss, gradient norm), both on the device."""
     total = None
     for m, mb in enumerate(batch.micro):
         with acc.no_sync(model) if m < len(batch.micro) - 1 else contextlib.nullcontext():
             with part("forward"):
-                pred = model(mb.x).float()
+                pred = model(mb.x, mb.noise).float()
             with part("loss"):
                 ranked = (gather_global(pred, batch.sizes), batch.targets, batch.groups) if rank_weight > 0 else None
                 summed = sample_losses(pred, mb.target, rank_weight, ranked, mb.offset).sum()
@@ -204,23 +224,35 @@ def train_step(acc: Accelerator, model, optimizer, scheduler, batch: Batch, step
         guard.check(step, total, norm)
     with part("optimizer"):
         optimizer.step()
-        if not (guard.fp16 and optimizer.step_was_skipped):  # fp16 overflow: the scaler skipped this step
-            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    if ema is not None:  # a skipped (non-finite) step left the weights as they were: averaging them is harmless
-        with part("ema"):
-            ema.update()
     return total, norm
 
 
+class NoiseSource:
+    """The regularisers' uniforms of a global batch: (B, width), drawn on the device from a
+    generator seeded by (seed, step) alone. Every process draws the same matrix and takes its
+    samples' rows, so dropout and drop path are keyed by sample: 1 process or 64, micro-batched or
+    not, and resumed or not, sample i of step s is regularised the same way. Nothing to checkpoint."""
+
+    def __init__(self, seed: int, width: int, device: torch.device) -> None:
+        self.seed, self.width = seed, width
+        self.generator = torch.Generator(device=device) if width else None
+
+    def draw(self, step: int, n: int, device: torch.device) -> torch.Tensor | None:
+        if not self.width:
+            return None
+        self.generator.manual_seed(step_seed(self.seed, step, NOISE))  # host state only: no sync
+        return torch.rand((n, self.width), generator=self.generator, device=device)
+
+
 def next_batch(store: ImageStore, plan, augmenter: Augmenter, shares: Shares, step: int, device: torch.device,
-               rank_weight: float = 0.0) -> Batch:
+               rank_weight: float = 0.0, noise: NoiseSource | None = None) -> Batch:
     """This process's share of global batch `step` of `plan` (plan.BatchPlan or JointPlan):
-    augmented on the device, one upload per micro-batch. Targets are the store's (normalised)
-    training targets."""
+    augmented on the device, one upload per micro-batch, with the regularisers' uniforms (noise).
+    Targets are the store's (normalised) training targets."""
     with part("host"):  # the plan, the draws, the crop origins and the packing: host memory only
         rows, k = plan.batch(step)
-        params = augmenter.draw(len(rows))  # drawn for the whole global batch on every process
+        params = augmenter.draw(len(rows), step)  # drawn for the whole global batch on every process
         targets = store.training_targets()
         uploads = []
         for sl in shares.slices():
@@ -234,11 +266,13 @@ def next_batch(store: ImageStore, plan, augmenter: Augmenter, shares: Shares, st
         if rank_weight > 0:
             groups = store.dataset[rows] if store.dataset is not None else torch.zeros(len(rows), dtype=torch.long)
             every = [_upload(t, device) for t in (targets[rows], groups)]
+    with part("noise"):
+        u = noise.draw(step, len(rows), device) if noise is not None else None
     micro = []
     with part("augment"):
         for start, pixels, packed in uploads:
             x, target = augmenter.apply(pixels, packed)
-            micro.append(MicroBatch(x, target, start))
+            micro.append(MicroBatch(x, target, start, None if u is None else u[start:start + len(target)]))
     if rank_weight <= 0:
         return Batch(micro)
     return Batch(micro, every[0], shares.sizes(), every[1])

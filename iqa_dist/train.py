@@ -26,6 +26,7 @@ from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelK
                                is_tensorboard_available, is_wandb_available, set_seed)
 from rich.console import Console
 from safetensors.torch import load_file
+from torch import nn
 
 from .augment import Augmenter
 from .cache import cache_root, describe, prepare
@@ -39,7 +40,7 @@ from .optim import WeightEMA, build_optimizer, build_schedule, group_sizes
 from .output import Display, console_for
 from .plan import BatchPlan, JointPlan, Shares
 from .rundir import RunDir, Target
-from .step import BadStep, PreemptionFlag, StepGuard, next_batch, train_step
+from .step import BadStep, NoiseSource, PreemptionFlag, StepGuard, next_batch, train_step
 from .store import EvalSet, ImageStore, View
 from .weights import provenance
 
@@ -67,6 +68,7 @@ class TrainState:
     train_seconds: float = 0.0
     window_loss: float = 0.0  # this process's summed loss since the last evaluation (flushed from the device)
     window_n: int = 0  # ... over this many patches
+    world_size: int = 0  # processes that wrote the checkpoint (0: a checkpoint from before it was recorded)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -186,10 +188,14 @@ def model_card(cfg: Config, data: Data, model: HyperIQA, weights: dict, groups: 
                      mean=list(model.mean), std=list(model.std), weights=weights, groups=groups)
 
 
-def stop_non_finite(acc: Accelerator, run: RunDir, bad: BadStep) -> None:
-    """Every process stops before any update from the bad step; the state is kept for debugging."""
-    debug = run.path / f"debug-step-{bad.step:08d}"
-    acc.save_state(str(debug))
+def stop_non_finite(s: "Session", bad: BadStep) -> None:
+    """Every process stops before any update from the bad step; the state from before it (weights,
+    moments, schedule, EMA: the guard applied nothing of it; the loop's counters rolled back) is
+    kept for debugging."""
+    s.state.window_n -= (s.state.step - bad.step) * sum(sl.stop - sl.start for sl in s.shares.slices())
+    s.state.step = bad.step
+    debug = s.run.path / f"debug-step-{bad.step:08d}"
+    s.acc.save_state(str(debug))
     raise NonFiniteLoss(f"non-finite {bad.what} at step {bad.step}; no optimizer step was taken from it and "
                         f"training stopped; the weights and optimizer state from before it are kept in {debug}")
 
@@ -244,6 +250,19 @@ def maybe_compile(model, cfg: Config, console: Console, what: str = "training"):
     return compiled
 
 
+class OwnForward(nn.Module):
+    """A model's own forward, without the mixed-precision wrapper Accelerate puts on the prepared
+    instance: training-time evaluation then scores in the model card's `eval_precision` (fp32), as
+    `evaluate` and `predict` do, whatever the training precision."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return type(self.model).forward(self.model, x)
+
+
 def evaluate_all(model, images: dict[str, EvalSet], card: ModelCard, s: "Session") -> dict[str, dict]:
     """Metrics per dataset, each on its own score scale."""
     return {name: {k: r[k] for k in METRIC_KEYS} for name, r in (
@@ -270,10 +289,9 @@ def evaluate_and_select(s: "Session") -> tuple[dict, dict[str, dict], dict | Non
     cfg, acc = s.cfg, s.acc
     per_dataset = evaluate_all(s.eval_model, s.data.val, s.card, s)
     val = combine(per_dataset, s.data.weights, cfg.train.select_on)
-    ema_val, chosen, chosen_val, chosen_model = None, "raw", val, acc.unwrap_model(s.eval_model, keep_torch_compile=False)
-    if s.ema is not None:
-        with acc.autocast():  # the same precision as the (Accelerate-wrapped) weights' evaluation
-            ema_val = combine(evaluate_all(s.ema.model, s.data.val, s.card, s), s.data.weights, cfg.train.select_on)
+    ema_val, chosen, chosen_val, chosen_model = None, "raw", val, s.bare
+    if s.ema is not None:  # never prepared: its forward is its own, as the weights' evaluation is
+        ema_val = combine(evaluate_all(s.ema.model, s.data.val, s.card, s), s.data.weights, cfg.train.select_on)
         if _score(ema_val) > _score(val):
             chosen, chosen_val, chosen_model = "ema", ema_val, s.ema.model
     if update_best(s.state, chosen_val["srcc"], cfg.train.patience):
@@ -291,8 +309,7 @@ def _score(metrics: dict) -> float:
 def test_selected(s: "Session") -> tuple[dict, dict[str, dict]]:
     """Loads the selected weights and evaluates each dataset's test split once."""
     s.acc.wait_for_everyone()
-    bare = s.acc.unwrap_model(s.eval_model, keep_torch_compile=False)
-    bare.load_state_dict(load_file(str(s.run.model_dir / WEIGHTS_FILE)))
+    s.bare.load_state_dict(load_file(str(s.run.model_dir / WEIGHTS_FILE)))
     images = {name: view.eval_set("test", m.test_protocol, m.test_patch_num, s.cfg.model.img_size,
                                   shard(len(view.ids("test")), s.acc.num_processes, s.acc.process_index))
               for (name, view), m in zip(s.data.views.items(), s.cfg.data.members())}
@@ -303,7 +320,7 @@ def test_selected(s: "Session") -> tuple[dict, dict[str, dict]]:
 # ---------------------------------------------------------------- the loop
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Session:
     """Everything the loop uses, built before it by `start`."""
 
@@ -313,7 +330,8 @@ class Session:
     target: Target
     model: torch.nn.Module  # as prepared by Accelerate (DDP on several processes)
     forward: torch.nn.Module  # the model the step calls (compiled with train.compile)
-    eval_model: torch.nn.Module  # the bare model for evaluation (compiled with train.compile)
+    bare: HyperIQA  # the model itself: what the optimizer updates, evaluation reads and export writes
+    eval_model: torch.nn.Module  # the bare model's own forward (fp32), compiled with train.compile
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     data: Data
@@ -324,6 +342,7 @@ class Session:
     guard: StepGuard
     display: Display
     ema: WeightEMA | None  # the weights' moving average (train.ema_decay > 0)
+    noise: NoiseSource  # the regularisers' uniforms, keyed by (seed, step, sample)
     counts: dict
     total_steps: int
     eval_every: int
@@ -352,6 +371,7 @@ def start(cfg: Config, resume: str = "", extend: bool = False) -> Session:
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     eval_every = cfg.train.eval_every or steps_per_epoch
     augmenter = Augmenter(cfg.augment, cfg.model.img_size, model.mean, model.std, cfg.train.seed).to(acc.device)
+    noise = NoiseSource(cfg.train.seed, model.noise_width, acc.device)
     optimizer = build_optimizer(model.to(acc.device), cfg)
     scheduler = build_schedule(optimizer, cfg, total_steps, steps_per_epoch)
     weights, groups, counts = provenance(cfg.model), group_sizes(optimizer), parameter_counts(model)
@@ -360,25 +380,31 @@ def start(cfg: Config, resume: str = "", extend: bool = False) -> Session:
                                          "effective_lr": {"backbone": cfg.effective_lr(),
                                                           "head": cfg.effective_lr() * cfg.optim.lr_ratio,
                                                           "warmup_steps": cfg.effective_warmup()}})
+    bare = model
     with run.discard_if_unstarted(created=not target.resuming):
         ema = WeightEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
         state = TrainState()
         acc.register_for_checkpointing(state, augmenter, *([ema] if ema else []))
-        set_seed(cfg.train.seed, device_specific=True)  # dropout and drop path differ per process
+        # dropout and drop path draw from NoiseSource, keyed by sample; only a layer it does not
+        # reach (none in the presets) would draw from torch's generator, seeded per process
+        set_seed(cfg.train.seed, device_specific=True)
         if target.resuming:
             restore(acc, run, state, target)
+        state.world_size = acc.num_processes
         print_start(acc, cfg, data, counts, weights, groups, shares, total_steps, steps_per_epoch, run)
         if cfg.run.log_with:
             acc.init_trackers(run.path.name, config={f"{s}.{k}": str(v) for s, d in cfg.to_dict().items()
                                                      if isinstance(d, dict) for k, v in d.items()})
     return Session(
-        cfg, acc, run, target, model, compile_step(model, augmenter, cfg, console),
-        maybe_compile(acc.unwrap_model(model), cfg, console, "evaluation"), optimizer, scheduler, data, shares,
-        augmenter, card, state, StepGuard(acc, optimizer, preempt),
-        Display(console, total_steps, steps_per_epoch, cfg.train.log_every), ema, counts, total_steps, eval_every,
-        cfg.train.checkpoint_every or eval_every,
-        cfg.train.eval_batch_size or 2 * math.ceil(shares.per_process / shares.accum))
+        cfg=cfg, acc=acc, run=run, target=target, model=model, forward=compile_step(model, augmenter, cfg, console),
+        bare=bare, eval_model=maybe_compile(OwnForward(bare), cfg, console, "evaluation"), optimizer=optimizer,
+        scheduler=scheduler, data=data, shares=shares, augmenter=augmenter, card=card, state=state,
+        guard=StepGuard(acc, optimizer, preempt, scheduler=scheduler, ema=ema),
+        display=Display(console, total_steps, steps_per_epoch, cfg.train.log_every), ema=ema, noise=noise,
+        counts=counts, total_steps=total_steps, eval_every=eval_every,
+        checkpoint_every=cfg.train.checkpoint_every or eval_every,
+        eval_batch=cfg.train.eval_batch_size or 2 * math.ceil(shares.per_process / shares.accum))
 
 
 def restore(acc: Accelerator, run: RunDir, state: TrainState, target: Target) -> None:
@@ -395,7 +421,11 @@ def restore(acc: Accelerator, run: RunDir, state: TrainState, target: Target) ->
     if target.extended:
         state.stopped_early = False  # a longer schedule (or patience) continues past the old end
     run.truncate_metrics(state.step)
-    acc.print(f"resumed {run.path} at step {state.step}" + (f" ({'; '.join(target.extended)})" if target.extended else ""))
+    notes = list(target.extended)
+    if state.world_size and state.world_size != acc.num_processes:  # nothing the run needs is per process
+        notes.append(f"on {acc.num_processes} process(es) instead of {state.world_size}: the same global batches, "
+                     "augmentations and regularisers, so the run continues as it would have")
+    acc.print(f"resumed {run.path} at step {state.step}" + (f" ({'; '.join(notes)})" if notes else ""))
 
 
 def train(cfg: Config, resume: str = "", extend: bool = False) -> Path:
@@ -407,12 +437,12 @@ def train(cfg: Config, resume: str = "", extend: bool = False) -> Path:
         s.model.train()
         while state.step < s.total_steps and not state.stopped_early:
             batch = next_batch(s.data.train, s.data.plan, s.augmenter, s.shares, state.step, s.acc.device,
-                               o.rank_weight)
+                               o.rank_weight, s.noise)
             try:
-                loss, norm = train_step(s.acc, s.forward, s.optimizer, s.scheduler, batch, state.step,
-                                        s.shares.per_process, o.rank_weight, o.grad_clip, s.guard, s.ema)
+                loss, norm = train_step(s.acc, s.forward, s.optimizer, batch, state.step, s.shares.per_process,
+                                        o.rank_weight, o.grad_clip, s.guard)
             except BadStep as bad:
-                stop_non_finite(s.acc, s.run, bad)
+                stop_non_finite(s, bad)
             state.step += 1
             window["loss"] += loss
             state.window_n += sum(len(mb.target) for mb in batch.micro)
@@ -467,7 +497,7 @@ def sync_point(s: Session, window: dict) -> None:
     try:
         s.guard.flush()
     except BadStep as bad:
-        stop_non_finite(s.acc, s.run, bad)
+        stop_non_finite(s, bad)
     s.state.window_loss += float(window["loss"])
     window["loss"].zero_()
     s.display.line(s.state.step, s.state.window_loss / max(1, s.state.window_n), s.scheduler.get_last_lr()[0])

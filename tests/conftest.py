@@ -19,6 +19,10 @@ TINY_SWIN = ["model.pretrained=none", f"model.backbone_kwargs={json.dumps(TINY_S
              "model.hyper_hidden=[64, 32]"]
 
 
+REGULARISERS = ["model.dropout=0.3", "model.drop_path=0.2", "augment.brightness=0.1", "augment.contrast=0.1",
+                "augment.saturation=0.1", "augment.hue=0.05"]
+
+
 @pytest.fixture(scope="session")
 def cache_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cache")
@@ -28,10 +32,12 @@ def cache_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_overrides(cache_root) -> list[str]:
-    """The demo preset shrunk for tests: fewer contents and patches, dropout/jitter off."""
+    """The demo preset shrunk for tests (fewer contents and patches), with the koniq-swin-t
+    recipe's regularisers on (dropout 0.3, drop path 0.2, ColorJitter), so that every check of
+    world-size invariance, resuming and compile covers them."""
     return [f"data.cache_dir={cache_root}", "data.synthetic_size=1", "data.train_patch_num=2",
             "data.test_patch_num=2", "data.workers=2", "train.batch_size=16", "train.epochs=1",
-            "train.log_every=1000", *TINY_SWIN]
+            "train.log_every=1000", *TINY_SWIN, *REGULARISERS]
 
 
 def cli(*args: str) -> tuple[int, str, str]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -137,13 +139,43 @@ def _start_two(overrides: list[str]) -> subprocess.Popen:
 
 
 def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
-    seen = ""
-    deadline = time.time() + timeout
-    for line in proc.stdout:
+    """The output up to the first line holding `text`; fails after `timeout` s even when the
+    process prints nothing more (the lines are read on a thread, waited for with a deadline)."""
+    lines: queue.Queue = queue.Queue()
+    if not hasattr(proc, "_lines"):
+        threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)],
+                         daemon=True).start()
+        proc._lines = lines
+    seen, deadline = "", time.monotonic() + timeout
+    while True:
+        try:
+            line = proc._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"no line with {text!r} within {timeout:.0f} s; output so far:\n{seen[-2000:]}")
+        if line is None:
+            raise AssertionError(f"the process ended before printing {text!r}:\n{seen[-2000:]}")
         seen += line
-        if text in line or time.time() > deadline:
-            break
-    return seen
+        if text in line:
+            return seen
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> str:
+    """Waits for the process; the output `_wait_for` has not returned yet."""
+    proc.wait(timeout=timeout)
+    rest = []
+    while (line := proc._lines.get(timeout=timeout)) is not None:
+        rest.append(line)
+    return "".join(rest)
+
+
+def _until(condition, timeout: float = 60, what: str = "the condition"):
+    """Polls `condition()` until it returns something truthy (an event, not a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
+        time.sleep(0.05)
+    return value
 
 
 @pytest.mark.slow
@@ -151,12 +183,10 @@ def test_a_failed_rank_brings_all_down(tiny_overrides, tmp_path):
     proc = _start_two([*tiny_overrides, "train.max_steps=100000", "train.eval_every=100000", "train.timeout_s=60",
                        f"run.root={tmp_path}"])
     _wait_for(proc, "parameters:")
-    time.sleep(2)
-    workers = _workers(proc.pid)
-    assert set(workers) == {0, 1}, workers
+    workers = _until(lambda: (w := _workers(proc.pid)) and set(w) == {0, 1} and w, what="both workers running")
     t0 = time.time()
     os.kill(workers[1], signal.SIGKILL)
-    proc.communicate(timeout=120)
+    _finish(proc, 120)
     assert proc.returncode != 0
     assert time.time() - t0 < 90  # within the collective timeout (60 s), not a hang
     assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
@@ -172,7 +202,7 @@ def test_sigterm_to_the_launcher_checkpoints_and_resumes(tiny_overrides, tmp_pat
     proc = _start_two(overrides)
     _wait_for(proc, "step 5/")
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
+    _finish(proc, 120)
     assert proc.returncode != 0
     run = only_run(tmp_path)
     [checkpoint] = list((run / "checkpoints").iterdir())
@@ -193,7 +223,7 @@ def test_stop_file_checkpoints_and_exits(tiny_overrides, tmp_path):
                             stderr=subprocess.STDOUT, text=True, env=env)
     _wait_for(proc, "parameters:")
     stop.touch()
-    out = proc.communicate(timeout=120)[0]
+    out = _finish(proc, 120)
     assert proc.returncode == 124, out[-2000:]
     assert "preempted at step" in out
     [checkpoint] = list((only_run(tmp_path / "runs") / "checkpoints").iterdir())

@@ -45,6 +45,26 @@ def test_evaluate_reproduces_the_training_test_metrics(single_run, tiny_override
     assert lines[0] == "image,score,prediction" and len(lines) == summary["test"]["n"] + 1
 
 
+def test_one_evaluation_precision_for_a_bf16_run(tiny_overrides, cache_root, tmp_path):
+    """A bf16-trained run scores its val and test splits in the precision its model card records
+    (fp32), as `evaluate` and `predict` do: the same test metrics to 1e-6, the same per-image
+    predictions to 1e-4 of the score range (0-100)."""
+    out = train_here([*tiny_overrides, *RUN, "train.mixed_precision=bf16", f"run.root={tmp_path}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    [run] = [p for p in tmp_path.iterdir() if p.is_dir()]
+    card = json.loads((run / "model" / "config.json").read_text())
+    assert card["eval_precision"] == "fp32"
+    summary = json.loads((run / "summary.json").read_text())
+    from iqa_dist.evaluate import evaluate_model
+
+    report = evaluate_model(run, "synthetic", "test", [f"data.cache_dir={cache_root}"])
+    for key in ("srcc", "plcc", "krcc", "rmse"):
+        assert report["metrics"][key] == pytest.approx(summary["test"][key], abs=1e-6), key
+    root = next(p for p in cache_root.glob("synthetic-src-*") if p.is_dir())
+    predicted = iqa_dist.load_model(run, "cpu").score([root / name for name in report["per_image"]["names"]])
+    assert predicted == pytest.approx(report["per_image"]["preds"], abs=1e-4 * 100)
+
+
 def test_prediction_csv_quotes_names_with_commas(tmp_path):
     write_predictions(tmp_path / "p.csv", ["a,b.png", 'say "hi".jpg'], np.array([1.0, 2.0]), np.array([1.5, 2.5]))
     with open(tmp_path / "p.csv", newline="") as f:

@@ -3,7 +3,6 @@ never lets a non-finite step update the weights, compile that matches eager, pad
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import numpy as np
@@ -11,13 +10,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from iqa_dist import bench, step as step_mod
 from iqa_dist.augment import Augmenter
 from iqa_dist.config import AugmentConfig, load_config
 from iqa_dist.evaluate import predict_images
 from iqa_dist.model import build_model
 from iqa_dist.store import EvalSet, ImageStore
-from iqa_dist.optim import build_optimizer, build_schedule
+from iqa_dist.optim import WeightEMA, build_optimizer, build_schedule
 from iqa_dist.step import Batch, BadStep, MicroBatch, PreemptionFlag, StepGuard, train_step
 from iqa_dist.train import TrainState, maybe_compile, update_best
 
@@ -27,14 +25,24 @@ def tiny_cfg(*extra: str):
     return load_config("demo", ["model.pretrained=none", *extra])
 
 
-def setup(cfg, seed: int = 0):
+def setup(cfg, seed: int = 0, scaler: torch.amp.GradScaler | None = None, ema: bool = False):
+    """A step under a fresh Accelerator; `scaler`: fp16's loss scaler (Accelerate makes one on GPUs
+    only, so the tests hand it one: the CPU computes in fp32, the scaling, unscaling, overflow
+    check and skip are the real ones)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
     acc = Accelerator(cpu=True)
+    acc.scaler = scaler
     torch.manual_seed(seed)
     model = build_model(cfg.model)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_schedule(optimizer, cfg, 100, 10)
+    average = WeightEMA(model, 0.5) if ema else None
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    return acc, model, optimizer, scheduler, StepGuard(acc, optimizer, PreemptionFlag())
+    return acc, model, optimizer, scheduler, StepGuard(acc, optimizer, PreemptionFlag(), scheduler=scheduler,
+                                                       ema=average)
 
 
 def batch(n: int = 8, size: int = 64, seed: int = 0, bad: bool = False) -> Batch:
@@ -47,15 +55,35 @@ def batch(n: int = 8, size: int = 64, seed: int = 0, bad: bool = False) -> Batch
 
 
 def test_bench_times_the_training_step_itself():
-    """No second copy of the step: bench times rig.StepRig, which calls step.train_step and
-    step.next_batch (and compiles them as `train` does: tests/test_audit.py)."""
-    from iqa_dist import rig
+    """bench's step (rig.StepRig) is `next_batch` + `train_step` as `train` calls them: driven
+    from the same state, the two leave the same weights, optimizer state and schedule."""
+    import json
 
-    assert "StepRig.build(" in inspect.getsource(bench._train_rates)
-    source = inspect.getsource(rig.StepRig)
-    assert "train_step(" in source and "next_batch(" in source
-    assert rig.train_step is step_mod.train_step and rig.next_batch is step_mod.next_batch
-    assert "backward(" not in source  # the step's work lives only in step.py
+    from iqa_dist.bench import TINY_SWIN
+    from iqa_dist.rig import StepRig
+    from iqa_dist.step import next_batch
+
+    cfg = load_config("koniq-swin-t", ["model.pretrained=none", f"model.backbone_kwargs={json.dumps(TINY_SWIN)}",
+                                       "model.img_size=112", "train.ema_decay=0.9"])
+    rng = np.random.default_rng(0)
+    sizes = torch.full((4,), 130 * 150 * 3)
+    store = ImageStore(torch.from_numpy(rng.integers(0, 256, 4 * 130 * 150 * 3, dtype=np.uint8)),
+                       torch.cumsum(sizes, 0) - sizes, torch.full((4,), 130), torch.full((4,), 150),
+                       torch.rand(4) * 100, torch.arange(4))
+    cpu = torch.device("cpu")
+    timed, direct = StepRig.build(cfg, store, "fp32", 8, cpu), StepRig.build(cfg, store, "fp32", 8, cpu)
+    for step in range(3):
+        timed.end_to_end()
+        batch = next_batch(direct.store, direct.plan, direct.augmenter, direct.shares, step, cpu,
+                           cfg.optim.rank_weight, direct.noise)
+        train_step(direct.acc, direct.forward, direct.optimizer, batch, step, direct.shares.per_process,
+                   cfg.optim.rank_weight, cfg.optim.grad_clip, direct.guard)
+    for r in (timed, direct):
+        r.guard.flush()
+    for (k, a), b in zip(timed.model.state_dict().items(), direct.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert timed.scheduler.get_last_lr() == direct.scheduler.get_last_lr() and timed.ema.updates == 3
+    torch.testing.assert_close(timed.ema.model.state_dict(), direct.ema.model.state_dict(), rtol=0, atol=0)
 
 
 def test_a_non_finite_step_never_updates_and_stops_before_the_next():
@@ -63,24 +91,83 @@ def test_a_non_finite_step_never_updates_and_stops_before_the_next():
     at the next step's check, before that step's update, and raises naming the bad step."""
     acc, model, optimizer, scheduler, guard = setup(tiny_cfg())
     assert guard.deferred  # fused AdamW on this device: the flags are read one step late
-    train_step(acc, model, optimizer, scheduler, batch(seed=1), 0, 8.0, 0.0, 1.0, guard)
+    train_step(acc, model, optimizer, batch(seed=1), 0, 8.0, 0.0, 1.0, guard)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     moments = {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()}
-    train_step(acc, model, optimizer, scheduler, batch(seed=2, bad=True), 1, 8.0, 0.0, 1.0, guard)  # no raise yet
+    train_step(acc, model, optimizer, batch(seed=2, bad=True), 1, 8.0, 0.0, 1.0, guard)  # no raise yet
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # skipped on the device
     after = optimizer.state_dict()["state"][0]
     assert all(torch.equal(after[k], v) for k, v in moments.items())  # moments and step count untouched
     with pytest.raises(BadStep) as bad:
-        train_step(acc, model, optimizer, scheduler, batch(seed=3), 2, 8.0, 0.0, 1.0, guard)
+        train_step(acc, model, optimizer, batch(seed=3), 2, 8.0, 0.0, 1.0, guard)
     assert bad.value.step == 1 and bad.value.what == "loss"
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # the next step did not update either
 
 
+def _snapshot(model, optimizer, scheduler, guard) -> dict:
+    """Everything a skipped step must leave as it was."""
+    return {"weights": {k: v.clone() for k, v in model.state_dict().items()},
+            "moments": {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()},
+            "schedule": (scheduler.scheduler.last_epoch, list(scheduler.get_last_lr())),
+            "ema": {k: v.clone() for k, v in guard.ema.model.state_dict().items()}}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a["schedule"] == b["schedule"]
+    for part in ("weights", "moments", "ema"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), (part, k)
+
+
+def test_a_skipped_step_changes_nothing_and_the_debug_state_is_from_before_it():
+    """bf16/fp32: the step with a non-finite loss leaves weights, moments, step count, schedule and
+    EMA as they were (the guard settles a step, schedule and EMA included, only once its flag
+    says it was applied), and BadStep names it at the next check, before that step's update."""
+    acc, model, optimizer, scheduler, guard = setup(tiny_cfg(), ema=True)
+    train_step(acc, model, optimizer, batch(seed=1), 0, 8.0, 0.0, 1.0, guard)
+    guard.flush()  # step 0 settled: its schedule step and EMA update applied
+    assert scheduler.scheduler.last_epoch == 1 and guard.ema.updates == 1
+    before = _snapshot(model, optimizer, scheduler, guard)
+    train_step(acc, model, optimizer, batch(seed=2, bad=True), 1, 8.0, 0.0, 1.0, guard)
+    with pytest.raises(BadStep) as bad:
+        train_step(acc, model, optimizer, batch(seed=3), 2, 8.0, 0.0, 1.0, guard)
+    assert bad.value.step == 1 and bad.value.what == "loss"
+    _assert_same(before, _snapshot(model, optimizer, scheduler, guard))
+    assert guard.ema.updates == 1
+
+
+def test_an_fp16_overflow_is_skipped_without_a_host_read_and_training_goes_on():
+    """fp16 with a fused optimizer: an overflowing step (non-finite scaled gradients, finite loss)
+    is skipped on the device by the loss scaler, and the guard, reading its flag one step late
+    like any other, steps neither the schedule nor the EMA for it; training continues."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    acc, model, optimizer, scheduler, guard = setup(tiny_cfg(), scaler=scaler, ema=True)
+    assert guard.fp16 and guard.deferred
+    train_step(acc, model, optimizer, batch(seed=1), 0, 8.0, 0.0, 1.0, guard)
+    guard.flush()
+    before = _snapshot(model, optimizer, scheduler, guard)
+    scaler.update(new_scale=float("inf"))  # the scaled loss and gradients overflow
+    train_step(acc, model, optimizer, batch(seed=2), 1, 8.0, 0.0, 1.0, guard)
+    guard.flush()  # no BadStep: an overflow is not fatal
+    assert guard.skipped == 1
+    _assert_same(before, _snapshot(model, optimizer, scheduler, guard))
+    scaler.update(new_scale=1.0)
+    train_step(acc, model, optimizer, batch(seed=3), 2, 8.0, 0.0, 1.0, guard)
+    guard.flush()
+    assert scheduler.scheduler.last_epoch == 2 and guard.ema.updates == 2  # applied steps only
+    assert not torch.equal(model.state_dict()["hyper.last_weight.weight"], before["weights"]["hyper.last_weight.weight"])
+    bad_loss = batch(seed=4, bad=True)
+    train_step(acc, model, optimizer, bad_loss, 3, 8.0, 0.0, 1.0, guard)
+    with pytest.raises(BadStep) as bad:  # a non-finite loss stops an fp16 run too
+        guard.flush()
+    assert bad.value.what == "loss"
+
+
 def test_flush_reads_the_last_step():
     acc, model, optimizer, scheduler, guard = setup(tiny_cfg())
-    train_step(acc, model, optimizer, scheduler, batch(bad=True), 0, 8.0, 0.0, 1.0, guard)
+    train_step(acc, model, optimizer, batch(bad=True), 0, 8.0, 0.0, 1.0, guard)
     with pytest.raises(BadStep):
         guard.flush()
 
@@ -115,23 +202,36 @@ def test_schedule_warms_up_then_follows_the_cosine():
     assert opt.param_groups[1]["lr"] == pytest.approx(2 * schedule.get_last_lr()[0])  # lr_ratio
 
 
-def test_augmentation_is_batched_with_one_upload():
-    """The jitter runs as whole-batch tensor ops from one packed upload: the result equals the
-    per-op reference and the device function takes no host tensors."""
+def test_augmentation_is_batched_with_one_upload_and_equals_torchvision_per_sample():
+    """The whole batch from one packed upload: each sample is what torchvision gives for its own
+    crop (numpy slicing), flip and ColorJitter (factors and order as drawn) and normalisation,
+    and the targets travel in the same upload."""
+    import torchvision.transforms.functional as TF
+
     aug = Augmenter(AugmentConfig(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1), 16, (0.5,) * 3, (0.25,) * 3, 0)
     rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
-    pixels = torch.from_numpy(image.ravel().copy())
+    images = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8), rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)]
+    pixels = torch.from_numpy(np.concatenate([im.ravel() for im in images]))
     n = 12
-    params = aug.draw(n)
-    y0, x0 = aug.crop_origin(params, torch.full((n,), 40), torch.full((n,), 50))
-    packed = aug.upload(torch.zeros(n, dtype=torch.long), torch.full((n,), 50), y0, x0, params, torch.arange(n).float(),
-                        torch.device("cpu"))
+    which = torch.arange(n) % 2
+    offsets, heights, widths = torch.tensor([0, images[0].size])[which], torch.tensor([40, 30])[which], \
+        torch.tensor([50, 20])[which]
+    params = aug.draw(n, step=5)
+    y0, x0 = aug.crop_origin(params, heights, widths)
+    packed = aug.upload(offsets, widths, y0, x0, params, torch.arange(n).float(), torch.device("cpu"))
     assert packed.shape == (n, 6 + 3 * 6 + 3) and packed.dtype == torch.float64  # the numbers, the jitter table
     x, scores = aug.apply(pixels, packed)
     assert x.shape == (n, 3, 16, 16) and torch.equal(scores, torch.arange(n).float())
-    torch.testing.assert_close(x, aug.train(pixels, torch.zeros(n, dtype=torch.long), torch.full((n,), 50), y0, x0,
-                                            params))
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    factors = [params.brightness, params.contrast, params.saturation, params.hue]
+    for i in range(n):
+        patch = images[which[i]][y0[i]:y0[i] + 16, x0[i]:x0[i] + 16]
+        img = torch.from_numpy(patch.copy()).permute(2, 0, 1).float() / 255
+        if params.flip[i]:
+            img = img.flip(2)
+        for op in params.order[i].tolist():
+            img = ops[op](img, float(factors[op][i]))
+        torch.testing.assert_close(x[i], (img - 0.5) / 0.25, atol=1e-5, rtol=1e-5)
 
 
 def test_compiled_step_matches_eager_and_compiles_once():
@@ -146,7 +246,7 @@ def test_compiled_step_matches_eager_and_compiles_once():
         forward = maybe_compile(model, cfg, _quiet())
         out = []
         for step in range(3):
-            loss, _ = train_step(acc, forward, optimizer, scheduler, batch(seed=step), step, 8.0, 0.0, 1.0, guard)
+            loss, _ = train_step(acc, forward, optimizer, batch(seed=step), step, 8.0, 0.0, 1.0, guard)
             out.append(float(loss))
         return out
 

@@ -11,17 +11,21 @@ import math
 import os
 import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.stats
+import torch
 import yaml
 from safetensors.torch import load_file
 
 from iqa_dist.evaluate import correlation_metrics, shard
 from iqa_dist.plan import BatchPlan, Shares
 
-from .conftest import RUN, assert_same_training, cli, metrics, only_run, run_train, train_cmd, train_here
+from .conftest import (RUN, TINY_SWIN_KWARGS, assert_same_training, cli, free_port, metrics, only_run, run_train,
+                       train_cmd, train_here)
 
 # ---------------------------------------------------------------- units
 
@@ -115,19 +119,20 @@ def test_run_directory_holds_everything(single_run):
     assert {"model.safetensors", "optimizer.bin", "scheduler.bin"} <= {p.name for p in (run / "checkpoints" / checkpoints[-1]).iterdir()}
 
 
-def test_one_process_equals_two(single_run, tiny_overrides, tmp_path):
-    """The same preset on 1 or 2 processes trains the same recipe and evaluates the same images,
-    with an odd-sized evaluation split (each image once, no padding duplicates)."""
-    out = run_train([*tiny_overrides, *RUN, f"run.root={tmp_path}"], nproc=2)
+def test_one_process_equals_three(single_run, tiny_overrides, tmp_path):
+    """The same preset on 1 or 3 processes (uneven shares: 6 + 5 + 5 of a batch of 16) trains the
+    same recipe, dropout, drop path and ColorJitter on (keyed by sample, not by process), and
+    evaluates the same images, each once (no padding duplicates)."""
+    out = run_train([*tiny_overrides, *RUN, f"run.root={tmp_path}"], nproc=3)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.count("parameters:") == 1  # one process prints
-    one, two = metrics(single_run), metrics(only_run(tmp_path))
-    assert one[-1]["val_n"] % 2 == 1  # odd: 2 ranks cannot split it evenly
-    assert_same_training(one, two)
+    one, three = metrics(single_run), metrics(only_run(tmp_path))
+    assert one[-1]["val_n"] % 3 != 0  # 3 ranks cannot split it evenly
+    assert_same_training(one, three)
     s1 = json.loads((single_run / "summary.json").read_text())
-    s2 = json.loads((only_run(tmp_path) / "summary.json").read_text())
-    assert s2["world_size"] == 2 and s2["test"]["n"] == s1["test"]["n"]
-    assert s2["test"]["srcc"] == pytest.approx(s1["test"]["srcc"], abs=1e-4)
+    s3 = json.loads((only_run(tmp_path) / "summary.json").read_text())
+    assert s3["world_size"] == 3 and s3["test"]["n"] == s1["test"]["n"]
+    assert s3["test"]["srcc"] == pytest.approx(s1["test"]["srcc"], abs=1e-4)
 
 
 def test_accumulation_on_two_processes_still_syncs_gradients(single_run, tiny_overrides, tmp_path):
@@ -138,6 +143,23 @@ def test_accumulation_on_two_processes_still_syncs_gradients(single_run, tiny_ov
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "2 process(es) x 2 micro-batch(es)" in out.stdout
     assert_same_training(metrics(single_run), metrics(only_run(tmp_path)))
+
+
+def test_accumulation_all_reduces_once_per_step_compiled_with_an_ema():
+    """2 processes, 2 micro-batches each, train.compile (aot_eager) and a weight EMA: DDP all-reduces
+    the gradients once per optimizer step (no_sync holds on the compiled DDP module: nothing
+    unwraps it per step), counted by a comm hook (tests/ddp_rounds.py)."""
+    overrides = ["model.pretrained=none", f"model.backbone_kwargs={json.dumps(TINY_SWIN_KWARGS)}", "model.img_size=112",
+                 "train.ema_decay=0.9", "train.micro_batch_size=4", "train.compile=true",
+                 "train.compile_backend=aot_eager"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), str(Path(__file__).parent / "ddp_rounds.py"), *overrides]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["micro"] == 2 and result["rounds"] == result["steps"] == 3
 
 
 def test_preempted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path):
@@ -176,6 +198,37 @@ def test_preempted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path):
     assert code == 2 and "the config differs" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("before,after", [(1, 2), (2, 1)])
+def test_resuming_on_another_number_of_processes_continues_exactly(before, after, single_run, tiny_overrides,
+                                                                    tmp_path, monkeypatch):
+    """A run stopped (the stop file: checkpoint, exit) on `before` processes and resumed on `after`
+    ends with the same losses and metrics as the uninterrupted 1-process run, regularisers on:
+    the plan, the augmentation and the regularisers' draws are functions of (seed, step, sample),
+    and the checkpoint holds no per-process state the run needs. The start-up line says so."""
+    stop = tmp_path / "stop"
+    stop.touch()
+    monkeypatch.setenv("IQA_DIST_STOP_FILE", str(stop))
+    overrides = [*tiny_overrides, *RUN, f"run.root={tmp_path / 'runs'}"]
+
+    def train(nproc: int, resume: str = ""):
+        return train_here(overrides, resume=resume) if nproc == 1 else run_train(overrides, nproc=nproc, resume=resume)
+
+    first = train(before)
+    assert first.returncode != 0 and "preempted at step" in first.stdout + first.stderr
+    run = only_run(tmp_path / "runs")
+    [checkpoint] = list((run / "checkpoints").iterdir())
+    assert int(checkpoint.name[5:]) < 6 and not (run / "summary.json").exists()
+    monkeypatch.delenv("IQA_DIST_STOP_FILE")
+    again = train(after, resume=str(run))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"on {after} process(es) instead of {before}" in again.stdout
+    assert_same_training(metrics(single_run), metrics(run))
+    summary = json.loads((run / "summary.json").read_text())
+    reference = json.loads((single_run / "summary.json").read_text())
+    assert summary["world_size"] == after and summary["test"]["srcc"] == pytest.approx(reference["test"]["srcc"],
+                                                                                          abs=1e-4)
+
+
 def test_accumulation_and_stored_patches_train_end_to_end(tiny_overrides, tmp_path):
     """train.micro_batch_size (gradient accumulation) and data.train_patches=cached run the real
     loop; selection and early stopping are unit-tested on update_best (test_step.py)."""
@@ -193,7 +246,13 @@ def test_non_finite_loss_stops_before_the_step(tiny_overrides, tmp_path):
     assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
     assert "non-finite" in out.stderr and "at step" in out.stderr and "Traceback" not in out.stderr
     run = only_run(tmp_path)
-    assert list(run.glob("debug-step-*")), "a debug checkpoint is kept"
+    [debug] = list(run.glob("debug-step-*"))
+    bad = int(debug.name.rsplit("-", 1)[1])
+    assert f"at step {bad}" in out.stderr
+    # the state from before the bad step: the loop's step counter rolled back, the schedule not stepped
+    state = torch.load(debug / "custom_checkpoint_0.pkl", weights_only=False)
+    schedule = torch.load(debug / "scheduler.bin", weights_only=False)
+    assert state["step"] == bad and schedule["last_epoch"] == bad
 
 
 def test_leftover_partial_checkpoint_is_ignored(single_run, tmp_path):
