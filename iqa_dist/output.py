@@ -112,12 +112,16 @@ class Display:
             self.console.print(f"step {step}/{self.total} epoch {step / self.per_epoch:.2f} {info}{eta}",
                                highlight=False)
 
-    def evaluation(self, record: dict, state, per_dataset: dict[str, dict] | None = None) -> None:
+    def evaluation(self, record: dict, state, per_dataset: dict[str, dict] | None = None,
+                   ema_per_dataset: dict[str, dict] | None = None) -> None:
         rows = {"val": {k: record.get(f"val_{k}") for k in METRIC_KEYS}}
         if per_dataset:  # joint training: each dataset, then the combination selection uses
             rows = {f"val {name}": m for name, m in per_dataset.items()} | {"val (selection)": rows["val"]}
+        if ema_per_dataset:
+            rows |= {f"val EMA {name}": m for name, m in ema_per_dataset.items()}
         if "ema_val_srcc" in record:
-            rows["val EMA"] = {k: record.get(f"ema_val_{k}") for k in METRIC_KEYS}
+            rows["val EMA" + (" (selection)" if ema_per_dataset else "")] = {k: record.get(f"ema_val_{k}")
+                                                                             for k in METRIC_KEYS}
         best = " (best)" if state.best_step == record["step"] else f" (best {state.best_srcc:.4f} at step {state.best_step})"
         title = (f"step {record['step']}  epoch {record['epoch']:.2f}  train loss {record['train_loss']:.4f}  "
                  f"{record['patches_per_s']:.0f} patches/s{best}")

@@ -114,7 +114,13 @@ def load_model(path: str | Path, device: str | torch.device | None = None, scale
     card = ModelCard.read(folder)
     torch.set_flush_denormal(True)  # trained weights make CPU math hit slow denormals (train.py)
     model = build_model(card.model_config())
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    weights = folder / WEIGHTS_FILE
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as e:  # a truncated or foreign file: safetensors' own error, or a shape mismatch
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{weights}: cannot be read as this model's weights ({type(e).__name__}: {first}); the file "
+                        "is damaged (a copy cut short?) or belongs to another model: export or copy it again") from None
     return Scorer(model, card, resolve_device(device), scale)
 
 

@@ -1,7 +1,8 @@
 """`iqa-dist report`: compare runs at a glance, beside phase one's reference table.
 
 The table shows only the config fields that differ between the runs, their val/test SRCC and
-PLCC, selected epoch, epochs run, training time and throughput. `--markdown` prints the same as
+PLCC (a joint run's each dataset too, from the exported weights), selected epoch, epochs run,
+training time and throughput; phase one's table beside it when every run is a KonIQ-10k run. `--markdown` prints the same as
 Markdown; `--plot DIR` draws training loss and val SRCC per epoch, overlaid (matplotlib, an
 optional extra imported only here).
 """
@@ -92,15 +93,25 @@ def rows(runs: list[dict], sep: str = "\n") -> tuple[list[str], list[list[str]]]
             stats = [last.get("val_srcc"), last.get("val_plcc"), "-", "-", "-", f"{last.get('epoch', 0)} (running)",
                      last.get("elapsed_s"), last.get("patches_per_s")]
         body.append([r["path"].name, *([_differs(flat, keys, sep)] if keys else []), *(fmt(v) for v in stats)])
+        for name, d in ((s or {}).get("datasets") or {}).items():  # a joint run: each dataset, then combined
+            body.append([f"  {name}", *([""] if keys else []), *(fmt(v) for v in (
+                d["val"].get("srcc"), d["val"].get("plcc"), d["test"].get("srcc"), d["test"].get("plcc"))),
+                *[""] * 4])
     return header, body
 
 
-def markdown(header: list[str], body: list[list[str]]) -> str:
+def koniq_only(runs: list[dict]) -> bool:
+    """Phase one's reference table compares with KonIQ-10k runs only (not synthetic, joint or other data)."""
+    return all(r["config"].get("data", {}).get("dataset") == "koniq10k" and not r["config"]["data"].get("datasets")
+               for r in runs)
+
+
+def markdown(header: list[str], body: list[list[str]], reference: bool = True) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
     ref = ["", "Phase one (KonIQ-10k, for reference):", "", "| config | SRCC | PLCC |", "|---|---|---|"]
     ref += [f"| {name} | {s:.4f} | {p:.4f} |" for name, s, p in PHASE_ONE]
-    return "\n".join(lines + ref)
+    return "\n".join(lines + (ref if reference else []))
 
 
 def plot(runs: list[dict], folder: Path) -> list[Path]:

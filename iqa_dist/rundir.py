@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,19 @@ def git_sha() -> str:
         return sha.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def _unwritable(folder: Path) -> str:
+    """Why a run cannot write in `folder` (made when missing), or "" when it can: a file is created
+    and removed there, which also catches read-only mounts and immutable folders."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".iqa-dist-write-test-"):
+            pass
+    except OSError as e:
+        return (f"{folder}: cannot write run outputs there ({e.strerror or type(e).__name__}); "
+                "choose another folder with --run.root")
+    return ""
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
@@ -171,6 +185,9 @@ class RunDir:
     def _choose(cls, cfg: Config, resume: str, extend: bool) -> Target | UserError:
         root = Path(cfg.run.root)
         path = cls.find_resumable(root, cfg.run_name()) if resume == "auto" else Path(resume) if resume else None
+        unwritable = _unwritable(path if path is not None and cls.is_run(path) else root)
+        if unwritable:  # before any data is prepared: the run could not save anything
+            return UserError(unwritable)
         if path is None:
             if extend:
                 return UserError("--extend continues an existing run: give --resume RUN_DIR")

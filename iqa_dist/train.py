@@ -282,24 +282,35 @@ def combine(per_dataset: dict[str, dict], weights: list[float], select_on: str) 
     return {**out, "rmse": None, "n": sum(m["n"] for m in per_dataset.values())}
 
 
-def evaluate_and_select(s: "Session") -> tuple[dict, dict[str, dict], dict | None, str]:
+@dataclass
+class Validation:
+    """One evaluation of the weights (and of their EMA) on every dataset's val split."""
+
+    val: dict  # the weights' selection metrics (the only dataset's, or the combination)
+    per_dataset: dict[str, dict]  # the weights', per dataset
+    ema_val: dict | None = None  # the EMA's selection metrics (train.ema_decay)
+    ema_per_dataset: dict[str, dict] | None = None  # the EMA's, per dataset
+    chosen: str = "raw"  # which of the two was better on val: raw | ema
+
+
+def evaluate_and_select(s: "Session") -> Validation:
     """Validation of the weights (and of their EMA); the better of the two, when it is a new best
-    (val SRCC), is exported as the run's model. Returns (the weights' combined metrics, per
-    dataset, the EMA's combined metrics or None, which was better: "raw" | "ema")."""
+    (val SRCC), is exported as the run's model."""
     cfg, acc = s.cfg, s.acc
     per_dataset = evaluate_all(s.eval_model, s.data.val, s.card, s)
-    val = combine(per_dataset, s.data.weights, cfg.train.select_on)
-    ema_val, chosen, chosen_val, chosen_model = None, "raw", val, s.bare
+    v = Validation(combine(per_dataset, s.data.weights, cfg.train.select_on), per_dataset)
+    chosen_val, chosen_model = v.val, s.bare
     if s.ema is not None:  # never prepared: its forward is its own, as the weights' evaluation is
-        ema_val = combine(evaluate_all(s.ema.model, s.data.val, s.card, s), s.data.weights, cfg.train.select_on)
-        if _score(ema_val) > _score(val):
-            chosen, chosen_val, chosen_model = "ema", ema_val, s.ema.model
+        v.ema_per_dataset = evaluate_all(s.ema.model, s.data.val, s.card, s)
+        v.ema_val = combine(v.ema_per_dataset, s.data.weights, cfg.train.select_on)
+        if _score(v.ema_val) > _score(v.val):
+            v.chosen, chosen_val, chosen_model = "ema", v.ema_val, s.ema.model
     if update_best(s.state, chosen_val["srcc"], cfg.train.patience):
-        exported = replace(s.card, step=s.state.step, val=chosen_val, averaged=chosen)
+        exported = replace(s.card, step=s.state.step, val=chosen_val, averaged=v.chosen)
         train_images = {name: {"names": view.names(view.ids("train")), "groups": view.groups(view.ids("train"))}
                         for name, view in s.data.views.items()} if acc.is_main_process else {}
         s.run.export_model(chosen_model.state_dict(), exported, train_images)
-    return val, per_dataset, ema_val, chosen
+    return v
 
 
 def _score(metrics: dict) -> float:
@@ -462,12 +473,13 @@ def train(cfg: Config, resume: str = "", extend: bool = False) -> Path:
 
 def evaluate_and_log(s: Session, window: dict, norm: torch.Tensor) -> None:
     """Validation, model selection, a metrics.jsonl line (and the tracker's), the table."""
-    val, per_dataset, ema_val, chosen = evaluate_and_select(s)
-    record = log_record(s, window, val, per_dataset, ema_val, chosen, norm)
+    v = evaluate_and_select(s)
+    record = log_record(s, window, v, norm)
     s.run.log(record)
     if s.cfg.run.log_with:
-        s.acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=s.state.step)
-    s.display.evaluation(record, s.state, per_dataset if len(per_dataset) > 1 else None)
+        s.acc.log({k: x for k, x in record.items() if isinstance(x, (int, float))}, step=s.state.step)
+    joint = len(v.per_dataset) > 1
+    s.display.evaluation(record, s.state, v.per_dataset if joint else None, v.ema_per_dataset if joint else None)
     s.state.window_loss, s.state.window_n = 0.0, 0
     window.update(t0=time.time(), step0=s.state.step)
 
@@ -549,11 +561,11 @@ def consolidate_window(acc: Accelerator, state: TrainState) -> None:
         state.window_loss, state.window_n = (totals[0], int(totals[1])) if acc.is_main_process else (0.0, 0)
 
 
-def log_record(s: Session, window: dict, val: dict, per_dataset: dict[str, dict], ema_val: dict | None,
-               chosen: str, norm: torch.Tensor) -> dict:
+def log_record(s: Session, window: dict, v: Validation, norm: torch.Tensor) -> dict:
     """One metrics.jsonl line; the train loss is the mean over every process's patches. val_* is
     the weights' selection metric set (the only dataset's, or the combination); joint runs add
-    val_<dataset>_*; with an EMA, ema_val_* and which of the two was better (`val_from`)."""
+    val_<dataset>_*; with an EMA, ema_val_* (and ema_val_<dataset>_*) and which of the two was better
+    (`val_from`)."""
     acc, state = s.acc, s.state
     totals = torch.tensor([state.window_loss, state.window_n], device=acc.device, dtype=torch.float64)
     totals = acc.reduce(totals, "sum") if acc.num_processes > 1 else totals
@@ -566,13 +578,16 @@ def log_record(s: Session, window: dict, val: dict, per_dataset: dict[str, dict]
         "train_loss": float(totals[0] / max(1.0, float(totals[1]))),
         "lr": s.scheduler.get_last_lr()[0],
         "grad_norm": float(norm),
-        **{f"val_{k}": v for k, v in val.items()},
+        **{f"val_{k}": x for k, x in v.val.items()},
     }
-    if len(per_dataset) > 1:
-        record.update({f"val_{name}_{k}": v for name, m in per_dataset.items() for k, v in m.items()})
-    if ema_val is not None:
-        record.update({f"ema_val_{k}": v for k, v in ema_val.items()})
-        record["val_from"] = chosen
+    joint = len(v.per_dataset) > 1
+    if joint:
+        record.update({f"val_{name}_{k}": x for name, m in v.per_dataset.items() for k, x in m.items()})
+    if v.ema_val is not None:
+        record.update({f"ema_val_{k}": x for k, x in v.ema_val.items()})
+        if joint:
+            record.update({f"ema_val_{name}_{k}": x for name, m in v.ema_per_dataset.items() for k, x in m.items()})
+        record["val_from"] = v.chosen
     record["patches_per_s"] = round(steps * s.data.plan.batch_size / max(seconds, 1e-9), 1)
     record["elapsed_s"] = round(state.train_seconds, 1)
     return record
@@ -602,7 +617,7 @@ def summarize(s: Session, test: dict, per_dataset: dict[str, dict]) -> dict:
     }
     if best.get("val_from"):
         summary["weights_from"] = best["val_from"]
-    if len(per_dataset) > 1:
-        summary["datasets"] = {name: {"val": {k: best.get(f"val_{name}_{k}") for k in METRIC_KEYS}, "test": m}
+    if len(per_dataset) > 1:  # the exported weights' own figures, as for the combined val above
+        summary["datasets"] = {name: {"val": {k: best.get(f"{prefix}{name}_{k}") for k in METRIC_KEYS}, "test": m}
                                for name, m in per_dataset.items()}
     return summary

@@ -4,6 +4,7 @@ and extend, one-line errors with exit 2, full-width logs, help that starts with 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -401,3 +402,31 @@ def test_demo_preempted_says_one_line_and_exits_124(tiny_overrides, tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 124, err
     assert "Traceback" not in err and "preempted at step" in err and "relaunch to resume" in err
+
+
+def test_a_run_root_that_cannot_be_written_fails_before_the_data(tiny_overrides, tmp_path):
+    """A read-only (or immutable) --run.root: one line naming the folder, exit 2, before any data
+    is prepared (no cache work is wasted); a truncated model.safetensors in predict: one line."""
+    if os.geteuid() == 0:  # root writes through permission bits: stand in a read-only path another way
+        blocker = tmp_path / "file"
+        blocker.write_text("a file where the runs folder should be")
+        root = blocker / "runs"
+    else:
+        root = tmp_path / "ro"
+        root.mkdir()
+        root.chmod(0o500)
+    code, out, err = cli("train", "--preset", "demo", *[f"--{o}" for o in tiny_overrides],
+                         "--data.cache_dir", str(tmp_path / "fresh-cache"), f"--run.root={root}")
+    one_line_error(code, err, f"{root}: cannot write run outputs there")
+    assert not (tmp_path / "fresh-cache").exists()  # nothing was prepared
+
+
+def test_a_truncated_model_file_is_one_line_in_predict(single_run, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(single_run / "model", model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    image = tmp_path / "a.png"
+    fixtures.image(image, (120, 90), seed=1)
+    code, _, err = cli("predict", str(model), str(image))
+    one_line_error(code, err, f"{weights}: cannot be read as this model's weights")

@@ -149,6 +149,27 @@ def test_ema_export_is_the_better_of_the_two(joint_run):
     assert summary["val"]["srcc"] == pytest.approx(max(best["ema_val_srcc"], best["val_srcc"]))
 
 
+def test_joint_summaries_and_report_are_the_exported_weights(joint_run, tmp_path):
+    """Joint + EMA: summary.json's per-dataset val figures are the exported weights' (the EMA's when
+    it was exported), metrics.jsonl has the EMA's per dataset, `evaluate --split val` on the
+    exported model gives those figures, and `report` shows each dataset but no KonIQ reference."""
+    run, _ = joint_run
+    summary = json.loads((run / "summary.json").read_text())
+    best = next(r for r in metrics(run) if r["step"] == summary["best_step"])
+    prefix = "ema_val_" if summary["weights_from"] == "ema" else "val_"
+    for name in ("synthetic", "kadid10k"):
+        assert all(f"ema_val_{name}_{k}" in best for k in ("srcc", "plcc", "krcc", "rmse", "n"))
+        assert summary["datasets"][name]["val"]["srcc"] == best[f"{prefix}{name}_srcc"]
+        out = tmp_path / f"{name}.json"
+        code, _, err = cli("evaluate", "--run", str(run), "--dataset", name, "--split", "val", "--output", str(out))
+        assert code == 0, err
+        report = json.loads(out.read_text())
+        assert report["metrics"]["srcc"] == pytest.approx(summary["datasets"][name]["val"]["srcc"], abs=1e-6)
+    code, out, err = cli("report", str(run), "--markdown")
+    assert code == 0, err
+    assert "|   synthetic | " in out and "|   kadid10k | " in out and "Phase one" not in out
+
+
 def test_a_joint_model_scores_on_the_scale_asked(joint_run, tmp_path):
     run, root = joint_run
     image = root / "kadid" / "images" / "I01_01_01.png"

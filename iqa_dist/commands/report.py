@@ -22,14 +22,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..report import PHASE_ONE, find_runs, load_run, markdown, plot, rows
+    from ..report import PHASE_ONE, find_runs, koniq_only, load_run, markdown, plot, rows
 
     writable("--plot", args.plot, folder=True)
     runs = [load_run(p) for p in find_runs(args.runs)]
     header, body = rows(runs, "; " if args.markdown else "\n")
     out = console()
+    reference = koniq_only(runs)
     if args.markdown:
-        out.print(markdown(header, body), markup=False, highlight=False)
+        out.print(markdown(header, body, reference), markup=False, highlight=False)
     else:
         table = Table()
         for h in header:
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         for r in body:
             table.add_row(*r)
         print_table(out, f"{len(runs)} run(s)", table)
+    if reference and not args.markdown:
         ref = Table()
         for h in ("config", "SRCC", "PLCC"):
             ref.add_column(h)
