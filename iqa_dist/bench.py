@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import tempfile
 import time
 from contextlib import nullcontext
@@ -81,16 +82,50 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rate(fn, n_items: int, repeats: int, device: torch.device, warmup: int = 2) -> float:
-    """Items per second of fn() (each call handles n_items), after warm-up calls."""
+class Rate(float):
+    """Items per second: the median of BLOCKS timed blocks, with their `spread`, (max - min) /
+    median: what the machine's noise did to this figure while it was measured."""
+
+    spread: float = 0.0
+
+
+BLOCKS = 3  # timed blocks per figure (their median is the figure)
+NOISY = 0.10  # a spread above this is flagged where the figure is printed
+
+
+def _rate(fn, n_items: int, repeats: int, device: torch.device, warmup: int = 2) -> Rate:
+    """Items per second of fn() (each call handles n_items) over `repeats` calls after warm-up
+    calls, timed in up to BLOCKS blocks: their median, and their spread."""
     for _ in range(warmup):
         fn()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    _sync(device)
-    return n_items * repeats / (time.perf_counter() - t0)
+    blocks = [repeats // BLOCKS + (b < repeats % BLOCKS) for b in range(min(BLOCKS, repeats))]
+    rates = []
+    for calls in blocks:
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        rates.append(n_items * calls / (time.perf_counter() - t0))
+    median = statistics.median(rates)
+    rate = Rate(median)
+    rate.spread = (max(rates) - min(rates)) / median if median > 0 else math.nan
+    return rate
+
+
+def spreads(report, path: str = "") -> dict[str, float]:
+    """Every measured figure's spread in a report, by its place (train.0.end_to_end, ...)."""
+    if isinstance(report, Rate):
+        return {path: report.spread}
+    items = report.items() if isinstance(report, dict) else enumerate(report) if isinstance(report, list) else ()
+    return {k: v for key, value in items for k, v in spreads(value, f"{path}.{key}" if path else str(key)).items()}
+
+
+def fr(v) -> str:
+    """A measured figure with its spread, flagged when the machine was noisy: '152.6 ±4%'."""
+    if not isinstance(v, Rate) or math.isnan(v.spread):
+        return fmt(v)
+    return f"{fmt(v)} ±{100 * v.spread:.0f}%" + (" noisy" if v.spread > NOISY else "")
 
 
 def source_images(folder: Path, n: int) -> Path:
@@ -508,7 +543,13 @@ def bench_command(what: str, cfg: Config, args) -> dict:
                                            console) for compiled in compiles]
     if what in ("eval", "all"):
         report["eval"] = bench_eval(cfg, args.images, batches[0] * 2, compiles, device, work, max(1, args.steps // 4))
+    report["spread"] = spreads(report)  # (max - min) / median of each figure's timed blocks
+    noisy = sorted(k for k, v in report["spread"].items() if v > NOISY)
     show(report)
+    if noisy:
+        console.print(f"noisy: {len(noisy)} figure(s) spread more than {NOISY:.0%} between their timed blocks "
+                      f"({', '.join(noisy[:6])}{', ...' if len(noisy) > 6 else ''}): measure again on a quieter "
+                      "machine, or with more --steps, before comparing them", highlight=False)
     out = Path(args.output) if args.output else Path("runs") / f"bench-{what}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str))
@@ -538,24 +579,24 @@ def show(report: dict) -> None:
     if "augment" in report:
         a = report["augment"]
         out.print(f"augmentation on the same decoded images ({a['img_size']} px crops, flip, ColorJitter, normalise): "
-                  f"torchvision per image on the CPU {a['torchvision_cpu']:.0f} patches/s, iqa_dist batched on "
-                  f"{report['device']} {a['iqa_dist']:.0f} patches/s ({a['speedup']:.1f}x) - {where}", highlight=False)
+                  f"torchvision per image on the CPU {fr(a['torchvision_cpu'])} patches/s, iqa_dist batched on "
+                  f"{report['device']} {fr(a['iqa_dist'])} patches/s ({fmt(a['speedup'])}x) - {where}", highlight=False)
     if "data" in report:
         d = report["data"]
         t = Table()
         for c in ("pipeline", "patches/s", "x phase one"):
             t.add_column(c, justify="right" if c != "pipeline" else "left")
-        t.add_row("(a) phase one: decode + resize per patch, CPU transforms", f"{d['phase_one']:.0f}", "1.0")
-        t.add_row("(b) cache + device crop/flip/jitter", f"{d['cache_device_crops']:.0f}", f"{d['speedup_device_crops']:.1f}")
-        t.add_row("(c) cache + stored patches", f"{d['cache_stored_patches']:.0f}", f"{d['speedup_stored_patches']:.1f}")
-        t.add_row("(b) host side only: the CPU's share when augmentation runs on a GPU", f"{d['host_work_device_crops']:.0f}",
-                  f"{d['speedup_host_work']:.0f}")
+        t.add_row("(a) phase one: decode + resize per patch, CPU transforms", fr(d["phase_one"]), "1")
+        t.add_row("(b) cache + device crop/flip/jitter", fr(d["cache_device_crops"]), fmt(d["speedup_device_crops"]))
+        t.add_row("(c) cache + stored patches", fr(d["cache_stored_patches"]), fmt(d["speedup_stored_patches"]))
+        t.add_row("(b) host side only: the CPU's share when augmentation runs on a GPU", fr(d["host_work_device_crops"]),
+                  fmt(d["speedup_host_work"]))
         print_table(out, f"data pipeline, patches/s ready on {report['device']} - {where}", t)
         if report["device"] == "cpu":
             out.print("On this machine the CPU is also the device: (b) and (c) include the augmentation arithmetic "
                       "that a GPU would do; the last row is what remains on the CPU cores when a GPU does it.")
-        out.print(f"cache: reads {d['cache_read_images_per_s']:.0f} training images/s and "
-                  f"{d['cache_read_eval_images_per_s']:.0f} evaluation images/s (with their protocol patches) into "
+        out.print(f"cache: reads {fmt(d['cache_read_images_per_s'])} training images/s and "
+                  f"{fmt(d['cache_read_eval_images_per_s'])} evaluation images/s (with their protocol patches) into "
                   f"memory; {d['cache_mb_per_1000_images']} MB per 1,000 KonIQ-size (512x384) images", highlight=False)
     if "train" in report:
         t = Table()
@@ -563,8 +604,8 @@ def show(report: dict) -> None:
                   "input overhead %", "MFU %", "peak GiB", "first step s"):
             t.add_column(c, justify="right")
         for r in report["train"]:
-            t.add_row(r["backbone"], r["precision"], str(r["compile"]), str(r["batch"]), fmt(r["end_to_end"]),
-                      fmt(r["model_only"]), fmt(r["anchor"]), fmt(r["pct_of_anchor"]), fmt(r["overhead_pct"]),
+            t.add_row(r["backbone"], r["precision"], str(r["compile"]), str(r["batch"]), fr(r["end_to_end"]),
+                      fr(r["model_only"]), fr(r["anchor"]), fmt(r["pct_of_anchor"]), fmt(r["overhead_pct"]),
                       fmt(r.get("mfu_pct")), fmt(r["memory_gib"]), fmt(r["first_step_s"]))
         print_table(out, f"training steps, patches/s (end to end = `iqa-dist train`'s step with its input path; model "
                          f"only = the same step on a batch already on the device; anchor = timm's plain classifier of "
@@ -585,7 +626,7 @@ def show(report: dict) -> None:
     for k in report.get("kernels", []):
         show_kernels(out, k, where)
     for e in report.get("eval", []):
-        out.print(f"evaluation: {e['images_per_s']:.1f} images/s ({e['patches_per_s']:.0f} patches/s, "
+        out.print(f"evaluation: {fr(e['images_per_s'])} images/s ({fmt(e['patches_per_s'])} patches/s, "
                   f"{e['test_patch_num']} patches per image, {e['backbone']} at {e['img_size']} px, {e['precision']}, "
                   f"compile={e['compile']})", highlight=False)
 
@@ -595,7 +636,7 @@ def show_scaling(out, sc: dict, where: str) -> None:
     for c in ("per-process batch", "patches/s (measured)"):
         t.add_column(c, justify="right")
     for r in sc["measured"]:
-        t.add_row(str(r["batch"]), f"{r['end_to_end']:.1f}")
+        t.add_row(str(r["batch"]), fr(r["end_to_end"]))
     print_table(out, f"MEASURED: the real step (end to end), {sc['backbone']} {sc['precision']} - {where}; gradients "
                      f"{sc['grad_bytes']['fp32'] / 1e6:.1f} MB per step in fp32 ({sc['grad_bytes']['bf16'] / 1e6:.1f} MB "
                      f"with train.grad_compression=bf16)", t)
@@ -604,16 +645,16 @@ def show_scaling(out, sc: dict, where: str) -> None:
         for c in ("GPUs", "batch per GPU", "compute ms", "all-reduce ms", "step ms", "patches/s", "KonIQ epoch s"):
             t.add_column(c, justify="right")
         for r in sc[key]:
-            t.add_row(str(r["gpus"]), f"{r['per_gpu_batch']:.3g}", f"{r['compute_ms']:.1f}", f"{r['comm_ms']:.2f}",
-                      f"{r['step_ms']:.1f}", f"{r['patches_per_s']:.0f}", f"{r['epoch_s']:.0f}")
+            t.add_row(str(r["gpus"]), fmt(r["per_gpu_batch"]), fmt(r["compute_ms"]), fmt(r["comm_ms"]),
+                      fmt(r["step_ms"]), fmt(r["patches_per_s"]), fmt(r["epoch_s"]))
         print_table(out, f"PROJECTED, not measured: {label}; compute at the measured rate for the per-GPU batch; "
                          f"ring all-reduce at {sc['intra_gbps']:g} GB/s per GPU within a node of {GPUS_PER_NODE} "
                          f"and {sc['inter_gbps']:g} GB/s across nodes, not overlapped with the backward pass "
                          "(an upper bound)", t)
     sw = sc["sweep_30_epochs"]
     out.print(f"PROJECTED sweep throughput on one 8-GPU node (30-epoch KonIQ runs at batch 96): "
-              f"{sw['members_per_hour_8_parallel']:.2f} members/hour with 8 members in parallel (one GPU each) vs "
-              f"{sw['members_per_hour_one_at_a_time_on_8']:.2f} one at a time on all 8 GPUs ({sw['speedup']:.1f}x)",
+              f"{fmt(sw['members_per_hour_8_parallel'])} members/hour with 8 members in parallel (one GPU each) vs "
+              f"{fmt(sw['members_per_hour_one_at_a_time_on_8'])} one at a time on all 8 GPUs ({fmt(sw['speedup'])}x)",
               highlight=False)
 
 

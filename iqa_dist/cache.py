@@ -36,7 +36,7 @@ from .sources import Problem, SourceData, read_source, source_root
 from .splits import assign_splits
 from .store import META, BinaryColumn, View, open_images
 
-CACHE_VERSION = 2  # 2: a fixed WxH resize follows each image's orientation
+CACHE_VERSION = 3  # 2: a fixed WxH resize follows each image's orientation; 3: data.exif
 IMAGE_FEATURES = datasets.Features({
     "image_id": datasets.Value("int64"),
     "name": datasets.Value("string"),
@@ -104,6 +104,7 @@ def image_fingerprint(cfg: Config, data: SourceData) -> dict:
         "dataset": cfg.data.dataset,
         "score_column": data.score_column,
         "resize": resolve_resize(cfg, data),
+        "exif": cfg.data.exif,
         "min_side": cfg.model.img_size,
         "skip_bad": cfg.data.skip_bad,
         "annotations": [hashlib.sha256(p.read_bytes()).hexdigest() for p in data.annotation_files],
@@ -116,7 +117,8 @@ def resolve_resize(cfg: Config, data: SourceData) -> str:
     return data.resize if cfg.data.resize == "auto" else cfg.data.resize
 
 
-def _image_rows(records_file: str, resize: str, min_side: int, workers: int, problems_file: str) -> Iterator[dict]:
+def _image_rows(records_file: str, resize: str, min_side: int, workers: int, problems_file: str,
+                exif: bool = True) -> Iterator[dict]:
     """Generator for datasets.Dataset.from_generator: decodes in worker processes, yields the
     usable images in order and writes the unusable ones to problems_file.
 
@@ -124,7 +126,7 @@ def _image_rows(records_file: str, resize: str, min_side: int, workers: int, pro
     records = json.loads(Path(records_file).read_text())
     console = Console(stderr=True)
     problems = []
-    jobs = [(str(r["path"]), resize, min_side) for r in records]
+    jobs = [(str(r["path"]), resize, min_side, exif) for r in records]
     # spawn, not fork: forking a process that holds torch's (or rich's) threads can deadlock the
     # children; the workers import only iqa_dist.decode (PIL, numpy), so they start fast.
     with _progress(console) as bar, multiprocessing.get_context("spawn").Pool(workers) as pool:
@@ -166,7 +168,7 @@ def _build_images(partial: Path, cfg: Config, data: SourceData, root: Path, fing
             _image_rows, features=IMAGE_FEATURES, cache_dir=str(partial / "hf"), writer_batch_size=16,
             fingerprint=_hash(fingerprint),
             gen_kwargs=dict(records_file=str(partial / "records.json"), resize=resize, min_side=cfg.model.img_size,
-                            workers=workers, problems_file=str(problems_file)))
+                            workers=workers, problems_file=str(problems_file), exif=cfg.data.exif))
     except ValueError:  # datasets refuses a generator that yielded nothing: every row was bad
         if not problems_file.exists():
             raise

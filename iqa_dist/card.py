@@ -121,9 +121,28 @@ class ModelCard:
         """Model output -> scores on `scale` (see `scale`)."""
         return self.scale(scale).to_score(pred)
 
-    def resize_for(self, name: str | None) -> str:
-        """The resize policy for new images scored on scale `name` (the first dataset's for normalized)."""
-        return self.datasets[name].resize if name in self.datasets else self.datasets[self.dataset].resize
+    def image_policy(self, name: str | None, like: str | None = None) -> tuple[str, bool]:
+        """(resize policy, apply EXIF orientation) for new images: those of dataset `like` (whose
+        images these resemble), else of the scale's dataset `name`. The policy belongs to the
+        images, not to the scale: on the normalized scale a model whose datasets were prepared
+        differently needs `like`, so that its scores stay an affine map of a dataset scale's.
+        Cards from before data.exif existed had the tag ignored."""
+        policies = {n: (d.resize, bool(d.data.get("exif", False))) for n, d in self.datasets.items()}
+        if like is not None:
+            if like not in self.datasets:
+                raise UserError(f"--resize-as {like}: this model trained on {', '.join(self.datasets)} only")
+            return policies[like]
+        if name in self.datasets:
+            return policies[name]
+        if len(set(policies.values())) > 1:
+            raise UserError(f"--scale {name or NORMALIZED}: this model's datasets were resized differently ("
+                            + ", ".join(f"{n}: {r}{'' if e else ', EXIF ignored'}" for n, (r, e) in policies.items())
+                            + "); say which images these are like with --resize-as DATASET")
+        return next(iter(policies.values()))
+
+    def resize_for(self, name: str | None, like: str | None = None) -> str:
+        """The resize policy of `image_policy`."""
+        return self.image_policy(name, like)[0]
 
     # ------------------------------------------------------------ files
 

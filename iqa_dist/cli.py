@@ -12,13 +12,14 @@ from typing import Sequence
 from rich.markup import escape
 
 from . import __version__
-from .commands import (bench, demo, dict_overrides, evaluate, predict, prepare, reject_unknown, report, sweep,
-                       train, weights)
+from .commands import (bench, demo, dict_overrides, evaluate, launch, predict, prepare, reject_unknown, report,
+                       sweep, train, weights)
 from .errors import UserError
 from .output import console
 
 # name -> (one-line help, the command's module)
-COMMANDS = {m.NAME: (m.HELP, m) for m in (prepare, train, evaluate, predict, report, bench, sweep, demo, weights)}
+COMMANDS = {m.NAME: (m.HELP, m) for m in (prepare, train, evaluate, predict, report, bench, sweep, demo, weights,
+                                           launch)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,10 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     err = console(stderr=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args, unknown = build_parser().parse_known_args(argv)
-        reject_unknown(dict_overrides(args, unknown))
-        code = args.command_fn(args)
+        if argv[:1] == [launch.NAME] and not set(argv[1:2]) & {"-h", "--help"}:
+            code = launch.run(argparse.Namespace(rest=argv[1:]))  # its options are accelerate's, not ours
+        else:
+            args, unknown = build_parser().parse_known_args(argv)
+            reject_unknown(dict_overrides(args, unknown))
+            code = args.command_fn(args)
     except UserError as e:
         if e.exit_code:
             err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)

@@ -42,6 +42,7 @@ class DataConfig:
     image_column: str = ""  # csv source: column with image paths; "" = first of image/name/image_name/dist_name/dist_img/path/filename/file
     image_dir: str = ""  # folder of images relative to root; "" = the source's default
     resize: str = "auto"  # auto (the source's literature default) | none | WxH (e.g. 512x384) | short:N
+    exif: bool = True  # apply a photo's EXIF orientation tag (upright, as a viewer shows it); false: pixels as stored
     split: str = "random"  # random | official | all (evaluation only) | split file(s), comma-separated (CSV, JSON or .txt)
     split_seed: int = 0  # seed of random splits and of the held-out validation part
     test_fraction: float = 0.2  # random split: share of contents (images or references) in test

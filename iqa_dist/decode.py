@@ -7,19 +7,26 @@ in a fraction of a second (they never import torch).
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
-def decode(path: str, resize: str, min_side: int) -> tuple[bytes, int, int, str]:
-    """File -> (uint8 HWC bytes, height, width, problem). Any mode becomes 8-bit RGB."""
+def decode(path: str, resize: str, min_side: int, exif: bool = True) -> tuple[bytes, int, int, str]:
+    """File -> (uint8 HWC bytes, height, width, problem). Any mode becomes 8-bit RGB; with `exif`,
+    a photo's EXIF orientation tag is applied (a phone's portrait photo stored sideways comes out
+    upright, as a viewer shows it)."""
     try:
         with Image.open(path) as im:
             im.load()  # truncated files fail here, not later
-            im = to_rgb(im)
+            im = to_rgb(upright(im) if exif else im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return b"", 0, 0, f"unreadable image: {type(e).__name__}: {e}"
     im, problem = fit(im, resize, min_side)
     return (b"", 0, 0, problem) if problem else (im.tobytes(), im.height, im.width, "")
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation tag says (unchanged without a tag)."""
+    return ImageOps.exif_transpose(im)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -55,6 +62,6 @@ def target_size(width: int, height: int, resize: str) -> tuple[int, int]:
     return (h, w) if (width < height) != (w < h) else (w, h)
 
 
-def decode_job(args: tuple[str, str, int]) -> tuple[bytes, int, int, str]:
+def decode_job(args: tuple[str, str, int, bool]) -> tuple[bytes, int, int, str]:
     """decode() for Pool.imap."""
     return decode(*args)

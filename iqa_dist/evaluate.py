@@ -12,6 +12,7 @@ and RMSE are then computed once over all images (never averaged over ranks).
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 from dataclasses import asdict
 from typing import Sequence
 
@@ -92,17 +93,35 @@ def evaluate_split(model: nn.Module, images: EvalSet, augmenter: Augmenter, batc
 
 
 def evaluation_config(card: ModelCard, dataset: str, split: str, overrides: Sequence[str] = (),
-                      preset: str | None = None) -> Config:
+                      preset: str | None = None, cache_dir: str = "") -> Config:
     """The data settings an evaluation uses. On a dataset the model trained on: the training run's
     (split, seeds, fractions, resize), so "test" means the images it held out; on another dataset:
-    that dataset's defaults; with an explicit preset: the preset's. Overrides go on top; the patch
-    size is the model's."""
-    extra = [f"data.dataset={dataset}", f"model.img_size={card.size}", *(["data.split=all"] if split == "all" else [])]
+    that dataset's defaults; with an explicit preset: the preset's. The cache: `cache_dir` (the
+    training run's), else the default. Overrides go on top; the patch size is the model's."""
+    extra = [f"data.dataset={dataset}", f"model.img_size={card.size}", *(["data.split=all"] if split == "all" else []),
+             *([f"data.cache_dir={cache_dir}"] if cache_dir else [])]
     if preset:
         return load_config_for(preset, [*extra, *overrides])
     data = card.datasets[dataset].data if dataset in card.datasets else asdict(DataConfig(dataset=dataset))
     return with_overrides({"data": {**data, "cache_dir": DataConfig().cache_dir}}, [*extra, *overrides],
                           where=f"evaluation of a {'+'.join(card.datasets)} model")
+
+
+def run_cache_dir(folder, console: Console) -> str:
+    """The data.cache_dir of the training run whose model `folder` is (its model/ folder), when it
+    is still there: evaluation reuses that cache instead of building another. "" otherwise (the
+    default cache), saying why when the run had its own."""
+    from .rundir import RunDir
+
+    run = folder.parent
+    if not RunDir.is_run(run):
+        return ""
+    cache = ((RunDir(run).raw_config().get("data") or {}).get("cache_dir") or "")
+    if cache and not Path(cache).expanduser().is_dir():
+        console.print(f"the training run's data.cache_dir {cache} is not there any more: the cache is built in the "
+                      "default folder (give --data.cache_dir to choose)", highlight=False)
+        return ""
+    return cache
 
 
 def evaluate_model(path, dataset: str, split: str = "test", overrides: Sequence[str] = (), preset: str | None = None,
@@ -122,9 +141,9 @@ def evaluate_model(path, dataset: str, split: str = "test", overrides: Sequence[
     card = ModelCard.read(folder)
     scale = scale or (dataset if dataset in card.datasets else None)
     to_score = card.scale(scale).to_score  # a jointly trained model without a choice fails here, before any work
-    cfg = evaluation_config(card, dataset, split, overrides, preset)
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())  # gloo across CPU processes without a GPU
     console = console or Console(stderr=True, quiet=not acc.is_main_process)
+    cfg = evaluation_config(card, dataset, split, overrides, preset, run_cache_dir(folder, console))
     view = prepare(cfg, console)
     console.print(describe(view), highlight=False)
     which = "test" if split == "all" else split

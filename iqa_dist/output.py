@@ -36,12 +36,18 @@ def console_for(main_process: bool) -> Console:
 
 def fmt(v) -> str:
     """One number format for every table: correlations (|v| <= 1) to 4 places, other floats to 4
-    significant digits, '-' for missing or NaN; anything else as str."""
+    significant digits, thousands and more whole with separators (1,229), '-' for missing or NaN;
+    anything else as str."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) <= 1 else f"{v:.4g}"
+        return f"{v:.4f}" if abs(v) <= 1 else f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
     return str(v)
+
+
+def fmt_epoch(v) -> str:
+    """Epochs: two decimals (0.25, 6.00), never in a correlation's format."""
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.2f}"
 
 
 def print_table(out: Console, title: str, table: Table) -> None:
@@ -111,6 +117,12 @@ class Display:
             eta = f" eta {(self.total - step) / rate / 60:.1f} min" if rate else ""
             self.console.print(f"step {step}/{self.total} epoch {step / self.per_epoch:.2f} {info}{eta}",
                                highlight=False)
+
+    def evaluating(self, images: int) -> None:
+        """Before an evaluation: the live bar says so, instead of standing still."""
+        if self.live:
+            self.progress.update(self.run_task, info=f"evaluating {images} validation images...")
+            self.progress.refresh()
 
     def evaluation(self, record: dict, state, per_dataset: dict[str, dict] | None = None,
                    ema_per_dataset: dict[str, dict] | None = None) -> None:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from .augment import normalize
 from .card import WEIGHTS_FILE, ModelCard, model_dir
-from .decode import decode, fit, to_rgb
+from .decode import decode, fit, to_rgb, upright
 from .errors import UserError
 from .model import HyperIQA, build_model
 from .protocol import patch_origins
@@ -30,7 +30,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".g
 class Scorer:
     """A trained model that scores images on its training dataset's scale."""
 
-    def __init__(self, model: HyperIQA, card: ModelCard, device: torch.device, scale: str | None = None) -> None:
+    def __init__(self, model: HyperIQA, card: ModelCard, device: torch.device, scale: str | None = None,
+                 resize_as: str | None = None) -> None:
         self.model = model.to(device).eval()
         self.card = card
         self.device = device
@@ -38,18 +39,19 @@ class Scorer:
         self.mean = torch.tensor(card.mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(card.std, dtype=torch.float32, device=device)
         self.scale = card.scale(scale)  # which dataset's scale scores are on (a joint model needs a choice)
-        self.resize = card.resize_for(scale)  # new images are resized as that dataset's were
+        # new images are prepared as that dataset's were: its resize, its EXIF orientation choice
+        self.resize, self.exif = card.image_policy(scale, resize_as)
 
     def prepare(self, image) -> np.ndarray:
         """A path, PIL image or uint8 array/tensor (HWC or CHW) -> resized uint8 HWC RGB, exactly
         as the cache decodes and resizes a dataset's files."""
         if isinstance(image, (str, Path)):
-            pixels, h, w, why = decode(str(image), self.resize, self.size)
+            pixels, h, w, why = decode(str(image), self.resize, self.size, self.exif)
             if why:
                 raise UserError(f"{image}: {why}")
             return np.frombuffer(pixels, np.uint8).reshape(h, w, 3)
         if isinstance(image, Image.Image):
-            img = to_rgb(image)
+            img = to_rgb(upright(image) if self.exif else image)
         else:
             a = image.cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
             if a.dtype != np.uint8 or a.ndim != 3:
@@ -107,9 +109,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None, scale: str | None = None) -> Scorer:
+def load_model(path: str | Path, device: str | torch.device | None = None, scale: str | None = None,
+               resize_as: str | None = None) -> Scorer:
     """A model directory (or a run directory) as a Scorer; `scale`: the dataset (of those it
-    trained on) whose scale scores are on, or "normalized"; a one-dataset model's by default."""
+    trained on) whose scale scores are on, or "normalized"; a one-dataset model's by default;
+    `resize_as`: the dataset whose resize policy new images get [default: the scale's]."""
     folder = model_dir(path)
     card = ModelCard.read(folder)
     torch.set_flush_denormal(True)  # trained weights make CPU math hit slow denormals (train.py)
@@ -121,7 +125,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None, scale
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"{weights}: cannot be read as this model's weights ({type(e).__name__}: {first}); the file "
                         "is damaged (a copy cut short?) or belongs to another model: export or copy it again") from None
-    return Scorer(model, card, resolve_device(device), scale)
+    return Scorer(model, card, resolve_device(device), scale, resize_as)
 
 
 def expand(paths: Iterable[str]) -> tuple[list[Path], list[tuple[str, str]]]:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError
-from .output import fmt
+from .output import fmt, fmt_epoch
 from .rundir import RunDir
 
 # Phase one on KonIQ-10k (Q-Align split, selection on test); the README's "Reproducing the papers".
@@ -87,10 +87,10 @@ def rows(runs: list[dict], sep: str = "\n") -> tuple[list[str], list[list[str]]]
         last = r["metrics"][-1] if r["metrics"] else {}
         if s:
             stats = [s["val"].get("srcc"), s["val"].get("plcc"), s["test"].get("srcc"), s["test"].get("plcc"),
-                     s["best_epoch"], f"{s['epochs_run']}{' (early)' if s['stopped_early'] else ''}",
+                     fmt_epoch(s["best_epoch"]), f"{fmt_epoch(s['epochs_run'])}{' (early)' if s['stopped_early'] else ''}",
                      s["train_seconds"], s["patches_per_s"]]
         else:  # unfinished: its latest evaluation
-            stats = [last.get("val_srcc"), last.get("val_plcc"), "-", "-", "-", f"{last.get('epoch', 0)} (running)",
+            stats = [last.get("val_srcc"), last.get("val_plcc"), "-", "-", "-", f"{fmt_epoch(last.get('epoch', 0))} (running)",
                      last.get("elapsed_s"), last.get("patches_per_s")]
         body.append([r["path"].name, *([_differs(flat, keys, sep)] if keys else []), *(fmt(v) for v in stats)])
         for name, d in ((s or {}).get("datasets") or {}).items():  # a joint run: each dataset, then combined

@@ -64,11 +64,16 @@ def git_sha() -> str:
 
 
 def _unwritable(folder: Path) -> str:
-    """Why a run cannot write in `folder` (made when missing), or "" when it can: a file is created
-    and removed there, which also catches read-only mounts and immutable folders."""
+    """Why a run cannot write in `folder`, or "" when it can: a file is created and removed in it
+    (or, while it does not exist, in the nearest folder above it, where it will be made), which
+    also catches read-only mounts and immutable folders. Creates nothing that stays."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".iqa-dist-write-test-"):
+        if not probe.is_dir():
+            raise NotADirectoryError(20, f"{probe} is a file, not a folder")
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".iqa-dist-write-test-"):
             pass
     except OSError as e:
         return (f"{folder}: cannot write run outputs there ({e.strerror or type(e).__name__}); "

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from .config import load_config
 from .errors import UserError
-from .output import console, fmt, print_table
+from .output import console, fmt, fmt_epoch, print_table
 from .rundir import RunDir
 
 # Phase one's regularisers, each as the overrides that switch it off.
@@ -190,7 +190,8 @@ def run_members(group: Path, todo: list[dict], launcher: str, gpus_per_member: i
                 status_file.write_text(json.dumps(status, indent=1))
                 free.append(slot)
                 del running[pid]
-                word = "finished" if proc.returncode == 0 else f"[red]failed (exit {proc.returncode})[/]"
+                word = {0: "finished", 124: "[yellow]stopped (resumable)[/]"}.get(
+                    proc.returncode, f"[red]failed (exit {proc.returncode}): {last_error(Path(log.name))}[/]")
                 err.print(f"{member['name']} {word}; log {log.name}", highlight=False)
             time.sleep(0.2)
     finally:
@@ -220,7 +221,9 @@ def collect(group: Path) -> dict:
     for name in planned:
         runs = [p for p in RunDir.named(group, name) if RunDir.is_run(p)]
         summary = RunDir(runs[-1]).summary() if runs else None
-        state = "finished" if summary else f"failed (exit {status[name]})" if status.get(name) else "not finished"
+        code = status.get(name)
+        state = ("finished" if summary else "stopped (resumable)" if code == 124 else
+                 f"failed (exit {code}): {last_error(group / f'{name}.log')}" if code else "not finished")
         results.append({"member": name, "run": runs[-1].name if runs else None, "finished": summary is not None,
                         "state": state,
                         **({f"{s}_{m}": summary[s].get(m) for s in ("val", "test") for m in ("srcc", "plcc")}
@@ -241,6 +244,16 @@ def collect(group: Path) -> dict:
     return table
 
 
+def last_error(log: Path) -> str:
+    """A failed member's one-line error (the last `error:` line of its log), or where to look."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    errors = [line.strip() for line in lines if line.strip().startswith("error:")]
+    return errors[-1][len("error:"):].strip()[:200] if errors else f"see {log.name}"
+
+
 def show(table: dict, group: Path) -> None:
     t = Table()
     columns = ["member", "test_srcc", "test_plcc", "val_srcc", "val_plcc", "best_epoch"]
@@ -249,8 +262,10 @@ def show(table: dict, group: Path) -> None:
     for c in columns:
         t.add_column(c.replace("_", " "), justify="left" if c in ("member", "dataset") else "right")
     for r in table["members"]:
-        t.add_row(*(fmt(r.get(c)) if r.get("finished", True) or c in ("member", "dataset") else r.get("state", "-")
-                    for c in columns))
+        if not r.get("finished", True):  # its state in one cell: stopped (resumable) or failed, with why
+            t.add_row(r.get("member") or r.get("dataset"), r.get("state", "not finished"), *[""] * (len(columns) - 2))
+            continue
+        t.add_row(*(fmt_epoch(r.get(c)) if c == "best_epoch" else fmt(r.get(c)) for c in columns))
     for key, label in (("median", "median"), ("mean", "mean")):
         if table["statistics"]:
             cells = []

@@ -445,6 +445,7 @@ def train(cfg: Config, resume: str = "", extend: bool = False) -> Path:
     state, o = s.state, cfg.optim
     window = {"t0": time.time(), "step0": state.step, "loss": torch.zeros((), device=s.acc.device)}
     with s.run.discard_if_unstarted(created=not s.target.resuming):  # a failed start leaves no directory
+        s.guard.preempt.interrupts(announce=s.acc.is_main_process)
         s.model.train()
         while state.step < s.total_steps and not state.stopped_early:
             batch = next_batch(s.data.train, s.data.plan, s.augmenter, s.shares, state.step, s.acc.device,
@@ -462,6 +463,7 @@ def train(cfg: Config, resume: str = "", extend: bool = False) -> Path:
             if s.display.wants_line(state.step) or evaluate_now or state.step % s.checkpoint_every == 0:
                 sync_point(s, window)  # the only host reads of the step's results
             if evaluate_now:
+                s.display.evaluating(sum(len(v.ids("val")) for v in s.data.views.values()))
                 evaluate_and_log(s, window, norm)
             if state.step % s.checkpoint_every == 0 or state.stopped_early or state.step == s.total_steps \
                     or s.guard.preempted:

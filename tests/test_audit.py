@@ -190,8 +190,10 @@ def test_the_kernel_budget_of_the_koniq_swin_t_step():
 def test_compile_holds_for_training_and_evaluation(monkeypatch, tmp_path):
     """One compile path for `train` and bench (`compile_step`): the model and the training
     augmentation; no graph break; after the first training step and the first evaluation,
-    further steps and evaluations compile nothing (no recompile); every torch.compile call
-    happens with the inductor cache where the README says (beside the data cache)."""
+    further steps and evaluations compile nothing (no recompile); the compiled steps train the
+    eager ones' weights (aot_eager: the graph capture and autograd inductor builds on); every
+    torch.compile call happens with the inductor cache where the README says (beside the data
+    cache)."""
     from torch._dynamo.utils import counters
 
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
@@ -227,6 +229,13 @@ def test_compile_holds_for_training_and_evaluation(monkeypatch, tmp_path):
     assert counters["stats"]["unique_graphs"] == first["unique_graphs"]  # nothing compiled after the first ones
     assert r.augmenter._compiled is not None and len(seen) == 3  # augmentation, training model, evaluation model
     assert set(seen) == {str(tmp_path / "inductor")}
+    eager = StepRig.build(tiny_recipe(f"data.cache_dir={tmp_path}"), store(), "fp32", 8, CPU)
+    for _ in range(5):
+        eager.end_to_end()
+    for rig in (r, eager):
+        rig.guard.flush()
+    for (name, a), b in zip(r.model.state_dict().items(), eager.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_bench_compiles_what_train_compiles(tiny_overrides, tmp_path):

@@ -35,6 +35,19 @@ def test_bench_all_runs_and_writes_its_json(tmp_path):
     [ev] = report["eval"]
     assert ev["images_per_s"] > 0 and ev["test_patch_num"] == 20
     assert "x phase one" in out.stdout and "model only" in out.stdout and "images/s" in out.stdout
+    # each figure is a median of timed blocks, printed with its spread (a noisy one flagged)
+    assert {"train.0.end_to_end", "train.0.model_only", "train.0.anchor", "data.phase_one", "eval.0.images_per_s",
+            "augment.iqa_dist"} <= set(report["spread"])
+    assert all(v >= 0 for v in report["spread"].values()) and " ±" in out.stdout
+    noisy = [k for k, v in report["spread"].items() if v > 0.10]
+    assert ("noisy:" in out.stderr) == bool(noisy)
+
+
+def test_bench_help_lists_its_own_options_only():
+    out = here("bench", "--help")
+    assert "--steps" in out.stdout and "--model.img_size" in out.stdout and "--optim.lr" not in out.stdout
+    code = here("bench", "train", "--optim.lr=0.1")
+    assert code.returncode == 2 and "optim.lr" in code.stderr and "Traceback" not in code.stderr
 
 
 def test_the_gpu_script_summary_reports_what_ran_and_names_what_did_not(tmp_path):

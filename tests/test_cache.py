@@ -203,3 +203,39 @@ def test_two_processes_preparing_at_once_yield_one_cache(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], errs
     assert len(complete_caches(tmp_path / "c")) == 1
     assert sum("nothing to do" in " ".join(e.split()) and "image cache" in e for e in errs) == 1
+
+
+def _phone_photo(path: Path, seed: int) -> np.ndarray:
+    """A portrait photo stored as phones store it: landscape pixels (200x120) with EXIF
+    orientation 6 (turn 90 degrees clockwise to view). Returns the pixels as stored."""
+    fixtures.image(path.with_suffix(".png"), (120, 200), seed=seed)  # the scene, upright: 120 wide, 200 tall
+    upright = Image.open(path.with_suffix(".png")).convert("RGB")
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(path, exif=exif, quality=95)
+    path.with_suffix(".png").unlink()
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.mark.parametrize("exif", [True, False])
+def test_exif_orientation_is_applied_unless_asked_not_to(tmp_path, exif):
+    """data.exif (default true): a phone's portrait photo is cached upright, as a viewer shows it
+    (its stored pixels turned 90 degrees clockwise); false keeps the pixels as stored (what the
+    HyperIQA code, reading with PIL's Image.open, did). The setting is part of the cache key."""
+    root = tmp_path / "d"
+    stored = _phone_photo(root / "img" / "0.jpg", seed=3)
+    rows = ["img/0.jpg,1"]
+    for i in range(1, 6):
+        fixtures.image(root / "img" / f"{i}.png", (128, 128), seed=i)
+        rows.append(f"img/{i}.png,{i}")
+    (root / "meta.csv").write_text("image,mos\n" + "\n".join(rows) + "\n")
+    view = prepare(load_config("demo", [f"data.root={root}", "data.dataset=csv", f"data.cache_dir={tmp_path / 'c'}",
+                                        "data.test_fraction=0.34", "data.val_fraction=0.25", "model.img_size=112",
+                                        f"data.exif={str(exif).lower()}"]))
+    row = view.images["name"].index("img/0.jpg")
+    h, w = view.images[row]["height"], view.images[row]["width"]
+    pixels = np.frombuffer(view.images[row]["pixels"], np.uint8).reshape(h, w, 3)
+    expected = np.rot90(stored, k=-1) if exif else stored  # turned clockwise, or as stored
+    assert (h, w) == expected.shape[:2] and np.array_equal(pixels, expected)
+    assert view.image_meta["exif"] is exif

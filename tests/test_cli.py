@@ -430,3 +430,70 @@ def test_a_truncated_model_file_is_one_line_in_predict(single_run, tmp_path):
     fixtures.image(image, (120, 90), seed=1)
     code, _, err = cli("predict", str(model), str(image))
     one_line_error(code, err, f"{weights}: cannot be read as this model's weights")
+
+
+def test_evaluate_reuses_the_training_runs_cache(single_run, tmp_path):
+    """evaluate of a run reads the run's data.cache_dir (not the default folder); when that folder
+    is gone it says so and builds in the default one."""
+    run = tmp_path / "run"
+    shutil.copytree(single_run, run)
+    config = run / "config.yaml"
+    own = tmp_path / "the-runs-cache"
+    text = config.read_text()
+    old_cache = next(line for line in text.splitlines() if line.strip().startswith("cache_dir:"))
+    config.write_text(text.replace(old_cache, f"  cache_dir: {own}"))
+    code, _, err = cli("evaluate", "--run", str(run), "--dataset", "synthetic", "--output", str(tmp_path / "a.json"))
+    assert code == 0 and "is not there any more" in err, err
+    own.mkdir()
+    code, _, err = cli("evaluate", "--run", str(run), "--dataset", "synthetic", "--output", str(tmp_path / "b.json"))
+    assert code == 0 and "is not there any more" not in err, err
+    assert any(p.name.startswith("synthetic-") for p in own.iterdir())  # built in the run's cache folder
+    a, b = (json.loads((tmp_path / f).read_text())["metrics"] for f in ("a.json", "b.json"))
+    assert a == b
+
+
+def test_sweep_table_says_stopped_failed_and_why(tmp_path):
+    """A member stopped on request (exit 124, checkpointed) is 'stopped (resumable)', a failed one
+    shows its one-line error, best epochs print as epochs; `sweep collect` on such a group exits 1."""
+    group = tmp_path / "20261127-000000-sweep-ablation"
+    group.mkdir()
+    (group / "sweep.json").write_text(json.dumps({"kind": "ablation"}))
+    (group / "members.jsonl").write_text("".join(json.dumps({"name": n, "args": []}) + "\n" for n in ("ok", "halt", "bad")))
+    (group / "status.json").write_text(json.dumps({"ok": 0, "halt": 124, "bad": 2}))
+    (group / "bad.log").write_text("parameters: ...\nerror: data.root=/nowhere: no such folder\n")
+    run = group / "20261127-000001-ok"
+    run.mkdir()
+    (run / "config.yaml").write_text("data: {}\n")
+    (run / "summary.json").write_text(json.dumps({"val": {"srcc": 0.5, "plcc": 0.5}, "test": {"srcc": 0.4, "plcc": 0.4},
+                                                  "best_epoch": 0.25}))
+    code, out, err = cli("sweep", "collect", str(group))
+    assert code == 1, err
+    assert "stopped (resumable)" in out and "failed (exit 2): data.root=/nowhere: no such folder" in out
+    assert " 0.25 " in out and "0.2500" not in out.split("ok", 1)[1].splitlines()[0]
+    assert "2 of 3 member(s) did not finish" in err
+
+
+def test_the_live_bar_says_when_it_evaluates():
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    display = Display(Console(file=out, force_terminal=True, width=200), total_steps=10, steps_per_epoch=5,
+                      log_every=5)
+    display.step(5)
+    display.evaluating(42)
+    display.close()
+    assert "evaluating 42 validation images" in out.getvalue()
+
+
+def test_a_bad_config_value_is_reported_before_torch_loads():
+    """Checked in a fresh interpreter: the one line comes without importing torch (seconds sooner)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom iqa_dist.cli import main\ntry:\n    main(['train', '--preset', 'demo', '--optim.lr=abc'])\n"
+            "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
+    assert "optim.lr='abc': expected float" in out.stderr

@@ -190,6 +190,35 @@ def test_a_joint_model_scores_on_the_scale_asked(joint_run, tmp_path):
     assert report["scale"] == "kadid10k" and report["metrics"]["n"] > 0  # its own test split, on its own scale
 
 
+def test_scales_get_their_own_files_and_resizing_follows_the_images(joint_run, tmp_path):
+    """`evaluate --scale normalized` writes its own file beside the dataset-scale one; on the
+    normalized scale the resize policy is the images' (--resize-as), so the scores stay an affine
+    map of that dataset's scale; a model whose datasets resize differently needs the choice."""
+    run, root = joint_run
+    for scale in ("kadid10k", "normalized"):
+        code, _, err = cli("evaluate", "--run", str(run), "--dataset", "kadid10k", "--scale", scale)
+        assert code == 0, err
+    own = json.loads((run / "eval-kadid10k-test.json").read_text())
+    normalized = json.loads((run / "eval-kadid10k-test-normalized.json").read_text())
+    assert own["scale"] == "kadid10k" and normalized["scale"] == "normalized"
+    image = root / "kadid" / "images" / "I01_01_01.png"
+    scores = {}
+    for scale in ("kadid10k", "normalized"):
+        code, out, err = cli("predict", str(run), str(image), "--scale", scale, "--resize-as", "kadid10k",
+                             "--format", "jsonl")
+        assert code == 0, err
+        scores[scale] = json.loads(out)["score"]
+    card = ModelCard.read(run / "model")
+    scale = card.datasets["kadid10k"].scale
+    assert scores["kadid10k"] == pytest.approx(scale.to_score(scores["normalized"]), abs=1e-4 + 5e-5 * scale.scale)
+    mixed = dataclasses.replace(card, datasets={**card.datasets, "kadid10k": dataclasses.replace(
+        card.datasets["kadid10k"], resize="512x384")})
+    with pytest.raises(UserError, match="resized differently"):
+        mixed.resize_for("normalized")
+    assert mixed.resize_for("normalized", like="kadid10k") == "512x384"
+    assert mixed.resize_for("synthetic") == card.datasets["synthetic"].resize
+
+
 def test_ema_resumes_bit_exact(tiny_overrides, tmp_path):
     """A run checkpointed at step 3 and resumed to 6 equals one that ran 6 steps, EMA included."""
     common = [f"--{o}" for o in [*tiny_overrides, "train.eval_every=3", "train.checkpoint_every=3",

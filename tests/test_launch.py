@@ -195,23 +195,56 @@ def test_a_failed_rank_brings_all_down(tiny_overrides, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_checkpoints_and_resumes(tiny_overrides, tmp_path):
-    """SLURM's requeue/preemption SIGTERMs `accelerate launch`, which passes it to the workers:
-    they finish the step, checkpoint together, exit; the relaunch resumes the same run."""
+    """A scheduler's SIGTERM to `iqa-dist launch` (2 processes): they finish the step, checkpoint
+    together and exit; one line from the main process, exit 124, no traceback; the relaunch
+    resumes the same run."""
     overrides = [*tiny_overrides, "train.max_steps=24", "train.eval_every=24", "train.checkpoint_every=1000",
                  "train.log_every=5", f"run.root={tmp_path}"]
-    proc = _start_two(overrides)
-    _wait_for(proc, "step 5/")
+    launch = [sys.executable, "-m", "iqa_dist", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"]
+    command = ["train", "--preset", "demo", *[f"--{o}" for o in overrides]]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*launch, str(free_port()), *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    seen = _wait_for(proc, "step 5/")
     proc.send_signal(signal.SIGTERM)
-    _finish(proc, 120)
-    assert proc.returncode != 0
+    out = seen + _finish(proc, 120)
+    assert proc.returncode == 124, out[-3000:]
+    assert out.count("preempted at step") == 1 and "Traceback" not in out, out[-3000:]
     run = only_run(tmp_path)
     [checkpoint] = list((run / "checkpoints").iterdir())
     step = int(checkpoint.name[5:])
     assert 0 < step < 24
-    again = run_train(overrides, nproc=2, resume="auto")
+    again = subprocess.run([*launch, str(free_port()), *command, "--resume", "auto"], capture_output=True, text=True,
+                           timeout=400, env=env)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert f"at step {step}" in again.stdout
     assert json.loads((run / "summary.json").read_text())["steps_run"] == 24
+
+
+def test_ctrl_c_checkpoints_and_a_second_one_a_second_later_quits(monkeypatch):
+    """Once training runs, Ctrl-C asks for a checkpoint at the end of the step (a second signal at
+    the same moment, the launcher forwarding the terminal's, changes nothing); another Ctrl-C more
+    than a second later quits at once."""
+    from iqa_dist.step import PreemptionFlag
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    try:
+        flag = PreemptionFlag()
+        flag.interrupts(announce=False)
+        handler = signal.getsignal(signal.SIGINT)
+        assert not flag.requested()
+        handler(signal.SIGINT, None)
+        handler(signal.SIGINT, None)  # the forwarded copy
+        assert flag.requested()
+        clock[0] += 1.5
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, None)
+    finally:
+        for sig, h in zip((signal.SIGINT, signal.SIGTERM, signal.SIGUSR1), before):
+            signal.signal(sig, h)
 
 
 def test_stop_file_checkpoints_and_exits(tiny_overrides, tmp_path):
@@ -265,7 +298,7 @@ def test_parallel_sweep_reports_a_failure_and_resumes_only_what_is_missing(tiny_
     [group] = list((tmp_path / "runs").iterdir())
     results = json.loads((group / "results.json").read_text())
     state = {m["member"]: m["state"] for m in results["members"]}
-    assert state == {"split00": "finished", "split01": "finished", "split02": "failed (exit 7)"}
+    assert state["split00"] == state["split01"] == "finished" and state["split02"].startswith("failed (exit 7): ")
     assert "failed (exit 7)" in out.stdout and (group / "split00.log").is_file()
     done = {p.name: (p / "summary.json").stat().st_mtime_ns for p in group.iterdir() if (p / "summary.json").exists()}
     again = here("sweep", "--resume", str(group))

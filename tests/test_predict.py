@@ -160,3 +160,30 @@ def test_report_table_markdown_and_plots(two_runs, tmp_path):
             assert len(np.unique(np.asarray(im.convert("L")))) > 20  # drawn, not blank
     bad = here("report", str(tmp_path / "nope"))
     assert bad.returncode == 2 and "no such run directory" in bad.stderr
+
+
+def test_predict_turns_phone_photos_upright_as_the_card_says(single_run, tmp_path):
+    """predict follows the model card's data.exif: a portrait phone photo (stored sideways with
+    EXIF orientation 6) scores as its upright view; a card from before the setting (or exif
+    false) scores the pixels as stored, as that model's cache saw them."""
+    from PIL import ImageOps
+
+    from .test_cache import _phone_photo
+
+    photo = tmp_path / "phone.jpg"
+    stored = _phone_photo(photo, seed=11)
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(photo)).convert("RGB"))
+    assert upright.shape == (200, 120, 3) and stored.shape == (120, 200, 3)
+    scorer = iqa_dist.load_model(single_run, "cpu")
+    assert scorer.exif is True
+    assert scorer.score([photo])[0] == pytest.approx(scorer.score([upright])[0], abs=1e-6)
+    old = tmp_path / "old-model"
+    shutil.copytree(single_run / "model", old)
+    card = json.loads((old / "config.json").read_text())
+    for d in card["datasets"].values():
+        d["data"].pop("exif")  # a card written before data.exif existed
+    (old / "config.json").write_text(json.dumps(card))
+    before = iqa_dist.load_model(old, "cpu")
+    assert before.exif is False
+    assert before.score([photo])[0] == pytest.approx(before.score([stored])[0], abs=1e-6)
+    assert before.score([photo])[0] != pytest.approx(scorer.score([photo])[0], abs=1e-6)

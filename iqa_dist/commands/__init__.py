@@ -113,3 +113,28 @@ def writable(option: str, path: str, folder: bool = False) -> None:
 def positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise UserError(f"{name} {value}: must be at least 1")
+
+
+# Set by `iqa-dist launch` for the processes it starts: a stop on request then exits 0 (torchrun
+# reports a clean end instead of a worker failure) and leaves this marker, which the launcher turns
+# into exit status 124.
+LAUNCHED = "IQA_DIST_LAUNCHED"
+
+
+def stopped(message: str) -> int:
+    """A run checkpointed on request (preemption, time limit, Ctrl-C): one line, from the main
+    process only, and the exit status that says "relaunch to resume" (124)."""
+    import os
+
+    from accelerate import PartialState
+
+    from ..output import console
+
+    main = PartialState().is_main_process
+    if main:
+        console(stderr=True).print(f"[yellow]{message}[/]")
+    if os.environ.get(LAUNCHED):
+        if main:
+            Path(os.environ[LAUNCHED]).write_text(message)
+        return 0
+    return 124

@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which figures (summary: one JSON and a markdown table from a launch/gpu_bench.sh folder)")
     p.add_argument("--images", type=int, default=24, help="data: KonIQ-size source JPEGs [24]")
     p.add_argument("--batch", default="32", help="patches per batch; train takes a comma list [32; use 96 on a GPU]")
-    p.add_argument("--steps", type=int, default=6, help="timed batches per figure, after warm-up [6]")
+    p.add_argument("--steps", type=int, default=6, help="timed batches per figure, after warm-up, in 3 blocks whose "
+                   "median is the figure and whose spread is printed beside it [6]")
     p.add_argument("--workers", type=int, default=2, help="data: DataLoader workers of phase one's pipeline [2]")
     p.add_argument("--backbones", default="", help="train: comma list of tiny,swin-t,swin-s,swin-b "
                    "[tiny on CPU, swin-t,swin-s,swin-b on GPU]")
@@ -45,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="", help="JSON file [default runs/bench-WHAT-TIME.json]")
     p.add_argument("--work-dir", default="", help="where source JPEGs and caches go [a temporary folder]")
     add_preset(p, "koniq-swin-t")
-    add_config_arguments(p)
+    add_config_arguments(p, ["model.img_size", "data.train_patch_num", "data.test_patch_num"])  # all bench reads
 
 
 def run(args: argparse.Namespace) -> int:

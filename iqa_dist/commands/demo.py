@@ -8,7 +8,7 @@ import time
 from rich.table import Table
 
 from ..output import console, fmt, print_table
-from . import COMMON, add_config_arguments, add_preset, config_from
+from . import COMMON, add_config_arguments, add_preset, config_from, stopped
 
 NAME = "demo"
 USAGE = "iqa-dist demo [--preset NAME] [--SECTION.FIELD=VALUE ...]"
@@ -25,16 +25,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = config_from(args)  # a bad value is reported before torch loads (seconds)
     from ..rundir import RunDir
     from ..train import Preempted, train
 
-    cfg = config_from(args)
     t0 = time.time()
     try:
         path = train(cfg)
     except Preempted as e:
-        console(stderr=True).print(f"[yellow]{e}[/]")
-        return 124
+        return stopped(str(e))
     summary = RunDir(path).summary()
     if summary is None:  # not the main process
         return 0

@@ -67,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     per_image = report.pop("per_image")
     folder = Path(report["model"])
-    target = Path(args.output) if args.output else folder.parent / f"eval-{report['dataset']}-{args.split}.json"
+    trained_on = report["trained_on"].split("+")
+    usual = report["dataset"] if report["dataset"] in trained_on else trained_on[0]  # the scale without --scale
+    suffix = f"-{report['scale']}" if report["scale"] != usual else ""  # another scale: another file
+    target = Path(args.output) if args.output else folder.parent / f"eval-{report['dataset']}-{args.split}{suffix}.json"
     target.write_text(json.dumps(report, indent=1))
     predictions = target.with_suffix(".predictions.csv")
     write_predictions(predictions, per_image["names"], per_image["targets"], per_image["preds"])

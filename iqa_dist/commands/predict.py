@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", default=None, metavar="DATASET|normalized",
                    help="the scale of the scores: a dataset the model trained on, or normalized (a jointly trained "
                         "model needs it) [default: the only training dataset's]")
+    p.add_argument("--resize-as", default=None, metavar="DATASET",
+                   help="resize the images as this training dataset's were [default: the scale's dataset; on the "
+                        "normalized scale a joint model whose datasets were resized differently needs it]")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     positive("--batch-images", args.batch_images)
     writable("--output", args.output)
     err = console(stderr=True)
-    scorer = load_model(args.model, args.device, args.scale)
+    scorer = load_model(args.model, args.device, args.scale, args.resize_as)
     files, failed = expand(args.paths)
     results: list[tuple[str, float]] = []
     progress = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

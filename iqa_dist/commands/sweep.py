@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.group:
             raise UserError("sweep collect: give the sweep group folder")
         sweep.collect(args.group)
+        return _outcome(Path(args.group))
     elif args.kind == "cross":
         if not args.run or not args.dataset:
             raise UserError("sweep cross: give --run RUN_DIR and at least one --dataset NAME=ROOT")

@@ -6,7 +6,7 @@ import argparse
 
 from ..output import console
 from ..errors import UserError
-from . import COMMON, add_config_arguments, add_preset, config_from, overrides
+from . import COMMON, add_config_arguments, add_preset, config_from, overrides, stopped
 
 NAME = "train"
 DEFAULT_PRESET = "koniq-swin-t"
@@ -35,13 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = resumed_config(args) or config_from(args)  # a bad value is reported before torch loads (seconds)
     from ..train import Preempted, train
 
     try:
-        train(resumed_config(args) or config_from(args), resume=args.resume, extend=args.extend)
+        train(cfg, resume=args.resume, extend=args.extend)
     except Preempted as e:
-        console(stderr=True).print(f"[yellow]{e}[/]")
-        return 124  # a distinct status for "checkpointed on request; relaunch to resume"
+        return stopped(str(e))  # 124: "checkpointed on request; relaunch to resume"
     return 0
 
 
@@ -51,12 +51,14 @@ def resumed_config(args: argparse.Namespace):
     --preset other than the run's (and other than the default) is refused rather than ignored."""
     from pathlib import Path
 
+    if args.resume in ("", "auto"):
+        return None  # a new run, or auto
     from ..config import with_overrides
     from ..rundir import RunDir
 
     path = Path(args.resume)
-    if args.resume in ("", "auto") or not RunDir.is_run(path):
-        return None  # a new run, auto, or a path _choose reports as not a run
+    if not RunDir.is_run(path):
+        return None  # a path _choose reports as not a run
     raw = RunDir(path).raw_config()
     preset = raw.pop("preset", "")
     if args.preset not in (preset, DEFAULT_PRESET):
