@@ -228,6 +228,7 @@ class TrainConfig:
     static_graph: bool = True  # DDP static_graph (every parameter gets a gradient every step); off with micro_batch_size, which it breaks
     ema_decay: float = 0.0  # weight EMA (fp32, on the device, per optimizer step); 0 = off, e.g. 0.999; exported when better on val
     select_on: str = ""  # joint training: the dataset whose val SRCC selects the model; "" = the weight-averaged val SRCC
+    track_test: bool = False  # also score the test split at every evaluation, never for selection (the summary adds the best test figure over epochs, labelled optimistic)
     compile: bool = False  # torch.compile the model for training and evaluation (compiled kernels cached beside the data cache)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
     compile_backend: str = "inductor"  # torch.compile backend: inductor (fused kernels) | aot_eager (tracing only, for debugging)
@@ -252,14 +253,15 @@ class TrainConfig:
 class RunConfig:
     """Where results go."""
 
-    name: str = ""  # run name; "" = the preset's name
+    name: str = ""  # run name (letters, digits and . _ + - = ,); "" = the preset's name
     root: str = "runs"  # parent folder of run directories
     log_with: str = ""  # tracker through Accelerate: tensorboard | wandb | "" (none)
 
     def __post_init__(self) -> None:
         _choice("run.log_with", self.log_with, ("", "tensorboard", "wandb"))
-        if not re.fullmatch(r"[A-Za-z0-9_.+-]*", self.name):
-            raise UserError(f"run.name={self.name!r}: use letters, digits and . _ + - only")
+        # = and , too: a sweep member's name says its settings (lr=1e-5,split03); no / or spaces
+        if not re.fullmatch(r"[A-Za-z0-9_.+=,-]*", self.name):
+            raise UserError(f"run.name={self.name!r}: use letters, digits and . _ + - = , only")
 
 
 @dataclass

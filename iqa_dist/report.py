@@ -115,13 +115,7 @@ def markdown(header: list[str], body: list[list[str]], reference: bool = True) -
 
 
 def plot(runs: list[dict], folder: Path) -> list[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'iqa-dist[plot]'") from None
+    plt = _pyplot()
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for key, label, name in [("train_loss", "training loss (L1)", "train_loss.png"),
@@ -140,3 +134,59 @@ def plot(runs: list[dict], folder: Path) -> list[Path]:
         plt.close(fig)
         written.append(folder / name)
     return written
+
+
+def plot_group(table: dict, folder: Path) -> list[Path]:
+    """A sweep group's picture: per config, every repeat's test SRCC (points over a box) with the
+    baseline's median as a line; and the paired differences with the baseline, their median and
+    95% interval."""
+    plt = _pyplot()
+    folder.mkdir(parents=True, exist_ok=True)
+    configs = list(table["configs"])
+    members = [m for m in table["members"] if m.get("finished") and m.get("test_srcc") is not None]
+    values = [[m["test_srcc"] for m in members if m["config"] == c] for c in configs]
+    labels = [c or "(base)" for c in configs]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(configs)), 4.5), dpi=120)
+    ax.boxplot(values, tick_labels=labels, showfliers=False)
+    for i, vs in enumerate(values, 1):
+        ax.scatter([i + 0.08 * (j - (len(vs) - 1) / 2) / max(1, len(vs)) * 4 for j in range(len(vs))], vs, s=14,
+                   zorder=3)
+    base = table["configs"][table["baseline"]].get("test_srcc")
+    if base:
+        ax.axhline(base["median"], linestyle="--", color="gray", label=f"{table['baseline'] or '(base)'} median")
+        ax.legend(fontsize=7)
+    ax.set_ylabel("test SRCC (val-selected)")
+    ax.set_title("test SRCC per config, one point per repeat")
+    ax.tick_params(axis="x", labelrotation=20, labelsize=7)
+    fig.tight_layout()
+    written = [folder / "test_srcc_by_config.png"]
+    fig.savefig(written[0])
+    plt.close(fig)
+    others = [(c, table["configs"][c]["vs_baseline"]) for c in configs if c != table["baseline"]]
+    others = [(c, d) for c, d in others if d.get("pairs")]
+    if others:
+        fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(others)), 4.5), dpi=120)
+        for i, (c, d) in enumerate(others):
+            ax.scatter([i] * len(d["diffs"]), d["diffs"], s=14, alpha=0.6)
+            ax.errorbar([i + 0.15], [d["median"]], yerr=[[d["median"] - d["ci95"][0]], [d["ci95"][1] - d["median"]]],
+                        fmt="o", color="black", capsize=4)
+        ax.axhline(0, color="gray", linewidth=1)
+        ax.set_xticks(range(len(others)), [c or "(base)" for c, _ in others], rotation=20, fontsize=7)
+        ax.set_ylabel(f"test SRCC minus {table['baseline'] or '(base)'}'s, same split")
+        ax.set_title("paired differences: each pair, median and 95% bootstrap interval")
+        fig.tight_layout()
+        written.append(folder / "paired_differences.png")
+        fig.savefig(written[-1])
+        plt.close(fig)
+    return written
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'iqa-dist[plot]'") from None
+    return plt

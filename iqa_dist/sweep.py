@@ -18,7 +18,6 @@ import json
 import os
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -50,14 +49,67 @@ SLURM_NODE_SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "slurm_s
 MEMBERS = "members.jsonl"  # a group's plan: one line per member, {"name", "args"}
 
 
-def members(kind: str, base_overrides: list[str], n: int) -> dict[str, list[str]]:
-    """Member name -> its overrides (on top of the base preset and overrides)."""
+def grid_configs(axes: list[str]) -> list[tuple[str, list[str]]]:
+    """--set KEY=V1,V2 axes -> [(config name, overrides)], their cartesian product in the order
+    given. A name says the settings by the key's last part: "lr=1e-5,drop_path=0.1"."""
+    parsed = []
+    for axis in axes:
+        key, eq, values = axis.partition("=")
+        if not eq or not key or not values.strip(","):
+            raise UserError(f"sweep grid: --set {axis!r}: expected KEY=V1,V2,... (e.g. --set optim.lr=1e-5,2e-5)")
+        parsed.append((key.strip(), [v.strip() for v in values.split(",") if v.strip()]))
+    keys = [k for k, _ in parsed]
+    if len(set(keys)) != len(keys):
+        raise UserError(f"sweep grid: --set names {', '.join(k for k in keys if keys.count(k) > 1)} twice")
+    short = [k.split(".")[-1] if [x.split(".")[-1] for x in keys].count(k.split(".")[-1]) == 1 else k for k in keys]
+    configs = [("", [])]
+    for (key, values), label in zip(parsed, short):
+        configs = [(f"{name},{label}={v}".lstrip(","), [*overrides, f"{key}={v}"]) for name, overrides in configs
+                   for v in values]
+    return configs
+
+
+def repeats(by: str, n: int) -> list[tuple[str, list[str]]]:
+    """The repeats every config runs: "splits" (seeded random splits, a training seed each),
+    "seeds" (the preset's split, N training seeds), or none (one run)."""
+    if by == "splits":
+        return [(f"split{i:02d}", ["data.split=random", f"data.split_seed={i}", f"train.seed={i}"]) for i in range(n)]
+    if by == "seeds":
+        return [(f"seed{i:02d}", [f"train.seed={i}"]) for i in range(n)]
+    return [("", [])]
+
+
+def plan(configs: list[tuple[str, list[str]]], reps: list[tuple[str, list[str]]],
+         base_overrides: list[str]) -> list[dict]:
+    """Every (config, repeat) member: {"name", "config", "repeat", "overrides"}. A member's name
+    says both ("lr=1e-5,split03"), or the one that varies."""
+    out = []
+    for config, overrides in configs:
+        for repeat, extra in reps:
+            name = ",".join(x for x in (config, repeat) if x)
+            out.append({"name": _safe(name), "config": config, "repeat": repeat,
+                        "overrides": [*base_overrides, *overrides, *extra]})
+    return out
+
+
+def _safe(name: str) -> str:
+    """A member name as a run name (run.name's characters): anything else, e.g. a path's /, becomes _."""
+    return "".join(c if c.isascii() and c.isalnum() or c in "._=,+-" else "_" for c in name)
+
+
+def members(kind: str, base_overrides: list[str], n: int, axes: list[str] = (), by: str = "") -> list[dict]:
+    """The members of a sweep: one grid of configs x repeats. `ablation` is the grid of phase
+    one's regularisers (none, each alone, all), `splits` one config over N splits, `grid` the
+    --set axes crossed; each times the repeats `by` (splits, seeds) gives."""
     if kind == "ablation":
-        return {name: [*base_overrides, *extra] for name, extra in ABLATION.items()}
+        return plan(list(ABLATION.items()), repeats(by, n), base_overrides)
     if kind == "splits":
-        return {f"split{i:02d}": [*base_overrides, "data.split=random", f"data.split_seed={i}", f"train.seed={i}"]
-                for i in range(n)}
-    raise UserError(f"sweep: unknown kind {kind!r} (ablation, splits, cross, collect)")
+        return plan([("", [])], repeats("splits", n), base_overrides)
+    if kind == "grid":
+        if not axes:
+            raise UserError("sweep grid: give at least one --set KEY=V1,V2 (e.g. --set optim.lr=1e-5,2e-5)")
+        return plan(grid_configs(list(axes)), repeats(by, n), base_overrides)
+    raise UserError(f"sweep: unknown kind {kind!r} (grid, ablation, splits, cross, collect)")
 
 
 def new_group(root: str, kind: str) -> Path:
@@ -67,7 +119,8 @@ def new_group(root: str, kind: str) -> Path:
 
 
 def run_sweep(kind: str, preset: str, base_overrides: list[str], n: int, launcher: str, slurm: str = "",
-              gpus_per_member: int = 0, parallel: int = 0) -> Path:
+              gpus_per_member: int = 0, parallel: int = 0, axes: list[str] = (), by: str = "",
+              baseline: str = "") -> Path:
     """Creates a group and runs its members on this node, several at once (run_members), or
     submits them to SLURM: `slurm="array"` one job per member, `slurm="node"` one node-sized job
     that runs them in parallel on its GPUs. Returns the group folder."""
@@ -75,14 +128,20 @@ def run_sweep(kind: str, preset: str, base_overrides: list[str], n: int, launche
     if slurm and not script.is_file():  # launch/ ships with the source tree, not in the package
         raise UserError(f"sweep --slurm needs {script}: install from a source checkout (pip install -e .)")
     cfg = load_config(preset, base_overrides)  # fail early on a bad base config
-    specs = members(kind, base_overrides, n)
-    for overrides in specs.values():
-        load_config(preset, overrides)
+    specs = members(kind, base_overrides, n, axes, by)
+    for m in specs:
+        load_config(preset, m["overrides"])
+    configs = list(dict.fromkeys(m["config"] for m in specs))
+    if baseline and baseline not in configs:
+        raise UserError(f"sweep: --baseline {baseline!r} is not one of the configs: {', '.join(configs)}")
     group = new_group(cfg.run.root, kind)
-    plan = [{"name": name, "args": ["--preset", preset, *[f"--{o}" for o in overrides],
-                                    f"--run.root={group}", f"--run.name={name}"]} for name, overrides in specs.items()]
-    (group / MEMBERS).write_text("".join(json.dumps(p) + "\n" for p in plan))
-    (group / "sweep.json").write_text(json.dumps({"kind": kind, "preset": preset, "overrides": base_overrides}))
+    lines = [{"name": m["name"], "config": m["config"], "repeat": m["repeat"],
+              "args": ["--preset", preset, *[f"--{o}" for o in m["overrides"]], f"--run.root={group}",
+                       f"--run.name={m['name']}"]} for m in specs]
+    (group / MEMBERS).write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (group / "sweep.json").write_text(json.dumps({"kind": kind, "preset": preset, "overrides": base_overrides,
+                                                  "configs": configs, "baseline": baseline or configs[0],
+                                                  "repeats": {"by": "splits" if kind == "splits" else by, "n": n}}))
     if slurm:
         submit(group, slurm, len(plan), gpus_per_member)
         return group
@@ -208,40 +267,54 @@ class Stopped(UserError):
     exit_code = 124
 
 
-def collect(group: Path) -> dict:
-    """The combined table of a group: per member val/test SRCC and PLCC, plus summary statistics."""
+def collect(group: Path, show_table: bool = True) -> dict:
+    """The combined table of a group: per member val/test SRCC and PLCC; per config their summary
+    over its repeats and the paired comparison with the baseline (compare.py); results.json."""
+    from .compare import compare
+
     group = Path(group)
     if not (group / "sweep.json").is_file():
         raise UserError(f"{group}: not a sweep group (no sweep.json)")
     info = json.loads((group / "sweep.json").read_text())
     status = json.loads((group / "status.json").read_text()) if (group / "status.json").exists() else {}
-    planned = [json.loads(line)["name"] for line in (group / MEMBERS).read_text().splitlines() if line.strip()] \
+    planned = [json.loads(line) for line in (group / MEMBERS).read_text().splitlines() if line.strip()] \
         if (group / MEMBERS).exists() else []
     results = []
-    for name in planned:
+    for m in planned:
+        name = m["name"]
         runs = [p for p in RunDir.named(group, name) if RunDir.is_run(p)]
         summary = RunDir(runs[-1]).summary() if runs else None
         code = status.get(name)
         state = ("finished" if summary else "stopped (resumable)" if code == 124 else
                  f"failed (exit {code}): {last_error(group / f'{name}.log')}" if code else "not finished")
-        results.append({"member": name, "run": runs[-1].name if runs else None, "finished": summary is not None,
-                        "state": state,
-                        **({f"{s}_{m}": summary[s].get(m) for s in ("val", "test") for m in ("srcc", "plcc")}
+        on_test = (summary or {}).get("test_selected_on_test") or {}
+        results.append({"member": name, "config": m.get("config", name), "repeat": m.get("repeat", ""),
+                        "run": runs[-1].name if runs else None, "finished": summary is not None, "state": state,
+                        **({f"{s}_{k}": summary[s].get(k) for s in ("val", "test") for k in ("srcc", "plcc")}
                            if summary else {}),
-                        "best_epoch": summary and summary["best_epoch"]})
+                        "test_on_test_srcc": on_test.get("srcc"), "best_epoch": summary and summary["best_epoch"]})
     if info["kind"] == "cross":
         results = info["results"]
-    stats = {}
+    configs = info.get("configs") or list(dict.fromkeys(r.get("config", r.get("member")) for r in results))
+    baseline = info.get("baseline") or (configs[0] if configs else "")
+    table = {**info, "members": results, "baseline": baseline}
+    if info["kind"] != "cross":
+        table["configs"] = compare(results, configs, baseline, seed=0)
+        table["bootstrap_seed"] = 0
     done = [r for r in results if r.get("finished", True) and r.get("test_srcc") is not None]
-    for key in ("test_srcc", "test_plcc", "val_srcc", "val_plcc"):
-        values = [r[key] for r in done if r.get(key) is not None]
-        if values:
-            stats[key] = {"median": statistics.median(values), "mean": statistics.fmean(values),
-                          "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
-    table = {**info, "members": results, "statistics": stats}
+    if len(configs) <= 1 or info["kind"] == "cross":  # one config: the whole group's statistics
+        table["statistics"] = {k: st for k in ("test_srcc", "test_plcc", "val_srcc", "val_plcc")
+                               if (st := summary_of([r[k] for r in done if r.get(k) is not None]))}
     (group / "results.json").write_text(json.dumps(table, indent=1))
-    show(table, group)
+    if show_table:
+        show(table, group)
     return table
+
+
+def summary_of(values: list[float]) -> dict | None:
+    from .compare import summary
+
+    return summary(values)
 
 
 def last_error(log: Path) -> str:
@@ -254,26 +327,57 @@ def last_error(log: Path) -> str:
     return errors[-1][len("error:"):].strip()[:200] if errors else f"see {log.name}"
 
 
-def show(table: dict, group: Path) -> None:
-    t = Table()
+def show(table: dict, group: Path, out=None, markdown: bool = False) -> None:
+    """The members' table, then (several configs) each config against the baseline."""
+    out = out or console()
     columns = ["member", "test_srcc", "test_plcc", "val_srcc", "val_plcc", "best_epoch"]
     if table["kind"] == "cross":
         columns = ["dataset", "test_srcc", "test_plcc", "n"]
-    for c in columns:
-        t.add_column(c.replace("_", " "), justify="left" if c in ("member", "dataset") else "right")
+    if any(r.get("test_on_test_srcc") is not None for r in table["members"]):
+        columns.insert(-1, "test_on_test_srcc")
+    labels = {"test_on_test_srcc": "test SRCC selected on test (optimistic)"}
+    rows = []
     for r in table["members"]:
         if not r.get("finished", True):  # its state in one cell: stopped (resumable) or failed, with why
-            t.add_row(r.get("member") or r.get("dataset"), r.get("state", "not finished"), *[""] * (len(columns) - 2))
-            continue
-        t.add_row(*(fmt_epoch(r.get(c)) if c == "best_epoch" else fmt(r.get(c)) for c in columns))
-    for key, label in (("median", "median"), ("mean", "mean")):
-        if table["statistics"]:
+            rows.append([r.get("member") or r.get("dataset"), r.get("state", "not finished"), *[""] * (len(columns) - 2)])
+        else:
+            rows.append([fmt_epoch(r.get(c)) if c == "best_epoch" else fmt(r.get(c)) for c in columns])
+    for key in ("median", "mean"):
+        if table.get("statistics"):
             cells = []
             for c in columns[1:]:
-                s = table["statistics"].get(c)
-                cells.append("" if not s else f"{s[key]:.4f}" + (f" ± {s['std']:.4f}" if key == "mean" else ""))
-            t.add_row(f"[bold]{label}[/]", *cells)
-    print_table(console(), f"sweep {table['kind']} ({group})", t)
+                st = table["statistics"].get(c)
+                cells.append("" if not st else f"{st[key]:.4f}" + (f" ± {st['std']:.4f}" if key == "mean" else ""))
+            rows.append([key, *cells])
+    _emit(out, f"sweep {table['kind']} ({group})", [labels.get(c, c.replace("_", " ")) for c in columns], rows,
+          markdown)
+    configs = table.get("configs") or {}
+    if len(configs) > 1:
+        header = ["config", "n", "test SRCC median", "mean ± std", "val SRCC median",
+                  f"paired Δ test SRCC vs {table['baseline']} (median [95% CI])", "Wilcoxon p", "verdict"]
+        rows = []
+        for name, c in configs.items():
+            t, v, d = c.get("test_srcc"), c.get("val_srcc"), c.get("vs_baseline")
+            delta = ("baseline" if d is None else "-" if not d.get("pairs") else
+                     f"{d['median']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]")
+            rows.append([name or "(base)", str(c["n"]), fmt(t and t["median"]),
+                         "" if not t else f"{t['mean']:.4f} ± {t['std']:.4f}", fmt(v and v["median"]), delta,
+                         "" if not d or not d.get("pairs") else f"{d['p']:.3g}", "" if d is None else d["verdict"]])
+        _emit(out, f"configs against {table['baseline']}: paired by repeat (the same split or seed); verdict at 5% "
+                   "(Wilcoxon signed-rank)", header, rows, markdown)
+
+
+def _emit(out, title: str, header: list[str], rows: list[list[str]], markdown: bool) -> None:
+    if markdown:
+        out.print("\n".join([title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                              *("| " + " | ".join(r) + " |" for r in rows), ""]), markup=False, highlight=False)
+        return
+    t = Table()
+    for i, h in enumerate(header):
+        t.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        t.add_row(*r)
+    print_table(out, title, t)
 
 
 def cross(run: str, datasets: list[str], root: str, base_overrides: list[str], launcher: str, scale: str = "") -> Path:

@@ -317,15 +317,30 @@ def _score(metrics: dict) -> float:
     return metrics["srcc"] if math.isfinite(metrics["srcc"]) else -math.inf
 
 
+def test_images(s: "Session") -> dict[str, EvalSet]:
+    """Each dataset's test split, this process's shard (built once: train.track_test reuses it)."""
+    if s.test is None:
+        s.test = {name: view.eval_set("test", m.test_protocol, m.test_patch_num, s.cfg.model.img_size,
+                                      shard(len(view.ids("test")), s.acc.num_processes, s.acc.process_index))
+                  for (name, view), m in zip(s.data.views.items(), s.cfg.data.members())}
+    return s.test
+
+
 def test_selected(s: "Session") -> tuple[dict, dict[str, dict]]:
     """Loads the selected weights and evaluates each dataset's test split once."""
     s.acc.wait_for_everyone()
     s.bare.load_state_dict(load_file(str(s.run.model_dir / WEIGHTS_FILE)))
-    images = {name: view.eval_set("test", m.test_protocol, m.test_patch_num, s.cfg.model.img_size,
-                                  shard(len(view.ids("test")), s.acc.num_processes, s.acc.process_index))
-              for (name, view), m in zip(s.data.views.items(), s.cfg.data.members())}
-    per_dataset = evaluate_all(s.eval_model, images, s.card, s)
+    per_dataset = evaluate_all(s.eval_model, test_images(s), s.card, s)
     return combine(per_dataset, s.data.weights, s.cfg.train.select_on), per_dataset
+
+
+def track_test(s: "Session", v: Validation) -> dict[str, dict] | None:
+    """train.track_test: the test split scored with the weights this evaluation found better on
+    val, logged but never read by selection (the summary's optimistic column)."""
+    if not s.cfg.train.track_test:
+        return None
+    model = s.ema.model if v.chosen == "ema" else s.eval_model
+    return evaluate_all(model, test_images(s), s.card, s)
 
 
 # ---------------------------------------------------------------- the loop
@@ -354,6 +369,7 @@ class Session:
     display: Display
     ema: WeightEMA | None  # the weights' moving average (train.ema_decay > 0)
     noise: NoiseSource  # the regularisers' uniforms, keyed by (seed, step, sample)
+    test: dict[str, EvalSet] | None = None  # each dataset's test shard, once built (test_images)
     counts: dict
     total_steps: int
     eval_every: int
@@ -476,7 +492,7 @@ def train(cfg: Config, resume: str = "", extend: bool = False) -> Path:
 def evaluate_and_log(s: Session, window: dict, norm: torch.Tensor) -> None:
     """Validation, model selection, a metrics.jsonl line (and the tracker's), the table."""
     v = evaluate_and_select(s)
-    record = log_record(s, window, v, norm)
+    record = log_record(s, window, v, norm, track_test(s, v))
     s.run.log(record)
     if s.cfg.run.log_with:
         s.acc.log({k: x for k, x in record.items() if isinstance(x, (int, float))}, step=s.state.step)
@@ -563,7 +579,8 @@ def consolidate_window(acc: Accelerator, state: TrainState) -> None:
         state.window_loss, state.window_n = (totals[0], int(totals[1])) if acc.is_main_process else (0.0, 0)
 
 
-def log_record(s: Session, window: dict, v: Validation, norm: torch.Tensor) -> dict:
+def log_record(s: Session, window: dict, v: Validation, norm: torch.Tensor,
+               test: dict[str, dict] | None = None) -> dict:
     """One metrics.jsonl line; the train loss is the mean over every process's patches. val_* is
     the weights' selection metric set (the only dataset's, or the combination); joint runs add
     val_<dataset>_*; with an EMA, ema_val_* (and ema_val_<dataset>_*) and which of the two was better
@@ -590,6 +607,10 @@ def log_record(s: Session, window: dict, v: Validation, norm: torch.Tensor) -> d
         if joint:
             record.update({f"ema_val_{name}_{k}": x for name, m in v.ema_per_dataset.items() for k, x in m.items()})
         record["val_from"] = v.chosen
+    if test is not None:  # train.track_test: never read by selection
+        record.update({f"test_{k}": x for k, x in combine(test, s.data.weights, s.cfg.train.select_on).items()})
+        if joint:
+            record.update({f"test_{name}_{k}": x for name, m in test.items() for k, x in m.items()})
     record["patches_per_s"] = round(steps * s.data.plan.batch_size / max(seconds, 1e-9), 1)
     record["elapsed_s"] = round(state.train_seconds, 1)
     return record
@@ -619,6 +640,12 @@ def summarize(s: Session, test: dict, per_dataset: dict[str, dict]) -> dict:
     }
     if best.get("val_from"):
         summary["weights_from"] = best["val_from"]
+    tracked = [r for r in lines if r.get("test_srcc") is not None]
+    if tracked:  # train.track_test: the best test figure over evaluations, which selection never saw
+        top = max(tracked, key=lambda r: r["test_srcc"])
+        summary["test_selected_on_test"] = {
+            "srcc": top["test_srcc"], "plcc": top["test_plcc"], "step": top["step"], "epoch": top["epoch"],
+            "note": "selected on test (optimistic, as the HyperIQA code and phase one reported); quote 'test'"}
     if len(per_dataset) > 1:  # the exported weights' own figures, as for the combined val above
         summary["datasets"] = {name: {"val": {k: best.get(f"{prefix}{name}_{k}") for k in METRIC_KEYS}, "test": m}
                                for name, m in per_dataset.items()}

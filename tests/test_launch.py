@@ -271,8 +271,8 @@ def test_ablation_members_switch_exactly_one_regulariser_on():
         return {name for name, value in (("dropout", cfg.model.dropout), ("drop_path", cfg.model.drop_path),
                                          ("weight_decay", cfg.optim.weight_decay), ("jitter", max(jitter))) if value}
 
-    configs = {name: load_config("koniq-swin-t", overrides)
-               for name, overrides in members("ablation", ["model.pretrained=none"], 0).items()}
+    configs = {m["name"]: load_config("koniq-swin-t", m["overrides"])
+               for m in members("ablation", ["model.pretrained=none"], 0)}
     assert {name: on(c) for name, c in configs.items()} == {
         "none": set(), "dropout-only": {"dropout"}, "drop_path-only": {"drop_path"},
         "weight_decay-only": {"weight_decay"}, "jitter-only": {"jitter"},
@@ -282,39 +282,44 @@ def test_ablation_members_switch_exactly_one_regulariser_on():
 
 
 def test_parallel_sweep_reports_a_failure_and_resumes_only_what_is_missing(tiny_overrides, tmp_path):
-    """Two CPU slots stand in for two GPUs: members run two at once; one member's launcher fails
-    (it is reported, the others finish); --resume then runs only that one."""
+    """A 2-config x 2-split grid; two CPU slots stand in for two GPUs: members run two at once; one
+    member's launcher fails (it is reported, the others finish); --resume then runs only that one,
+    and the table pairs the configs by split."""
     failing = tmp_path / "launcher.sh"
-    failing.write_text(f"#!/bin/sh\ncase \"$*\" in *run.name=split02*) exit 7;; esac\nexec {sys.executable} \"$@\"\n")
+    failing.write_text(f"#!/bin/sh\ncase \"$*\" in *run.name=lr=3e-4,split01*) exit 7;; esac\n"
+                       f"exec {sys.executable} \"$@\"\n")
     failing.chmod(0o755)
     overrides = [f"--{o}" for o in [*tiny_overrides, *RUN, "train.max_steps=2", "train.eval_every=2",
                                     f"run.root={tmp_path / 'runs'}"]]
-    out = here("sweep", "splits", "--n", "3", "--preset", "demo", "--parallel", "2", "--launcher", str(failing),
-               *overrides)
+    out = here("sweep", "grid", "--set", "optim.lr=1e-3,3e-4", "--splits", "2", "--preset", "demo", "--parallel", "2",
+               "--launcher", str(failing), *overrides)
     assert out.returncode == 1, out.stderr[-3000:]  # a member failed: scripts must notice
-    assert "1 of 3 member(s) did not finish: split02" in out.stderr and f"sweep --resume {tmp_path}" in out.stderr
-    events = [" ".join(line.split()[:2]) for line in out.stderr.splitlines() if line.startswith(("started", "split"))]
-    assert events[:2] == ["started split00", "started split01"]  # two at once
+    assert "1 of 4 member(s) did not finish: lr=3e-4,split01" in out.stderr
+    assert f"sweep --resume {tmp_path}" in out.stderr
+    events = [" ".join(line.split()[:2]) for line in out.stderr.splitlines() if line.startswith(("started", "lr="))]
+    assert events[:2] == ["started lr=1e-3,split00", "started lr=1e-3,split01"]  # two at once
     [group] = list((tmp_path / "runs").iterdir())
     results = json.loads((group / "results.json").read_text())
     state = {m["member"]: m["state"] for m in results["members"]}
-    assert state["split00"] == state["split01"] == "finished" and state["split02"].startswith("failed (exit 7): ")
-    assert "failed (exit 7)" in out.stdout and (group / "split00.log").is_file()
+    assert state["lr=1e-3,split00"] == "finished" and state["lr=3e-4,split01"].startswith("failed (exit 7): ")
+    assert results["configs"]["lr=3e-4"]["vs_baseline"]["pairs"] == 1  # only split00 has both
+    assert (group / "lr=1e-3,split00.log").is_file()
     done = {p.name: (p / "summary.json").stat().st_mtime_ns for p in group.iterdir() if (p / "summary.json").exists()}
     again = here("sweep", "--resume", str(group))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "2 of 3 member(s) finished; running 1" in again.stderr
+    assert "3 of 4 member(s) finished; running 1" in again.stderr
     results = json.loads((group / "results.json").read_text())
-    assert [m["member"] for m in results["members"]] == ["split00", "split01", "split02"]
-    assert all(m["finished"] for m in results["members"]) and results["statistics"]["test_srcc"]["n"] == 3
-    stats = results["statistics"]["test_srcc"]
-    assert stats["median"] == pytest.approx(sorted(m["test_srcc"] for m in results["members"])[1])
-    assert "median" in again.stdout and "split01" in again.stdout
+    assert [m["member"] for m in results["members"]] == ["lr=1e-3,split00", "lr=1e-3,split01", "lr=3e-4,split00",
+                                                        "lr=3e-4,split01"]
+    assert all(m["finished"] for m in results["members"])
+    vs = results["configs"]["lr=3e-4"]["vs_baseline"]
+    assert vs["pairs"] == 2 and vs["verdict"].startswith("too few repeats (2 pairs")
+    assert results["configs"]["lr=1e-3"]["test_srcc"]["n"] == 2
+    assert "configs against lr=1e-3" in again.stdout and "too few repeats" in again.stdout
     for name, stamp in done.items():
         assert (group / name / "summary.json").stat().st_mtime_ns == stamp  # finished members kept as they were
-    assert len([r for r in group.iterdir() if (r / "summary.json").exists()]) == 3
     collected = here("sweep", "collect", str(group))
-    assert collected.returncode == 0 and "split00" in collected.stdout
+    assert collected.returncode == 0 and "lr=3e-4,split01" in collected.stdout
 
 
 def test_bf16_gradient_compression_agrees_with_fp32(single_run, tiny_overrides, tmp_path):

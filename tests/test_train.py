@@ -229,6 +229,25 @@ def test_resuming_on_another_number_of_processes_continues_exactly(before, after
                                                                                           abs=1e-4)
 
 
+def test_track_test_never_changes_the_selected_step(single_run, tiny_overrides, tmp_path):
+    """train.track_test scores the test split at every evaluation and the summary adds the best of
+    them, labelled optimistic; the selection (step, val figures, exported model, its test
+    figures) is the run's without it."""
+    out = train_here([*tiny_overrides, *RUN, "train.track_test=true", f"run.root={tmp_path}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    tracked = json.loads((only_run(tmp_path) / "summary.json").read_text())
+    plain = json.loads((single_run / "summary.json").read_text())
+    assert tracked["best_step"] == plain["best_step"]
+    for split in ("val", "test"):
+        for k in ("srcc", "plcc"):
+            assert tracked[split][k] == pytest.approx(plain[split][k], abs=1e-6)
+    lines = metrics(only_run(tmp_path))
+    assert all("test_srcc" in r for r in lines)
+    optimistic = tracked["test_selected_on_test"]
+    assert optimistic["srcc"] == max(r["test_srcc"] for r in lines) and "optimistic" in optimistic["note"]
+    assert "test_selected_on_test" not in plain
+
+
 def test_accumulation_and_stored_patches_train_end_to_end(tiny_overrides, tmp_path):
     """train.micro_batch_size (gradient accumulation) and data.train_patches=cached run the real
     loop; selection and early stopping are unit-tested on update_best (test_step.py)."""

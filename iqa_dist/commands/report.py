@@ -12,7 +12,9 @@ from . import writable
 
 NAME = "report"
 HELP = "compare runs in a table (and plots)"
-DESCRIPTION = "Compare runs: the config fields that differ, val/test SRCC and PLCC, epochs, time, throughput."
+DESCRIPTION = ("Compare runs: the config fields that differ, val/test SRCC and PLCC, epochs, time, throughput. Given a "
+               "sweep group: its table, each config against the baseline (paired by split), and with --plot its "
+               "picture.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,9 +24,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..report import PHASE_ONE, find_runs, koniq_only, load_run, markdown, plot, rows
+    from ..report import PHASE_ONE, find_runs, koniq_only, load_run, markdown, plot, plot_group, rows
 
     writable("--plot", args.plot, folder=True)
+    if len(args.runs) == 1 and (Path(args.runs[0]) / "sweep.json").is_file():  # a sweep group: its table
+        from ..sweep import collect, show
+
+        group = Path(args.runs[0])
+        table = collect(group, show_table=False)
+        show(table, group, console(), markdown=args.markdown)
+        if args.plot and table.get("configs"):
+            for path in plot_group(table, Path(args.plot)):
+                console(stderr=True).print(f"wrote {path}", highlight=False)
+        return 0
     runs = [load_run(p) for p in find_runs(args.runs)]
     header, body = rows(runs, "; " if args.markdown else "\n")
     out = console()

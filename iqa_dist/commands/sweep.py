@@ -12,25 +12,42 @@ from . import COMMON, add_config_arguments, add_preset, config_from, overrides, 
 from .evaluate import KEYS as EVAL_KEYS
 
 NAME = "sweep"
-USAGE = "iqa-dist sweep {ablation,splits,cross,collect} [GROUP] [options] [--SECTION.FIELD=VALUE ...] | sweep --resume GROUP"
-HELP = "ablations, random splits and cross-dataset evaluation from one preset"
+USAGE = ("iqa-dist sweep {grid,ablation,splits,cross,collect} [GROUP] [options] [--SECTION.FIELD=VALUE ...] | "
+         "sweep --resume GROUP")
+HELP = "grids of recipes over splits or seeds with paired statistics; ablations; cross-dataset evaluation"
 DESCRIPTION = """\
-Many runs from one preset, in one group folder with a combined table: `ablation` (each
-regulariser alone, none, all), `splits` (N seeded random splits, the HyperIQA protocol),
-`cross` (a trained run evaluated on other datasets), `collect` (rebuild a group's table).
-On a node with several GPUs the members run concurrently, one per GPU (--gpus-per-member K for
-more); a failed member is reported and the others go on; --resume GROUP finishes a group.
+Many runs from one preset, in one group folder with a combined table: `grid` (config fields,
+each with a list of values, crossed: --set KEY=V1,V2), `ablation` (phase one's regularisers:
+each alone, none, all), `splits` (one config over N seeded random splits, the HyperIQA
+protocol), each times --splits N (seeded random splits) or --seeds N (the preset's split, N
+training seeds); `cross` (a trained run evaluated on other datasets); `collect` (rebuild a
+group's table). Members of two configs on the same split (or seed) are paired: against the
+baseline config (--baseline, default the first) the table gives the paired test-SRCC
+difference with a 95% bootstrap interval, a Wilcoxon p-value and a verdict at 5% (5 pairs at
+least; 6 or more can show a difference). On a node with several GPUs the members run
+concurrently, one per GPU (--gpus-per-member K for more); a failed member is reported and the
+others go on; --resume GROUP finishes a group.
 
 examples:
-  iqa-dist sweep splits --n 10 --preset koniq-swin-t --data.root /data/koniq10k      # 8 at once on 8 GPUs
-  iqa-dist sweep ablation --preset koniq-swin-t --data.root /data/koniq10k --slurm node
-  iqa-dist sweep --resume runs/20261127-120000-sweep-splits"""
+  iqa-dist sweep grid --set optim.lr=1e-5,2e-5 --set model.drop_path=0.1,0.2 --splits 10 --preset koniq-swin-t \\
+      --data.root /data/koniq10k                                                      # 40 runs, 8 at once on 8 GPUs
+  iqa-dist sweep ablation --splits 10 --preset koniq-swin-t --data.root /data/koniq10k --slurm node
+  iqa-dist sweep splits --n 10 --preset koniq-swin-t --data.root /data/koniq10k
+  iqa-dist sweep --resume runs/20261127-120000-sweep-grid"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", nargs="?", choices=["ablation", "splits", "cross", "collect"],
-                   help="ablation: each regulariser alone, none, all; splits: N seeded random splits; "
-                        "cross: evaluate a run on other datasets; collect: rebuild a group's table")
+    p.add_argument("kind", nargs="?", choices=["grid", "ablation", "splits", "cross", "collect"],
+                   help="grid: --set axes crossed; ablation: each regulariser alone, none, all; splits: N seeded "
+                        "random splits; cross: evaluate a run on other datasets; collect: rebuild a group's table")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
+                   help="grid: a config field and its values (repeat for more axes, crossed)")
+    p.add_argument("--splits", type=int, default=0, metavar="N",
+                   help="grid, ablation: run every config on N seeded random splits (paired by split)")
+    p.add_argument("--seeds", type=int, default=0, metavar="N",
+                   help="grid, ablation: run every config with N training seeds on the preset's split (paired by seed)")
+    p.add_argument("--baseline", default="", metavar="CONFIG",
+                   help="the config the others are compared with [the first: e.g. lr=1e-5,drop_path=0.1]")
     p.add_argument("--resume", default="", metavar="GROUP", help="continue a group: keep finished members, "
                    "resume unfinished ones from their checkpoints, start missing ones")
     p.add_argument("--gpus-per-member", type=int, default=0, metavar="K",
@@ -62,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         return _outcome(sweep.resume(args.resume, args.launcher, args.gpus_per_member, args.parallel))
     elif args.kind is None:
-        raise UserError("sweep: give a kind (ablation, splits, cross, collect) or --resume GROUP")
+        raise UserError("sweep: give a kind (grid, ablation, splits, cross, collect) or --resume GROUP")
     elif args.kind == "collect":
         if not args.group:
             raise UserError("sweep collect: give the sweep group folder")
@@ -80,10 +97,17 @@ def run(args: argparse.Namespace) -> int:
         return _outcome(sweep.cross(args.run, args.dataset, cfg.run.root,
                                     [o for o in given if o.split("=")[0] in EVAL_KEYS], args.launcher, args.scale))
     else:
+        if args.splits and args.seeds:
+            raise UserError("sweep: give --splits N or --seeds N, not both (pairs share a split, or a seed)")
         if args.kind == "splits":
             positive("--n", args.n)
-        return _outcome(sweep.run_sweep(args.kind, args.preset, overrides(args), args.n, args.launcher, args.slurm,
-                                        args.gpus_per_member, args.parallel))
+            n, by = args.splits or args.n, "splits"
+        else:
+            n, by = args.splits or args.seeds, "splits" if args.splits else "seeds" if args.seeds else ""
+        if args.set and args.kind != "grid":
+            raise UserError(f"sweep {args.kind}: --set belongs to sweep grid")
+        return _outcome(sweep.run_sweep(args.kind, args.preset, overrides(args), n, args.launcher, args.slurm,
+                                        args.gpus_per_member, args.parallel, args.set, by, args.baseline))
     return 0
 
 
