@@ -435,7 +435,8 @@ def start(cfg: Config, resume: str = "", extend: bool = False) -> Session:
 
 
 def restore(acc: Accelerator, run: RunDir, state: TrainState, target: Target) -> None:
-    """Loads the latest checkpoint: weights, optimizer, schedule, every RNG, the loop's state."""
+    """Loads the latest checkpoint: weights, optimizer, schedule, EMA, the loop's state (the draws are
+    functions of the step: no generator state is needed, so another process count may resume it)."""
     checkpoint = run.latest_checkpoint()
     try:
         acc.load_state(str(checkpoint))
