@@ -140,10 +140,6 @@ class ModelCard:
                             + "); say which images these are like with --resize-as DATASET")
         return next(iter(policies.values()))
 
-    def resize_for(self, name: str | None, like: str | None = None) -> str:
-        """The resize policy of `image_policy`."""
-        return self.image_policy(name, like)[0]
-
     # ------------------------------------------------------------ files
 
     def write(self, folder: Path, train_images: dict[str, dict[str, list[str]]]) -> None:

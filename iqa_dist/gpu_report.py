@@ -104,7 +104,7 @@ def markdown(out: dict) -> str:
     sc = (out["scaling"] or {}).get("scaling")
     if sc:
         per = {r["gpus"]: r for r in sc["per_gpu_96"]}
-        lines.append(f"- scaling (projected from the measured step): a KonIQ epoch at 96 per GPU in "
+        lines.append("- scaling (projected from the measured step): a KonIQ epoch at 96 per GPU in "
                      + ", ".join(f"{per[g]['epoch_s']:.0f} s on {g}" for g in (1, 8, 64) if g in per)
                      + f"; sweep on one 8-GPU node {sc['sweep_30_epochs']['speedup']:.1f}x one-at-a-time")
     for e in (out["eval"] or {}).get("eval", []):

@@ -200,6 +200,7 @@ class HyperIQA(nn.Module):
         self.draws = Draws()
         rates = keyed_drop_paths(backbone, self.draws)
         self.register_buffer("path_drop", torch.tensor(rates, dtype=torch.float32), persistent=False)
+        self.register_buffer("path_scale", 1.0 / (1.0 - self.path_drop), persistent=False)  # 1 / keep, per layer
         widths = [cfg.hyper_in * cfg.feature_size**2, *self.hyper.dims[1:len(self.hyper.dims) - 2]]
         self.drop_widths = widths if cfg.dropout > 0 else []
         # The original HyperIQA's initialisation: Kaiming-normal weights for the LDA layers and for
@@ -251,7 +252,7 @@ class HyperIQA(nn.Module):
         dev = like.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else like.dtype
         n = len(self.path_drop)
-        path = torch.where(noise[:, :n] >= self.path_drop, 1.0 / (1.0 - self.path_drop), 0.0).to(dtype)
+        path = torch.where(noise[:, :n] >= self.path_drop, self.path_scale, 0.0).to(dtype)
         p = self.cfg.dropout
         drop = torch.where(noise[:, n:] >= p, 1.0 / (1.0 - p), 0.0).to(dtype) if self.drop_widths else None
         return path, list(drop.split(self.drop_widths, 1)) if drop is not None else []

@@ -168,7 +168,7 @@ class StepGuard:
         if flags.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        self.pending = (step, flags, loss, event)
+        self.pending = (step, flags, loss, event)  # flags: the copy's source stays alive until it is read
 
     def flush(self) -> None:
         """Settles the pending step (waiting for its flags): at log, eval and checkpoint points."""

@@ -270,7 +270,7 @@ class Stopped(UserError):
 def collect(group: Path, show_table: bool = True) -> dict:
     """The combined table of a group: per member val/test SRCC and PLCC; per config their summary
     over its repeats and the paired comparison with the baseline (compare.py); results.json."""
-    from .compare import compare
+    from .compare import compare, summary as summarise
 
     group = Path(group)
     if not (group / "sweep.json").is_file():
@@ -304,17 +304,11 @@ def collect(group: Path, show_table: bool = True) -> dict:
     done = [r for r in results if r.get("finished", True) and r.get("test_srcc") is not None]
     if len(configs) <= 1 or info["kind"] == "cross":  # one config: the whole group's statistics
         table["statistics"] = {k: st for k in ("test_srcc", "test_plcc", "val_srcc", "val_plcc")
-                               if (st := summary_of([r[k] for r in done if r.get(k) is not None]))}
+                               if (st := summarise([r[k] for r in done if r.get(k) is not None]))}
     (group / "results.json").write_text(json.dumps(table, indent=1))
     if show_table:
         show(table, group)
     return table
-
-
-def summary_of(values: list[float]) -> dict | None:
-    from .compare import summary
-
-    return summary(values)
 
 
 def last_error(log: Path) -> str:

@@ -480,7 +480,7 @@ def train(cfg: Config, resume: str = "", extend: bool = False) -> Path:
             if s.display.wants_line(state.step) or evaluate_now or state.step % s.checkpoint_every == 0:
                 sync_point(s, window)  # the only host reads of the step's results
             if evaluate_now:
-                s.display.evaluating(sum(len(v.ids("val")) for v in s.data.views.values()))
+                s.display.evaluating(sum(v.meta["counts"]["val"] for v in s.data.views.values()))
                 evaluate_and_log(s, window, norm)
             if state.step % s.checkpoint_every == 0 or state.stopped_early or state.step == s.total_steps \
                     or s.guard.preempted:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,7 +87,7 @@ def test_compare_gives_every_config_its_summary_and_the_paired_test():
     assert compare([*base, *better], ["a", "b"], "a", seed=0) == compare([*base, *better], ["a", "b"], "a", seed=0)
 
 
-def _group(tmp_path) -> "Path":
+def _group(tmp_path: Path) -> Path:
     """A finished 2-config x 6-split grid group, written as the sweep writes it."""
     group = tmp_path / "20261127-000000-sweep-grid"
     group.mkdir()

@@ -214,9 +214,9 @@ def test_scales_get_their_own_files_and_resizing_follows_the_images(joint_run, t
     mixed = dataclasses.replace(card, datasets={**card.datasets, "kadid10k": dataclasses.replace(
         card.datasets["kadid10k"], resize="512x384")})
     with pytest.raises(UserError, match="resized differently"):
-        mixed.resize_for("normalized")
-    assert mixed.resize_for("normalized", like="kadid10k") == "512x384"
-    assert mixed.resize_for("synthetic") == card.datasets["synthetic"].resize
+        mixed.image_policy("normalized")
+    assert mixed.image_policy("normalized", like="kadid10k")[0] == "512x384"
+    assert mixed.image_policy("synthetic")[0] == card.datasets["synthetic"].resize
 
 
 def test_ema_resumes_bit_exact(tiny_overrides, tmp_path):

@@ -72,17 +72,11 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, handle)
     try:
-        while True:
-            try:
-                code = child.wait()
-                break
-            except InterruptedError:
-                continue
+        code = child.wait()  # a signal runs `handle` and the wait goes on (PEP 475)
+        return 124 if done.exists() and code == 0 else code
     finally:
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
-    stopped = done.exists()
-    for f in ([done] if given else [stop, done]):
-        f.unlink(missing_ok=True)
-    folder.rmdir()
-    return 124 if stopped and code == 0 else code
+        for f in ([done] if given else [stop, done]):
+            f.unlink(missing_ok=True)
+        folder.rmdir()

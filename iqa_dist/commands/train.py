@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..output import console
 from ..errors import UserError
 from . import COMMON, add_config_arguments, add_preset, config_from, overrides, stopped
 
