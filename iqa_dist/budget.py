@@ -48,9 +48,9 @@ def count(run, tensors, steps: int, warmup: int = 1) -> dict:
 def step_budget(cfg: Config, store: ImageStore, batch: int, device: torch.device, steps: int = 1,
                 precision: str = "fp32") -> dict:
     """A, B and C of `cfg` (counted with its weight EMA on), their ratios and the targets' verdicts."""
-    cfg = replace(cfg, train=replace(cfg.train, ema_decay=cfg.train.ema_decay or 0.999))
     compiled = cfg.train.compile and cfg.train.compile_backend == "inductor"
-    cfg = replace(cfg, train=replace(cfg.train, compile=False))  # counted eager: inductor's kernels are opaque
+    # counted eager (inductor's kernels are opaque to the dispatcher), with an EMA to count
+    cfg = replace(cfg, train=replace(cfg.train, ema_decay=cfg.train.ema_decay or 0.999, compile=False))
     rig = StepRig.build(cfg, store, precision, batch, device)
     generated = augmentation_kernels(rig) if compiled else None
     a = count(rig.end_to_end, rig.device_tensors, steps, warmup=2)
