@@ -273,9 +273,3 @@ class Augmenter:
             if train and self.jitter:
                 x = jitter(x, packed[:, 6:].float(), self.cfg.hue > 0, self.gray)
             return normalize(x, self.mean, self.std), packed[:, 5].float()
-
-    def train(self, pixels: Tensor, offsets: Tensor, widths: Tensor, y0: Tensor, x0: Tensor,
-              params: AugmentParams) -> Tensor:
-        """Training patches (B, 3, S, S), normalised; y0/x0 from crop_origin or a cached strip."""
-        packed = self.upload(offsets, widths, y0, x0, params, torch.zeros(len(offsets)), pixels.device)
-        return self.apply(pixels, packed)[0]

@@ -5,8 +5,8 @@
          of the source JPEG per patch, torchvision CPU transforms in DataLoader workers), (b) the
          cache + device augmentation with fresh crops, (c) the cache with stored training patches.
 - train: per backbone, precision, batch and compile setting, patches/s of (1) the real training
-         step end to end (`step.next_batch` + `step.train_step`, the functions `iqa-dist train`
-         runs, built by rig.StepRig), (2) the same step on a batch already on the device (model
+         step end to end (`step.Batches.get` + `step.Trainer.step`, what `iqa-dist train` runs,
+         built by rig.StepRig), (2) the same step on a batch already on the device (model
          only), (3) the anchor:
          timm's plain classifier of the same backbone, same batch, precision and optimizer (what
          a user would train instead). Per row: % of the anchor, MFU (on a GPU), peak GPU memory.
@@ -31,13 +31,12 @@ import statistics
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 from rich.console import Console
-from rich.table import Table
 
 from .augment import Augmenter
 from .budget import step_budget
@@ -45,16 +44,17 @@ from .cache import prepare
 from .config import Config, load_config
 from .evaluate import predict_images
 from .model import build_model
-from .output import console as make_console, fmt, print_table
+from .output import console as make_console
 from .plan import BatchPlan, Shares
 from .rig import AnchorRig, StepRig
-from .step import next_batch
-from .train import maybe_compile
+from .compile import compile_model
+from .optim import allreduce_bytes
+from .step import Batches
 
 # Dense bf16 peak FLOP/s of the GPUs people train on (datasheets; H100/H200 SXM).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
 KONIQ_EPOCH = 7046 * 20  # training patches of a KonIQ epoch (Q-Align split x 20 patches per image)
-TINY_SWIN = {"embed_dim": 32, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 8], "window_size": 7}
+TINY_SWIN = load_config("demo").model.backbone_kwargs  # the demo's tiny Swin: its one home is the demo preset
 BACKBONES = {
     "tiny": ("swin_tiny_patch4_window7_224", TINY_SWIN, 112),
     "swin-t": ("swin_tiny_patch4_window7_224", {}, 224),
@@ -119,13 +119,6 @@ def spreads(report, path: str = "") -> dict[str, float]:
         return {path: report.spread}
     items = report.items() if isinstance(report, dict) else enumerate(report) if isinstance(report, list) else ()
     return {k: v for key, value in items for k, v in spreads(value, f"{path}.{key}" if path else str(key)).items()}
-
-
-def fr(v) -> str:
-    """A measured figure with its spread, flagged when the machine was noisy: '152.6 ±4%'."""
-    if not isinstance(v, Rate) or math.isnan(v.spread):
-        return fmt(v)
-    return f"{fmt(v)} ±{100 * v.spread:.0f}%" + (" noisy" if v.spread > NOISY else "")
 
 
 def source_images(folder: Path, n: int) -> Path:
@@ -240,7 +233,7 @@ def bench_data(cfg: Config, n_images: int, batch: int, steps: int, workers: int,
             images = view.eval_set("test", "random", c.data.test_patch_num, size)
             results["cache_read_eval_images_per_s"] = len(images) / (time.perf_counter() - t0)
             results["cache_mb_per_1000_images"] = round(
-                sum(f.stat().st_size for f in view.path.parent.parent.glob("images-*.arrow")) / 1e6
+                sum(f.stat().st_size for f in view.image_dir.glob("images-*.arrow")) / 1e6
                 * 1000 / view.image_meta["count"], 1)
     results["speedup_device_crops"] = results["cache_device_crops"] / a
     results["speedup_host_work"] = results["host_work_device_crops"] / a
@@ -250,17 +243,17 @@ def bench_data(cfg: Config, n_images: int, batch: int, steps: int, workers: int,
 
 def _cache_rate(view, c: Config, batch: int, steps: int, device: torch.device) -> tuple[float, float]:
     """Patches/s of the training input path (plan -> gather -> one upload -> device crop/flip/
-    jitter/normalise: `train.next_batch`), and of its host side alone: what the CPU does per
+    jitter/normalise: `step.Batches.get`), and of its host side alone: what the CPU does per
     batch when the pixels are resident on an accelerator and the augmentation runs there."""
     cached = c.data.train_patches == "cached"
     store = (view.patch_store() if cached else view.image_store("train")).to(device)
     plan = BatchPlan(len(store), c.data.train_patch_num, batch, 0, c.data.cached_patch_num if cached else 0)
     aug = Augmenter(c.augment, c.model.img_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0).to(device)
-    shares = Shares.plan(batch, 0, 1, 0)
     counter = iter(range(10**9))
+    batches = Batches(store=store, plan=plan, augmenter=aug, shares=Shares.plan(batch, 0, 1, 0), device=device)
 
     def step():
-        next_batch(store, plan, aug, shares, next(counter) % plan.steps_per_epoch, device)
+        batches.get(next(counter) % plan.steps_per_epoch)
 
     def host_side():
         rows, k = plan.batch(next(counter) % plan.steps_per_epoch)
@@ -319,9 +312,9 @@ def bench_train(cfg: Config, backbones: list[str], precisions: list[str], compil
 
 
 def _train_rates(c: Config, view, store, precision: str, batch: int, steps: int, device: torch.device) -> dict:
-    """The real step (`train_step`, what `train` runs, compiled as `train` compiles it) on a batch
-    already on the device (model only) and fed by the real input path (`next_batch`: cache ->
-    device augmentation), under a real Accelerator."""
+    """The real step (`Trainer.step`, what `train` runs, compiled as `train` compiles it, with the
+    guard, EMA and bookkeeping) on a batch already on the device (model only) and fed by the real
+    input path (`Batches.get`: cache -> device augmentation), under a real Accelerator."""
     torch.manual_seed(0)
     size = c.model.img_size
     flops = flops_per_patch(build_model(c.model).to(device).train(), size, device)
@@ -329,13 +322,13 @@ def _train_rates(c: Config, view, store, precision: str, batch: int, steps: int,
     t0 = time.perf_counter()
     rig.model_only()  # the first step compiles when compile is on
     rig.end_to_end()  # ... and the augmentation
-    rig.guard.flush()
+    rig.trainer.settle()
     first = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model_only = _rate(rig.model_only, batch, steps, device)
     end_to_end = _rate(rig.end_to_end, batch, steps, device)
-    rig.guard.flush()
+    rig.trainer.settle()
     return {"precision": precision, "compile": c.train.compile, "batch": batch, "img_size": size,
             "model_only": model_only, "end_to_end": end_to_end, "overhead_pct": 100 * (1 - end_to_end / model_only),
             "gflop_per_patch": flops / 1e9, "memory_gib": _peak_memory(device), "first_step_s": first,
@@ -428,7 +421,8 @@ def bench_scaling(cfg: Config, backbone: str, precision: str, batches: list[int]
     name, kwargs, size = BACKBONES[backbone]
     params = sum(p.numel() for p in build_model(replace(cfg.model, backbone=name, pretrained="none", img_size=size,
                                                               backbone_kwargs=kwargs)).parameters())
-    grad = {"fp32": 4 * params, "bf16": 2 * params}
+    grad = {p: allreduce_bytes(params, replace(cfg, train=replace(cfg.train, grad_compression=c)))
+            for p, c in (("fp32", "none"), ("bf16", "bf16"))}
     gpus = (1, 2, 4, 8, 16, 32, 64)
     fixed = [project(rates, grad["fp32"], global_batch, n, intra_gbps, inter_gbps) for n in gpus]
     per_gpu = [project(rates, grad["fp32"], None, n, intra_gbps, inter_gbps) for n in gpus]
@@ -461,7 +455,7 @@ def bench_eval(cfg: Config, n_images: int, batch_patches: int, compiles: list[bo
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     rows = []
     for compiled in compiles:
-        net = maybe_compile(model, replace(c, train=replace(c.train, compile=compiled)), Console(quiet=True))
+        net = compile_model(model, replace(c, train=replace(c.train, compile=compiled)), Console(quiet=True))
 
         def run():
             with amp:
@@ -472,6 +466,61 @@ def bench_eval(cfg: Config, n_images: int, batch_patches: int, compiles: list[bo
                      "backbone": name, "img_size": size, "compile": compiled,
                      "precision": "bf16" if device.type == "cuda" else "fp32", "batch_patches": batch_patches})
     return rows
+
+
+def bench_predict(cfg: Config, n_images: int, workers: int, batch_images: int, device: torch.device, work: Path,
+                  console: Console, repeats: int) -> dict:
+    """Images/s of `predict` on KonIQ-size JPEGs (resized to 512x384, the test protocol's patches):
+    (a) predict before issue 25 (PIL decode in the main thread, then scoring: `Scorer.prepare` +
+    `score_arrays`), (b) `predict.score_files` (decoding in `workers` DataLoader workers, JPEGs on
+    the GPU where that changes no score, scoring on the same path), side by side; and their parts:
+    decoding alone in the main thread and in the workers, the upload, the model alone on images
+    already decoded on the device. The tiny model on a CPU, Swin-T on a GPU."""
+    from .card import ModelCard, TrainedOn
+    from .feed import batches
+    from .predict import Scorer, score_files
+
+    name = "tiny" if device.type == "cpu" else "swin-t"
+    backbone, kwargs, size = BACKBONES[name]
+    model_cfg = replace(cfg.model, backbone=backbone, pretrained="none", img_size=size, backbone_kwargs=kwargs)
+    torch.manual_seed(0)
+    card = ModelCard(model=asdict(model_cfg), datasets={"koniq10k": TrainedOn({}, [1.0, 5.0], "512x384")},
+                     protocol=cfg.data.test_protocol, test_patch_num=cfg.data.test_patch_num)
+    scorer = Scorer(build_model(model_cfg), card, device)
+    files = sorted(str(f) for f in (source_images(work / "koniq", n_images) / "1024x768").glob("*.jpg"))
+    positions = list(range(len(files)))
+    console.print(f"predict: {len(files)} KonIQ-size JPEGs, {name} model at {size} px, {card.test_patch_num} "
+                  f"patches each, {workers} worker(s)", highlight=False)
+
+    def before():
+        for start in range(0, len(files), batch_images):
+            scorer.score_arrays([scorer.prepare(f) for f in files[start:start + batch_images]])
+
+    timings: dict[str, float] = {}
+
+    def after():
+        for *_, t in score_files(scorer, files, positions, batch_images=batch_images, workers=workers):
+            for k, v in t.items():
+                timings[k] = timings.get(k, 0.0) + v
+
+    def decode_only(n_workers: int):
+        return lambda: [b for b in batches(files, positions, resize=scorer.resize, size=size, exif=scorer.exif,
+                                           protocol=card.protocol, patches=card.test_patch_num,
+                                           batch_images=batch_images, workers=n_workers, device=device)]
+
+    decoded = decode_only(0)()
+    out = {"a_before": _rate(before, len(files), repeats, device, warmup=1),
+           "b_score_files": _rate(after, len(files), repeats, device, warmup=1)}
+    calls = repeats + 1
+    out["b_seconds_per_image"] = {k: v / (calls * len(files)) for k, v in timings.items()}
+    out["decode_main_thread"] = _rate(decode_only(0), len(files), repeats, device, warmup=1)
+    out["decode_workers"] = _rate(decode_only(workers), len(files), repeats, device, warmup=1)
+    out["model_only"] = _rate(lambda: [scorer.score_set(b.images) for b in decoded], len(files), repeats, device,
+                              warmup=1)
+    out["speedup"] = out["b_score_files"] / out["a_before"]
+    out.update(images=len(files), workers=workers, batch_images=batch_images, backbone=name, img_size=size,
+               patches=card.test_patch_num, protocol=card.protocol)
+    return out
 
 
 def bench_kernels(cfg: Config, backbone: str, compiled: bool, n_images: int, batch: int, steps: int,
@@ -494,7 +543,7 @@ def bench_kernels(cfg: Config, backbone: str, compiled: bool, n_images: int, bat
 
 
 def sync_debug(c: Config, store, batch: int, steps: int, device: torch.device) -> dict:
-    """`steps` real steps (next_batch + train_step) under torch.cuda.set_sync_debug_mode("error"),
+    """`steps` real steps (`Batches.get` + `Trainer.step`) under torch.cuda.set_sync_debug_mode("error"),
     after two warm-up steps: "passed", or the first synchronisation's error."""
     rig = StepRig.build(replace(c, train=replace(c.train, ema_decay=c.train.ema_decay or 0.999)), store, "bf16",
                         batch, device)
@@ -510,7 +559,7 @@ def sync_debug(c: Config, store, batch: int, steps: int, device: torch.device) -
         result = {"steps": steps, "batch": batch, "passed": False, "error": str(e).splitlines()[0][:300]}
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    rig.guard.flush()
+    rig.trainer.settle()
     return result
 
 
@@ -541,15 +590,12 @@ def bench_command(what: str, cfg: Config, args) -> dict:
         backbone = (args.backbones or "swin-t").split(",")[0]  # counted at batch 2: Swin-T is cheap on a CPU too
         report["kernels"] = [bench_kernels(cfg, backbone, compiled, args.images, batches[0], args.steps, device, work,
                                            console) for compiled in compiles]
+    if what == "predict":
+        report["predict"] = bench_predict(cfg, args.images, args.workers, 16, device, work, console,
+                                          max(1, args.steps // 2))
     if what in ("eval", "all"):
         report["eval"] = bench_eval(cfg, args.images, batches[0] * 2, compiles, device, work, max(1, args.steps // 4))
     report["spread"] = spreads(report)  # (max - min) / median of each figure's timed blocks
-    noisy = sorted(k for k, v in report["spread"].items() if v > NOISY)
-    show(report)
-    if noisy:
-        console.print(f"noisy: {len(noisy)} figure(s) spread more than {NOISY:.0%} between their timed blocks "
-                      f"({', '.join(noisy[:6])}{', ...' if len(noisy) > 6 else ''}): measure again on a quieter "
-                      "machine, or with more --steps, before comparing them", highlight=False)
     out = Path(args.output) if args.output else Path("runs") / f"bench-{what}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str))
@@ -568,121 +614,8 @@ def _figures(report: dict):
         yield from (row["model_only"], row["end_to_end"], row["anchor"])
     for row in report.get("eval", []):
         yield row["images_per_s"]
+    for key in ("a_before", "b_score_files", "decode_main_thread", "decode_workers", "model_only"):
+        if "predict" in report:
+            yield report["predict"][key]
     for row in report.get("scaling", {}).get("measured", []):
         yield row["end_to_end"]
-
-
-def show(report: dict) -> None:
-    out = make_console()
-    m = report["machine"]
-    where = f"{m['gpu'] or m['cpu']} ({m['cpu_cores']} CPU cores, torch {m['torch']})"
-    if "augment" in report:
-        a = report["augment"]
-        out.print(f"augmentation on the same decoded images ({a['img_size']} px crops, flip, ColorJitter, normalise): "
-                  f"torchvision per image on the CPU {fr(a['torchvision_cpu'])} patches/s, iqa_dist batched on "
-                  f"{report['device']} {fr(a['iqa_dist'])} patches/s ({fmt(a['speedup'])}x) - {where}", highlight=False)
-    if "data" in report:
-        d = report["data"]
-        t = Table()
-        for c in ("pipeline", "patches/s", "x phase one"):
-            t.add_column(c, justify="right" if c != "pipeline" else "left")
-        t.add_row("(a) phase one: decode + resize per patch, CPU transforms", fr(d["phase_one"]), "1")
-        t.add_row("(b) cache + device crop/flip/jitter", fr(d["cache_device_crops"]), fmt(d["speedup_device_crops"]))
-        t.add_row("(c) cache + stored patches", fr(d["cache_stored_patches"]), fmt(d["speedup_stored_patches"]))
-        t.add_row("(b) host side only: the CPU's share when augmentation runs on a GPU", fr(d["host_work_device_crops"]),
-                  fmt(d["speedup_host_work"]))
-        print_table(out, f"data pipeline, patches/s ready on {report['device']} - {where}", t)
-        if report["device"] == "cpu":
-            out.print("On this machine the CPU is also the device: (b) and (c) include the augmentation arithmetic "
-                      "that a GPU would do; the last row is what remains on the CPU cores when a GPU does it.")
-        out.print(f"cache: reads {fmt(d['cache_read_images_per_s'])} training images/s and "
-                  f"{fmt(d['cache_read_eval_images_per_s'])} evaluation images/s (with their protocol patches) into "
-                  f"memory; {d['cache_mb_per_1000_images']} MB per 1,000 KonIQ-size (512x384) images", highlight=False)
-    if "train" in report:
-        t = Table()
-        for c in ("backbone", "precision", "compile", "batch", "end to end", "model only", "anchor", "% of anchor",
-                  "input overhead %", "MFU %", "peak GiB", "first step s"):
-            t.add_column(c, justify="right")
-        for r in report["train"]:
-            t.add_row(r["backbone"], r["precision"], str(r["compile"]), str(r["batch"]), fr(r["end_to_end"]),
-                      fr(r["model_only"]), fr(r["anchor"]), fmt(r["pct_of_anchor"]), fmt(r["overhead_pct"]),
-                      fmt(r.get("mfu_pct")), fmt(r["memory_gib"]), fmt(r["first_step_s"]))
-        print_table(out, f"training steps, patches/s (end to end = `iqa-dist train`'s step with its input path; model "
-                         f"only = the same step on a batch already on the device; anchor = timm's plain classifier of "
-                         f"the backbone, same batch, precision, fused AdamW, clipping) - {where}", t)
-    if report.get("projection"):
-        t = Table()
-        for c in ("backbone", "precision", "compile", "GPUs", "batch per GPU", "patches/s", "KonIQ epoch s",
-                  "30 epochs min"):
-            t.add_column(c, justify="right")
-        for r in report["projection"]:
-            t.add_row(r["backbone"], r["precision"], str(r["compile"]), str(r["gpus"]), str(r["per_gpu_batch"]),
-                      fmt(r["patches_per_s"]), fmt(r["epoch_s"]), fmt(30 * r["epoch_s"] / 60))
-        print_table(out, f"projected (not measured): a KonIQ epoch ({KONIQ_EPOCH:,} patches) at global batch 96 on N "
-                         "GPUs, each at the end-to-end rate measured for its per-GPU batch; communication and "
-                         "evaluation not included", t)
-    if "scaling" in report:
-        show_scaling(out, report["scaling"], where)
-    for k in report.get("kernels", []):
-        show_kernels(out, k, where)
-    for e in report.get("eval", []):
-        out.print(f"evaluation: {fr(e['images_per_s'])} images/s ({fmt(e['patches_per_s'])} patches/s, "
-                  f"{e['test_patch_num']} patches per image, {e['backbone']} at {e['img_size']} px, {e['precision']}, "
-                  f"compile={e['compile']})", highlight=False)
-
-
-def show_scaling(out, sc: dict, where: str) -> None:
-    t = Table()
-    for c in ("per-process batch", "patches/s (measured)"):
-        t.add_column(c, justify="right")
-    for r in sc["measured"]:
-        t.add_row(str(r["batch"]), fr(r["end_to_end"]))
-    print_table(out, f"MEASURED: the real step (end to end), {sc['backbone']} {sc['precision']} - {where}; gradients "
-                     f"{sc['grad_bytes']['fp32'] / 1e6:.1f} MB per step in fp32 ({sc['grad_bytes']['bf16'] / 1e6:.1f} MB "
-                     f"with train.grad_compression=bf16)", t)
-    for key, label in (("fixed_batch", f"global batch {sc['global_batch']}"), ("per_gpu_96", "96 per GPU")):
-        t = Table()
-        for c in ("GPUs", "batch per GPU", "compute ms", "all-reduce ms", "step ms", "patches/s", "KonIQ epoch s"):
-            t.add_column(c, justify="right")
-        for r in sc[key]:
-            t.add_row(str(r["gpus"]), fmt(r["per_gpu_batch"]), fmt(r["compute_ms"]), fmt(r["comm_ms"]),
-                      fmt(r["step_ms"]), fmt(r["patches_per_s"]), fmt(r["epoch_s"]))
-        print_table(out, f"PROJECTED, not measured: {label}; compute at the measured rate for the per-GPU batch; "
-                         f"ring all-reduce at {sc['intra_gbps']:g} GB/s per GPU within a node of {GPUS_PER_NODE} "
-                         f"and {sc['inter_gbps']:g} GB/s across nodes, not overlapped with the backward pass "
-                         "(an upper bound)", t)
-    sw = sc["sweep_30_epochs"]
-    out.print(f"PROJECTED sweep throughput on one 8-GPU node (30-epoch KonIQ runs at batch 96): "
-              f"{fmt(sw['members_per_hour_8_parallel'])} members/hour with 8 members in parallel (one GPU each) vs "
-              f"{fmt(sw['members_per_hour_one_at_a_time_on_8'])} one at a time on all 8 GPUs ({fmt(sw['speedup'])}x)",
-              highlight=False)
-
-
-def show_kernels(out, k: dict, where: str) -> None:
-    parts = sorted({p for x in "ABC" for p in k[x]["parts"]}, key=lambda p: -k["A"]["parts"].get(p, 0))
-    t = Table()
-    for c in ("part", "A: real step", "B: model only", "C: anchor"):
-        t.add_column(c, justify="right" if c != "part" else "left")
-    for p in parts:
-        t.add_row(p, *(f"{k[x]['parts'][p]:,.4g}" if p in k[x]["parts"] else "-" for x in "ABC"))
-    t.add_row("total kernels", *(f"{k[x]['kernels']:,.6g}" for x in "ABC"))
-    t.add_row("host syncs", *(f"{k[x]['syncs']:g}" for x in "ABC"))
-    t.add_row("uploads / downloads", *(f"{k[x]['uploads']:g} / {k[x]['downloads']:g}" for x in "ABC"))
-    print_table(out, f"device kernels per step (compute and copies, views excluded), {k['backbone']} HyperIQA, "
-                     f"koniq-swin-t recipe with an EMA, compile={k['compile']}, counted on {where}", t)
-    verdict = {True: "met", False: "MISSED"}
-    tg, ch = k["targets"], k["checks"]
-    out.print(f"A/B {k['a_over_b']:.3f} (<= {tg['a_over_b']}: {verdict[ch['a_over_b']]}), B/C {k['b_over_c']:.3f} "
-              f"(<= {tg['b_over_c']}: {verdict[ch['b_over_c']]}), augmentation {k['A']['parts'].get('augment', 0):g} "
-              f"(<= {tg['augment']}: {verdict[ch['augment']]}), guard {k['A']['parts'].get('guard', 0):g} "
-              f"(<= {tg['guard']}: {verdict[ch['guard']]}), EMA {k['A']['parts'].get('ema', 0):g} "
-              f"(= {tg['ema']}: {verdict[ch['ema']]}), no host sync: {verdict[ch['no_syncs']]}", highlight=False)
-    for x in "ABC":
-        for f in k[x]["findings"]:
-            out.print(f"  {x}: {f}", highlight=False)
-    if "augment_inductor_kernels" in k:
-        out.print(f"compiled augmentation: inductor generated {k['augment_inductor_kernels']} kernel(s)", highlight=False)
-    if "sync_debug" in k:
-        sd = k["sync_debug"]
-        out.print(f"torch.cuda.set_sync_debug_mode('error'), {sd['steps']} real steps at batch {sd['batch']}: "
-                  + ("passed" if sd["passed"] else f"FAILED: {sd['error']}"), highlight=False)

@@ -1,9 +1,9 @@
 """The kernel budget of a training step: what it would launch on a GPU, and whether it would ever
 wait for one, counted by `audit.StepAudit` on any device (the CPU included).
 
-- A: the step `iqa-dist train` runs (`next_batch` + `train_step`: plan, one upload, device
+- A: the step `iqa-dist train` runs (`Batches.get` + `Trainer.step`: plan, one upload, device
   crop/flip/ColorJitter/normalise, forward, loss, backward, clipping, guard, fused update, EMA);
-- B: the same `train_step` on a batch already on the device (model only);
+- B: the same `Trainer.step` on a batch already on the device (model only);
 - C: timm's plain classifier of the backbone (bench's anchor): the model alone, trained plainly.
 
 Counts per step are exact and do not depend on the batch size or the data (static shapes), so a
@@ -25,7 +25,6 @@ from .audit import StepAudit
 from .augment import Augmenter
 from .config import Config
 from .rig import AnchorRig, StepRig
-from .step import next_batch
 from .store import ImageStore
 
 TARGETS = {"a_over_b": 1.10, "b_over_c": 1.17, "augment": 90, "guard": 4, "ema": 1}
@@ -74,10 +73,10 @@ def augmentation_kernels(rig: StepRig) -> int:
     here on its own (afresh: a cached graph would generate none), the model left eager."""
     from torch._inductor import config, metrics
 
-    augmenter = Augmenter(rig.cfg.augment, rig.cfg.model.img_size, rig.augmenter.mean.tolist(),
-                          rig.augmenter.std.tolist(), 0).to(rig.acc.device)
+    augmenter = Augmenter(rig.cfg.augment, rig.cfg.model.img_size, rig.batches.augmenter.mean.tolist(),
+                          rig.batches.augmenter.std.tolist(), 0).to(rig.acc.device)
     augmenter.compile("inductor")
     before = metrics.generated_kernel_count
     with config.patch(fx_graph_cache=False):
-        next_batch(rig.store, rig.plan, augmenter, rig.shares, 0, rig.acc.device)
+        replace(rig.batches, augmenter=augmenter).get(0)
     return metrics.generated_kernel_count - before

@@ -278,7 +278,7 @@ def prepare(cfg: Config, console: Console | None = None) -> View:
                   f"view {cfg.data.split} split" + (f", stored {cfg.model.img_size}-px training patches"
                                                     if spec["cached_patch_num"] else ""))
     meta = json.loads((view_path / META).read_text())
-    return View(view_path, meta, image_meta, images)
+    return View(view_path, meta, image_meta, images, image_path)
 
 
 def describe(view: View) -> str:

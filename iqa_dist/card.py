@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DataConfig, ModelConfig
+from .config import ModelConfig
 from .errors import UserError
 
 CARD_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TRAIN_IMAGES_FILE = "train_images.json"
+RUN_MODEL_DIR = "model"  # where a run directory keeps its selected model
 NORMALIZED = "normalized"  # the shared training-target scale of a jointly trained model
 
 
@@ -95,9 +96,6 @@ class ModelCard:
     def model_config(self) -> ModelConfig:
         return ModelConfig(**{**self.model, "pretrained": "none"})
 
-    def data_config(self, dataset: str) -> DataConfig:
-        return DataConfig(**self.datasets[dataset].data)
-
     # ------------------------------------------------------------ scores
 
     def scale(self, name: str | None = None) -> Scale:
@@ -116,10 +114,6 @@ class ModelCard:
                             f"{NORMALIZED}, the training-target scale); scores on another dataset's scale would need "
                             "a model trained on it")
         return self.datasets[name].scale
-
-    def to_score(self, pred, scale: str | None = None):
-        """Model output -> scores on `scale` (see `scale`)."""
-        return self.scale(scale).to_score(pred)
 
     def image_policy(self, name: str | None, like: str | None = None) -> tuple[str, bool]:
         """(resize policy, apply EXIF orientation) for new images: those of dataset `like` (whose
@@ -171,8 +165,8 @@ class ModelCard:
 def model_dir(path: str | Path) -> Path:
     """A model directory, or a run directory holding one in model/."""
     path = Path(path)
-    if (path / "model" / WEIGHTS_FILE).is_file():
-        path = path / "model"
+    if (path / RUN_MODEL_DIR / WEIGHTS_FILE).is_file():
+        path = path / RUN_MODEL_DIR
     if not (path / WEIGHTS_FILE).is_file() or not (path / CARD_FILE).is_file():
         raise UserError(f"{path}: not a model directory (needs {WEIGHTS_FILE} and {CARD_FILE})")
     return path

@@ -28,6 +28,10 @@ from .errors import UserError
 from .sources import SOURCES  # the dataset registry
 
 PROTOCOLS = ("random", "grid")  # test-time patch layouts (protocol.py)
+# How and where a run runs, not what it trains: a resumed run may change them (the data themselves
+# are checked by content when resuming), and run tables never show them as a difference.
+ENVIRONMENT = frozenset({"run.root", "run.name", "run.log_with", "preset", "data.cache_dir", "data.workers",
+                         "data.root", "data.resident", "train.log_every", "train.keep_checkpoints"})
 
 
 @dataclass
@@ -287,8 +291,13 @@ class Config:
         return {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[self.optim.lr_scaling]
 
     def effective_lr(self) -> float:
-        """The backbone group's peak learning rate at this batch size (the head's is x lr_ratio)."""
+        """The backbone group's peak learning rate at this batch size (the head's: `group_lrs`)."""
         return self.optim.lr * self.lr_factor()
+
+    def group_lrs(self) -> dict[str, float]:
+        """Each parameter group's peak learning rate at this batch size: the head trains at
+        optim.lr_ratio times the backbone's."""
+        return {"backbone": self.effective_lr(), "head": self.effective_lr() * self.optim.lr_ratio}
 
     def effective_warmup(self) -> int:
         """Warmup in optimizer steps at this batch size: as many samples as warmup_steps at base_batch

@@ -44,9 +44,14 @@ def fit(im: Image.Image, resize: str, min_side: int) -> tuple[Image.Image, str]:
     size = target_size(im.width, im.height, resize)
     if size != im.size:
         im = im.resize(size, Image.BILINEAR)  # PIL's antialiased bilinear, as torchvision's Resize
-    if min(im.size) < min_side:
-        return im, f"image is {im.width}x{im.height} after resize ({resize}), smaller than the {min_side}-px patch"
-    return im, ""
+    return im, too_small(im.width, im.height, resize, min_side)
+
+
+def too_small(width: int, height: int, resize: str, min_side: int) -> str:
+    """Why an image of width x height after the resize policy cannot be scored ("" when it can)."""
+    if min(width, height) < min_side:
+        return f"image is {width}x{height} after resize ({resize}), smaller than the {min_side}-px patch"
+    return ""
 
 
 def target_size(width: int, height: int, resize: str) -> tuple[int, int]:

@@ -38,11 +38,13 @@ def shard(n: int, world: int, rank: int) -> range:
 
 @torch.no_grad()
 def predict_images(model: nn.Module, images: EvalSet, augmenter: Augmenter, batch_patches: int,
-                   device: torch.device, fixed_shapes: bool = False) -> torch.Tensor:
-    """Mean prediction over each image's protocol patches. Returns (N,) float32 on `device`.
+                   device: torch.device, fixed_shapes: bool = False, flip: bool = False) -> torch.Tensor:
+    """Mean prediction over each image's protocol patches: the one scoring path of training-time
+    evaluation, `evaluate` and `predict`. Returns (N,) float32 on `device`.
 
     fixed_shapes pads the last batch with copies of its last image (their predictions dropped),
-    so that a compiled model sees one input shape."""
+    so that a compiled model sees one input shape; flip also averages in the mirrored patches
+    (predict's test-time augmentation)."""
     was_training = model.training
     model.eval()
     n = images.patches
@@ -62,7 +64,10 @@ def predict_images(model: nn.Module, images: EvalSet, augmenter: Augmenter, batc
         with part("augment"):
             x = augmenter.apply(pixels, packed, train=False)[0]
         with part("forward"):
-            out.append(model(x).float().view(len(rows), n).mean(1)[:real])
+            pred = model(x).float()
+            if flip:
+                pred = (pred + model(x.flip(-1)).float()) / 2
+            out.append(pred.view(len(rows), n).mean(1)[:real])
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, device=device)
 

@@ -19,10 +19,9 @@ def build_optimizer(model: HyperIQA, cfg: Config, fused: bool | None = None) -> 
     groups: "backbone" at lr, "head" at lr * lr_ratio (optim.lda_group says where LDA goes).
     Fused kernels where torch has them (CUDA, CPU): one launch for the whole update, and the step
     can skip itself on the device (step.StepGuard). Real parameter lists, not iterators."""
-    o, lr = cfg.optim, cfg.effective_lr()  # optim.lr, scaled for the batch size by optim.lr_scaling
+    o, lrs = cfg.optim, cfg.group_lrs()  # optim.lr, scaled for the batch size by optim.lr_scaling
     groups = model.parameter_groups(o.lda_group)
-    params = [{"params": groups["backbone"], "lr": lr, "name": "backbone"},
-              {"params": groups["head"], "lr": lr * o.lr_ratio, "name": "head"}]
+    params = [{"params": groups[name], "lr": lrs[name], "name": name} for name in ("backbone", "head")]
     cls = torch.optim.Adam if o.optimizer == "adam" else torch.optim.AdamW
     device = next(model.parameters()).device
     fused = device.type in ("cuda", "cpu") if fused is None else fused
@@ -31,6 +30,11 @@ def build_optimizer(model: HyperIQA, cfg: Config, fused: bool | None = None) -> 
 
 def group_sizes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     return {g["name"]: sum(p.numel() for p in g["params"]) for g in optimizer.param_groups}
+
+
+def allreduce_bytes(parameters: int, cfg: Config) -> int:
+    """Bytes of gradients each process all-reduces per optimizer step (every parameter trains)."""
+    return parameters * (2 if cfg.train.grad_compression == "bf16" else 4)
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int, steps_per_epoch: int):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -79,6 +78,7 @@ class JointPlan:
         self.sizes, self.patch_num, self.batch_size, self.seed = sizes, patch_num, batch_size, seed
         self.share = np.asarray(weights, dtype=np.float64) / sum(weights)
         self.last = int(np.argmax(self.share))  # the heaviest takes the rounding remainder
+        self._passes: dict[tuple[int, int], np.ndarray] = {}  # recent passes (_pass)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.steps_per_epoch = sum(sizes) * patch_num // batch_size
         if self.steps_per_epoch == 0:
@@ -92,9 +92,14 @@ class JointPlan:
         cum[self.last] = total - cum.sum()
         return cum
 
-    @lru_cache(maxsize=16)
     def _pass(self, d: int, c: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, d, c]).permutation(self.sizes[d] * self.patch_num)
+        """Dataset d's c-th pass over its samples: a permutation, a function of (seed, d, c) alone,
+        kept while the batches read it (a batch touches one or two passes per dataset)."""
+        if (d, c) not in self._passes:
+            if len(self._passes) >= 16:
+                self._passes.pop(next(iter(self._passes)))  # the oldest: the plan moves forward
+            self._passes[(d, c)] = np.random.default_rng([self.seed, d, c]).permutation(self.sizes[d] * self.patch_num)
+        return self._passes[(d, c)]
 
     def _stream(self, d: int, start: int, stop: int) -> np.ndarray:
         """Rows (in the joined store) of samples start..stop-1 of dataset d's stream."""
@@ -111,10 +116,6 @@ class JointPlan:
         a, b = self.cumulative(step), self.cumulative(step + 1)
         rows = np.concatenate([self._stream(d, int(a[d]), int(b[d])) for d in range(len(self.sizes))])
         return torch.from_numpy(rows), None
-
-    def dataset_of(self, rows: torch.Tensor) -> torch.Tensor:
-        """Which dataset each joined-store row belongs to."""
-        return torch.from_numpy(np.searchsorted(self.offsets, rows.numpy(), side="right") - 1)
 
 
 @dataclass

@@ -9,20 +9,23 @@ gave it. `crops` and `flip` are explicit extras (more patches, mirrored patches 
 from __future__ import annotations
 
 import glob
+import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from .augment import normalize
+from .augment import Augmenter
 from .card import WEIGHTS_FILE, ModelCard, model_dir
 from .decode import decode, fit, to_rgb, upright
 from .errors import UserError
+from .evaluate import predict_images
 from .model import HyperIQA, build_model
-from .protocol import patch_origins
+from .store import EvalSet, ImageStore
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
@@ -36,8 +39,7 @@ class Scorer:
         self.card = card
         self.device = device
         self.size = card.size
-        self.mean = torch.tensor(card.mean, dtype=torch.float32, device=device)
-        self.std = torch.tensor(card.std, dtype=torch.float32, device=device)
+        self.augmenter = Augmenter.evaluation(card.size, card.mean, card.std).to(device)  # crop + normalise
         self.scale = card.scale(scale)  # which dataset's scale scores are on (a joint model needs a choice)
         # new images are prepared as that dataset's were: its resize, its EXIF orientation choice
         self.resize, self.exif = card.image_policy(scale, resize_as)
@@ -62,27 +64,19 @@ class Scorer:
             raise UserError(problem)
         return np.asarray(img)
 
-    @torch.no_grad()
     def score_arrays(self, arrays: Sequence[np.ndarray], crops: int | None = None, flip: bool = False,
                      batch_patches: int = 256) -> np.ndarray:
         """Scores of prepared HWC uint8 images: the mean over the protocol's patches (the card's
         count, or `crops`), and over their mirror images too with `flip`."""
-        n = crops or self.card.test_patch_num
-        patches, counts = [], []
-        for a in arrays:
-            origins = patch_origins(self.card.protocol, a, a.shape[0], a.shape[1], self.size, n)
-            patches += [a[y:y + self.size, x:x + self.size] for y, x in origins]
-            counts.append(len(origins))
-        x_all = torch.from_numpy(np.stack(patches)) if patches else torch.zeros(0, self.size, self.size, 3, dtype=torch.uint8)
-        preds = []
-        for start in range(0, len(x_all), batch_patches):
-            x = x_all[start:start + batch_patches].to(self.device).permute(0, 3, 1, 2).float() / 255.0
-            views = [x, x.flip(-1)] if flip else [x]
-            out = torch.stack([self.model(normalize(v, self.mean, self.std)).float() for v in views]).mean(0)
-            preds.append(out.cpu())
-        flat = torch.cat(preds).numpy() if preds else np.zeros(0)
-        per_image = np.split(flat, np.cumsum(counts)[:-1]) if counts else []
-        return np.array([self.scale.to_score(float(p.mean())) for p in per_image], dtype=np.float64)
+        images = EvalSet.of(ImageStore.of_images(list(arrays)), self.card.protocol, crops or self.card.test_patch_num,
+                            self.size)
+        return self.score_set(images, flip, batch_patches)
+
+    def score_set(self, images: EvalSet, flip: bool = False, batch_patches: int = 256) -> np.ndarray:
+        """Scores of an EvalSet's images (pixels on the host or on this scorer's device)."""
+        images = replace(images, store=images.store.to(self.device))
+        preds = predict_images(self.model, images, self.augmenter, batch_patches, self.device, flip=flip)
+        return self.scale.to_score(preds.double().cpu().numpy())
 
     def score(self, images, crops: int | None = None, flip: bool = False) -> np.ndarray:
         """Scores (on the training dataset's scale) of PIL images, file paths or uint8 tensors."""
@@ -147,3 +141,24 @@ def expand(paths: Iterable[str]) -> tuple[list[Path], list[tuple[str, str]]]:
             else:
                 missing.append((m, "no such file or folder"))
     return files, missing
+
+
+def score_files(scorer: Scorer, paths: list[str], positions: list[int], *, crops: int | None = None,
+                flip: bool = False, batch_images: int = 16, workers: int = 0,
+                decode: str = "auto") -> Iterator[tuple[int, float | None, str, dict[str, float]]]:
+    """(position, score or None, problem, timings) for each file, in list order, as soon as its
+    batch is scored: decoded by `feed.batches` (DataLoader workers; JPEGs on the GPU where that
+    changes no score), scored on the one evaluation path. timings: the batch's seconds waiting for
+    the loader, decoding on the GPU, uploading, and in the model (on the first of its files)."""
+    from .feed import batches
+
+    for b in batches(paths, positions, resize=scorer.resize, size=scorer.size,
+                     exif=scorer.exif, protocol=scorer.card.protocol, patches=crops or scorer.card.test_patch_num,
+                     batch_images=batch_images, workers=workers, device=scorer.device, decode=decode):
+        start = time.perf_counter()
+        scores = scorer.score_set(b.images, flip) if b.images is not None else []
+        timings = {**b.timings, "model": time.perf_counter() - start}
+        done = {p: (float(s), "") for p, s in zip(b.positions, scores)} | {p: (None, why) for p, why in b.failed}
+        for p in sorted(done):
+            yield p, *done[p], timings
+            timings = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .config import ENVIRONMENT
 from .errors import UserError
 from .output import fmt, fmt_epoch
 from .rundir import RunDir
@@ -56,11 +57,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-# Where things ran, not what was trained: never a difference worth a column.
-ENVIRONMENT = {"run.root", "run.name", "run.log_with", "preset", "data.cache_dir", "data.workers", "data.root",
-               "data.resident", "train.log_every", "train.keep_checkpoints"}
 
 
 def differing_keys(runs: list[dict]) -> list[str]:

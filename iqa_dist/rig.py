@@ -1,10 +1,11 @@
 """One process's training step, built outside `iqa-dist train` from the same parts: what `bench`
 times and counts, and what the tests audit.
 
-`StepRig` holds a model, fused optimizer, schedule, guard, weight EMA (train.ema_decay) and an
-augmenter under a fresh Accelerator, and runs `step.train_step` either end to end (fed by
-`step.next_batch` from a store, as `train` does) or on one fixed batch already on the device
-(model only). `AnchorRig` is timm's plain classifier of the same backbone with the same batch,
+`StepRig` holds a `step.Trainer` built by `Trainer.build` (the model, fused optimizer, schedule,
+guard, weight EMA of train.ema_decay, compiled as train.compile says) and the `step.Batches` that
+feed it, under a fresh Accelerator, and runs `Trainer.step` either end to end (fed by
+`Batches.get` from a store, as `train` does) or on one fixed batch already on the device (model
+only). `AnchorRig` is timm's plain classifier of the same backbone with the same batch,
 precision, fused AdamW and clipping: what a user would otherwise train.
 """
 
@@ -18,43 +19,22 @@ import torch
 from accelerate import Accelerator
 from rich.console import Console
 
+from .accelerator import fresh_accelerator
 from .audit import part
 from .augment import Augmenter
 from .config import Config
 from .model import build_model
-from .optim import WeightEMA, build_optimizer, build_schedule
 from .plan import BatchPlan, Shares
-from .step import Batch, MicroBatch, NoiseSource, PreemptionFlag, StepGuard, next_batch, train_step
+from .step import Batch, Batches, MicroBatch, NoiseSource, PreemptionFlag, Trainer
 from .store import ImageStore
-from .train import compile_step
-
-
-def fresh_accelerator(precision: str, device: torch.device) -> Accelerator:
-    """A fresh single-process Accelerator for one precision (Accelerate keeps one global state)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if precision == "bf16" else "no")
 
 
 @dataclass(kw_only=True)
 class StepRig:
     cfg: Config
-    acc: Accelerator
-    model: torch.nn.Module  # as prepared by Accelerate
-    forward: torch.nn.Module  # what the step calls (compiled with train.compile)
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    guard: StepGuard
-    ema: WeightEMA | None
-    augmenter: Augmenter
-    store: ImageStore
-    plan: BatchPlan
-    shares: Shares
-    noise: NoiseSource
+    trainer: Trainer
+    batches: Batches
     fixed: Batch  # this process's share of one batch already on the device (model only)
-    step: int = 0
 
     @classmethod
     def build(cls, cfg: Config, store: ImageStore, precision: str, batch: int, device: torch.device,
@@ -63,48 +43,44 @@ class StepRig:
         `store` is moved to `device`. One process under a fresh Accelerator, or `acc`'s processes."""
         acc = acc or fresh_accelerator(precision, device)
         torch.manual_seed(seed)
-        model = build_model(cfg.model).to(device).train()
-        optimizer = build_optimizer(model, cfg)
-        scheduler = build_schedule(optimizer, cfg, 10**6, 10**6)
-        ema = WeightEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
-        noise = NoiseSource(seed, model.noise_width, device)
+        model = build_model(cfg.model).train()
         augmenter = Augmenter(cfg.augment, cfg.model.img_size, model.mean, model.std, seed).to(device)
-        model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
         shares = Shares.plan(batch, cfg.train.micro_batch_size, acc.num_processes, acc.process_index)
+        trainer = Trainer.build(cfg, model, acc, shares=shares, total_steps=10**6, steps_per_epoch=10**6,
+                                augmenter=augmenter, preempt=PreemptionFlag(), console=Console(quiet=True))
+        trainer.rank_weight = 0.0  # the fixed batch carries no global targets
+        noise = NoiseSource(seed, model.noise_width, device)
         size = cfg.model.img_size
         u = noise.draw(0, batch, device)
         fixed = Batch([MicroBatch(torch.randn(sl.stop - sl.start, 3, size, size, device=device),
                                   torch.rand(sl.stop - sl.start, device=device) * 100, sl.start,
                                   None if u is None else u[sl]) for sl in shares.slices()])
-        guard = StepGuard(acc, optimizer, PreemptionFlag(), scheduler=scheduler, ema=ema)
-        return cls(cfg=cfg, acc=acc, model=model, forward=compile_step(model, augmenter, cfg, Console(quiet=True)),
-                   optimizer=optimizer, scheduler=scheduler, guard=guard, ema=ema, augmenter=augmenter,
-                   store=store.to(device), plan=BatchPlan(len(store), cfg.data.train_patch_num, batch, seed),
-                   shares=shares, noise=noise, fixed=fixed)
+        batches = Batches(store=store.to(device), plan=BatchPlan(len(store), cfg.data.train_patch_num, batch, seed),
+                          augmenter=augmenter, shares=shares, device=device, noise=noise)
+        return cls(cfg=cfg, trainer=trainer, batches=batches, fixed=fixed)
+
+    @property
+    def acc(self) -> Accelerator:
+        return self.trainer.acc
 
     def model_only(self) -> None:
-        """`train_step` on the fixed batch."""
-        self._train(self.fixed)
+        """`Trainer.step` on the fixed batch."""
+        self.trainer.step(self.fixed)
 
     def end_to_end(self) -> None:
-        """`next_batch` + `train_step`: what one step of `iqa-dist train` runs."""
-        self._train(self.augment())
+        """`Batches.get` + `Trainer.step`: what one step of `iqa-dist train` runs."""
+        self.trainer.step(self.augment())
 
     def augment(self) -> Batch:
-        """`next_batch` alone: the input path of the next step."""
-        return next_batch(self.store, self.plan, self.augmenter, self.shares, self.step % self.plan.steps_per_epoch,
-                          self.acc.device, noise=self.noise)
-
-    def _train(self, batch: Batch) -> None:
-        train_step(self.acc, self.forward, self.optimizer, batch, self.step, self.shares.per_process, 0.0,
-                   self.cfg.optim.grad_clip, self.guard)
-        self.step += 1
+        """`Batches.get` alone: the input path of the next step."""
+        return self.batches.get(self.trainer.state.step % self.batches.plan.steps_per_epoch)
 
     def device_tensors(self) -> list[torch.Tensor]:
         """What lives on the device before a step: weights, optimizer state, EMA, resident pixels."""
+        t, aug = self.trainer, self.batches.augmenter
         fixed = [t for mb in self.fixed.micro for t in (mb.x, mb.target, mb.noise) if t is not None]
-        return device_tensors(self.model, self.optimizer, self.ema.model if self.ema else None,
-                              [self.store.pixels, *fixed, self.augmenter.mean, self.augmenter.std, self.augmenter.gray])
+        return device_tensors(t.model, t.optimizer, t.ema.model if t.ema else None,
+                              [self.batches.store.pixels, *fixed, aug.mean, aug.std, aug.gray])
 
 
 class AnchorRig:

@@ -31,15 +31,13 @@ from accelerate.utils import broadcast_object_list
 from safetensors.torch import save_file
 
 from . import __version__
-from .card import WEIGHTS_FILE, ModelCard
-from .config import Config, config_from_yaml
+from .card import RUN_MODEL_DIR, WEIGHTS_FILE, ModelCard
+from .config import ENVIRONMENT, Config, config_from_yaml
 from .errors import UserError
 
 CHECKPOINT_PREFIX = "step-"
+DEBUG_PREFIX = "debug-step-"  # the state kept when a step was non-finite (save_debug)
 EXTENSIBLE = ("train.epochs", "train.max_steps", "train.patience")  # what --extend may change
-# Where things live, not what is trained: a runs or cache folder may move between launches (the
-# data themselves are checked by content, `_check_same_data`).
-LOCATIONS = ("run.root", "data.cache_dir")
 
 
 class RunFinished(UserError):
@@ -106,7 +104,7 @@ class RunDir:
     META = "meta.json"
     METRICS = "metrics.jsonl"
     SUMMARY = "summary.json"
-    MODEL = "model"
+    MODEL = RUN_MODEL_DIR
     CHECKPOINTS = "checkpoints"
 
     def __init__(self, path: Path | str, accelerator: Accelerator | None = None) -> None:
@@ -203,7 +201,7 @@ class RunDir:
         if not cls.is_run(path):
             return UserError(f"--resume {resume}: {path} is not a run directory (no {cls.CONFIG})")
         run = RunDir(path)
-        diffs = [d for d in _differences(run.config().to_dict(), cfg.to_dict()) if d[0] not in LOCATIONS]
+        diffs = [d for d in _differences(run.config().to_dict(), cfg.to_dict()) if d[0] not in ENVIRONMENT]
         schedule = [d for d in diffs if d[0] in EXTENSIBLE]
         other = [d for d in diffs if d[0] not in EXTENSIBLE]
         lines = [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs]
@@ -264,7 +262,7 @@ class RunDir:
             yield
         except BaseException:
             if (created and self.accelerator.is_main_process and self.latest_checkpoint() is None
-                    and not any(self.path.glob("debug-step-*"))):
+                    and not any(self.path.glob(f"{DEBUG_PREFIX}*"))):
                 shutil.rmtree(self.path, ignore_errors=True)
             raise
 
@@ -315,16 +313,26 @@ class RunDir:
         shutil.rmtree(self.model_dir, ignore_errors=True)
         os.replace(tmp, self.model_dir)
 
-    def model_card(self) -> ModelCard:
-        return ModelCard.read(self.model_dir)
-
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, step: int, keep: int) -> Path:
-        """Accelerate save_state into a temporary folder, renamed once every process is done."""
+        """The run's state at `step` (checkpoints/step-N), keeping the last `keep` of them."""
+        final = self._save_state(self.checkpoints / f"{CHECKPOINT_PREFIX}{step:08d}")
+        if self.accelerator.is_main_process:
+            for old in sorted(p for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def save_debug(self, step: int) -> Path:
+        """The state from before a non-finite step (debug-step-N), beside the checkpoints: never
+        resumed from, kept for debugging."""
+        return self._save_state(self.path / f"{DEBUG_PREFIX}{step:08d}")
+
+    def _save_state(self, final: Path) -> Path:
+        """Accelerate save_state into a temporary folder, renamed once every process is done, so a
+        kill during a save never leaves a folder that loads half."""
         acc = self.accelerator
-        final = self.checkpoints / f"{CHECKPOINT_PREFIX}{step:08d}"
-        tmp = self.checkpoints / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
+        tmp = final.with_name(f".tmp-{final.name}")
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
@@ -333,8 +341,6 @@ class RunDir:
         if acc.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in sorted(p for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
 

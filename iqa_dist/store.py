@@ -95,6 +95,17 @@ class ImageStore:
                    torch.cat(targets).float(),
                    torch.cat([torch.full((len(s),), d, dtype=torch.int64) for d, s in enumerate(stores)]))
 
+    @classmethod
+    def of_images(cls, images: list[np.ndarray], ids: list[int] | None = None) -> "ImageStore":
+        """uint8 HWC arrays in one flat host buffer (scores zero: images to score, not to train on)."""
+        heights = torch.tensor([a.shape[0] for a in images], dtype=torch.int64)
+        widths = torch.tensor([a.shape[1] for a in images], dtype=torch.int64)
+        sizes = heights * widths * 3
+        pixels = torch.from_numpy(np.concatenate([np.ascontiguousarray(a).reshape(-1) for a in images])) \
+            if images else torch.zeros(0, dtype=torch.uint8)
+        ids = torch.arange(len(images)) if ids is None else torch.as_tensor(ids, dtype=torch.int64)
+        return cls(pixels, torch.cumsum(sizes, 0) - sizes, heights, widths, torch.zeros(len(images)), ids)
+
     def image(self, row: int) -> np.ndarray:
         """Row `row` as a (H, W, 3) uint8 array (a view of host pixels)."""
         o, h, w = int(self.offsets[row]), int(self.heights[row]), int(self.widths[row])
@@ -128,6 +139,13 @@ class EvalSet:
     @property
     def patches(self) -> int:
         return self.origins.shape[1]
+
+    @classmethod
+    def of(cls, store: ImageStore, protocol: str, n: int, size: int) -> "EvalSet":
+        """A store's images with the test protocol's n patch origins each (protocol.py)."""
+        origins = [patch_origins(protocol, store.image(i), int(store.heights[i]), int(store.widths[i]), size, n)
+                   for i in range(len(store))]
+        return cls(store, torch.from_numpy(np.stack(origins)) if origins else torch.zeros(0, n, 2, dtype=torch.int64))
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:
@@ -172,6 +190,11 @@ class View:
     meta: dict  # this view's metadata (split ids, patch settings)
     image_meta: dict  # the image cache's metadata (source, counts, skipped rows, score range)
     images: datasets.Dataset  # every cached image; row = image_id
+    image_dir: Path  # the image cache's folder (the view is one of its views; cache.py lays them out)
+
+    def cache_key(self) -> str:
+        """image cache / view folder names, both content hashes: which data a run used (meta.json)."""
+        return f"{self.image_dir.name}/{self.path.name}"
 
     def ids(self, split: str) -> np.ndarray:
         return np.asarray(self.meta["splits"][split], dtype=np.int64)
@@ -196,10 +219,7 @@ class View:
 
     def eval_set(self, split: str, protocol: str, n: int, size: int, rows: range | None = None) -> EvalSet:
         """The images of a split (or a shard) with the test protocol's n patch origins each."""
-        store = self.image_store(split, rows)
-        origins = [patch_origins(protocol, store.image(i), int(store.heights[i]), int(store.widths[i]), size, n)
-                   for i in range(len(store))]
-        return EvalSet(store, torch.from_numpy(np.stack(origins)) if origins else torch.zeros(0, n, 2, dtype=torch.int64))
+        return EvalSet.of(self.image_store(split, rows), protocol, n, size)
 
     def patch_store(self, rows: range | None = None) -> ImageStore:
         """The stored training patch strips (data.train_patches=cached): patch k of image i is the

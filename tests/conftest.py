@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from iqa_dist.bench import TINY_SWIN as TINY_SWIN_KWARGS
+from iqa_dist.config import load_config
 
-# The tiny Swin the benchmarks use on a CPU (1.4M parameters at 112 px, ~110 patches/s on 2 cores),
-# as config overrides; defined once, in iqa_dist.bench.
+# The demo's tiny Swin (1.4M parameters; ~110 patches/s at 112 px on 2 cores), as config
+# overrides; its one home is the demo preset.
+TINY_SWIN_KWARGS = load_config("demo").model.backbone_kwargs
 TINY_SWIN = ["model.pretrained=none", f"model.backbone_kwargs={json.dumps(TINY_SWIN_KWARGS)}", "model.img_size=112",
              "model.hyper_hidden=[64, 32]"]
 

@@ -37,12 +37,12 @@ def main(overrides: list[str]) -> None:
         rounds[0] += bucket.is_last()
         return allreduce_hook(state, bucket)
 
-    rig.model.register_comm_hook(None, counting)
+    rig.trainer.model.register_comm_hook(None, counting)
     for _ in range(STEPS):
         rig.end_to_end()
-    rig.guard.flush()
+    rig.trainer.settle()
     if dist.get_rank() == 0:
-        print(json.dumps({"rounds": rounds[0], "steps": STEPS, "micro": len(rig.shares.slices())}))
+        print(json.dumps({"rounds": rounds[0], "steps": STEPS, "micro": len(rig.batches.shares.slices())}))
 
 
 if __name__ == "__main__":

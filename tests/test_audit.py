@@ -16,14 +16,16 @@ from rich.console import Console
 from iqa_dist import train as train_mod
 from iqa_dist.audit import StepAudit, part
 from iqa_dist.augment import GRAY, Augmenter, color_jitter
-from iqa_dist.bench import TINY_SWIN
 from iqa_dist.budget import TARGETS, step_budget
+from iqa_dist.compile import compile_model, inductor_cache
 from iqa_dist.config import load_config
 from iqa_dist.evaluate import predict_images
 from iqa_dist.model import build_model
 from iqa_dist.optim import WeightEMA
 from iqa_dist.rig import StepRig, device_tensors
 from iqa_dist.store import EvalSet, ImageStore
+
+from .conftest import TINY_SWIN_KWARGS as TINY_SWIN
 
 CPU = torch.device("cpu")
 
@@ -211,12 +213,12 @@ def test_compile_holds_for_training_and_evaluation(monkeypatch, tmp_path):
     torch._dynamo.reset()
     cfg = tiny_recipe("train.compile=true", "train.compile_backend=aot_eager", f"data.cache_dir={tmp_path}")
     r = StepRig.build(cfg, store(), "fp32", 8, CPU)
-    evaluator = train_mod.maybe_compile(r.acc.unwrap_model(r.model), cfg, Console(quiet=True), "evaluation")
+    evaluator = compile_model(r.trainer.bare, cfg, Console(quiet=True), "evaluation")
     images = EvalSet(store(5), torch.from_numpy(np.random.default_rng(1).integers(0, 18, (5, 3, 2))))
     counters.clear()
 
     def evaluate():
-        predict_images(evaluator, images, r.augmenter, batch_patches=6, device=CPU, fixed_shapes=True)
+        predict_images(evaluator, images, r.batches.augmenter, batch_patches=6, device=CPU, fixed_shapes=True)
 
     r.end_to_end()
     evaluate()
@@ -227,14 +229,14 @@ def test_compile_holds_for_training_and_evaluation(monkeypatch, tmp_path):
         evaluate()
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == first["unique_graphs"]  # nothing compiled after the first ones
-    assert r.augmenter._compiled is not None and len(seen) == 3  # augmentation, training model, evaluation model
+    assert r.batches.augmenter._compiled is not None and len(seen) == 3  # augmentation, training model, evaluation model
     assert set(seen) == {str(tmp_path / "inductor")}
     eager = StepRig.build(tiny_recipe(f"data.cache_dir={tmp_path}"), store(), "fp32", 8, CPU)
     for _ in range(5):
         eager.end_to_end()
     for rig in (r, eager):
-        rig.guard.flush()
-    for (name, a), b in zip(r.model.state_dict().items(), eager.model.state_dict().values()):
+        rig.trainer.settle()
+    for (name, a), b in zip(r.trainer.bare.state_dict().items(), eager.trainer.bare.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
@@ -247,13 +249,13 @@ def test_bench_compiles_what_train_compiles(tiny_overrides, tmp_path):
                                f"run.root={tmp_path}"])
     s = train_mod.start(cfg)
     r = StepRig.build(cfg, store(), "fp32", 8, CPU)
-    for compiled in (s, r):
-        assert isinstance(compiled.forward, OptimizedModule) and compiled.augmenter._compiled is not None
-    assert isinstance(s.eval_model, OptimizedModule)
+    for trainer, batches in ((s.trainer, s.batches), (r.trainer, r.batches)):
+        assert isinstance(trainer.forward, OptimizedModule) and batches.augmenter._compiled is not None
+    assert isinstance(s.evaluation.model, OptimizedModule)
 
 
 def test_a_users_inductor_cache_is_honoured(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    assert train_mod.inductor_cache(tiny_recipe(f"data.cache_dir={tmp_path}")) == tmp_path / "mine"
+    assert inductor_cache(tiny_recipe(f"data.cache_dir={tmp_path}")) == tmp_path / "mine"
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
-    assert train_mod.inductor_cache(tiny_recipe(f"data.cache_dir={tmp_path}")) == tmp_path / "inductor"
+    assert inductor_cache(tiny_recipe(f"data.cache_dir={tmp_path}")) == tmp_path / "inductor"

@@ -14,6 +14,8 @@ from iqa_dist.augment import Augmenter, color_jitter, crop, sample_jitter, to_un
 from iqa_dist.config import AugmentConfig
 from iqa_dist.plan import Shares
 
+CPU = torch.device("cpu")
+
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -85,7 +87,7 @@ def test_jitter_runs_before_normalisation_in_float32():
     params = aug.draw(1)
     zero = torch.zeros(1, dtype=torch.long)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = aug.train(white, zero, torch.tensor([8]), zero, zero, params)
+        out = aug.apply(white, aug.upload(zero, torch.tensor([8]), zero, zero, params, torch.zeros(1), CPU))[0]
     assert out.dtype == torch.float32
     f = float(params.brightness[0])
     expected = (min(1.0, f) - torch.tensor(MEAN)) / torch.tensor(STD)  # jitter in [0,1], then normalise

@@ -270,9 +270,9 @@ def test_predict_on_a_folder_without_images_says_so(single_run, tmp_path):
 
 
 def test_a_tracker_that_is_not_installed_fails_at_start(tiny_overrides, tmp_path, monkeypatch):
-    import iqa_dist.train
+    import iqa_dist.accelerator
 
-    monkeypatch.setattr(iqa_dist.train, "is_wandb_available", lambda: None)  # as Accelerate says it
+    monkeypatch.setattr(iqa_dist.accelerator, "is_wandb_available", lambda: None)  # as Accelerate says it
     code, _, err = cli("train", "--preset", "demo", *[f"--{o}" for o in tiny_overrides],
                        "--run.log_with=wandb", f"--run.root={tmp_path}")
     one_line_error(code, err, "run.log_with=wandb: the wandb package is not installed")

@@ -7,7 +7,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from iqa_dist.bench import TINY_SWIN
+from .conftest import TINY_SWIN_KWARGS as TINY_SWIN
 from iqa_dist.config import ModelConfig, load_config
 from iqa_dist.errors import UserError
 from iqa_dist.model import build_model, parameter_counts

@@ -3,6 +3,7 @@ never lets a non-finite step update the weights, compile that matches eager, pad
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -15,18 +16,18 @@ from iqa_dist.config import AugmentConfig, load_config
 from iqa_dist.evaluate import predict_images
 from iqa_dist.model import build_model
 from iqa_dist.store import EvalSet, ImageStore
-from iqa_dist.optim import WeightEMA, build_optimizer, build_schedule
-from iqa_dist.step import Batch, BadStep, MicroBatch, PreemptionFlag, StepGuard, train_step
-from iqa_dist.train import TrainState, update_best
 
+from .conftest import TINY_SWIN_KWARGS as TINY_SWIN
+from iqa_dist.optim import WeightEMA, build_optimizer, build_schedule
+from iqa_dist.step import Batch, BadStep, MicroBatch, PreemptionFlag, StepGuard, Trainer, TrainState
 
 
 def tiny_cfg(*extra: str):
     return load_config("demo", ["model.pretrained=none", *extra])
 
 
-def setup(cfg, seed: int = 0, scaler: torch.amp.GradScaler | None = None, ema: bool = False):
-    """A step under a fresh Accelerator; `scaler`: fp16's loss scaler (Accelerate makes one on GPUs
+def setup(cfg, seed: int = 0, scaler: torch.amp.GradScaler | None = None, ema: bool = False) -> Trainer:
+    """A Trainer (batch 8 on one process) under a fresh Accelerator; `scaler`: fp16's loss scaler (Accelerate makes one on GPUs
     only, so the tests hand it one: the CPU computes in fp32, the scaling, unscaling, overflow
     check and skip are the real ones)."""
     from accelerate.state import AcceleratorState, GradientState
@@ -40,9 +41,10 @@ def setup(cfg, seed: int = 0, scaler: torch.amp.GradScaler | None = None, ema: b
     optimizer = build_optimizer(model, cfg)
     scheduler = build_schedule(optimizer, cfg, 100, 10)
     average = WeightEMA(model, 0.5) if ema else None
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    return acc, model, optimizer, scheduler, StepGuard(acc, optimizer, PreemptionFlag(), scheduler=scheduler,
-                                                       ema=average)
+    prepared, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    return Trainer(acc=acc, model=prepared, forward=prepared, bare=model, optimizer=optimizer, scheduler=scheduler,
+                   guard=StepGuard(acc, optimizer, PreemptionFlag(), scheduler=scheduler, ema=average), ema=average,
+                   state=TrainState(), per_process=8.0, patches=8, rank_weight=0.0, grad_clip=1.0)
 
 
 def batch(n: int = 8, size: int = 64, seed: int = 0, bad: bool = False) -> Batch:
@@ -55,13 +57,9 @@ def batch(n: int = 8, size: int = 64, seed: int = 0, bad: bool = False) -> Batch
 
 
 def test_bench_times_the_training_step_itself():
-    """bench's step (rig.StepRig) is `next_batch` + `train_step` as `train` calls them: driven
-    from the same state, the two leave the same weights, optimizer state and schedule."""
-    import json
-
-    from iqa_dist.bench import TINY_SWIN
+    """bench's step (rig.StepRig) is `Batches.get` + `Trainer.step` as `train` calls them: driven
+    from the same state, the two leave the same weights, optimizer state, schedule and EMA."""
     from iqa_dist.rig import StepRig
-    from iqa_dist.step import next_batch
 
     cfg = load_config("koniq-swin-t", ["model.pretrained=none", f"model.backbone_kwargs={json.dumps(TINY_SWIN)}",
                                        "model.img_size=112", "train.ema_decay=0.9"])
@@ -74,44 +72,43 @@ def test_bench_times_the_training_step_itself():
     timed, direct = StepRig.build(cfg, store, "fp32", 8, cpu), StepRig.build(cfg, store, "fp32", 8, cpu)
     for step in range(3):
         timed.end_to_end()
-        batch = next_batch(direct.store, direct.plan, direct.augmenter, direct.shares, step, cpu,
-                           cfg.optim.rank_weight, direct.noise)
-        train_step(direct.acc, direct.forward, direct.optimizer, batch, step, direct.shares.per_process,
-                   cfg.optim.rank_weight, cfg.optim.grad_clip, direct.guard)
-    for r in (timed, direct):
-        r.guard.flush()
-    for (k, a), b in zip(timed.model.state_dict().items(), direct.model.state_dict().values()):
-        assert torch.equal(a, b), k
-    assert timed.scheduler.get_last_lr() == direct.scheduler.get_last_lr() and timed.ema.updates == 3
-    torch.testing.assert_close(timed.ema.model.state_dict(), direct.ema.model.state_dict(), rtol=0, atol=0)
+        direct.trainer.step(direct.batches.get(step))
+    a, b = timed.trainer, direct.trainer
+    for t in (a, b):
+        t.settle()
+    for (k, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y), k
+    assert a.lr() == b.lr() and a.ema.updates == 3 and a.state.step == 3 and a.state.loss.n == 24
+    torch.testing.assert_close(a.ema.model.state_dict(), b.ema.model.state_dict(), rtol=0, atol=0)
+    assert a.state.loss.total == b.state.loss.total > 0
 
 
 def test_a_non_finite_step_never_updates_and_stops_before_the_next():
     """Deferred guard: the fused optimizer skips the bad step on the device; the host learns of it
     at the next step's check, before that step's update, and raises naming the bad step."""
-    acc, model, optimizer, scheduler, guard = setup(tiny_cfg())
-    assert guard.deferred  # fused AdamW on this device: the flags are read one step late
-    train_step(acc, model, optimizer, batch(seed=1), 0, 8.0, 0.0, 1.0, guard)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    moments = {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()}
-    train_step(acc, model, optimizer, batch(seed=2, bad=True), 1, 8.0, 0.0, 1.0, guard)  # no raise yet
-    for k, v in model.state_dict().items():
+    t = setup(tiny_cfg())
+    assert t.guard.deferred  # fused AdamW on this device: the flags are read one step late
+    t.step(batch(seed=1))
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    moments = {k: v.clone() for k, v in t.optimizer.state_dict()["state"][0].items()}
+    t.step(batch(seed=2, bad=True))  # no raise yet
+    for k, v in t.model.state_dict().items():
         assert torch.equal(v, before[k]), k  # skipped on the device
-    after = optimizer.state_dict()["state"][0]
+    after = t.optimizer.state_dict()["state"][0]
     assert all(torch.equal(after[k], v) for k, v in moments.items())  # moments and step count untouched
     with pytest.raises(BadStep) as bad:
-        train_step(acc, model, optimizer, batch(seed=3), 2, 8.0, 0.0, 1.0, guard)
+        t.step(batch(seed=3))
     assert bad.value.step == 1 and bad.value.what == "loss"
-    for k, v in model.state_dict().items():
+    for k, v in t.model.state_dict().items():
         assert torch.equal(v, before[k]), k  # the next step did not update either
 
 
-def _snapshot(model, optimizer, scheduler, guard) -> dict:
+def _snapshot(t: Trainer) -> dict:
     """Everything a skipped step must leave as it was."""
-    return {"weights": {k: v.clone() for k, v in model.state_dict().items()},
-            "moments": {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()},
-            "schedule": (scheduler.scheduler.last_epoch, list(scheduler.get_last_lr())),
-            "ema": {k: v.clone() for k, v in guard.ema.model.state_dict().items()}}
+    return {"weights": {k: v.clone() for k, v in t.model.state_dict().items()},
+            "moments": {k: v.clone() for k, v in t.optimizer.state_dict()["state"][0].items()},
+            "schedule": (t.scheduler.scheduler.last_epoch, list(t.scheduler.get_last_lr())),
+            "ema": {k: v.clone() for k, v in t.ema.model.state_dict().items()}}
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -125,17 +122,17 @@ def test_a_skipped_step_changes_nothing_and_the_debug_state_is_from_before_it():
     """bf16/fp32: the step with a non-finite loss leaves weights, moments, step count, schedule and
     EMA as they were (the guard settles a step, schedule and EMA included, only once its flag
     says it was applied), and BadStep names it at the next check, before that step's update."""
-    acc, model, optimizer, scheduler, guard = setup(tiny_cfg(), ema=True)
-    train_step(acc, model, optimizer, batch(seed=1), 0, 8.0, 0.0, 1.0, guard)
-    guard.flush()  # step 0 settled: its schedule step and EMA update applied
-    assert scheduler.scheduler.last_epoch == 1 and guard.ema.updates == 1
-    before = _snapshot(model, optimizer, scheduler, guard)
-    train_step(acc, model, optimizer, batch(seed=2, bad=True), 1, 8.0, 0.0, 1.0, guard)
+    t = setup(tiny_cfg(), ema=True)
+    t.step(batch(seed=1))
+    t.guard.flush()  # step 0 settled: its schedule step and EMA update applied
+    assert t.scheduler.scheduler.last_epoch == 1 and t.guard.ema.updates == 1
+    before = _snapshot(t)
+    t.step(batch(seed=2, bad=True))
     with pytest.raises(BadStep) as bad:
-        train_step(acc, model, optimizer, batch(seed=3), 2, 8.0, 0.0, 1.0, guard)
+        t.step(batch(seed=3))
     assert bad.value.step == 1 and bad.value.what == "loss"
-    _assert_same(before, _snapshot(model, optimizer, scheduler, guard))
-    assert guard.ema.updates == 1
+    _assert_same(before, _snapshot(t))
+    assert t.guard.ema.updates == 1
 
 
 def test_an_fp16_overflow_is_skipped_without_a_host_read_and_training_goes_on():
@@ -143,33 +140,33 @@ def test_an_fp16_overflow_is_skipped_without_a_host_read_and_training_goes_on():
     is skipped on the device by the loss scaler, and the guard, reading its flag one step late
     like any other, steps neither the schedule nor the EMA for it; training continues."""
     scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
-    acc, model, optimizer, scheduler, guard = setup(tiny_cfg(), scaler=scaler, ema=True)
-    assert guard.fp16 and guard.deferred
-    train_step(acc, model, optimizer, batch(seed=1), 0, 8.0, 0.0, 1.0, guard)
-    guard.flush()
-    before = _snapshot(model, optimizer, scheduler, guard)
+    t = setup(tiny_cfg(), scaler=scaler, ema=True)
+    assert t.guard.fp16 and t.guard.deferred
+    t.step(batch(seed=1))
+    t.guard.flush()
+    before = _snapshot(t)
     scaler.update(new_scale=float("inf"))  # the scaled loss and gradients overflow
-    train_step(acc, model, optimizer, batch(seed=2), 1, 8.0, 0.0, 1.0, guard)
-    guard.flush()  # no BadStep: an overflow is not fatal
-    assert guard.skipped == 1
-    _assert_same(before, _snapshot(model, optimizer, scheduler, guard))
+    t.step(batch(seed=2))
+    t.guard.flush()  # no BadStep: an overflow is not fatal
+    assert t.guard.skipped == 1
+    _assert_same(before, _snapshot(t))
     scaler.update(new_scale=1.0)
-    train_step(acc, model, optimizer, batch(seed=3), 2, 8.0, 0.0, 1.0, guard)
-    guard.flush()
-    assert scheduler.scheduler.last_epoch == 2 and guard.ema.updates == 2  # applied steps only
-    assert not torch.equal(model.state_dict()["hyper.last_weight.weight"], before["weights"]["hyper.last_weight.weight"])
+    t.step(batch(seed=3))
+    t.guard.flush()
+    assert t.scheduler.scheduler.last_epoch == 2 and t.guard.ema.updates == 2  # applied steps only
+    assert not torch.equal(t.model.state_dict()["hyper.last_weight.weight"], before["weights"]["hyper.last_weight.weight"])
     bad_loss = batch(seed=4, bad=True)
-    train_step(acc, model, optimizer, bad_loss, 3, 8.0, 0.0, 1.0, guard)
+    t.step(bad_loss)
     with pytest.raises(BadStep) as bad:  # a non-finite loss stops an fp16 run too
-        guard.flush()
+        t.guard.flush()
     assert bad.value.what == "loss"
 
 
 def test_flush_reads_the_last_step():
-    acc, model, optimizer, scheduler, guard = setup(tiny_cfg())
-    train_step(acc, model, optimizer, batch(bad=True), 0, 8.0, 0.0, 1.0, guard)
+    t = setup(tiny_cfg())
+    t.step(batch(bad=True))
     with pytest.raises(BadStep):
-        guard.flush()
+        t.guard.flush()
 
 
 def test_update_best_selects_and_stops_on_patience():
@@ -177,13 +174,13 @@ def test_update_best_selects_and_stops_on_patience():
     history = []
     for step, srcc in [(2, 0.5), (4, 0.5), (6, 0.4)]:  # no gain after the first evaluation
         state.step = step
-        history.append(update_best(state, srcc, patience=2))
+        history.append(state.update_best(srcc, patience=2))
     assert history == [True, False, False] and state.best_step == 2 and state.stopped_early
     fresh = TrainState()
     fresh.step = 1
-    assert update_best(fresh, math.nan, patience=0) and fresh.best_step == 1  # the first always exports
+    assert fresh.update_best(math.nan, patience=0) and fresh.best_step == 1  # the first always exports
     fresh.step = 2
-    assert update_best(fresh, 0.1, patience=0) and not fresh.stopped_early  # NaN never counts as a best
+    assert fresh.update_best(0.1, patience=0) and not fresh.stopped_early  # NaN never counts as a best
 
 
 def test_schedule_warms_up_then_follows_the_cosine():

@@ -22,17 +22,18 @@ examples:
   iqa-dist bench all --batch 96 --steps 20 --workers 8 --compile
   iqa-dist bench scaling --batch 12,24,48,96,192 --global-batch 96   # projected epoch time on 1-64 GPUs
   iqa-dist bench kernels --backbones swin-t   # kernels and host syncs per step (+ the sync check on a GPU)
+  iqa-dist bench predict --images 48 --workers 2   # predict before/after decoding in workers, side by side
   iqa-dist bench summary --work-dir runs/gpu-bench   # gpu_bench.sh's figures as one JSON and a markdown table"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["augment", "data", "train", "eval", "scaling", "kernels", "summary", "all"],
+    p.add_argument("what", choices=["augment", "data", "train", "eval", "scaling", "kernels", "predict", "summary", "all"],
                    help="which figures (summary: one JSON and a markdown table from a launch/gpu_bench.sh folder)")
-    p.add_argument("--images", type=int, default=24, help="data: KonIQ-size source JPEGs [24]")
+    p.add_argument("--images", type=int, default=24, help="data, predict: KonIQ-size source JPEGs [24]")
     p.add_argument("--batch", default="32", help="patches per batch; train takes a comma list [32; use 96 on a GPU]")
     p.add_argument("--steps", type=int, default=6, help="timed batches per figure, after warm-up, in 3 blocks whose "
                    "median is the figure and whose spread is printed beside it [6]")
-    p.add_argument("--workers", type=int, default=2, help="data: DataLoader workers of phase one's pipeline [2]")
+    p.add_argument("--workers", type=int, default=2, help="data: DataLoader workers of phase one's pipeline; predict: decoding workers [2]")
     p.add_argument("--backbones", default="", help="train: comma list of tiny,swin-t,swin-s,swin-b "
                    "[tiny on CPU, swin-t,swin-s,swin-b on GPU]")
     p.add_argument("--precisions", default="", help="train: comma list of fp32,bf16 [fp32 on CPU, both on GPU]")
@@ -78,5 +79,10 @@ def run(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise UserError(f"--device {args.device}: no CUDA GPU is visible on this machine")
-    bench_command(args.what, config_from(args), args)
+    from ..bench_show import show, warn_noisy
+    from ..output import console
+
+    report = bench_command(args.what, config_from(args), args)
+    show(report)
+    warn_noisy(report, console(stderr=True))
     return 0

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
+import os
 import sys
+import time
+from pathlib import Path
 
-from PIL import UnidentifiedImageError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -18,21 +21,42 @@ from . import positive, writable
 NAME = "predict"
 HELP = "score your own images with a trained model"
 DESCRIPTION = """\
-Score image files, folders (searched recursively) or globs with a trained model, on its training
-dataset's scale. With the defaults each image gets the score `iqa-dist evaluate` gives it (the
-model's test protocol and patch count); --crops and --flip are explicit extras."""
+Score image files, folders (searched recursively), globs or a --list of paths with a trained
+model, on its training dataset's scale. With the defaults each image gets the score `iqa-dist
+evaluate` gives it (the model's test protocol and patch count); --crops and --flip are explicit
+extras. Rows are written as images are scored; --resume skips the images an --output file
+already holds. Under `accelerate launch` the images are spread over the processes (each with
+its own decoding workers), and the output is the one a single process writes.
+
+examples:
+  iqa-dist predict runs/my-run photos/ --format csv --output scores.csv
+  iqa-dist predict runs/my-run --list paths.txt --format jsonl --output scores.jsonl --resume
+  accelerate launch --multi_gpu --num_processes 8 -m iqa_dist predict runs/my-run --list paths.txt \\
+      --format csv --output scores.csv --resume"""
+LOG_EVERY_S = 30.0  # a progress line this often when stderr is not a terminal
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a model directory or a run directory")
-    p.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or globs")
+    p.add_argument("paths", nargs="*", help="image files, folders (searched recursively) or globs")
+    p.add_argument("--list", default="", metavar="FILE",
+                   help="a text file of image paths, one a line (no shell globbing: millions of files)")
     p.add_argument("--crops", type=int, default=None,
                    help="patches per image, laid out by the model's test protocol [default: the model's count]")
     p.add_argument("--flip", action="store_true", help="also score the mirrored patches (test-time augmentation)")
     p.add_argument("--format", choices=["table", "csv", "jsonl"], default="table")
     p.add_argument("--output", default="", help="write the results to this file instead of stdout")
+    p.add_argument("--resume", action="store_true", help="keep the rows --output already holds; score the rest")
     p.add_argument("--batch-images", type=int, default=16, help="images decoded and scored together [16]")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... [default: cuda when available]")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding processes per scoring process [default: the cores, shared by the launch's "
+                        "processes on this machine, at most 8]")
+    p.add_argument("--decode", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="auto: JPEGs on the GPU where that changes no score (grid protocol), else PIL in the "
+                        "workers; gpu: JPEGs on the GPU always (under the random protocol an image then gets "
+                        "other crops than evaluate gives it); cpu: PIL always [auto]")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... [default: cuda when available; "
+                                                  "each process's own GPU under accelerate launch]")
     p.add_argument("--scale", default=None, metavar="DATASET|normalized",
                    help="the scale of the scores: a dataset the model trained on, or normalized (a jointly trained "
                         "model needs it) [default: the only training dataset's]")
@@ -42,52 +66,208 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..accelerator import scoring_accelerator
     from ..card import model_dir
-    from ..predict import expand, load_model
+    from ..evaluate import shard
+    from ..feed import default_workers, read_list
+    from ..predict import expand, load_model, score_files
 
     positive("--crops", args.crops)
     positive("--batch-images", args.batch_images)
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers {args.workers}: must be 0 (decode in the scoring process) or more")
     writable("--output", args.output)
-    err = console(stderr=True)
-    scorer = load_model(args.model, args.device, args.scale, args.resize_as)
-    files, failed = expand(args.paths)
-    results: list[tuple[str, float]] = []
-    progress = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=err, disable=len(files) < 20 or not err.is_terminal)
-    with progress:
-        task = progress.add_task("score", total=len(files))
-        for start in range(0, len(files), args.batch_images):
-            chunk, arrays = [], []
-            for f in files[start:start + args.batch_images]:
-                try:
-                    arrays.append(scorer.prepare(f))
-                    chunk.append(f)
-                except (UserError, OSError, UnidentifiedImageError) as e:
-                    failed.append((str(f), str(e).removeprefix(f"{f}: ")))
-            results += zip(map(str, chunk), scorer.score_arrays(arrays, args.crops, args.flip).tolist())
-            progress.advance(task, len(files[start:start + args.batch_images]))
-    out = open(args.output, "w", newline="") if args.output else sys.stdout
-    try:
-        if args.format == "csv":
-            writer = csv.writer(out)
-            writer.writerow(["path", "score"])
-            writer.writerows((p, f"{s:.4f}") for p, s in results)
-        elif args.format == "jsonl":
-            for p, s in results:
-                out.write(json.dumps({"path": p, "score": round(s, 4)}) + "\n")
-        else:
-            table = Table()
-            table.add_column("image")
-            table.add_column("score", justify="right")
-            for p, s in results:
-                table.add_row(p, f"{s:.3f}")
-            target = console() if out is sys.stdout else console(file=out)
-            print_table(target, f"{len(results)} image(s) scored by {model_dir(args.model)}", table)
-    finally:
-        if args.output:
-            out.close()
+    if not args.paths and not args.list:
+        raise UserError("nothing to score: give image paths, folders or globs, or --list FILE")
+    if args.resume and not args.output:
+        raise UserError("--resume continues an --output file: give --output")
+    acc = scoring_accelerator()
+    world, main = acc.num_processes, acc.is_main_process
+    if world > 1 and not args.output:
+        raise UserError(f"{world} processes write one --output file together: give --output")
+    if args.format == "table" and (args.resume or world > 1):
+        raise UserError("--format table prints once at the end: use --format csv or jsonl to stream, resume, "
+                        "or score on several processes")
+    err = console(stderr=True, quiet=not main)
+    scorer = load_model(args.model, args.device or (acc.device if world > 1 else None), args.scale, args.resize_as)
+    files, missing = expand(args.paths)
+    paths = list(dict.fromkeys([*map(str, files), *(read_list(args.list) if args.list else [])]))
+    out = Output(args.output, args.format, world, acc.process_index)
+    done = out.read() if args.resume else {}
+    if main and not args.resume:
+        out.clear()
+    acc.wait_for_everyone()  # every process reads what is done before anything is rewritten
+    todo = [(p, path) for p, path in enumerate(paths) if path not in done]
+    mine = [todo[i] for i in shard(len(todo), world, acc.process_index)]
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # the launch's processes on this machine share its cores
+    workers = args.workers if args.workers is not None else max(1, default_workers() // local)
+    if main and done:
+        err.print(f"--resume: {len(done)} image(s) already in {args.output}; {len(todo)} to score", highlight=False)
+    rows = score_files(scorer, [path for _, path in mine], [p for p, _ in mine], crops=args.crops, flip=args.flip,
+                       batch_images=args.batch_images, workers=workers, decode=args.decode)
+    results = out.write(((paths[p], score, why) for p, score, why, _ in _progress(rows, len(mine), world, err)))
+    acc.wait_for_everyone()
+    if not main:
+        return 0
+    final = out.merge(paths, done) if args.output and args.format != "table" else \
+        {path: (score, why) for path, score, why in results}
+    failed = [*missing, *((path, why) for path, (score, why) in final.items() if score is None)]
+    scored = sum(score is not None for score, _ in final.values())
+    if args.format == "table":
+        table = Table()
+        table.add_column("image")
+        table.add_column("score", justify="right")
+        for path, (score, _) in final.items():
+            if score is not None:
+                table.add_row(path, f"{score:.3f}")
+        with open(args.output or os.devnull, "w") as f:
+            print_table(console(file=f) if args.output else console(), f"{scored} image(s) scored by "
+                        f"{model_dir(args.model)}", table)
     for path, why in failed:
         err.print(f"[red]skipped[/] {path}: {why}", highlight=False)
     if failed:
-        err.print(f"{len(failed)} file(s) could not be scored; {len(results)} scored", highlight=False)
+        err.print(f"{len(failed)} file(s) could not be scored; {scored} scored", highlight=False)
     return 1 if failed else 0
+
+
+def _progress(rows, total: int, world: int, err):
+    """The rows, passed through, with a progress bar (images/s, ETA) on a terminal and a plain line
+    every LOG_EVERY_S seconds in logs; the main process's share stands for every process's."""
+    label = f"scoring ({world} processes, process 0's share)" if world > 1 else "scoring"
+    live = err.is_terminal and not err.quiet and total >= 20
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                   TimeRemainingColumn(), console=err, disable=not live)
+    start = last = time.perf_counter()
+    with bar:
+        task = bar.add_task("score", total=total, rate="")
+        for n, row in enumerate(rows, 1):
+            yield row
+            now = time.perf_counter()
+            rate = n / max(now - start, 1e-9)
+            bar.update(task, completed=n, rate=f"{rate:.1f} images/s")
+            if not live and not err.quiet and (now - last >= LOG_EVERY_S or n == total) and total >= 20:
+                eta = (total - n) / rate if rate else 0.0
+                err.print(f"scored {n}/{total} images, {rate:.1f} images/s, eta {eta / 60:.1f} min", highlight=False)
+                last = now
+
+
+class Output:
+    """The results file, written as images are scored. CSV: path,score (a file that could not be
+    scored has an empty score); JSONL: {"path", "score"}, plus "error" for such a file. One
+    process writes the file itself (appending with --resume); with several, each appends to its
+    own part file beside it (FILE.part-R), merged into FILE in the list's order at the end, so a
+    killed launch loses nothing already scored and --resume reads the parts too."""
+
+    def __init__(self, path: str, fmt: str, world: int, rank: int) -> None:
+        self.path = Path(path) if path else None
+        self.fmt, self.world, self.rank = fmt, world, rank
+
+    def parts(self) -> list[Path]:
+        return sorted(self.path.parent.glob(f"{self.path.name}.part-*")) if self.path else []
+
+    def read(self) -> dict[str, tuple[float | None, str]]:
+        """path -> (score or None, problem) of every row in the file and its parts."""
+        rows: dict[str, tuple[float | None, str]] = {}
+        for f in [self.path, *self.parts()]:
+            if f.is_file():
+                rows.update(self._parse(f))
+        return rows
+
+    def clear(self) -> None:
+        """A fresh start (no --resume): the file and any parts from an earlier launch go."""
+        for f in [self.path, *self.parts()] if self.path else []:
+            f.unlink(missing_ok=True)
+
+    def write(self, rows) -> list[tuple[str, float | None, str]]:
+        """Streams the rows (path, score or None, problem) out; returns them (for the table format)."""
+        kept = []
+        target = self._open()
+        try:
+            for path, score, why in rows:
+                kept.append((path, score, why))
+                if self.fmt != "table":
+                    target.write(self._line(path, score, why))
+                    target.flush()  # a killed job keeps every row written so far
+        finally:
+            if target is not sys.stdout:
+                target.close()
+        return kept
+
+    def merge(self, paths: list[str], done: dict) -> dict[str, tuple[float | None, str]]:
+        """The file and the parts as one file in the list's order (rows of paths not in the list
+        after them, as they were), replaced atomically; the parts removed. Returns its rows."""
+        rows = {**done, **self.read()}
+        order = {path: i for i, path in enumerate(paths)}
+        ranked = sorted(rows, key=lambda path: order.get(path, len(order)))
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            if self.fmt == "csv":
+                f.write("path,score\n")
+            f.writelines(self._line(path, *rows[path]) for path in ranked)
+        os.replace(tmp, self.path)
+        for part in self.parts():
+            part.unlink()
+        return rows
+
+    def _open(self):
+        if self.fmt == "table":
+            return open(os.devnull, "w")  # the table is printed at the end
+        if self.path is None:
+            if self.fmt == "csv":
+                sys.stdout.write("path,score\n")
+            return sys.stdout
+        target = self.path if self.world == 1 else self.path.with_name(f"{self.path.name}.part-{self.rank}")
+        fresh = not target.is_file() or target.stat().st_size == 0
+        if not fresh:
+            _drop_cut_line(target)
+        f = open(target, "a", newline="")
+        if fresh and self.fmt == "csv" and self.world == 1:
+            f.write("path,score\n")
+        return f
+
+    def _line(self, path: str, score: float | None, why: str) -> str:
+        if self.fmt == "jsonl":
+            row = {"path": path, "score": None if score is None else round(score, 4)}
+            return json.dumps({**row, **({"error": why} if score is None else {})}) + "\n"
+        text = io.StringIO()
+        csv.writer(text).writerow([path, "" if score is None else f"{score:.4f}"])
+        return text.getvalue()
+
+    def _parse(self, f: Path) -> dict[str, tuple[float | None, str]]:
+        rows = {}
+        with io.StringIO(_whole_lines(f.read_text())) as handle:
+            if self.fmt == "jsonl":
+                for n, line in enumerate(handle, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        r = json.loads(line)
+                        rows[r["path"]] = (r["score"], r.get("error", ""))
+                    except (ValueError, KeyError, TypeError):
+                        raise UserError(f"{f}: line {n} is not a predict result row ({line.strip()[:80]!r}); "
+                                            "--resume needs the file predict wrote, in the same --format") from None
+                return rows
+            for n, r in enumerate(csv.reader(handle), 1):
+                if n == 1 and r == ["path", "score"]:
+                    continue
+                if len(r) != 2:
+                    raise UserError(f"{f}: row {n} is not a predict result row ({','.join(r)[:80]!r}); --resume "
+                                    "needs the file predict wrote, in the same --format")
+                try:
+                    rows[r[0]] = (float(r[1]) if r[1] else None, "" if r[1] else "could not be scored (earlier launch)")
+                except ValueError:
+                    raise UserError(f"{f}: row {n}: score {r[1]!r} is not a number") from None
+        return rows
+
+
+def _whole_lines(text: str) -> str:
+    """The text without a last line cut short (a kill during a write): that image is scored again."""
+    return text if text.endswith("\n") or not text else text[:text.rfind("\n") + 1]
+
+
+def _drop_cut_line(path: Path) -> None:
+    """Before appending: a last line cut short by a kill is removed, not continued."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
