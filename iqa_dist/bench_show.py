@@ -82,19 +82,18 @@ def show(report: dict) -> None:
 
 def show_predict(out, p: dict, where: str) -> None:
     t = Table()
-    for c in ("path", "images/s", "x before"):
-        t.add_column(c, justify="right" if c != "path" else "left")
-    t.add_row("(a) before: PIL decode in the main thread, then scoring", fr(p["a_before"]), "1")
-    t.add_row(f"(b) score_files: {p['workers']} decoding worker(s), scoring on the device", fr(p["b_score_files"]),
-              fmt(p["speedup"]))
-    t.add_row("decode + resize alone, main thread", fr(p["decode_main_thread"]), "")
-    t.add_row(f"decode + resize alone, {p['workers']} worker(s)", fr(p["decode_workers"]), "")
-    t.add_row("model alone (images already decoded, on the device)", fr(p["model_only"]), "")
-    print_table(out, f"predict: {p['images']} KonIQ-size JPEGs -> 512x384, {p['patches']} {p['protocol']} patches of "
+    for c in ("patches an image", "(a) before: PIL decode in the main thread, then scoring",
+              f"(b) score_files: {p['workers']} decoding worker(s)", "x before", "model alone", "(b) per image"):
+        t.add_column(c, justify="right")
+    for r in p["rows"]:
+        per = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in r["b_seconds_per_image"].items() if v)
+        t.add_row(str(r["patches"]), fr(r["a_before"]), fr(r["b_score_files"]), fmt(r["speedup"]), fr(r["model_only"]),
+                  per)
+    print_table(out, f"predict, images/s: {p['images']} KonIQ-size JPEGs -> 512x384, {p['protocol']} patches of "
                      f"{p['img_size']} px, {p['backbone']} model - {where}", t)
-    per = p["b_seconds_per_image"]
-    out.print("(b)'s main process per image: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in per.items()),
-              highlight=False)
+    out.print(f"decode + resize alone: {fr(p['decode_main_thread'])} images/s in the main thread, "
+              f"{fr(p['decode_workers'])} in {p['workers']} worker(s). Where the device is the CPU itself, the model "
+              "already uses every core: decoding beside it can only take its turn on them.", highlight=False)
 
 
 def show_scaling(out, sc: dict, where: str) -> None:

@@ -48,11 +48,16 @@ def read_list(path: str) -> list[str]:
     return [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
 
 
-def default_workers() -> int:
-    """Decoding workers: one per core, at most 8. The main process gets no core of its own: it
-    mostly waits, for the loader or the GPU. The cap: each worker holds prefetched batches in
-    memory, and under `accelerate launch` every process starts its own workers."""
-    return min(8, os.cpu_count() or 1)
+def default_workers(device: torch.device) -> int:
+    """Decoding workers per scoring process. On a GPU: the machine's cores shared by the launch's
+    processes on it, at most 8 (each worker holds prefetched batches in memory). On the CPU: none,
+    the scoring process decodes between batches: the model already runs on every core, and a
+    worker beside it only takes turns with it (measured with `iqa-dist bench predict`: 2 workers
+    on 2 cores are no faster than none, and slower than none at one patch an image)."""
+    if device.type != "cuda":
+        return 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
+    return max(1, min(8, (os.cpu_count() or 1) // local))
 
 
 @dataclass

@@ -166,7 +166,7 @@ def test_decode_choices():
         next(batches(["a.jpg"], [0], decode="gpu", **kw))
     with pytest.raises(UserError, match="auto, cpu, gpu, tensor"):
         next(batches(["a.jpg"], [0], decode="nvjpeg", **kw))
-    assert 1 <= default_workers() <= 8
+    assert default_workers(torch.device("cpu")) == 0 and 1 <= default_workers(torch.device("cuda")) <= 8
     # auto decodes JPEGs on a GPU only where the crops do not depend on exact pixels (grid)
     cuda = torch.device("cuda")
     assert on_device("auto", cuda, "grid") and not on_device("auto", cuda, "random")

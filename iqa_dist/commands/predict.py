@@ -49,8 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="keep the rows --output already holds; score the rest")
     p.add_argument("--batch-images", type=int, default=16, help="images decoded and scored together [16]")
     p.add_argument("--workers", type=int, default=None,
-                   help="decoding processes per scoring process [default: the cores, shared by the launch's "
-                        "processes on this machine, at most 8]")
+                   help="decoding processes per scoring process [default: on a GPU the cores, shared by the "
+                        "launch's processes on this machine, at most 8; on the CPU 0: the model uses every core]")
     p.add_argument("--decode", choices=["auto", "cpu", "gpu"], default="auto",
                    help="auto: JPEGs on the GPU where that changes no score (grid protocol), else PIL in the "
                         "workers; gpu: JPEGs on the GPU always (under the random protocol an image then gets "
@@ -99,8 +99,7 @@ def run(args: argparse.Namespace) -> int:
     acc.wait_for_everyone()  # every process reads what is done before anything is rewritten
     todo = [(p, path) for p, path in enumerate(paths) if path not in done]
     mine = [todo[i] for i in shard(len(todo), world, acc.process_index)]
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # the launch's processes on this machine share its cores
-    workers = args.workers if args.workers is not None else max(1, default_workers() // local)
+    workers = args.workers if args.workers is not None else default_workers(scorer.device)
     if main and done:
         err.print(f"--resume: {len(done)} image(s) already in {args.output}; {len(todo)} to score", highlight=False)
     rows = score_files(scorer, [path for _, path in mine], [p for p, _ in mine], crops=args.crops, flip=args.flip,
