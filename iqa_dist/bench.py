@@ -523,6 +523,11 @@ def bench_predict(cfg: Config, n_images: int, workers: int, batch_images: int, d
                "model_only": _rate(lambda: [scorer.score_set(im) for im in images], len(files), repeats, device,
                                    warmup=1)}
         row["b_seconds_per_image"] = {k: v / ((repeats + 1) * len(files)) for k, v in timings.items()}
+        if device.type == "cuda":  # JPEGs decoded by nvjpeg and resized on the GPU (other crops: see feed.on_device)
+            row["b_decode_gpu"] = _rate(lambda: list(score_files(scorer, files, positions, crops=patches,
+                                                                 batch_images=batch_images, workers=workers,
+                                                                 decode="gpu")), len(files), repeats, device,
+                                        warmup=1)
         row["speedup"] = row["b_score_files"] / row["a_before"]
         out["rows"].append(row)
     return out

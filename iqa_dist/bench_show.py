@@ -91,6 +91,9 @@ def show_predict(out, p: dict, where: str) -> None:
                   per)
     print_table(out, f"predict, images/s: {p['images']} KonIQ-size JPEGs -> 512x384, {p['protocol']} patches of "
                      f"{p['img_size']} px, {p['backbone']} model - {where}", t)
+    for r in p["rows"]:
+        if "b_decode_gpu" in r:
+            out.print(f"(b) with --decode gpu ({r['patches']} patches): {fr(r['b_decode_gpu'])} images/s", highlight=False)
     out.print(f"decode + resize alone: {fr(p['decode_main_thread'])} images/s in the main thread, "
               f"{fr(p['decode_workers'])} in {p['workers']} worker(s). Where the device is the CPU itself, the model "
               "already uses every core: decoding beside it can only take its turn on them.", highlight=False)

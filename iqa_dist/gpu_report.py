@@ -1,5 +1,5 @@
 """The page of figures `launch/gpu_bench.sh` leaves: one JSON and one markdown table, read from
-the step files in its folder (kernels.json, batches.json, scaling.json, eval.json and the two real
+the step files in its folder (kernels.json, batches.json, scaling.json, eval.json, predict.json and the two real
 training runs' metrics.jsonl), with the targets each figure is judged against. Steps that did not
 run (or failed) are reported as missing, never guessed.
 """
@@ -41,7 +41,7 @@ def real_loop(folder: Path) -> dict | None:
 
 def collect(folder: Path) -> dict:
     out = {"date": time.strftime("%Y-%m-%d"), "commit": os.environ.get("COMMIT", "unknown"), "folder": str(folder)}
-    for name in ("kernels", "batches", "scaling", "eval"):
+    for name in ("kernels", "batches", "scaling", "eval", "predict"):
         out[name] = _json(folder / f"{name}.json")
     out["machine"] = next((r["machine"] for r in (out["kernels"], out["batches"], out["eval"]) if r), None)
     out["real_eager"] = real_loop(folder / "runs-eager")
@@ -110,6 +110,11 @@ def markdown(out: dict) -> str:
     for e in (out["eval"] or {}).get("eval", []):
         lines.append(f"- evaluation: {e['images_per_s']:.1f} images/s ({e['test_patch_num']} patches each, "
                      f"compile={e['compile']})")
+    p = (out["predict"] or {}).get("predict")
+    for r in (p or {}).get("rows", []):
+        lines.append(f"- predict ({r['patches']} patches an image, {p['workers']} workers): before {r['a_before']:.1f}, "
+                     f"now {r['b_score_files']:.1f} images/s ({r['speedup']:.2f}x); the model alone "
+                     f"{r['model_only']:.1f}; decoding alone {p['decode_workers']:.1f} images/s")
     lines += ["", "| target | measured | target | |", "|---|---:|---:|---|"]
     names = {"real_over_model_only": "real loop / model only", "model_only_over_anchor": "model only / anchor",
              "compiled_patches_per_s": "compiled real loop, patches/s",

@@ -6,8 +6,9 @@ runs/<YYYYmmdd-HHMMSS>-<name>/
   model/           the selected model (card.py): what `predict` and `evaluate` load
   checkpoints/     step-XXXXXXXX/ (Accelerate save_state), written to a temporary name and
                    renamed when complete, so a kill during a save never leaves one that loads half
-This class owns those names. A directory is created only once training can start (weights and
-data are ready), so a failed start leaves nothing behind. Only the main process writes.
+This class owns those names, reads them, and writes them (only the main process writes). A
+directory is created only once training can start (weights and data are ready), so a failed
+start leaves nothing behind; which directory a launch writes to is resume.py's choice.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,18 +32,11 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .card import RUN_MODEL_DIR, WEIGHTS_FILE, ModelCard
-from .config import ENVIRONMENT, Config, config_from_yaml
+from .config import Config, config_from_yaml
 from .errors import UserError
 
 CHECKPOINT_PREFIX = "step-"
 DEBUG_PREFIX = "debug-step-"  # the state kept when a step was non-finite (save_debug)
-EXTENSIBLE = ("train.epochs", "train.max_steps", "train.patience")  # what --extend may change
-
-
-class RunFinished(UserError):
-    """--resume on a run that has finished: nothing to do, not an error."""
-
-    exit_code = 0
 
 
 def git_sha() -> str:
@@ -59,35 +52,6 @@ def git_sha() -> str:
         return sha.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def _unwritable(folder: Path) -> str:
-    """Why a run cannot write in `folder`, or "" when it can: a file is created and removed in it
-    (or, while it does not exist, in the nearest folder above it, where it will be made), which
-    also catches read-only mounts and immutable folders. Creates nothing that stays."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        if not probe.is_dir():
-            raise NotADirectoryError(20, f"{probe} is a file, not a folder")
-        with tempfile.NamedTemporaryFile(dir=probe, prefix=".iqa-dist-write-test-"):
-            pass
-    except OSError as e:
-        return (f"{folder}: cannot write run outputs there ({e.strerror or type(e).__name__}); "
-                "choose another folder with --run.root")
-    return ""
-
-
-def _differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict) and key != "backbone_kwargs":
-            out += _differences(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.append((f"{prefix}{key}", va, vb))
-    return out
 
 
 @dataclass
@@ -154,7 +118,7 @@ class RunDir:
         done = sorted(p for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
         return done[-1] if done else None
 
-    # ------------------------------------------------------------ choosing and creating
+    # ------------------------------------------------------------ naming and creating
 
     @staticmethod
     def named(root: Path, name: str) -> list[Path]:
@@ -162,60 +126,6 @@ class RunDir:
         (a run named `res` is not `my-res`)."""
         pattern = re.compile(rf"\d{{8}}-\d{{6}}-{re.escape(name)}")
         return sorted(p for p in Path(root).glob(f"*-{name}") if pattern.fullmatch(p.name) and p.is_dir())
-
-    @staticmethod
-    def find_resumable(root: Path, name: str) -> Path | None:
-        """The newest run of this name that did not finish and has a checkpoint to continue from."""
-        runs = [p for p in RunDir.named(root, name) if not RunDir(p).finished and RunDir(p).latest_checkpoint() is not None]
-        return runs[-1] if runs else None
-
-    @classmethod
-    def choose(cls, cfg: Config, resume: str, extend: bool, accelerator: Accelerator) -> Target:
-        """Decides where this launch writes, before anything is built; creates nothing.
-
-        resume: "" (new run), "auto" (the newest unfinished run of this name with a checkpoint,
-        else a new one), or a run directory. The main process decides; the others receive it."""
-        choice: list = [None]
-        if accelerator.is_main_process:
-            choice = [cls._choose(cfg, resume, extend)]
-        if accelerator.num_processes > 1:
-            broadcast_object_list(choice)
-        if isinstance(choice[0], UserError):  # every process stops with the same message
-            raise choice[0]
-        return choice[0]
-
-    @classmethod
-    def _choose(cls, cfg: Config, resume: str, extend: bool) -> Target | UserError:
-        root = Path(cfg.run.root)
-        path = cls.find_resumable(root, cfg.run_name()) if resume == "auto" else Path(resume) if resume else None
-        unwritable = _unwritable(path if path is not None and cls.is_run(path) else root)
-        if unwritable:  # before any data is prepared: the run could not save anything
-            return UserError(unwritable)
-        if path is None:
-            if extend:
-                return UserError("--extend continues an existing run: give --resume RUN_DIR")
-            if resume == "auto":  # say so: a typo in run.name would otherwise silently start afresh
-                print(f"--resume auto: no unfinished run named {cfg.run_name()} with a checkpoint in {root}; "
-                      "starting a new one", file=sys.stderr)
-            return Target("", False, [])
-        if not cls.is_run(path):
-            return UserError(f"--resume {resume}: {path} is not a run directory (no {cls.CONFIG})")
-        run = RunDir(path)
-        diffs = [d for d in _differences(run.config().to_dict(), cfg.to_dict()) if d[0] not in ENVIRONMENT]
-        schedule = [d for d in diffs if d[0] in EXTENSIBLE]
-        other = [d for d in diffs if d[0] not in EXTENSIBLE]
-        lines = [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs]
-        if other or (schedule and not extend):
-            hint = ("; schedule changes (" + ", ".join(EXTENSIBLE) + ") are allowed with --extend") if not other else ""
-            return UserError(f"--resume {path}: the config differs from the run's{hint}:\n  " + "\n  ".join(lines))
-        if run.latest_checkpoint() is None:
-            return UserError(f"--resume {path}: the run has no checkpoint to continue from")
-        if run.finished and not schedule:
-            summary = run.summary() or {}
-            return RunFinished(f"{path} has finished (step {summary.get('steps_run', '?')}, test SRCC "
-                               f"{summary.get('test', {}).get('srcc', float('nan')):.4f}); nothing to resume. "
-                               f"To train it longer: --resume {path} --extend --train.epochs N")
-        return Target(str(path), True, [f"{k}: {a!r} -> {b!r}" for k, a, b in schedule])
 
     @classmethod
     def open(cls, cfg: Config, target: Target, accelerator: Accelerator, about: dict) -> "RunDir":

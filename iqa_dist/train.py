@@ -33,6 +33,7 @@ from .model import HyperIQA, build_model, parameter_counts
 from .optim import allreduce_bytes, group_sizes
 from .output import Display, console_for
 from .plan import Shares
+from .resume import choose
 from .rundir import RunDir, Target
 from .selection import Evaluation, Validation, combine
 from .step import BadStep, Batches, NoiseSource, PreemptionFlag, Trainer
@@ -104,7 +105,7 @@ def start(cfg: Config, resume: str = "", extend: bool = False) -> Run:
     # zero (a CPU setting; GPUs flush in their own kernels)
     torch.set_flush_denormal(True)
     console = console_for(acc.is_main_process)
-    target = RunDir.choose(cfg, resume, extend, acc)  # a bad --resume fails before anything is built
+    target = choose(cfg, resume, extend, acc)  # a bad --resume fails before anything is built
     set_seed(cfg.train.seed)  # identical initial weights on every process
     model = build_model(cfg.model)  # before the data: a missing weight file fails in seconds
     data = load_data(cfg, acc, console)

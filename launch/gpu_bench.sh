@@ -12,22 +12,24 @@
 #   batches        `bench train` at batch 12..192: end to end, model only, anchor, MFU, peak memory
 #   scaling        `bench scaling`: the step per per-process batch and the projection to 1-64 GPUs
 #   eval           `bench eval`: evaluation images/s at 20 patches per image
+#   predict        `bench predict`: predict's images/s before and after decoding in workers (and JPEGs
+#                  on the GPU under the grid protocol), the model alone, decoding alone
 # Writes one JSON and one log per step into OUT_DIR, then gpu-bench.json and gpu-bench.md (the
 # markdown table BENCHMARKS.md takes as it is) from `iqa-dist bench summary`.
 set -u
 OUT=${1:-runs/gpu-bench}
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-kernels real-eager real-compiled batches scaling eval}
+STEPS=${STEPS:-kernels real-eager real-compiled batches scaling eval predict}
 DEADLINE=${DEADLINE:-480}
 mkdir -p "$OUT"
 export COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 TINY=()
 if [ "${SMOKE:-0}" = 1 ]; then
-    BACKBONE=tiny; PREC=fp32; BATCHES=8,16; STEPS_N=2; IMAGES=9; LOOP=6; BATCH=16; SYNC_BATCH=8
-    TINY=("--model.backbone_kwargs={embed_dim: 32, depths: [1, 1, 2, 1], num_heads: [1, 2, 4, 8], window_size: 7}"
+    BACKBONE=tiny; PREC=fp32; BATCHES=8,16; STEPS_N=2; IMAGES=9; LOOP=6; BATCH=16; SYNC_BATCH=8; PREDICT_WORKERS=2
+    TINY=("--model.backbone_kwargs={embed_dim: 32, depths: [1, 1, 2, 1], num_heads: [1, 2, 4, 8], window_size: 4}"
           --model.img_size=112 --train.batch_size=16 --train.mixed_precision=no --train.compile_backend=aot_eager)
 else
-    BACKBONE=swin-t; PREC=bf16; BATCHES=12,24,48,96,192; STEPS_N=20; IMAGES=96; LOOP=300; BATCH=96; SYNC_BATCH=96
+    BACKBONE=swin-t; PREC=bf16; BATCHES=12,24,48,96,192; STEPS_N=20; IMAGES=96; LOOP=300; BATCH=96; SYNC_BATCH=96; PREDICT_WORKERS=8
 fi
 step() {  # step NAME LIMIT_S COMMAND...: run bounded (by LIMIT_S and what is left of DEADLINE), keep the log
     local name=$1 limit=$2
@@ -58,6 +60,8 @@ step batches 180 $PY -m iqa_dist bench train --backbones $BACKBONE --precisions 
 step scaling 120 $PY -m iqa_dist bench scaling --backbones $BACKBONE --precisions $PREC --batch ${BATCHES%,192} \
     --steps $STEPS_N "${WORK[@]}" --output "$OUT/scaling.json"
 step eval 90 $PY -m iqa_dist bench eval --batch $BATCH --steps 8 "${WORK[@]}" --output "$OUT/eval.json"
+step predict 120 $PY -m iqa_dist bench predict --workers $PREDICT_WORKERS --steps 4 "${WORK[@]}" \
+    --output "$OUT/predict.json"
 $PY -m iqa_dist bench summary --work-dir "$OUT" --output "$OUT/gpu-bench.json" > "$OUT/gpu-bench.md" 2> "$OUT/summary.log"
 cat "$OUT/gpu-bench.md"
 echo "figures in $OUT (total $SECONDS s)"

@@ -71,20 +71,21 @@ def test_a_failed_start_leaves_no_run_directory(tiny_overrides, tmp_path):
 
 
 def test_resume_auto_ignores_runs_without_a_checkpoint(single_run, tmp_path):
+    from iqa_dist.resume import find_resumable
     from iqa_dist.rundir import RunDir
 
     root = tmp_path / "runs"
     never = root / "20200101-000000-demo"
     (never / "checkpoints").mkdir(parents=True)
     shutil.copy(single_run / "config.yaml", never / "config.yaml")
-    assert RunDir.find_resumable(root, "demo") is None
+    assert find_resumable(root, "demo") is None
     with_checkpoint = root / "20200101-000001-demo"
     shutil.copytree(single_run, with_checkpoint)
     (with_checkpoint / "summary.json").unlink()
-    assert RunDir.find_resumable(root, "demo") == with_checkpoint
+    assert find_resumable(root, "demo") == with_checkpoint
     other = root / "20200101-000002-my-demo"  # another run name that ends in -demo
     shutil.copytree(with_checkpoint, other)
-    assert RunDir.find_resumable(root, "demo") == with_checkpoint and RunDir.named(root, "demo") == [never, with_checkpoint]
+    assert find_resumable(root, "demo") == with_checkpoint and RunDir.named(root, "demo") == [never, with_checkpoint]
 
 
 def test_resume_refuses_data_that_changed(tiny_overrides, tmp_path):

@@ -57,7 +57,7 @@ def resumed_config(args: argparse.Namespace):
 
     path = Path(args.resume)
     if not RunDir.is_run(path):
-        return None  # a path _choose reports as not a run
+        return None  # a path resume.choose reports as not a run
     raw = RunDir(path).raw_config()
     preset = raw.pop("preset", "")
     if args.preset not in (preset, DEFAULT_PRESET):
