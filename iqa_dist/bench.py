@@ -42,7 +42,7 @@ from .augment import Augmenter
 from .budget import step_budget
 from .cache import prepare
 from .config import Config, load_config
-from .evaluate import predict_images
+from .scoring import predict_images
 from .model import build_model
 from .output import console as make_console
 from .plan import BatchPlan, Shares
@@ -437,7 +437,7 @@ def bench_scaling(cfg: Config, backbone: str, precision: str, batches: list[int]
 
 def bench_eval(cfg: Config, n_images: int, batch_patches: int, compiles: list[bool], device: torch.device,
                work: Path, repeats: int) -> list[dict]:
-    """Images/s of evaluation (`evaluate.predict_images`, what training and `evaluate` run): the
+    """Images/s of evaluation (`scoring.predict_images`, what training and `evaluate` run): the
     tiny model on a CPU, Swin-T in bf16 on a GPU, over every test image's protocol patches."""
     name = "tiny" if device.type == "cpu" else "swin-t"
     backbone, kwargs, size = BACKBONES[name]

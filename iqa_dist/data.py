@@ -15,7 +15,7 @@ from .cache import describe, prepare
 from .card import Scale
 from .config import Config
 from .errors import UserError
-from .evaluate import shard
+from .scoring import shard
 from .plan import BatchPlan, JointPlan
 from .store import EvalSet, ImageStore, View
 

@@ -1,12 +1,5 @@
-"""Evaluation: per-image predictions from the test protocol's patches, gathered once, metrics once.
-
-`evaluate_split` is what training runs on its validation and test splits; `evaluate_model` scores
-an exported model on any dataset (its own test split by default, cross-dataset with split=all).
-
-Whole images are pinned to processes (a contiguous shard each, uneven allowed, no padding
-samples); each process averages its images' patch predictions; the (image_id, prediction) pairs
-are gathered and every image is counted exactly once, whatever the world size. SRCC, PLCC, KRCC
-and RMSE are then computed once over all images (never averaged over ranks).
+"""`iqa-dist evaluate`'s library: an exported model scored on any dataset (its own test split by
+default, cross-dataset with split=all), through scoring.py's path, refusing images it trained on.
 """
 
 from __future__ import annotations
@@ -16,85 +9,16 @@ from pathlib import Path
 from dataclasses import asdict
 from typing import Sequence
 
-import numpy as np
-import torch
 from accelerate import Accelerator
 from rich.console import Console
-from torch import nn
 
-from .audit import part
+from .accelerator import scoring_accelerator
 from .augment import Augmenter
 from .card import ModelCard, model_dir, overlap
 from .config import Config, DataConfig, load_config_for, with_overrides
 from .errors import UserError
-from .metrics import METRIC_KEYS, correlation_metrics
-from .store import EvalSet
-
-
-def shard(n: int, world: int, rank: int) -> range:
-    """This process's contiguous share of n items (sizes differ by at most one)."""
-    return range(n * rank // world, n * (rank + 1) // world)
-
-
-@torch.no_grad()
-def predict_images(model: nn.Module, images: EvalSet, augmenter: Augmenter, batch_patches: int,
-                   device: torch.device, fixed_shapes: bool = False, flip: bool = False) -> torch.Tensor:
-    """Mean prediction over each image's protocol patches: the one scoring path of training-time
-    evaluation, `evaluate` and `predict`. Returns (N,) float32 on `device`.
-
-    fixed_shapes pads the last batch with copies of its last image (their predictions dropped),
-    so that a compiled model sees one input shape; flip also averages in the mirrored patches
-    (predict's test-time augmentation)."""
-    was_training = model.training
-    model.eval()
-    n = images.patches
-    per_batch = max(1, batch_patches // n)
-    out = []
-    for start in range(0, len(images), per_batch):
-        with part("host"):  # which images and crops: host numbers, one upload (and the pixels' when not resident)
-            rows = torch.arange(start, min(start + per_batch, len(images)))
-            real = len(rows)
-            if fixed_shapes and real < per_batch:
-                rows = torch.cat([rows, rows[-1:].expand(per_batch - real)])
-            pixels, offsets, widths = images.store.gather(rows, device)
-            sample = torch.arange(len(rows)).repeat_interleave(n)  # image of each patch
-            origins = images.origins[rows].reshape(-1, 2)
-            packed = augmenter.upload(offsets[sample], widths[sample], origins[:, 0], origins[:, 1], None,
-                                      torch.zeros(len(sample)), device)
-        with part("augment"):
-            x = augmenter.apply(pixels, packed, train=False)[0]
-        with part("forward"):
-            pred = model(x).float()
-            if flip:
-                pred = (pred + model(x.flip(-1)).float()) / 2
-            out.append(pred.view(len(rows), n).mean(1)[:real])
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, device=device)
-
-
-def gather_predictions(accelerator: Accelerator, ids: torch.Tensor, preds: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(image_id, prediction) of every process, padding removed, sorted by id; the same on all ranks."""
-    both = torch.stack([ids.to(preds.device).double(), preds.double()], 1)  # (n, 2): ids exact below 2^53
-    both = accelerator.pad_across_processes(both, dim=0, pad_index=-1)
-    both = accelerator.gather(both).cpu().numpy()
-    both = both[both[:, 0] >= 0]
-    order = np.argsort(both[:, 0], kind="stable")
-    ids_all, preds_all = both[order, 0].astype(np.int64), both[order, 1]
-    if len(np.unique(ids_all)) != len(ids_all):
-        raise RuntimeError("an image was evaluated twice: shards overlap")  # a bug, never bad input
-    return ids_all, preds_all
-
-
-def evaluate_split(model: nn.Module, images: EvalSet, augmenter: Augmenter, batch_patches: int,
-                   accelerator: Accelerator, to_score, fixed_shapes: bool = False) -> dict:
-    """Metrics over all images of a split whose shard for this process is `images`.
-
-    to_score maps model outputs to the dataset's scale. Returns the metrics plus ids/preds/targets."""
-    preds = to_score(predict_images(model, images, augmenter, batch_patches, accelerator.device, fixed_shapes))
-    ids, preds_all = gather_predictions(accelerator, images.store.ids, preds)
-    targets = gather_predictions(accelerator, images.store.ids, images.store.scores.to(accelerator.device))[1]
-    metrics = correlation_metrics(preds_all, targets)
-    return {**metrics, "ids": ids, "preds": preds_all, "targets": targets}
+from .metrics import METRIC_KEYS
+from .scoring import evaluate_split, shard
 
 
 def evaluation_config(card: ModelCard, dataset: str, split: str, overrides: Sequence[str] = (),
@@ -146,7 +70,7 @@ def evaluate_model(path, dataset: str, split: str = "test", overrides: Sequence[
     card = ModelCard.read(folder)
     scale = scale or (dataset if dataset in card.datasets else None)
     to_score = card.scale(scale).to_score  # a jointly trained model without a choice fails here, before any work
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())  # gloo across CPU processes without a GPU
+    acc = accelerator or scoring_accelerator()
     console = console or Console(stderr=True, quiet=not acc.is_main_process)
     cfg = evaluation_config(card, dataset, split, overrides, preset, run_cache_dir(folder, console))
     view = prepare(cfg, console)

@@ -1,5 +1,5 @@
 """Feeding `iqa-dist predict`: image files -> batches of resized images with their test-protocol
-patch origins, as `EvalSet`s for `evaluate.predict_images`.
+patch origins, as `EvalSet`s for `scoring.predict_images`.
 
 DataLoader workers decode files with PIL (`decode.decode`, exactly as the dataset cache does) and
 compute the patch origins, so the main process only packs and uploads. On a GPU, JPEGs are the

@@ -23,7 +23,7 @@ from .augment import Augmenter
 from .card import WEIGHTS_FILE, ModelCard, model_dir
 from .decode import decode, fit, to_rgb, upright
 from .errors import UserError
-from .evaluate import predict_images
+from .scoring import predict_images
 from .model import HyperIQA, build_model
 from .store import EvalSet, ImageStore
 

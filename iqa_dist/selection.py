@@ -1,7 +1,7 @@
 """Evaluation during training: the weights (and their EMA) on every dataset's validation split,
 model selection on val SRCC (exporting each new best), and the selected model's test split.
 
-Scoring is `evaluate.evaluate_split`, the path `iqa-dist evaluate` and `predict` share, on the
+Scoring is `scoring.evaluate_split`, the path `iqa-dist evaluate` and `predict` share, on the
 model's own fp32 forward (the precision the model card records), whatever the training precision.
 """
 
@@ -22,7 +22,7 @@ from .card import WEIGHTS_FILE, ModelCard
 from .compile import compile_model
 from .config import Config
 from .data import Data
-from .evaluate import evaluate_split
+from .scoring import evaluate_split
 from .metrics import METRIC_KEYS
 from .rundir import RunDir
 from .store import EvalSet

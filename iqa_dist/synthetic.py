@@ -1,7 +1,8 @@
 """The embedded synthetic dataset: graded distortions of the photos bundled with scikit-image.
 
 Nothing is downloaded. Each content is a crop of one bundled photo; each image is that content
-under one distortion (or a mixture) at one strength, scored 0-100 by strength (100 = pristine).
+under one distortion (or a mixture) at one strength, scored 0-100 by its SSIM against the
+pristine content (`score`; 100 = pristine).
 It is written as PNG files plus a CSV, so `iqa-dist prepare` reads it through the same path as
 any dataset on disk. It exists for the demo and the tests: it exercises every real code path and
 gives a task that a tiny model learns in minutes.

@@ -19,7 +19,7 @@ from iqa_dist.augment import GRAY, Augmenter, color_jitter
 from iqa_dist.budget import TARGETS, step_budget
 from iqa_dist.compile import compile_model, inductor_cache
 from iqa_dist.config import load_config
-from iqa_dist.evaluate import predict_images
+from iqa_dist.scoring import predict_images
 from iqa_dist.model import build_model
 from iqa_dist.optim import WeightEMA
 from iqa_dist.rig import StepRig, device_tensors

@@ -13,7 +13,7 @@ from accelerate import Accelerator
 
 from iqa_dist.augment import Augmenter
 from iqa_dist.config import AugmentConfig, load_config
-from iqa_dist.evaluate import predict_images
+from iqa_dist.scoring import predict_images
 from iqa_dist.model import build_model
 from iqa_dist.store import EvalSet, ImageStore
 

@@ -21,7 +21,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from iqa_dist.evaluate import correlation_metrics, shard
+from iqa_dist.metrics import correlation_metrics
+from iqa_dist.scoring import shard
 from iqa_dist.plan import BatchPlan, Shares
 
 from .conftest import (RUN, TINY_SWIN_KWARGS, assert_same_training, cli, free_port, metrics, only_run, run_train,

@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..accelerator import scoring_accelerator
     from ..card import model_dir
-    from ..evaluate import shard
+    from ..scoring import shard
     from ..feed import default_workers, read_list
     from ..predict import expand, load_model, score_files
 
