@@ -49,10 +49,16 @@ def static_graph(cfg: Config) -> bool:
     return cfg.train.static_graph and cfg.train.micro_batch_size == 0
 
 
+SCORING_TIMEOUT = timedelta(hours=24)
+
+
 def scoring_accelerator() -> Accelerator:
     """For `evaluate` and `predict`: every process of the launch, no precision of its own (the model
-    card's evaluation precision applies)."""
-    return Accelerator(cpu=not torch.cuda.is_available())
+    card's evaluation precision applies). Their last collective waits for the slowest process's
+    share (a folder of large images, a slow mount), so it may wait far longer than NCCL's default
+    10 minutes: SCORING_TIMEOUT."""
+    return Accelerator(cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=SCORING_TIMEOUT)])
 
 
 def fresh_accelerator(precision: str, device: torch.device) -> Accelerator:

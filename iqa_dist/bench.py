@@ -471,8 +471,8 @@ def bench_eval(cfg: Config, n_images: int, batch_patches: int, compiles: list[bo
 def bench_predict(cfg: Config, n_images: int, workers: int, batch_images: int, device: torch.device, work: Path,
                   console: Console, repeats: int) -> dict:
     """Images/s of `predict` on KonIQ-size JPEGs (resized to 512x384, the test protocol's patches):
-    (a) predict before issue 25 (PIL decode in the main thread, then scoring: `Scorer.prepare` +
-    `score_arrays`), (b) `predict.score_files` (decoding in `workers` DataLoader workers, JPEGs on
+    (a) predict's loop before issue 25 (PIL decode in the main thread, then scoring: `Scorer.prepare`
+    + `score_arrays`, which now scores through the same `predict_images` as (b)), (b) `predict.score_files` (decoding in `workers` DataLoader workers, JPEGs on
     the GPU where that changes no score, scoring on the same path), side by side; and their parts:
     decoding alone in the main thread and in the workers, the upload, the model alone on images
     already decoded on the device. The tiny model on a CPU, Swin-T on a GPU."""

@@ -19,7 +19,7 @@ def fr(v) -> str:
 
 
 def show(report: dict) -> None:
-    """The report's tables, then a warning naming the figures whose timed blocks disagreed."""
+    """The report's tables (`warn_noisy` then names the figures whose timed blocks disagreed)."""
     out = make_console()
     m = report["machine"]
     where = f"{m['gpu'] or m['cpu']} ({m['cpu_cores']} CPU cores, torch {m['torch']})"
@@ -82,7 +82,7 @@ def show(report: dict) -> None:
 
 def show_predict(out, p: dict, where: str) -> None:
     t = Table()
-    for c in ("patches an image", "(a) before: PIL decode in the main thread, then scoring",
+    for c in ("patches an image", "(a) decode in the main thread, then scoring (the loop before)",
               f"(b) score_files: {p['workers']} decoding worker(s)", "x before", "model alone", "(b) per image"):
         t.add_column(c, justify="right")
     for r in p["rows"]:

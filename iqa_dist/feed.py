@@ -2,9 +2,10 @@
 patch origins, as `EvalSet`s for `scoring.predict_images`.
 
 DataLoader workers decode files with PIL (`decode.decode`, exactly as the dataset cache does) and
-compute the patch origins, so the main process only packs and uploads. On a GPU, JPEGs are the
-exception: the workers only read their bytes, and the main process decodes a batch of them at
-once with nvjpeg and resizes them on the device. A file that cannot be used is reported with its
+compute the patch origins, so the main process only packs and uploads. With the device decoder
+(`on_device`: on a GPU under the grid protocol, or when asked for) JPEGs are the exception: the
+workers only read their bytes, and the main process decodes a batch of them at once with nvjpeg
+and resizes them on the device. A file that cannot be used is reported with its
 reason, with the wording of `decode.decode`, and never stops the iteration.
 """
 
@@ -57,7 +58,8 @@ def default_workers(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
-    return max(1, min(8, (os.cpu_count() or 1) // local))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # SLURM's share
+    return max(1, min(8, cores // local))
 
 
 @dataclass
@@ -122,23 +124,20 @@ class Files(Dataset):
         position, path = self.items[i]
         if not os.path.exists(path):
             return "failed", position, "no such file"
-        raw = read_jpeg(path, self.policy.exif) if self.raw_jpegs else None
-        return ("jpeg", position, path, *raw) if raw else load(position, path, self.policy)
+        try:
+            raw = read_jpeg(path, self.policy.exif) if self.raw_jpegs else None
+            return ("jpeg", position, path, *raw) if raw else load(position, path, self.policy)
+        except Exception as e:  # noqa: BLE001 (a file PIL trips over in a way decode does not name: one failed row, never a dead loader)
+            return "failed", position, f"unreadable image: {type(e).__name__}: {e}"
 
 
 def collate(items: list[tuple]) -> dict:
     """A batch of `Files` items: the decoded images in one flat uint8 buffer (as store_from_rows
     packs cache rows) with their origins (k, n, 2), the JPEGs' bytes, the failures."""
     done = [it for it in items if it[0] == "pixels"]
-    sizes = np.array([h * w * 3 for _, _, _, h, w, _ in done], dtype=np.int64)
-    offsets = np.cumsum(sizes) - sizes
-    pixels = torch.empty(int(sizes.sum()), dtype=torch.uint8)
-    flat = pixels.numpy()
-    for o, n, it in zip(offsets, sizes, done):
-        flat[o:o + n] = np.frombuffer(it[2], np.uint8)
-    return {"order": [it[1] for it in items], "positions": [it[1] for it in done], "pixels": pixels,
-            "offsets": torch.from_numpy(offsets), "heights": torch.tensor([it[3] for it in done], dtype=torch.int64),
-            "widths": torch.tensor([it[4] for it in done], dtype=torch.int64),
+    store = ImageStore.of_images([np.frombuffer(it[2], np.uint8).reshape(it[3], it[4], 3) for it in done])
+    return {"order": [it[1] for it in items], "positions": [it[1] for it in done], "pixels": store.pixels,
+            "offsets": store.offsets, "heights": store.heights, "widths": store.widths,
             "origins": torch.from_numpy(np.stack([it[5] for it in done])) if done else None,
             "jpegs": [it[1:] for it in items if it[0] == "jpeg"],
             "failed": [(it[1], it[2]) for it in items if it[0] == "failed"]}
@@ -222,7 +221,8 @@ def device_rows(jpegs: list[tuple], policy: Policy, device: torch.device, rows: 
             if got[0] == "failed":
                 failed.append(got[1:])
             else:
-                rows[p] = (torch.frombuffer(bytearray(got[2]), dtype=torch.uint8).to(device), *got[3:])
+                rows[p] = (torch.frombuffer(bytearray(got[2]), dtype=torch.uint8).to(device), got[3], got[4],
+                           torch.from_numpy(got[5]))
             continue
         swap, flips = TURNS.get(orientation, (False, ()))
         x = x.transpose(1, 2) if swap else x
@@ -249,8 +249,9 @@ def evalset(pixels: torch.Tensor, offsets: torch.Tensor, heights: torch.Tensor, 
 def on_device(decode: str, device: torch.device, protocol: str) -> bool:
     """Whether JPEGs are decoded by torchvision on `device` (else by PIL in the workers). "auto"
     does so on a GPU under the grid protocol only: nvjpeg and the torch resize differ from PIL by
-    at most 1 in some pixels, and the random protocol seeds each image's crops with a CRC of its
-    pixels, so such an image would get other crops, and another score than `evaluate` gives it."""
+    at most 1 in some pixels (a score moves by the model's response to that), and the random
+    protocol seeds each image's crops with a CRC of its pixels, so such an image would get other
+    crops altogether, and a score as far from `evaluate`'s as another crop's."""
     if decode not in DECODERS:
         raise UserError(f"decode={decode!r}: choose one of {', '.join(DECODERS)}")
     if decode == "gpu" and device.type != "cuda":

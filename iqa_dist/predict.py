@@ -148,7 +148,7 @@ def score_files(scorer: Scorer, paths: list[str], positions: list[int], *, crops
                 decode: str = "auto") -> Iterator[tuple[int, float | None, str, dict[str, float]]]:
     """(position, score or None, problem, timings) for each file, in list order, as soon as its
     batch is scored: decoded by `feed.batches` (DataLoader workers; JPEGs on the GPU where that
-    changes no score), scored on the one evaluation path. timings: the batch's seconds waiting for
+    keeps every image's crops), scored on the one evaluation path. timings: the batch's seconds waiting for
     the loader, decoding on the GPU, uploading, and in the model (on the first of its files)."""
     from .feed import batches
 

@@ -1,7 +1,7 @@
 """Evaluation during training: the weights (and their EMA) on every dataset's validation split,
 model selection on val SRCC (exporting each new best), and the selected model's test split.
 
-Scoring is `scoring.evaluate_split`, the path `iqa-dist evaluate` and `predict` share, on the
+Scoring is `scoring.evaluate_split` (`iqa-dist evaluate`'s; `predict` shares its `predict_images`), on the
 model's own fp32 forward (the precision the model card records), whatever the training precision.
 """
 

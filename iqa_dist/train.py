@@ -145,6 +145,7 @@ def begin(r: Run) -> None:
     if r.target.resuming:
         restore(r)
     t.state.world_size = acc.num_processes
+    t.model.train()  # evaluation sets eval mode on its own forward and restores the mode after
     print_start(r)
     if cfg.run.log_with:
         acc.init_trackers(r.dir.path.name, config={f"{s}.{k}": str(v) for s, d in cfg.to_dict().items()

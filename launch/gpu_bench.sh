@@ -26,7 +26,8 @@ export COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown
 TINY=()
 if [ "${SMOKE:-0}" = 1 ]; then
     BACKBONE=tiny; PREC=fp32; BATCHES=8,16; STEPS_N=2; IMAGES=9; LOOP=6; BATCH=16; SYNC_BATCH=8; PREDICT_WORKERS=2
-    TINY=("--model.backbone_kwargs={embed_dim: 32, depths: [1, 1, 2, 1], num_heads: [1, 2, 4, 8], window_size: 4}"
+    DEMO_SWIN=$($PY -c 'import json; from iqa_dist.config import load_config; print(json.dumps(load_config("demo").model.backbone_kwargs))')
+    TINY=("--model.backbone_kwargs=$DEMO_SWIN"
           --model.img_size=112 --train.batch_size=16 --train.mixed_precision=no --train.compile_backend=aot_eager)
 else
     BACKBONE=swin-t; PREC=bf16; BATCHES=12,24,48,96,192; STEPS_N=20; IMAGES=96; LOOP=300; BATCH=96; SYNC_BATCH=96; PREDICT_WORKERS=8

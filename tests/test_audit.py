@@ -120,7 +120,7 @@ def test_the_audit_would_fail_the_augmentation_as_it_landed_before():
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_the_training_step_never_waits_for_the_device(compiled):
-    """`next_batch` + `train_step` of the koniq-swin-t recipe (jitter, dropout, drop path, EMA,
+    """`Batches.get` + `Trainer.step` of the koniq-swin-t recipe (jitter, dropout, drop path, EMA,
     clipping, the guard): no sync, one upload (the packed batch numbers) and one download (the
     guard's flag, non-blocking) per step, no host work outside the host part. Compiled with
     aot_eager: inductor's graph capture and autograd, without its C++ build on 2 cores."""

@@ -149,6 +149,37 @@ def test_tensor_path_applies_every_exif_orientation(tmp_path, orientation):
     assert not failed and np.array_equal(got[100][0], want[100][0])
 
 
+def test_a_jpeg_the_device_decoder_refuses_is_decoded_by_pil(files, monkeypatch):
+    """nvjpeg refuses some JPEGs (CMYK, arithmetic coding, 12 bits) that PIL reads: those files go
+    through decode.decode, with their origins, and the batch is exactly the CPU path's."""
+    import iqa_dist.feed as feed
+
+    monkeypatch.setattr(feed, "decode_jpegs", lambda datas, device: [None] * len(datas))
+    for protocol in ("random", "grid"):
+        want, want_failed = expected(files, "512x384", protocol)
+        got, failed, _ = fed(files, "512x384", protocol, decode="tensor")
+        assert sorted(failed) == sorted(want_failed) and list(got) == list(want)
+        for p, (pixels, origins) in want.items():
+            assert np.array_equal(got[p][0], pixels) and np.array_equal(got[p][1], origins)
+
+
+def test_an_unexpected_error_in_one_file_is_one_failed_row(files, monkeypatch):
+    import iqa_dist.feed as feed
+
+    real = feed.load
+
+    def tripping(position, path, policy):
+        if path.endswith("photo3.jpg"):
+            raise KeyError("a malformed EXIF block")
+        return real(position, path, policy)
+
+    monkeypatch.setattr(feed, "load", tripping)
+    _, failed, _ = fed(files, "512x384", "grid")
+    tripped = [why for p, why in failed if files[positions_of(files).index(p)].endswith("photo3.jpg")]
+    assert tripped == ["unreadable image: KeyError: 'a malformed EXIF block'"]
+    assert len(failed) == len(expected(files, "512x384", "grid")[1]) + 1
+
+
 def test_a_batch_of_bad_files_only(files):
     """A batch where nothing decodes (the corrupt JPEG after its fallback too) has no images; an
     empty list gives no batches."""

@@ -169,6 +169,26 @@ def test_flush_reads_the_last_step():
         t.guard.flush()
 
 
+def test_a_bad_step_rewinds_the_trainers_counters_and_checkpoints_keep_their_format():
+    """BadStep found at the next step's check: the step counter and the loss window's patch count
+    go back to before the bad step. TrainState saves the loss window under the keys checkpoints
+    always had (window_loss, window_n), so older checkpoints load and newer ones read back."""
+    t = setup(tiny_cfg())
+    t.step(batch(seed=1))
+    t.step(batch(seed=2, bad=True))
+    with pytest.raises(BadStep) as bad:
+        t.step(batch(seed=3))
+    assert bad.value.step == 1 and t.state.step == 1 and t.state.loss.n == 8
+    saved = t.state.state_dict()  # what a debug state holds: the host totals (nothing settled yet)
+    assert set(saved) == {"step", "best_srcc", "best_step", "bad_evals", "stopped_early", "train_seconds",
+                          "world_size", "window_loss", "window_n"}
+    assert saved["window_n"] == 8 and saved["window_loss"] == 0.0
+    saved["window_loss"] = 12.5
+    again = TrainState()
+    again.load_state_dict(saved)
+    assert (again.step, again.loss.total, again.loss.n, again.state_dict()) == (1, 12.5, 8, saved)
+
+
 def test_update_best_selects_and_stops_on_patience():
     state = TrainState()
     history = []

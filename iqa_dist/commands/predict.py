@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import io
 import json
 import os
@@ -52,8 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decoding processes per scoring process [default: on a GPU the cores, shared by the "
                         "launch's processes on this machine, at most 8; on the CPU 0: the model uses every core]")
     p.add_argument("--decode", choices=["auto", "cpu", "gpu"], default="auto",
-                   help="auto: JPEGs on the GPU where that changes no score (grid protocol), else PIL in the "
-                        "workers; gpu: JPEGs on the GPU always (under the random protocol an image then gets "
+                   help="auto: JPEGs on the GPU where that keeps every image's crops (grid protocol), else PIL "
+                        "in the workers; gpu: JPEGs on the GPU always (under the random protocol an image then gets "
                         "other crops than evaluate gives it); cpu: PIL always [auto]")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... [default: cuda when available; "
                                                   "each process's own GPU under accelerate launch]")
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     files, missing = expand(args.paths)
     paths = list(dict.fromkeys([*map(str, files), *(read_list(args.list) if args.list else [])]))
     out = Output(args.output, args.format, world, acc.process_index)
-    done = out.read() if args.resume else {}
+    # a file that failed before is tried again (a mount that was away, a copy still being written)
+    done = {path: row for path, row in out.read().items() if row[0] is not None} if args.resume else {}
     if main and not args.resume:
         out.clear()
     acc.wait_for_everyone()  # every process reads what is done before anything is rewritten
@@ -111,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
     final = out.merge(paths, done) if args.output and args.format != "table" else \
         {path: (score, why) for path, score, why in results}
     failed = [*missing, *((path, why) for path, (score, why) in final.items() if score is None)]
+    unseen = [path for path in paths if path not in final]
+    if unseen:  # rows another process wrote where this one cannot read them: never a silent gap
+        failed += [(path, f"no row: its process wrote {args.output}.part-R where the main process cannot see it "
+                          "(give --output on a file system every process shares, then --resume)") for path in unseen]
     scored = sum(score is not None for score, _ in final.values())
     if args.format == "table":
         table = Table()
@@ -162,7 +168,7 @@ class Output:
         self.fmt, self.world, self.rank = fmt, world, rank
 
     def parts(self) -> list[Path]:
-        return sorted(self.path.parent.glob(f"{self.path.name}.part-*")) if self.path else []
+        return sorted(self.path.parent.glob(f"{glob.escape(self.path.name)}.part-*")) if self.path else []
 
     def read(self) -> dict[str, tuple[float | None, str]]:
         """path -> (score or None, problem) of every row in the file and its parts."""
@@ -229,7 +235,7 @@ class Output:
             row = {"path": path, "score": None if score is None else round(score, 4)}
             return json.dumps({**row, **({"error": why} if score is None else {})}) + "\n"
         text = io.StringIO()
-        csv.writer(text).writerow([path, "" if score is None else f"{score:.4f}"])
+        csv.writer(text, lineterminator="\n").writerow([path, "" if score is None else f"{score:.4f}"])
         return text.getvalue()
 
     def _parse(self, f: Path) -> dict[str, tuple[float | None, str]]:

@@ -48,5 +48,5 @@ def run(args: argparse.Namespace) -> int:
         out.print(f"  note: {note}", highlight=False)
     if view.image_meta["skipped"]:
         out.print(f"  {len(view.image_meta['skipped'])} bad row(s) were skipped; they are listed in "
-                  f"{view.path.parent.parent / 'meta.json'}", highlight=False)
+                  f"{view.image_dir / 'meta.json'}", highlight=False)
     return 0
