@@ -68,20 +68,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..accelerator import scoring_accelerator
-    from ..card import model_dir
-    from ..scoring import shard
     from ..feed import default_workers, read_list
     from ..predict import expand, load_model, score_files
+    from ..scoring import shard
 
-    positive("--crops", args.crops)
-    positive("--batch-images", args.batch_images)
-    if args.workers is not None and args.workers < 0:
-        raise UserError(f"--workers {args.workers}: must be 0 (decode in the scoring process) or more")
-    writable("--output", args.output)
-    if not args.paths and not args.list:
-        raise UserError("nothing to score: give image paths, folders or globs, or --list FILE")
-    if args.resume and not args.output:
-        raise UserError("--resume continues an --output file: give --output")
+    _check(args)
     acc = scoring_accelerator()
     world, main = acc.num_processes, acc.is_main_process
     if world > 1 and not args.output:
@@ -112,6 +103,26 @@ def run(args: argparse.Namespace) -> int:
         return 0
     final = out.merge(paths, done) if args.output and args.format != "table" else \
         {path: (score, why) for path, score, why in results}
+    return _report(args, final, paths, missing, err)
+
+
+def _check(args: argparse.Namespace) -> None:
+    """The options that can be refused before anything is loaded."""
+    positive("--crops", args.crops)
+    positive("--batch-images", args.batch_images)
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers {args.workers}: must be 0 (decode in the scoring process) or more")
+    writable("--output", args.output)
+    if not args.paths and not args.list:
+        raise UserError("nothing to score: give image paths, folders or globs, or --list FILE")
+    if args.resume and not args.output:
+        raise UserError("--resume continues an --output file: give --output")
+
+
+def _report(args: argparse.Namespace, final: dict, paths: list[str], missing: list[tuple[str, str]], err) -> int:
+    """The table (--format table), every file that could not be scored, the exit status."""
+    from ..card import model_dir
+
     failed = [*missing, *((path, why) for path, (score, why) in final.items() if score is None)]
     unseen = [path for path in paths if path not in final]
     if unseen:  # rows another process wrote where this one cannot read them: never a silent gap
