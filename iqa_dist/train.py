@@ -61,7 +61,6 @@ class Run:
     dir: RunDir
     target: Target  # a new run, or the one being resumed
     display: Display
-    preempt: PreemptionFlag
     total_steps: int
     eval_every: int  # optimizer steps between evaluations
     checkpoint_every: int
@@ -130,7 +129,7 @@ def start(cfg: Config, resume: str = "", extend: bool = False) -> Run:
                             console=console)
     return Run(cfg=cfg, acc=acc, trainer=trainer, batches=batches, data=data, evaluation=evaluation, dir=run,
                target=target, display=Display(console, total_steps, steps_per_epoch, cfg.train.log_every),
-               preempt=preempt, total_steps=total_steps, eval_every=eval_every,
+               total_steps=total_steps, eval_every=eval_every,
                checkpoint_every=cfg.train.checkpoint_every or eval_every, counts=parameter_counts(model))
 
 
@@ -150,7 +149,7 @@ def begin(r: Run) -> None:
     if cfg.run.log_with:
         acc.init_trackers(r.dir.path.name, config={f"{s}.{k}": str(v) for s, d in cfg.to_dict().items()
                                                    if isinstance(d, dict) for k, v in d.items()})
-    r.preempt.interrupts(announce=acc.is_main_process)
+    t.guard.preempt.interrupts(announce=acc.is_main_process)
     r.window = (time.time(), t.state.step)
 
 

@@ -101,9 +101,12 @@ def run(args: argparse.Namespace) -> int:
     acc.wait_for_everyone()
     if not main:
         return 0
-    final = out.merge(paths, done) if args.output and args.format != "table" else \
-        {path: (score, why) for path, score, why in results}
-    return _report(args, final, paths, missing, err)
+    if args.output and args.format != "table":
+        final = out.merge(paths, done)
+        scored, unseen = sum(score is not None for score, _ in final.values()), [p for p in paths if p not in final]
+    else:  # one process, every row just written: the table's rows and the failures are all it kept
+        final, scored, unseen = results, out.scored, []
+    return _report(args, final, scored, unseen, missing, err)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -119,16 +122,16 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError("--resume continues an --output file: give --output")
 
 
-def _report(args: argparse.Namespace, final: dict, paths: list[str], missing: list[tuple[str, str]], err) -> int:
-    """The table (--format table), every file that could not be scored, the exit status."""
+def _report(args: argparse.Namespace, final: dict, scored: int, unseen: list[str], missing: list[tuple[str, str]],
+            err) -> int:
+    """The table (--format table), every file that could not be scored, the exit status. final:
+    path -> (score or None, problem), the failed rows at least (every row for the table)."""
     from ..card import model_dir
 
     failed = [*missing, *((path, why) for path, (score, why) in final.items() if score is None)]
-    unseen = [path for path in paths if path not in final]
     if unseen:  # rows another process wrote where this one cannot read them: never a silent gap
         failed += [(path, f"no row: its process wrote {args.output}.part-R where the main process cannot see it "
                           "(give --output on a file system every process shares, then --resume)") for path in unseen]
-    scored = sum(score is not None for score, _ in final.values())
     if args.format == "table":
         table = Table()
         table.add_column("image")
@@ -177,6 +180,7 @@ class Output:
     def __init__(self, path: str, fmt: str, world: int, rank: int) -> None:
         self.path = Path(path) if path else None
         self.fmt, self.world, self.rank = fmt, world, rank
+        self.scored = 0  # rows with a score this process wrote
 
     def parts(self) -> list[Path]:
         return sorted(self.path.parent.glob(f"{glob.escape(self.path.name)}.part-*")) if self.path else []
@@ -194,13 +198,17 @@ class Output:
         for f in [self.path, *self.parts()] if self.path else []:
             f.unlink(missing_ok=True)
 
-    def write(self, rows) -> list[tuple[str, float | None, str]]:
-        """Streams the rows (path, score or None, problem) out; returns them (for the table format)."""
-        kept = []
+    def write(self, rows) -> dict[str, tuple[float | None, str]]:
+        """Streams the rows (path, score or None, problem) out, counting the scored ones (`scored`).
+        Returns the failed rows, and every row for the table format: millions of scores streamed
+        to a file are not held in memory."""
+        kept = {}
         target = self._open()
         try:
             for path, score, why in rows:
-                kept.append((path, score, why))
+                self.scored += score is not None
+                if score is None or self.fmt == "table":
+                    kept[path] = (score, why)
                 if self.fmt != "table":
                     target.write(self._line(path, score, why))
                     target.flush()  # a killed job keeps every row written so far
