@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 __all__ = ["load_config", "build_model", "load_model", "__version__"]
 
 
-_LAZY = {"load_config": "config", "build_model": "model", "load_model": "predict"}  # name -> module
+_LAZY = {"load_config": "config", "build_model": "models.hyperiqa", "load_model": "scoring.predict"}  # name -> module
 
 
 def __getattr__(name: str):

@@ -1,5 +1,5 @@
 """`iqa-dist` (also `python -m iqa_dist`): prepare, train, evaluate, predict, report, bench, demo,
-sweep, weights. Each subcommand lives in `iqa_dist/commands/`; this file parses and dispatches,
+sweep, weights, launch. Each subcommand lives in `iqa_dist/commands/`; this file parses and dispatches,
 and turns every UserError into one line on stderr and its exit status (never a traceback).
 """
 
@@ -12,8 +12,8 @@ from typing import Sequence
 from rich.markup import escape
 
 from . import __version__
-from .commands import (bench, demo, dict_overrides, evaluate, launch, predict, prepare, reject_unknown, report,
-                       sweep, train, weights)
+from .commands import bench, demo, evaluate, launch, predict, prepare, report, sweep, train, weights
+from .commands.options import dict_overrides, reject_unknown
 from .errors import UserError
 from .output import console
 
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == [launch.NAME] and not set(argv[1:2]) & {"-h", "--help"}:
-            code = launch.run(argparse.Namespace(rest=argv[1:]))  # its options are accelerate's, not ours
+            code = launch.run(argparse.Namespace(rest=argv[1:], commands=list(COMMANDS)))  # accelerate's options
         else:
             args, unknown = build_parser().parse_known_args(argv)
             reject_unknown(dict_overrides(args, unknown))

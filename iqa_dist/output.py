@@ -1,22 +1,16 @@
-"""What the commands show: consoles, tables, numbers, and a training run's progress.
+"""How everything is shown: consoles, the one number format, tables (rich or markdown).
 
-In a terminal: rich's live bars and the terminal's width. In files and pipes (cluster logs):
-one message per line at any length (no hard wrap at 80 columns, no titles folded inside a table's
-width), plain progress lines every `train.log_every` steps. Only the main process prints.
+In a terminal: rich's tables at the terminal's width. In files and pipes (cluster logs): one
+message per line at any length (no hard wrap at 80 columns, no titles folded inside a table's
+width). Only the main process prints (`console_for`).
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections import deque
-from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-
-from .metrics import METRIC_KEYS
 
 LOG_WIDTH = 1000  # columns of a non-terminal console: wide enough that no message or table folds
 
@@ -56,99 +50,22 @@ def print_table(out: Console, title: str, table: Table) -> None:
     out.print(table)
 
 
-def metrics_table(rows: dict[str, dict]) -> Table:
-    """rows: split (or any label) -> metrics dict (srcc, plcc, krcc, rmse, n)."""
+def markdown_table(header: list[str], rows: list[list[str]], align: str = "") -> str:
+    """A markdown table; align: one letter per column, l or r (left when not given)."""
+    rules = ["---:" if a == "r" else "---" for a in align.ljust(len(header), "l")]
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "|".join(rules) + "|",
+                      *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def show_rows(out: Console, title: str, header: list[str], rows: list[list[str]], markdown: bool = False) -> None:
+    """A table of text cells, first column left and the others right: rich, or markdown to paste."""
+    if markdown:
+        out.print(f"{title}\n\n{markdown_table(header, rows, 'l' + 'r' * (len(header) - 1))}\n", markup=False,
+                  highlight=False)
+        return
     table = Table()
-    table.add_column("split")
-    for m in METRIC_KEYS:
-        table.add_column(m.upper() if m != "n" else "images", justify="right")
-    for name, m in rows.items():
-        table.add_row(name, *(fmt(m.get(k)) for k in METRIC_KEYS))
-    return table
-
-
-class Display:
-    """A training run's progress: a live bar in a terminal, a line every log_every steps in logs.
-
-    The ETA uses the rate over the last ETA_WINDOW steps (evaluation pauses included, in
-    proportion), so it does not swing with each evaluation the way a 10-step rate does."""
-
-    ETA_WINDOW = 500
-
-    def __init__(self, console: Console, total_steps: int, steps_per_epoch: int, log_every: int) -> None:
-        self.console = console
-        self.live = console.is_terminal and not console.quiet
-        self.total, self.per_epoch, self.log_every = total_steps, steps_per_epoch, log_every
-        self.times: deque[tuple[float, int]] = deque(maxlen=self.ETA_WINDOW)
-        self.last_line = -1
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, disable=not self.live)
-        self.run_task = self.progress.add_task("steps", total=total_steps, info="")
-        self.epoch_task = self.progress.add_task("epoch", total=steps_per_epoch, info="")
-        self.progress.start()
-
-    def step(self, step: int) -> None:
-        """After every step: the bars move (no loss here: reading it would sync the device)."""
-        self.times.append((time.time(), step))
-        epoch = step // self.per_epoch
-        self.progress.update(self.run_task, completed=step)
-        self.progress.update(self.epoch_task, completed=step - epoch * self.per_epoch, description=f"epoch {epoch + 1}")
-
-    def wants_line(self, step: int) -> bool:
-        return step % self.log_every == 0 or step == self.total
-
-    def rate(self) -> float:
-        """Steps per second over the window."""
-        if len(self.times) < 2:
-            return 0.0
-        (t0, s0), (t1, s1) = self.times[0], self.times[-1]
-        return (s1 - s0) / max(t1 - t0, 1e-9)
-
-    def line(self, step: int, loss: float, lr: float) -> None:
-        """The progress line of `step` (once, however many sync points the step has)."""
-        if step == self.last_line:
-            return
-        self.last_line = step
-        rate = self.rate()  # 0 until two steps are timed (e.g. the first line after a resume)
-        info = f"loss {loss:.4f}  lr {lr:.2e}  " + (f"{rate:.2f} steps/s" if rate else "speed not yet measured")
-        self.progress.update(self.run_task, info=info)
-        if not self.live:
-            eta = f" eta {(self.total - step) / rate / 60:.1f} min" if rate else ""
-            self.console.print(f"step {step}/{self.total} epoch {step / self.per_epoch:.2f} {info}{eta}",
-                               highlight=False)
-
-    def evaluating(self, images: int) -> None:
-        """Before an evaluation: the live bar says so, instead of standing still."""
-        if self.live:
-            self.progress.update(self.run_task, info=f"evaluating {images} validation images...")
-            self.progress.refresh()
-
-    def evaluation(self, record: dict, state, per_dataset: dict[str, dict] | None = None,
-                   ema_per_dataset: dict[str, dict] | None = None) -> None:
-        rows = {"val": {k: record.get(f"val_{k}") for k in METRIC_KEYS}}
-        if per_dataset:  # joint training: each dataset, then the combination selection uses
-            rows = {f"val {name}": m for name, m in per_dataset.items()} | {"val (selection)": rows["val"]}
-        if ema_per_dataset:
-            rows |= {f"val EMA {name}": m for name, m in ema_per_dataset.items()}
-        if "ema_val_srcc" in record:
-            rows["val EMA" + (" (selection)" if ema_per_dataset else "")] = {k: record.get(f"ema_val_{k}")
-                                                                             for k in METRIC_KEYS}
-        best = " (best)" if state.best_step == record["step"] else f" (best {state.best_srcc:.4f} at step {state.best_step})"
-        title = (f"step {record['step']}  epoch {record['epoch']:.2f}  train loss {record['train_loss']:.4f}  "
-                 f"{record['patches_per_s']:.0f} patches/s{best}")
-        print_table(self.console, title, metrics_table(rows))
-
-    def summary(self, summary: dict, path: Path) -> None:
-        title = (f"selected step {summary['best_step']} (epoch {summary['best_epoch']}) of {summary['steps_run']}"
-                 f"{', stopped early' if summary['stopped_early'] else ''}; "
-                 f"{summary['train_seconds']:.0f} s training, {summary['patches_per_s']} patches/s")
-        rows = {"val": summary["val"], "test": summary["test"]}
-        for name, m in summary.get("datasets", {}).items():
-            rows |= {f"val {name}": m["val"], f"test {name}": m["test"]}
-        print_table(self.console, title + (f"; weights: {summary['weights_from']}" if "weights_from" in summary else ""),
-                    metrics_table(rows))
-        self.console.print(f"run directory: {path}", highlight=False)
-
-    def close(self) -> None:
-        self.progress.stop()
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    print_table(out, title, table)

@@ -15,8 +15,8 @@ from accelerate import Accelerator
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from iqa_dist.config import load_config
-from iqa_dist.rig import StepRig
-from iqa_dist.store import ImageStore
+from iqa_dist.bench.rig import StepRig
+from iqa_dist.data.store import ImageStore
 
 STEPS = 3
 

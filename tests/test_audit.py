@@ -13,17 +13,18 @@ import pytest
 import torch
 from rich.console import Console
 
-from iqa_dist import train as train_mod
-from iqa_dist.audit import StepAudit, part
-from iqa_dist.augment import GRAY, Augmenter, color_jitter
-from iqa_dist.budget import TARGETS, step_budget
-from iqa_dist.compile import compile_model, inductor_cache
+from iqa_dist.training import loop
+from iqa_dist.bench.audit import StepAudit
+from iqa_dist.parts import part
+from iqa_dist.data.augment import GRAY, Augmenter, color_jitter
+from iqa_dist.bench.kernels import TARGETS, step_budget
+from iqa_dist.training.compile import compile_model, inductor_cache
 from iqa_dist.config import load_config
-from iqa_dist.scoring import predict_images
-from iqa_dist.model import build_model
-from iqa_dist.optim import WeightEMA
-from iqa_dist.rig import StepRig, device_tensors
-from iqa_dist.store import EvalSet, ImageStore
+from iqa_dist.scoring.predictions import predict_images
+from iqa_dist.models.hyperiqa import build_model
+from iqa_dist.training.optim import WeightEMA
+from iqa_dist.bench.rig import StepRig, device_tensors
+from iqa_dist.data.store import EvalSet, ImageStore
 
 from .conftest import TINY_SWIN_KWARGS as TINY_SWIN
 
@@ -247,7 +248,7 @@ def test_bench_compiles_what_train_compiles(tiny_overrides, tmp_path):
 
     cfg = load_config("demo", [*tiny_overrides, "train.compile=true", "train.compile_backend=aot_eager",
                                f"run.root={tmp_path}"])
-    s = train_mod.start(cfg)
+    s = loop.start(cfg)
     r = StepRig.build(cfg, store(), "fp32", 8, CPU)
     for trainer, batches in ((s.trainer, s.batches), (r.trainer, r.batches)):
         assert isinstance(trainer.forward, OptimizedModule) and batches.augmenter._compiled is not None

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from iqa_dist.augment import Augmenter, color_jitter, crop, sample_jitter, to_unit
+from iqa_dist.data.augment import Augmenter, color_jitter, crop, sample_jitter, to_unit
 from iqa_dist.config import AugmentConfig
-from iqa_dist.plan import Shares
+from iqa_dist.distributed.shards import Shares
 
 CPU = torch.device("cpu")
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iqa_dist.cache import prepare
+from iqa_dist.data.cache import prepare
 from iqa_dist.config import load_config
 
 from . import fixtures
@@ -158,7 +158,7 @@ def test_image_modes_become_rgb(tmp_path):
 
 
 def test_build_failure_leaves_no_complete_cache(tmp_path, monkeypatch):
-    from iqa_dist import cache as cache_mod
+    from iqa_dist.data import cache as cache_mod
 
     fixtures.koniq(tmp_path / "k", n=4, sets=False)
     original = cache_mod._build_images

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from iqa_dist.output import Display, console
+from iqa_dist.training.display import Display
+from iqa_dist.output import console
 
 from . import fixtures
 from .conftest import RUN, cli, metrics, only_run, train_here
@@ -71,8 +72,8 @@ def test_a_failed_start_leaves_no_run_directory(tiny_overrides, tmp_path):
 
 
 def test_resume_auto_ignores_runs_without_a_checkpoint(single_run, tmp_path):
-    from iqa_dist.resume import find_resumable
-    from iqa_dist.rundir import RunDir
+    from iqa_dist.training.resume import find_resumable
+    from iqa_dist.artifacts.rundir import RunDir
 
     root = tmp_path / "runs"
     never = root / "20200101-000000-demo"
@@ -271,9 +272,9 @@ def test_predict_on_a_folder_without_images_says_so(single_run, tmp_path):
 
 
 def test_a_tracker_that_is_not_installed_fails_at_start(tiny_overrides, tmp_path, monkeypatch):
-    import iqa_dist.accelerator
+    import iqa_dist.distributed.accelerators as accelerators
 
-    monkeypatch.setattr(iqa_dist.accelerator, "is_wandb_available", lambda: None)  # as Accelerate says it
+    monkeypatch.setattr(accelerators, "is_wandb_available", lambda: None)  # as Accelerate says it
     code, _, err = cli("train", "--preset", "demo", *[f"--{o}" for o in tiny_overrides],
                        "--run.log_with=wandb", f"--run.root={tmp_path}")
     one_line_error(code, err, "run.log_with=wandb: the wandb package is not installed")

@@ -11,9 +11,9 @@ import pytest
 import scipy.stats
 from PIL import Image
 
-from iqa_dist.compare import MIN_PAIRS, bootstrap_median, compare, paired, verdict, wilcoxon
+from iqa_dist.experiments.compare import MIN_PAIRS, bootstrap_median, compare, paired, verdict, wilcoxon
 from iqa_dist.errors import UserError
-from iqa_dist.sweep import grid_configs, members
+from iqa_dist.experiments.grid import grid_configs, members
 
 from .conftest import here
 
@@ -55,9 +55,9 @@ def test_pairs_are_made_by_repeat_and_only_where_both_finished():
 def test_bootstrap_is_reproducible_by_seed(monkeypatch):
     diffs = [0.010, -0.002, 0.004, 0.007, 0.001, 0.012, -0.001, 0.0035]
     assert bootstrap_median(diffs, seed=0) == bootstrap_median(diffs, seed=0)
-    import iqa_dist.compare
+    import iqa_dist.experiments.compare as compare_module
 
-    monkeypatch.setattr(iqa_dist.compare, "BOOTSTRAP", 25)  # few resamples: the seed shows in the interval
+    monkeypatch.setattr(compare_module, "BOOTSTRAP", 25)  # few resamples: the seed shows in the interval
     assert bootstrap_median(diffs, seed=0) != bootstrap_median(diffs, seed=1)
     monkeypatch.undo()
     low, high = bootstrap_median(diffs, seed=0)

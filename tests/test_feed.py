@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from iqa_dist.decode import decode
+from iqa_dist.data.decode import decode
 from iqa_dist.errors import UserError
-from iqa_dist.feed import batches, default_workers, on_device, read_list
-from iqa_dist.protocol import patch_origins
+from iqa_dist.data.feed import batches, default_workers, on_device, read_list
+from iqa_dist.data.protocol import patch_origins
 
 SIZE, PATCHES = 96, 3
 # Tensor path (torchvision's libjpeg-turbo decode + torch's float antialiased bilinear) vs PIL
@@ -152,7 +152,7 @@ def test_tensor_path_applies_every_exif_orientation(tmp_path, orientation):
 def test_a_jpeg_the_device_decoder_refuses_is_decoded_by_pil(files, monkeypatch):
     """nvjpeg refuses some JPEGs (CMYK, arithmetic coding, 12 bits) that PIL reads: those files go
     through decode.decode, with their origins, and the batch is exactly the CPU path's."""
-    import iqa_dist.feed as feed
+    import iqa_dist.data.feed as feed
 
     monkeypatch.setattr(feed, "decode_jpegs", lambda datas, device: [None] * len(datas))
     for protocol in ("random", "grid"):
@@ -164,7 +164,7 @@ def test_a_jpeg_the_device_decoder_refuses_is_decoded_by_pil(files, monkeypatch)
 
 
 def test_an_unexpected_error_in_one_file_is_one_failed_row(files, monkeypatch):
-    import iqa_dist.feed as feed
+    import iqa_dist.data.feed as feed
 
     real = feed.load
 

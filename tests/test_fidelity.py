@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 import iqa_dist
 from iqa_dist.config import load_config
 from iqa_dist.errors import UserError
-from iqa_dist.model import build_model
-from iqa_dist.optim import build_optimizer, build_schedule, group_sizes
-from iqa_dist.step import sample_losses
+from iqa_dist.models.hyperiqa import build_model
+from iqa_dist.training.optim import build_optimizer, build_schedule, group_sizes
+from iqa_dist.training.losses import sample_losses
 
 from .conftest import RUN, cli, metrics, here, only_run, run_train, train_here
 
@@ -185,7 +185,7 @@ def offline_hub(hub_cache, monkeypatch):
 
 def test_hub_weights_load_offline_with_their_sha256(offline_hub):
     from iqa_dist.config import ModelConfig
-    from iqa_dist.weights import provenance, sha256
+    from iqa_dist.models.weights import provenance, sha256
 
     home, weights = offline_hub
     cfg = ModelConfig(backbone="resnet18.tv_in1k", pretrained="hub", fusion="last", hyper_hidden=[64])
@@ -224,7 +224,7 @@ def test_run_and_card_record_weights_and_groups(single_run):
 
 
 def _evaluate_and_predict(run, cache_root):
-    from iqa_dist.evaluate import evaluate_model
+    from iqa_dist.scoring.evaluate import evaluate_model
 
     report = evaluate_model(run, "synthetic", "test", [f"data.cache_dir={cache_root}"])
     root = next(p for p in cache_root.glob("synthetic-src-*") if p.is_dir())

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from iqa_dist.card import ModelCard, Scale
+from iqa_dist.artifacts.card import ModelCard
+from iqa_dist.data.targets import Scale
 from iqa_dist.config import DataConfig, load_config
 from iqa_dist.errors import UserError
-from iqa_dist.optim import WeightEMA
-from iqa_dist.plan import JointPlan, Shares
+from iqa_dist.training.optim import WeightEMA
+from iqa_dist.data.plan import JointPlan
+from iqa_dist.distributed.shards import Shares
 
 from . import fixtures
 from .conftest import RUN, cli, metrics, only_run, train_here
@@ -123,7 +125,7 @@ def test_joint_run_reports_every_dataset(joint_run):
 
 
 def test_joint_card_scales_come_from_each_training_split(joint_run):
-    from iqa_dist.cache import prepare
+    from iqa_dist.data.cache import prepare
 
     run, root = joint_run
     card = ModelCard.read(run / "model")

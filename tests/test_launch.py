@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from iqa_dist.config import load_config
-from iqa_dist.sweep import members
+from iqa_dist.experiments.grid import members
 
 from .conftest import RUN, assert_same_training, free_port, here, metrics, only_run, run_train, train_cmd
 
@@ -226,7 +226,7 @@ def test_ctrl_c_checkpoints_and_a_second_one_a_second_later_quits(monkeypatch):
     """Once training runs, Ctrl-C asks for a checkpoint at the end of the step (a second signal at
     the same moment, the launcher forwarding the terminal's, changes nothing); another Ctrl-C more
     than a second later quits at once."""
-    from iqa_dist.step import PreemptionFlag
+    from iqa_dist.training.preemption import PreemptionFlag
 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
     clock = [100.0]
@@ -351,7 +351,7 @@ def test_lr_scaling_rules(rule, batch, lr, warmup):
 
 
 def test_scaling_projection_arithmetic():
-    from iqa_dist.bench import project, rate_at
+    from iqa_dist.bench.scaling import project, rate_at
 
     rates = {12: 600.0, 24: 1000.0, 48: 1500.0, 96: 2000.0}
     assert rate_at(96, rates) == 2000.0 and rate_at(200, rates) == 2000.0 and rate_at(6, rates) == 600.0

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from .conftest import TINY_SWIN_KWARGS as TINY_SWIN
 from iqa_dist.config import ModelConfig, load_config
 from iqa_dist.errors import UserError
-from iqa_dist.model import build_model, parameter_counts
+from iqa_dist.models.hyperiqa import build_model, parameter_counts
 
 TINY = dict(pretrained="none", img_size=112, hyper_hidden=[64, 32], backbone_kwargs=TINY_SWIN)
 

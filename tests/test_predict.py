@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 import iqa_dist
-from iqa_dist.augment import normalize
+from iqa_dist.artifacts.card import ModelCard
+from iqa_dist.data.augment import normalize
 from iqa_dist.errors import UserError
-from iqa_dist.evaluate import write_predictions
-from iqa_dist.protocol import grid_origins, patch_origins
+from iqa_dist.scoring.evaluate import write_predictions
+from iqa_dist.data.protocol import grid_origins, patch_origins
 
 from . import fixtures
 from .conftest import RUN, cli, here, train_here
@@ -55,7 +56,7 @@ def test_one_evaluation_precision_for_a_bf16_run(tiny_overrides, cache_root, tmp
     card = json.loads((run / "model" / "config.json").read_text())
     assert card["eval_precision"] == "fp32"
     summary = json.loads((run / "summary.json").read_text())
-    from iqa_dist.evaluate import evaluate_model
+    from iqa_dist.scoring.evaluate import evaluate_model
 
     report = evaluate_model(run, "synthetic", "test", [f"data.cache_dir={cache_root}"])
     for key in ("srcc", "plcc", "krcc", "rmse"):
@@ -280,7 +281,7 @@ def test_predict_on_two_processes_killed_and_resumed_equals_one_process(single_r
     assert "--resume:" in resumed.stderr and not list(tmp_path.glob("two.csv.part-*"))
     a, b = _scores(one), _scores(two)
     assert list(a) == list(b) == paths
-    lo, hi = iqa_dist.card.ModelCard.read(single_run / "model").datasets["synthetic"].score_range
+    lo, hi = ModelCard.read(single_run / "model").datasets["synthetic"].score_range
     for path in paths:
         assert (a[path] == "") == (b[path] == "") == (path.endswith("broken.jpg")), path
         if a[path]:

@@ -11,15 +11,18 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from iqa_dist.augment import Augmenter
+from iqa_dist.data.augment import Augmenter
 from iqa_dist.config import AugmentConfig, load_config
-from iqa_dist.scoring import predict_images
-from iqa_dist.model import build_model
-from iqa_dist.store import EvalSet, ImageStore
+from iqa_dist.scoring.predictions import predict_images
+from iqa_dist.models.hyperiqa import build_model
+from iqa_dist.data.store import EvalSet, ImageStore
 
 from .conftest import TINY_SWIN_KWARGS as TINY_SWIN
-from iqa_dist.optim import WeightEMA, build_optimizer, build_schedule
-from iqa_dist.step import Batch, BadStep, MicroBatch, PreemptionFlag, StepGuard, Trainer, TrainState
+from iqa_dist.training.optim import WeightEMA, build_optimizer, build_schedule
+from iqa_dist.training.batches import Batch, MicroBatch
+from iqa_dist.training.guard import BadStep, StepGuard
+from iqa_dist.training.preemption import PreemptionFlag
+from iqa_dist.training.trainer import Trainer, TrainState
 
 
 def tiny_cfg(*extra: str):
@@ -59,7 +62,7 @@ def batch(n: int = 8, size: int = 64, seed: int = 0, bad: bool = False) -> Batch
 def test_bench_times_the_training_step_itself():
     """bench's step (rig.StepRig) is `Batches.get` + `Trainer.step` as `train` calls them: driven
     from the same state, the two leave the same weights, optimizer state, schedule and EMA."""
-    from iqa_dist.rig import StepRig
+    from iqa_dist.bench.rig import StepRig
 
     cfg = load_config("koniq-swin-t", ["model.pretrained=none", f"model.backbone_kwargs={json.dumps(TINY_SWIN)}",
                                        "model.img_size=112", "train.ema_decay=0.9"])

@@ -21,9 +21,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from iqa_dist.metrics import correlation_metrics
-from iqa_dist.scoring import shard
-from iqa_dist.plan import BatchPlan, Shares
+from iqa_dist.scoring.metrics import correlation_metrics
+from iqa_dist.distributed.shards import shard
+from iqa_dist.data.plan import BatchPlan
+from iqa_dist.distributed.shards import Shares
 
 from .conftest import (RUN, TINY_SWIN_KWARGS, assert_same_training, cli, free_port, metrics, only_run, run_train,
                        train_cmd, train_here)
@@ -80,7 +81,7 @@ def test_shares_give_the_global_mean_gradient(world, micro):
     the mean loss over the global batch: with accumulation and with uneven shares."""
     import torch
 
-    from iqa_dist.step import sample_losses
+    from iqa_dist.training.losses import sample_losses
 
     torch.manual_seed(0)
     w = torch.randn(5, requires_grad=True)
@@ -278,7 +279,7 @@ def test_non_finite_loss_stops_before_the_step(tiny_overrides, tmp_path):
 def test_leftover_partial_checkpoint_is_ignored(single_run, tmp_path):
     from accelerate import Accelerator
 
-    from iqa_dist.rundir import RunDir
+    from iqa_dist.artifacts.rundir import RunDir
 
     run = RunDir(single_run, Accelerator(cpu=True))
     (single_run / "checkpoints" / ".tmp-step-00000099").mkdir()

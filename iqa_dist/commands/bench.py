@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
-from . import add_config_arguments, add_preset, config_from, positive
+from .options import add_config_arguments, add_preset, config_from, positive
 
 NAME = "bench"
 USAGE = "iqa-dist bench {augment,data,train,eval,scaling,kernels,summary,all} [options] [--SECTION.FIELD=VALUE ...]"
@@ -53,10 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..bench import BACKBONES, bench_command
+    from ..bench.inputs import BACKBONES
+    from ..bench.run import bench_command
 
     if args.what == "summary":
-        from ..gpu_report import summary
+        from ..bench.summary import summary
 
         folder = Path(args.work_dir or "runs/gpu-bench")
         if not folder.is_dir():
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise UserError(f"--device {args.device}: no CUDA GPU is visible on this machine")
-    from ..bench_show import show, warn_noisy
+    from ..bench.show import show, warn_noisy
     from ..output import console
 
     report = bench_command(args.what, config_from(args), args)

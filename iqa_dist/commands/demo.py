@@ -8,7 +8,7 @@ import time
 from rich.table import Table
 
 from ..output import console, fmt, print_table
-from . import COMMON, add_config_arguments, add_preset, config_from, stopped
+from .options import COMMON, add_config_arguments, add_preset, config_from, stopped
 
 NAME = "demo"
 USAGE = "iqa-dist demo [--preset NAME] [--SECTION.FIELD=VALUE ...]"
@@ -26,8 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from(args)  # a bad value is reported before torch loads (seconds)
-    from ..rundir import RunDir
-    from ..train import Preempted, train
+    from ..artifacts.rundir import RunDir
+    from ..training.loop import Preempted, train
 
     t0 = time.time()
     try:

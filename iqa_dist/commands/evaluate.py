@@ -6,10 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
-from ..sources import SOURCES
+from ..config import DATASETS
 from ..errors import UserError
-from ..output import console, metrics_table, print_table
-from . import add_config_arguments, overrides, writable
+from ..output import console, print_table
+from ..scoring.metrics import metrics_table
+from .options import add_config_arguments, overrides, writable
 
 NAME = "evaluate"
 USAGE = "iqa-dist evaluate (--run RUN_DIR | --weights MODEL_DIR) --dataset NAME [--root DIR] [--split test|val|all] [options]"
@@ -36,7 +37,7 @@ KEYS = ["data.root", "data.cache_dir", "data.score_column", "data.csv_file", "da
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", default="", help="a run directory (its selected model)")
     p.add_argument("--weights", default="", help="a model directory (model.safetensors + config.json)")
-    p.add_argument("--dataset", required=True, choices=SOURCES, metavar="NAME", help=" | ".join(SOURCES))
+    p.add_argument("--dataset", required=True, choices=DATASETS, metavar="NAME", help=" | ".join(DATASETS))
     p.add_argument("--root", default="", help="its folder [default: the training run's, on its own dataset]")
     p.add_argument("--split", default="test", choices=["val", "test", "all"],
                    help="which images: the split's test or val part, or all of them (cross-dataset)")
@@ -53,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import evaluate_model, write_predictions
+    from ..scoring.evaluate import evaluate_model, write_predictions
 
     if bool(args.run) == bool(args.weights):
         raise UserError("evaluate: give exactly one of --run RUN_DIR or --weights MODEL_DIR")

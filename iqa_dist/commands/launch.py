@@ -11,9 +11,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Collection
 
 from ..errors import UserError
-from . import LAUNCHED
+from .options import LAUNCHED
 
 NAME = "launch"
 HELP = "run an iqa-dist command under `accelerate launch`; SIGTERM or Ctrl-C checkpoint and exit 124"
@@ -38,19 +39,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="accelerate launch options, then COMMAND and its options")
 
 
-def split(rest: list[str]) -> tuple[list[str], list[str]]:
-    """(accelerate launch options, the iqa-dist command line): split at the first command name."""
-    from ..cli import COMMANDS
-
+def split(rest: list[str], commands: Collection[str]) -> tuple[list[str], list[str]]:
+    """(accelerate launch options, the iqa-dist command line): split at the first of `commands`."""
     for i, arg in enumerate(rest):
-        if arg in COMMANDS and arg != NAME:
+        if arg in commands and arg != NAME:
             return rest[:i], rest[i:]
     raise UserError("iqa-dist launch: name the command to run (e.g. `iqa-dist launch --num_processes 2 train "
                     "--preset demo`)")
 
 
 def run(args: argparse.Namespace) -> int:
-    accelerate_args, command = split(args.rest)
+    """args.rest: everything after `launch`; args.commands: the names of iqa-dist's commands (the CLI's)."""
+    accelerate_args, command = split(args.rest, args.commands)
     folder = Path(tempfile.mkdtemp(prefix="iqa-dist-launch-"))
     given = os.environ.get("IQA_DIST_STOP_FILE", "")  # a SLURM script's, which its own trap touches too
     stop, done = Path(given) if given else folder / "stop", folder / "stopped"

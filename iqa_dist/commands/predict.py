@@ -17,7 +17,7 @@ from rich.table import Table
 
 from ..errors import UserError
 from ..output import console, print_table
-from . import positive, writable
+from .options import positive, writable
 
 NAME = "predict"
 HELP = "score your own images with a trained model"
@@ -67,10 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..accelerator import scoring_accelerator
-    from ..feed import default_workers, read_list
-    from ..predict import expand, load_model, score_files
-    from ..scoring import shard
+    from ..distributed.accelerators import scoring_accelerator
+    from ..data.feed import default_workers, read_list
+    from ..scoring.predict import expand, load_model, score_files
+    from ..distributed.shards import shard
 
     _check(args)
     acc = scoring_accelerator()
@@ -126,7 +126,7 @@ def _report(args: argparse.Namespace, final: dict, scored: int, unseen: list[str
             err) -> int:
     """The table (--format table), every file that could not be scored, the exit status. final:
     path -> (score or None, problem), the failed rows at least (every row for the table)."""
-    from ..card import model_dir
+    from ..artifacts.card import model_dir
 
     failed = [*missing, *((path, why) for path, (score, why) in final.items() if score is None)]
     if unseen:  # rows another process wrote where this one cannot read them: never a silent gap

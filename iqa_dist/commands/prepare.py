@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import all_keys
-from ..sources import SOURCES
+from ..config import DATASETS, all_keys
 from ..output import console
-from . import add_config_arguments, config_from
+from .options import add_config_arguments, config_from
 
 NAME = "prepare"
 USAGE = "iqa-dist prepare --dataset NAME [--root DIR] [--cache-dir DIR] [--skip-bad] [--preset NAME] [--data.FIELD=VALUE ...]"
@@ -19,7 +18,7 @@ same code, so this is optional; a second prepare with the same inputs is a no-op
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True, choices=SOURCES, metavar="NAME", help=" | ".join(SOURCES))
+    p.add_argument("--dataset", required=True, choices=DATASETS, metavar="NAME", help=" | ".join(DATASETS))
     p.add_argument("--root", default="", help="folder holding the dataset's published files")
     p.add_argument("--cache-dir", default="", help="cache root [default $IQA_DIST_CACHE or ~/.cache/iqa_dist]")
     p.add_argument("--skip-bad", action="store_true", help="drop bad rows (listed in the cache metadata)")
@@ -29,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cache import describe, prepare
+    from ..data.cache import describe, prepare
 
     extra = [f"data.dataset={args.dataset}"]
     if args.root:

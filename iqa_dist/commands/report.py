@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.table import Table
 
 from ..output import console, print_table
-from . import writable
+from .options import writable
 
 NAME = "report"
 HELP = "compare runs in a table (and plots)"
@@ -24,11 +24,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..report import PHASE_ONE, find_runs, koniq_only, load_run, markdown, plot, plot_group, rows
+    from ..experiments.report import PHASE_ONE, find_runs, koniq_only, load_run, markdown, plot, plot_group, rows
+
+    from ..experiments.group import INFO
 
     writable("--plot", args.plot, folder=True)
-    if len(args.runs) == 1 and (Path(args.runs[0]) / "sweep.json").is_file():  # a sweep group: its table
-        from ..sweep import collect, show
+    if len(args.runs) == 1 and (Path(args.runs[0]) / INFO).is_file():  # a sweep group: its table
+        from ..experiments.collect import collect, show
 
         group = Path(args.runs[0])
         table = collect(group, show_table=False)

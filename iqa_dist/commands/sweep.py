@@ -8,8 +8,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..output import console
-from . import COMMON, add_config_arguments, add_preset, config_from, overrides, positive
 from .evaluate import KEYS as EVAL_KEYS
+from .options import COMMON, add_config_arguments, add_preset, config_from, overrides, positive
 
 NAME = "sweep"
 USAGE = ("iqa-dist sweep {grid,ablation,splits,cross,collect} [GROUP] [options] [--SECTION.FIELD=VALUE ...] | "
@@ -72,18 +72,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import sweep
+    from ..experiments.collect import collect
+    from ..experiments.cross import cross
+    from ..experiments.sweep import resume, run_sweep
 
     positive("--gpus-per-member", args.gpus_per_member or None)
     positive("--parallel", args.parallel or None)
     if args.resume:
-        return _outcome(sweep.resume(args.resume, args.launcher, args.gpus_per_member, args.parallel))
+        return _outcome(resume(args.resume, args.launcher, args.gpus_per_member, args.parallel))
     elif args.kind is None:
         raise UserError("sweep: give a kind (grid, ablation, splits, cross, collect) or --resume GROUP")
     elif args.kind == "collect":
         if not args.group:
             raise UserError("sweep collect: give the sweep group folder")
-        sweep.collect(args.group)
+        collect(args.group)
         return _outcome(Path(args.group))
     elif args.kind == "cross":
         if not args.run or not args.dataset:
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"sweep cross: --{unread[0]} is not read by evaluation (it reads --run.root and "
                             f"{', '.join('--' + k for k in EVAL_KEYS)})")
         cfg = config_from(args)
-        return _outcome(sweep.cross(args.run, args.dataset, cfg.run.root,
+        return _outcome(cross(args.run, args.dataset, cfg.run.root,
                                     [o for o in given if o.split("=")[0] in EVAL_KEYS], args.launcher, args.scale))
     else:
         if args.splits and args.seeds:
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             n, by = args.splits or args.seeds, "splits" if args.splits else "seeds" if args.seeds else ""
         if args.set and args.kind != "grid":
             raise UserError(f"sweep {args.kind}: --set belongs to sweep grid")
-        return _outcome(sweep.run_sweep(args.kind, args.preset, overrides(args), n, args.launcher, args.slurm,
+        return _outcome(run_sweep(args.kind, args.preset, overrides(args), n, args.launcher, args.slurm,
                                         args.gpus_per_member, args.parallel, args.set, by, args.baseline))
     return 0
 
@@ -114,9 +116,9 @@ def run(args: argparse.Namespace) -> int:
 def _outcome(group: Path) -> int:
     """1 when a member did not finish (the table says which and why), so scripts notice; 0 for a
     complete group or one submitted to SLURM (no table yet)."""
-    from ..sweep import MEMBERS
+    from ..experiments.group import MEMBERS, RESULTS
 
-    results = Path(group) / "results.json"
+    results = Path(group) / RESULTS
     if not results.exists():
         return 0
     members = json.loads(results.read_text())["members"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
-from . import COMMON, add_config_arguments, add_preset, config_from, overrides, stopped
+from .options import COMMON, add_config_arguments, add_preset, config_from, overrides, stopped
 
 NAME = "train"
 DEFAULT_PRESET = "koniq-swin-t"
@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = resumed_config(args) or config_from(args)  # a bad value is reported before torch loads (seconds)
-    from ..train import Preempted, train
+    from ..training.loop import Preempted, train
 
     try:
         train(cfg, resume=args.resume, extend=args.extend)
@@ -53,7 +53,7 @@ def resumed_config(args: argparse.Namespace):
     if args.resume in ("", "auto"):
         return None  # a new run, or auto
     from ..config import with_overrides
-    from ..rundir import RunDir
+    from ..artifacts.rundir import RunDir
 
     path = Path(args.resume)
     if not RunDir.is_run(path):

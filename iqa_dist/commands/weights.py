@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..output import console
-from . import add_config_arguments, add_preset, config_from
+from .options import add_config_arguments, add_preset, config_from
 
 NAME = "weights"
 HELP = "fetch a preset's pretrained weights into the Hugging Face cache (for offline compute nodes)"
@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..weights import fetch
+    from ..models.weights import fetch
 
     cfg = config_from(args)
     found = fetch(cfg.model)

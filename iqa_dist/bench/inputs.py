@@ -1,0 +1,80 @@
+"""What the benchmarks measure on: KonIQ-size source JPEGs made once, the backbones, phase
+one's CPU pipeline as a baseline, and the reference numbers (GPU peaks, a KonIQ epoch).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..config import load_config
+
+# Dense bf16 peak FLOP/s of the GPUs people train on (datasheets; H100/H200 SXM).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
+KONIQ_EPOCH = 7046 * 20  # training patches of a KonIQ epoch (Q-Align split x 20 patches per image)
+TINY_SWIN = load_config("demo").model.backbone_kwargs  # the demo's tiny Swin: its one home is the demo preset
+BACKBONES = {
+    "tiny": ("swin_tiny_patch4_window7_224", TINY_SWIN, 112),
+    "swin-t": ("swin_tiny_patch4_window7_224", {}, 224),
+    "swin-s": ("swin_small_patch4_window7_224", {}, 224),
+    "swin-b": ("swin_base_patch4_window7_224", {}, 224),
+}
+
+
+def source_images(folder: Path, n: int) -> Path:
+    """n KonIQ-size 1024x768 JPEGs (quality 90) plus a KonIQ-format CSV, made once."""
+    from ..sources.synthetic import PHOTOS, _photo
+
+    img_dir = folder / "1024x768"
+    if (folder / "koniq10k_scores_and_distributions.csv").is_file() and len(list(img_dir.glob("*.jpg"))) == n:
+        return folder
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rows = ["image_name,MOS,MOS_zscore"]
+    for i in range(n):
+        photo = Image.fromarray(_photo(PHOTOS[i % len(PHOTOS)])[..., :3]).resize((1024, 768), Image.BICUBIC)
+        if i // len(PHOTOS) % 2:
+            photo = photo.transpose(Image.FLIP_LEFT_RIGHT)
+        photo.save(img_dir / f"{i:05d}.jpg", quality=90)
+        rows.append(f"{i:05d}.jpg,3.0,{20 + 60 * i / max(1, n - 1):.3f}")
+    (folder / "koniq10k_scores_and_distributions.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def cpu_transforms(size: int, resize: tuple[int, int] | None = None):
+    """torchvision's per-image CPU pipeline, as phase one ran it (resize: (H, W) first)."""
+    import torchvision.transforms as T
+
+    return T.Compose([*([T.Resize(resize)] if resize else []), T.RandomCrop(size), T.RandomHorizontalFlip(),
+                      T.ColorJitter(0.1, 0.1, 0.1, 0.05), T.ToTensor(),
+                      T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+
+class PhaseOneDataset(torch.utils.data.Dataset):
+    """Phase one's loader: every patch decodes and resizes the full JPEG again, then CPU transforms."""
+
+    def __init__(self, files: list[Path], patches_per_image: int, size: int) -> None:
+        self.files, self.per = files, patches_per_image
+        self.transform = cpu_transforms(size, resize=(384, 512))  # the corrected landscape geometry, same cost
+
+    def __len__(self) -> int:
+        return len(self.files) * self.per
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.files[i // self.per]) as im:
+            return self.transform(im.convert("RGB"))
+
+
+class DecodedPatches(torch.utils.data.Dataset):
+    """torchvision's CPU pipeline on already decoded images (no JPEG work): the augmentation alone."""
+
+    def __init__(self, images: list[Image.Image], per: int, size: int) -> None:
+        self.images, self.per = images, per
+        self.transform = cpu_transforms(size)
+
+    def __len__(self) -> int:
+        return len(self.images) * self.per
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(self.images[i // self.per])

@@ -1,0 +1,127 @@
+"""The kernel budget of a training step: what it would launch on a GPU, and whether it would ever
+wait for one, counted by `audit.StepAudit` on any device (the CPU included).
+
+- A: the step `iqa-dist train` runs (`Batches.get` + `Trainer.step`: plan, one upload, device
+  crop/flip/ColorJitter/normalise, forward, loss, backward, clipping, guard, fused update, EMA);
+- B: the same `Trainer.step` on a batch already on the device (model only);
+- C: timm's plain classifier of the backbone (bench's anchor): the model alone, trained plainly.
+
+Counts per step are exact and do not depend on the batch size or the data (static shapes), so a
+small batch counts what a large one launches. The targets (eager, the koniq-swin-t recipe with
+train.ema_decay on): A/B <= 1.10 with the augmentation <= 90 kernels; B/C <= 1.17 (the HyperIQA
+head's own kernels: the step adds almost nothing to the model); the guard <= 4 kernels; the EMA
+one foreach kernel; no sync anywhere. With train.compile the augmentation becomes inductor's few
+fused kernels: `step_budget` on a compiling config counts the step eager (inductor's kernels are
+opaque to the dispatcher) and reports how many kernels inductor generates for the augmentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from ..config import Config, load_config
+from ..data.augment import Augmenter
+from ..data.cache import prepare
+from ..data.store import ImageStore
+from .audit import StepAudit
+from .inputs import BACKBONES, source_images
+from .rig import AnchorRig, StepRig
+
+
+def bench_kernels(cfg: Config, backbone: str, compiled: bool, n_images: int, batch: int, steps: int,
+                  device: torch.device, work: Path, console: Console) -> dict:
+    """The kernel budget of the koniq-swin-t step with `backbone` (counted at batch 2: the counts do
+    not depend on the batch), and on a GPU `steps` real steps at `batch` under the sync check."""
+    name, kwargs, size = BACKBONES[backbone]
+    root = source_images(work / "koniq", n_images)
+    c = load_config("koniq-swin-t", [f"data.root={root}", "data.split=random", f"model.img_size={size}",
+                                     f"data.cache_dir={work / 'cache'}", f"model.backbone={name}", "model.pretrained=none",
+                                     f"train.compile={str(compiled).lower()}"])
+    c = replace(c, model=replace(c.model, backbone_kwargs=kwargs))
+    store = prepare(c, Console(quiet=True)).image_store("train")
+    console.print(f"kernels: {backbone}, compile={compiled}: counting A, B and C", highlight=False)
+    out = step_budget(c, store, 2, device, precision="fp32" if device.type == "cpu" else "bf16")
+    out["backbone"] = backbone
+    if device.type == "cuda":
+        out["sync_debug"] = sync_debug(c, store, batch, steps, device)
+    return out
+
+
+def sync_debug(c: Config, store, batch: int, steps: int, device: torch.device) -> dict:
+    """`steps` real steps (`Batches.get` + `Trainer.step`) under torch.cuda.set_sync_debug_mode("error"),
+    after two warm-up steps: "passed", or the first synchronisation's error."""
+    rig = StepRig.build(replace(c, train=replace(c.train, ema_decay=c.train.ema_decay or 0.999)), store, "bf16",
+                        batch, device)
+    for _ in range(2):
+        rig.end_to_end()
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(steps):
+            rig.end_to_end()
+        result = {"steps": steps, "batch": batch, "passed": True}
+    except RuntimeError as e:
+        result = {"steps": steps, "batch": batch, "passed": False, "error": str(e).splitlines()[0][:300]}
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    rig.trainer.settle()
+    return result
+
+
+TARGETS = {"a_over_b": 1.10, "b_over_c": 1.17, "augment": 90, "guard": 4, "ema": 1}
+
+
+def count(run, tensors, steps: int, warmup: int = 1) -> dict:
+    """Per-step counts of `run()` after `warmup` calls (the first steps create optimizer state, and
+    compile under train.compile); `tensors()` lists what is on the device before the audit."""
+    for _ in range(warmup):
+        run()
+    audit = StepAudit(tensors())
+    with audit:
+        for _ in range(steps):
+            run()
+    report = audit.report(steps)
+    return {**report.per_step(), "findings": [str(f) for f in report.syncs],
+            "top": {p: report.top(p) for p in report.kernels}}
+
+
+def step_budget(cfg: Config, store: ImageStore, batch: int, device: torch.device, steps: int = 1,
+                precision: str = "fp32") -> dict:
+    """A, B and C of `cfg` (counted with its weight EMA on), their ratios and the targets' verdicts."""
+    compiled = cfg.train.compile and cfg.train.compile_backend == "inductor"
+    # counted eager (inductor's kernels are opaque to the dispatcher), with an EMA to count
+    cfg = replace(cfg, train=replace(cfg.train, ema_decay=cfg.train.ema_decay or 0.999, compile=False))
+    rig = StepRig.build(cfg, store, precision, batch, device)
+    generated = augmentation_kernels(rig) if compiled else None
+    a = count(rig.end_to_end, rig.device_tensors, steps, warmup=2)
+    b = count(rig.model_only, rig.device_tensors, steps)
+    anchor = AnchorRig(cfg, precision, batch, device)
+    c = count(anchor.step, anchor.device_tensors, steps)
+    ratios = {"a_over_b": a["kernels"] / b["kernels"], "b_over_c": b["kernels"] / c["kernels"]}
+    parts = {"augment": a["parts"].get("augment", 0.0), "guard": a["parts"].get("guard", 0.0),
+             "ema": a["parts"].get("ema", 0.0)}
+    checks = {k: (ratios | parts)[k] <= v for k, v in TARGETS.items()}
+    checks["no_syncs"] = a["syncs"] == b["syncs"] == c["syncs"] == 0
+    out = {"A": a, "B": b, "C": c, **ratios, "targets": TARGETS, "checks": checks, "batch": batch,
+           "compile": compiled, "backbone": cfg.model.backbone, "img_size": cfg.model.img_size}
+    if generated is not None:
+        out["augment_inductor_kernels"] = generated
+    return out
+
+
+def augmentation_kernels(rig: StepRig) -> int:
+    """The kernels inductor generates for the training augmentation under train.compile, compiled
+    here on its own (afresh: a cached graph would generate none), the model left eager."""
+    from torch._inductor import config, metrics
+
+    augmenter = Augmenter(rig.cfg.augment, rig.cfg.model.img_size, rig.batches.augmenter.mean.tolist(),
+                          rig.batches.augmenter.std.tolist(), 0).to(rig.acc.device)
+    augmenter.compile("inductor")
+    before = metrics.generated_kernel_count
+    with config.patch(fx_graph_cache=False):
+        replace(rig.batches, augmenter=augmenter).get(0)
+    return metrics.generated_kernel_count - before

@@ -1,0 +1,166 @@
+"""`iqa-dist bench`'s tables: the report `bench.bench_command` measured, shown (measuring and
+showing kept apart, so a saved report can be shown again)."""
+
+from __future__ import annotations
+
+import math
+
+from rich.table import Table
+
+from ..output import console as make_console, fmt, print_table
+from .inputs import KONIQ_EPOCH
+from .scaling import GPUS_PER_NODE
+from .timing import NOISY, Rate
+
+
+def fr(v) -> str:
+    """A measured figure with its spread, flagged when the machine was noisy: '152.6 ±4%'."""
+    if not isinstance(v, Rate) or math.isnan(v.spread):
+        return fmt(v)
+    return f"{fmt(v)} ±{100 * v.spread:.0f}%" + (" noisy" if v.spread > NOISY else "")
+
+
+def show(report: dict) -> None:
+    """The report's tables (`warn_noisy` then names the figures whose timed blocks disagreed)."""
+    out = make_console()
+    m = report["machine"]
+    where = f"{m['gpu'] or m['cpu']} ({m['cpu_cores']} CPU cores, torch {m['torch']})"
+    if "augment" in report:
+        a = report["augment"]
+        out.print(f"augmentation on the same decoded images ({a['img_size']} px crops, flip, ColorJitter, normalise): "
+                  f"torchvision per image on the CPU {fr(a['torchvision_cpu'])} patches/s, iqa_dist batched on "
+                  f"{report['device']} {fr(a['iqa_dist'])} patches/s ({fmt(a['speedup'])}x) - {where}", highlight=False)
+    if "data" in report:
+        d = report["data"]
+        t = Table()
+        for c in ("pipeline", "patches/s", "x phase one"):
+            t.add_column(c, justify="right" if c != "pipeline" else "left")
+        t.add_row("(a) phase one: decode + resize per patch, CPU transforms", fr(d["phase_one"]), "1")
+        t.add_row("(b) cache + device crop/flip/jitter", fr(d["cache_device_crops"]), fmt(d["speedup_device_crops"]))
+        t.add_row("(c) cache + stored patches", fr(d["cache_stored_patches"]), fmt(d["speedup_stored_patches"]))
+        t.add_row("(b) host side only: the CPU's share when augmentation runs on a GPU", fr(d["host_work_device_crops"]),
+                  fmt(d["speedup_host_work"]))
+        print_table(out, f"data pipeline, patches/s ready on {report['device']} - {where}", t)
+        if report["device"] == "cpu":
+            out.print("On this machine the CPU is also the device: (b) and (c) include the augmentation arithmetic "
+                      "that a GPU would do; the last row is what remains on the CPU cores when a GPU does it.")
+        out.print(f"cache: reads {fmt(d['cache_read_images_per_s'])} training images/s and "
+                  f"{fmt(d['cache_read_eval_images_per_s'])} evaluation images/s (with their protocol patches) into "
+                  f"memory; {d['cache_mb_per_1000_images']} MB per 1,000 KonIQ-size (512x384) images", highlight=False)
+    if "train" in report:
+        t = Table()
+        for c in ("backbone", "precision", "compile", "batch", "end to end", "model only", "anchor", "% of anchor",
+                  "input overhead %", "MFU %", "peak GiB", "first step s"):
+            t.add_column(c, justify="right")
+        for r in report["train"]:
+            t.add_row(r["backbone"], r["precision"], str(r["compile"]), str(r["batch"]), fr(r["end_to_end"]),
+                      fr(r["model_only"]), fr(r["anchor"]), fmt(r["pct_of_anchor"]), fmt(r["overhead_pct"]),
+                      fmt(r.get("mfu_pct")), fmt(r["memory_gib"]), fmt(r["first_step_s"]))
+        print_table(out, f"training steps, patches/s (end to end = `iqa-dist train`'s step with its input path; model "
+                         f"only = the same step on a batch already on the device; anchor = timm's plain classifier of "
+                         f"the backbone, same batch, precision, fused AdamW, clipping) - {where}", t)
+    if report.get("projection"):
+        t = Table()
+        for c in ("backbone", "precision", "compile", "GPUs", "batch per GPU", "patches/s", "KonIQ epoch s",
+                  "30 epochs min"):
+            t.add_column(c, justify="right")
+        for r in report["projection"]:
+            t.add_row(r["backbone"], r["precision"], str(r["compile"]), str(r["gpus"]), str(r["per_gpu_batch"]),
+                      fmt(r["patches_per_s"]), fmt(r["epoch_s"]), fmt(30 * r["epoch_s"] / 60))
+        print_table(out, f"projected (not measured): a KonIQ epoch ({KONIQ_EPOCH:,} patches) at global batch 96 on N "
+                         "GPUs, each at the end-to-end rate measured for its per-GPU batch; communication and "
+                         "evaluation not included", t)
+    if "scaling" in report:
+        show_scaling(out, report["scaling"], where)
+    if "predict" in report:
+        show_predict(out, report["predict"], where)
+    for k in report.get("kernels", []):
+        show_kernels(out, k, where)
+    for e in report.get("eval", []):
+        out.print(f"evaluation: {fr(e['images_per_s'])} images/s ({fmt(e['patches_per_s'])} patches/s, "
+                  f"{e['test_patch_num']} patches per image, {e['backbone']} at {e['img_size']} px, {e['precision']}, "
+                  f"compile={e['compile']})", highlight=False)
+
+
+def show_predict(out, p: dict, where: str) -> None:
+    t = Table()
+    for c in ("patches an image", "(a) decode in the main thread, then scoring (the loop before)",
+              f"(b) score_files: {p['workers']} decoding worker(s)", "x before", "model alone", "(b) per image"):
+        t.add_column(c, justify="right")
+    for r in p["rows"]:
+        per = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in r["b_seconds_per_image"].items() if v)
+        t.add_row(str(r["patches"]), fr(r["a_before"]), fr(r["b_score_files"]), fmt(r["speedup"]), fr(r["model_only"]),
+                  per)
+    print_table(out, f"predict, images/s: {p['images']} KonIQ-size JPEGs -> 512x384, {p['protocol']} patches of "
+                     f"{p['img_size']} px, {p['backbone']} model - {where}", t)
+    for r in p["rows"]:
+        if "b_decode_gpu" in r:
+            out.print(f"(b) with --decode gpu ({r['patches']} patches): {fr(r['b_decode_gpu'])} images/s", highlight=False)
+    out.print(f"decode + resize alone: {fr(p['decode_main_thread'])} images/s in the main thread, "
+              f"{fr(p['decode_workers'])} in {p['workers']} worker(s). Where the device is the CPU itself, the model "
+              "already uses every core: decoding beside it can only take its turn on them.", highlight=False)
+
+
+def show_scaling(out, sc: dict, where: str) -> None:
+    t = Table()
+    for c in ("per-process batch", "patches/s (measured)"):
+        t.add_column(c, justify="right")
+    for r in sc["measured"]:
+        t.add_row(str(r["batch"]), fr(r["end_to_end"]))
+    print_table(out, f"MEASURED: the real step (end to end), {sc['backbone']} {sc['precision']} - {where}; gradients "
+                     f"{sc['grad_bytes']['fp32'] / 1e6:.1f} MB per step in fp32 ({sc['grad_bytes']['bf16'] / 1e6:.1f} MB "
+                     f"with train.grad_compression=bf16)", t)
+    for key, label in (("fixed_batch", f"global batch {sc['global_batch']}"), ("per_gpu_96", "96 per GPU")):
+        t = Table()
+        for c in ("GPUs", "batch per GPU", "compute ms", "all-reduce ms", "step ms", "patches/s", "KonIQ epoch s"):
+            t.add_column(c, justify="right")
+        for r in sc[key]:
+            t.add_row(str(r["gpus"]), fmt(r["per_gpu_batch"]), fmt(r["compute_ms"]), fmt(r["comm_ms"]),
+                      fmt(r["step_ms"]), fmt(r["patches_per_s"]), fmt(r["epoch_s"]))
+        print_table(out, f"PROJECTED, not measured: {label}; compute at the measured rate for the per-GPU batch; "
+                         f"ring all-reduce at {sc['intra_gbps']:g} GB/s per GPU within a node of {GPUS_PER_NODE} "
+                         f"and {sc['inter_gbps']:g} GB/s across nodes, not overlapped with the backward pass "
+                         "(an upper bound)", t)
+    sw = sc["sweep_30_epochs"]
+    out.print(f"PROJECTED sweep throughput on one 8-GPU node (30-epoch KonIQ runs at batch 96): "
+              f"{fmt(sw['members_per_hour_8_parallel'])} members/hour with 8 members in parallel (one GPU each) vs "
+              f"{fmt(sw['members_per_hour_one_at_a_time_on_8'])} one at a time on all 8 GPUs ({fmt(sw['speedup'])}x)",
+              highlight=False)
+
+
+def show_kernels(out, k: dict, where: str) -> None:
+    parts = sorted({p for x in "ABC" for p in k[x]["parts"]}, key=lambda p: -k["A"]["parts"].get(p, 0))
+    t = Table()
+    for c in ("part", "A: real step", "B: model only", "C: anchor"):
+        t.add_column(c, justify="right" if c != "part" else "left")
+    for p in parts:
+        t.add_row(p, *(f"{k[x]['parts'][p]:,.4g}" if p in k[x]["parts"] else "-" for x in "ABC"))
+    t.add_row("total kernels", *(f"{k[x]['kernels']:,.6g}" for x in "ABC"))
+    t.add_row("host syncs", *(f"{k[x]['syncs']:g}" for x in "ABC"))
+    t.add_row("uploads / downloads", *(f"{k[x]['uploads']:g} / {k[x]['downloads']:g}" for x in "ABC"))
+    print_table(out, f"device kernels per step (compute and copies, views excluded), {k['backbone']} HyperIQA, "
+                     f"koniq-swin-t recipe with an EMA, compile={k['compile']}, counted on {where}", t)
+    verdict = {True: "met", False: "MISSED"}
+    tg, ch = k["targets"], k["checks"]
+    out.print(f"A/B {k['a_over_b']:.3f} (<= {tg['a_over_b']}: {verdict[ch['a_over_b']]}), B/C {k['b_over_c']:.3f} "
+              f"(<= {tg['b_over_c']}: {verdict[ch['b_over_c']]}), augmentation {k['A']['parts'].get('augment', 0):g} "
+              f"(<= {tg['augment']}: {verdict[ch['augment']]}), guard {k['A']['parts'].get('guard', 0):g} "
+              f"(<= {tg['guard']}: {verdict[ch['guard']]}), EMA {k['A']['parts'].get('ema', 0):g} "
+              f"(= {tg['ema']}: {verdict[ch['ema']]}), no host sync: {verdict[ch['no_syncs']]}", highlight=False)
+    for x in "ABC":
+        for f in k[x]["findings"]:
+            out.print(f"  {x}: {f}", highlight=False)
+    if "augment_inductor_kernels" in k:
+        out.print(f"compiled augmentation: inductor generated {k['augment_inductor_kernels']} kernel(s)", highlight=False)
+    if "sync_debug" in k:
+        sd = k["sync_debug"]
+        out.print(f"torch.cuda.set_sync_debug_mode('error'), {sd['steps']} real steps at batch {sd['batch']}: "
+                  + ("passed" if sd["passed"] else f"FAILED: {sd['error']}"), highlight=False)
+
+
+def warn_noisy(report: dict, console) -> None:
+    noisy = sorted(k for k, v in report["spread"].items() if v > NOISY)
+    if noisy:
+        console.print(f"noisy: {len(noisy)} figure(s) spread more than {NOISY:.0%} between their timed blocks "
+                      f"({', '.join(noisy[:6])}{', ...' if len(noisy) > 6 else ''}): measure again on a quieter "
+                      "machine, or with more --steps, before comparing them", highlight=False)

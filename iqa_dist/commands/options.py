@@ -1,0 +1,136 @@
+"""What the commands share: the config options (--section.field=value) and turning them into a
+Config, checks of output paths and counts, and the exit status of a stopped run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Sequence
+
+from ..config import SECTIONS, all_keys, field_docs, load_config_for, preset_names
+from ..errors import UserError
+
+# The options people change most, shown first in `train --help` (and `demo`, `sweep`).
+COMMON = ("data.root", "data.split", "model.backbone", "model.pretrained", "optim.lr", "train.epochs",
+          "train.batch_size", "train.mixed_precision", "train.seed", "run.name")
+
+
+def add_preset(parser: argparse.ArgumentParser, default: str | None) -> None:
+    parser.add_argument("--preset", default=default, help=f"a shipped preset ({', '.join(preset_names())}) or a "
+                        f"YAML file [default {default or 'demo for synthetic, else koniq-swin-t'}]")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, keys: Sequence[str] | None = None,
+                         common: Sequence[str] = ()) -> None:
+    """One --section.field option per config field (or per key in `keys`), documented from the
+    config's comments; the `common` ones in a first group of their own."""
+    wanted = set(keys) if keys is not None else set(all_keys())
+    fields = {f"{s}.{f.name}": (s, cls, f) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    groups = {}
+    if common:
+        groups["common"] = parser.add_argument_group("most used options (the other fields follow, by section)")
+    for key, (section, cls, f) in fields.items():
+        if key not in wanted:
+            continue
+        if key in common:
+            group = groups["common"]
+        else:
+            group = groups.get(section) or groups.setdefault(
+                section, parser.add_argument_group(f"{section} ({cls.__doc__.strip()})"))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs = dict(nargs="?", const="true") if f.type in ("bool", bool) else {}
+        group.add_argument(f"--{key}", dest=key, metavar="V", default=argparse.SUPPRESS,
+                           help=f"{field_docs(cls).get(f.name, '')} [default {default!r}]", **kwargs)
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """The --section.field options given, as section.field=value overrides (then the
+    --section.dictfield.key ones, e.g. --data.roots.spaq=/data/spaq)."""
+    return [f"{k}={v}" for k, v in vars(args).items() if "." in k] + getattr(args, "dict_overrides", [])
+
+
+def config_from(args: argparse.Namespace, extra: Sequence[str] = ()):
+    return load_config_for(args.preset, [*extra, *overrides(args)])
+
+
+DICT_FIELDS = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+               if f.default_factory is dict}  # e.g. data.roots, model.backbone_kwargs
+
+
+def dict_overrides(args: argparse.Namespace, unknown: list[str]) -> list[str]:
+    """Takes --section.dictfield.key=value (or `... value`) from the leftover arguments into
+    args.dict_overrides; returns what is left."""
+    args.dict_overrides, rest, items = [], [], list(unknown)
+    while items:
+        item = items.pop(0)
+        key, sep, value = item[2:].partition("=")
+        if item.startswith("--") and key.rsplit(".", 1)[0] in DICT_FIELDS and key.count(".") == 2:
+            if not sep:
+                if not items or items[0].startswith("--"):
+                    raise UserError(f"--{key}: give a value (--{key}=VALUE)")
+                value = items.pop(0)
+            args.dict_overrides.append(f"{key}={value}")
+        else:
+            rest.append(item)
+    return rest
+
+
+def reject_unknown(unknown: list[str]) -> None:
+    """Leftover arguments: an unknown option names its nearest config key (`--lr`: --optim.lr)."""
+    for item in unknown:
+        if not item.startswith("--"):
+            raise UserError(f"unexpected argument {item!r}")
+        key = item[2:].split("=")[0]
+        if key in all_keys():
+            raise UserError(f"--{key}: this command does not read that setting (its --help lists the ones it does)")
+        by_field = [k for k in all_keys() if k.split(".", 1)[1] == key]
+        hint = by_field or difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+        more = f"; did you mean --{hint[0]}?" if hint else ""
+        raise UserError(f"unknown option --{key}{more}")
+
+
+def writable(option: str, path: str, folder: bool = False) -> None:
+    """Checks an output path before any work is done: its folder (or, with folder=True, the path
+    itself) is made if missing; a file in the way or a folder that cannot be made is one error."""
+    if not path:
+        return
+    target = Path(path) if folder else Path(path).parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot make the folder {target} ({e.strerror})") from None
+    if not folder and Path(path).is_dir():
+        raise UserError(f"{option} {path}: is a folder; give a file name")
+
+
+def positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"{name} {value}: must be at least 1")
+
+
+# Set by `iqa-dist launch` for the processes it starts: a stop on request then exits 0 (torchrun
+# reports a clean end instead of a worker failure) and leaves this marker, which the launcher turns
+# into exit status 124.
+LAUNCHED = "IQA_DIST_LAUNCHED"
+
+
+def stopped(message: str) -> int:
+    """A run checkpointed on request (preemption, time limit, Ctrl-C): one line, from the main
+    process only, and the exit status that says "relaunch to resume" (124)."""
+    import os
+
+    from accelerate import PartialState
+
+    from ..output import console
+
+    main = PartialState().is_main_process
+    if main:
+        console(stderr=True).print(f"[yellow]{message}[/]")
+    if os.environ.get(LAUNCHED):
+        if main:
+            Path(os.environ[LAUNCHED]).write_text(message)
+        return 0
+    return 124

@@ -1,0 +1,72 @@
+"""A sweep group on disk: one folder `runs/<YYYYmmdd-HHMMSS>-sweep-<kind>/` holding its members'
+run directories and logs (NAME.log) and four files, each written by one step of a sweep: the
+members to run (members.jsonl, by `sweep.run_sweep`), what was asked (sweep.json), each member's
+exit status (status.json, by `sweep.run_members`) and the combined table (results.json, by
+`collect.collect`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..artifacts.rundir import RunDir
+from ..errors import UserError
+
+MEMBERS = "members.jsonl"  # one line per member: {"name", "config", "repeat", "args"}
+INFO = "sweep.json"  # the kind, preset, overrides, configs, baseline and repeats
+STATUS = "status.json"  # member name -> exit status of its last launch
+RESULTS = "results.json"  # the combined table
+
+
+def new_group(root: str, kind: str) -> Path:
+    group = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-sweep-{kind}"
+    group.mkdir(parents=True)
+    return group
+
+
+def write_members(group: Path, lines: list[dict]) -> None:
+    (group / MEMBERS).write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def read_members(group: Path) -> list[dict]:
+    """The group's members, in order; a folder without members.jsonl is not a group to run."""
+    path = group / MEMBERS
+    if not path.is_file():
+        raise UserError(f"{group}: not a sweep group (no {MEMBERS})")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_info(group: Path) -> dict:
+    path = group / INFO
+    if not path.is_file():
+        raise UserError(f"{group}: not a sweep group (no {INFO})")
+    return json.loads(path.read_text())
+
+
+def read_status(group: Path) -> dict[str, int]:
+    path = group / STATUS
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_status(group: Path, status: dict[str, int]) -> None:
+    (group / STATUS).write_text(json.dumps(status, indent=1))
+
+
+def member_runs(group: Path, name: str) -> list[Path]:
+    """The run directories of member `name`, oldest first."""
+    return [p for p in RunDir.named(group, name) if RunDir.is_run(p)]
+
+
+def finished(group: Path, name: str) -> bool:
+    return any(RunDir(p).finished for p in member_runs(group, name))
+
+
+def last_error(log: Path) -> str:
+    """A failed member's one-line error (the last `error:` line of its log), or where to look."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    errors = [line.strip() for line in lines if line.strip().startswith("error:")]
+    return errors[-1][len("error:"):].strip()[:200] if errors else f"see {log.name}"

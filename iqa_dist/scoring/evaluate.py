@@ -1,0 +1,110 @@
+"""`iqa-dist evaluate`'s library: an exported model scored on any dataset (its own test split by
+default, cross-dataset with split=all), through scoring.py's path, refusing images it trained on.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+from accelerate import Accelerator
+from rich.console import Console
+
+from ..artifacts.card import ModelCard, model_dir, overlap
+from ..config import Config, DataConfig, load_config_for, with_overrides
+from ..data.augment import Augmenter
+from ..distributed.accelerators import scoring_accelerator
+from ..distributed.shards import shard
+from ..errors import UserError
+from .metrics import METRIC_KEYS
+from .predictions import evaluate_split
+
+
+def evaluation_config(card: ModelCard, dataset: str, split: str, overrides: Sequence[str] = (),
+                      preset: str | None = None, cache_dir: str = "") -> Config:
+    """The data settings an evaluation uses. On a dataset the model trained on: the training run's
+    (split, seeds, fractions, resize), so "test" means the images it held out; on another dataset:
+    that dataset's defaults; with an explicit preset: the preset's. The cache: `cache_dir` (the
+    training run's), else the default. Overrides go on top; the patch size is the model's."""
+    extra = [f"data.dataset={dataset}", f"model.img_size={card.size}", *(["data.split=all"] if split == "all" else []),
+             *([f"data.cache_dir={cache_dir}"] if cache_dir else [])]
+    if preset:
+        return load_config_for(preset, [*extra, *overrides])
+    data = card.datasets[dataset].data if dataset in card.datasets else asdict(DataConfig(dataset=dataset))
+    return with_overrides({"data": {**data, "cache_dir": DataConfig().cache_dir}}, [*extra, *overrides],
+                          where=f"evaluation of a {'+'.join(card.datasets)} model")
+
+
+def run_cache_dir(folder, console: Console) -> str:
+    """The data.cache_dir of the training run whose model `folder` is (its model/ folder), when it
+    is still there: evaluation reuses that cache instead of building another. "" otherwise (the
+    default cache), saying why when the run had its own."""
+    from ..artifacts.rundir import RunDir
+
+    run = folder.parent
+    if not RunDir.is_run(run):
+        return ""
+    cache = ((RunDir(run).raw_config().get("data") or {}).get("cache_dir") or "")
+    if cache and not Path(cache).expanduser().is_dir():
+        console.print(f"the training run's data.cache_dir {cache} is not there any more: the cache is built in the "
+                      "default folder (give --data.cache_dir to choose)", highlight=False)
+        return ""
+    return cache
+
+
+def evaluate_model(path, dataset: str, split: str = "test", overrides: Sequence[str] = (), preset: str | None = None,
+                   allow_train_overlap: bool = False, scale: str | None = None, accelerator: Accelerator | None = None,
+                   console: Console | None = None) -> dict:
+    """An exported model (a run or model directory) on a dataset's split ("test", "val" or "all"),
+    under the model's own test protocol. Refuses images the model trained on (or that share a
+    content group with them) unless allow_train_overlap. Scores are reported on `scale` (a
+    dataset the model trained on, or "normalized"); by default on the evaluated dataset's own when
+    the model trained on it, else on the only training dataset's (a jointly trained model needs a
+    choice). Runs under `accelerate launch` too: the images are spread over the processes.
+    Returns the report (metrics, settings, per-image predictions)."""
+    from ..data.cache import describe, prepare
+    from .predict import load_model
+
+    folder = model_dir(path)
+    card = ModelCard.read(folder)
+    scale = scale or (dataset if dataset in card.datasets else None)
+    to_score = card.scale(scale).to_score  # a jointly trained model without a choice fails here, before any work
+    acc = accelerator or scoring_accelerator()
+    console = console or Console(stderr=True, quiet=not acc.is_main_process)
+    cfg = evaluation_config(card, dataset, split, overrides, preset, run_cache_dir(folder, console))
+    view = prepare(cfg, console)
+    console.print(describe(view), highlight=False)
+    which = "test" if split == "all" else split
+    ids = view.ids(which)
+    same, related = overlap(folder, cfg.data.dataset, view.names(ids), view.groups(ids))
+    if (same or related) and not allow_train_overlap:
+        raise UserError(
+            f"{folder}: {same} of the {len(ids)} {cfg.data.dataset} images to score are images this model trained on"
+            + (f", and {related} more show the same content as a training image" if related else "")
+            + f" (the evaluation split is data.split={cfg.data.split} seed {cfg.data.split_seed}). Scores on them "
+            "are not held-out results. Evaluate the run's own test split (the default: no --preset, no split "
+            "overrides), or pass --allow-train-overlap to score them anyway (recorded in the report).")
+    scorer = load_model(folder, acc.device, scale)
+    images = view.eval_set(which, card.protocol, card.test_patch_num, card.size,
+                           shard(len(ids), acc.num_processes, acc.process_index))
+    augmenter = Augmenter.evaluation(card.size, card.mean, card.std).to(acc.device)
+    batch = cfg.train.eval_batch_size or 256
+    result = evaluate_split(scorer.model, images, augmenter, batch, acc, to_score)
+    return {"model": str(folder), "dataset": cfg.data.dataset, "root": cfg.data.root, "split": split,
+            "data_split": cfg.data.split, "split_seed": cfg.data.split_seed, "protocol": card.protocol,
+            "patches": card.test_patch_num, "score_scale": view.image_meta["score_range"],
+            "trained_on": "+".join(card.datasets), "scale": scale or card.dataset,
+            "train_overlap": {"images": same, "same_content": related, "allowed": bool(allow_train_overlap)},
+            "metrics": {k: result[k] for k in METRIC_KEYS},
+            "per_image": {"names": view.names(result["ids"]), "targets": result["targets"].tolist(),
+                          "preds": result["preds"].tolist()}}
+
+
+def write_predictions(path, names, targets, preds) -> None:
+    """image,score,prediction per image (csv quotes names that hold commas or quotes)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "score", "prediction"])
+        writer.writerows((n, f"{t:.4f}", f"{p:.4f}") for n, t, p in zip(names, targets, preds))

@@ -1,0 +1,164 @@
+"""Using a trained model: `load_model(path).score(images)`, the library behind `iqa-dist predict`.
+
+A model directory is self-contained (card.py): weights plus the card that says how the training
+images were resized, normalised and scored. Scoring follows the same test protocol as evaluation
+(protocol.py): with the defaults, `score` gives an image the prediction that `iqa-dist evaluate`
+gave it. `crops` and `flip` are explicit extras (more patches, mirrored patches averaged in).
+"""
+
+from __future__ import annotations
+
+import glob
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ..artifacts.card import WEIGHTS_FILE, ModelCard, model_dir
+from ..data.augment import Augmenter
+from ..data.decode import decode, fit, to_rgb, upright
+from ..data.store import EvalSet, ImageStore
+from ..errors import UserError
+from ..models.hyperiqa import HyperIQA, build_model
+from .predictions import predict_images
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+
+
+class Scorer:
+    """A trained model that scores images on its training dataset's scale."""
+
+    def __init__(self, model: HyperIQA, card: ModelCard, device: torch.device, scale: str | None = None,
+                 resize_as: str | None = None) -> None:
+        self.model = model.to(device).eval()
+        self.card = card
+        self.device = device
+        self.size = card.size
+        self.augmenter = Augmenter.evaluation(card.size, card.mean, card.std).to(device)  # crop + normalise
+        self.scale = card.scale(scale)  # which dataset's scale scores are on (a joint model needs a choice)
+        # new images are prepared as that dataset's were: its resize, its EXIF orientation choice
+        self.resize, self.exif = card.image_policy(scale, resize_as)
+
+    def prepare(self, image) -> np.ndarray:
+        """A path, PIL image or uint8 array/tensor (HWC or CHW) -> resized uint8 HWC RGB, exactly
+        as the cache decodes and resizes a dataset's files."""
+        if isinstance(image, (str, Path)):
+            pixels, h, w, why = decode(str(image), self.resize, self.size, self.exif)
+            if why:
+                raise UserError(f"{image}: {why}")
+            return np.frombuffer(pixels, np.uint8).reshape(h, w, 3)
+        if isinstance(image, Image.Image):
+            img = to_rgb(upright(image) if self.exif else image)
+        else:
+            a = image.cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+            if a.dtype != np.uint8 or a.ndim != 3:
+                raise UserError(f"expected a uint8 HxWx3 or 3xHxW image, got {a.dtype} {a.shape}")
+            img = Image.fromarray(a.transpose(1, 2, 0) if a.shape[0] == 3 and a.shape[2] != 3 else a)
+        img, problem = fit(img, self.resize, self.size)
+        if problem:
+            raise UserError(problem)
+        return np.asarray(img)
+
+    def score_arrays(self, arrays: Sequence[np.ndarray], crops: int | None = None, flip: bool = False,
+                     batch_patches: int = 256) -> np.ndarray:
+        """Scores of prepared HWC uint8 images: the mean over the protocol's patches (the card's
+        count, or `crops`), and over their mirror images too with `flip`."""
+        images = EvalSet.of(ImageStore.of_images(list(arrays)), self.card.protocol, crops or self.card.test_patch_num,
+                            self.size)
+        return self.score_set(images, flip, batch_patches)
+
+    def score_set(self, images: EvalSet, flip: bool = False, batch_patches: int = 256) -> np.ndarray:
+        """Scores of an EvalSet's images (pixels on the host or on this scorer's device)."""
+        images = replace(images, store=images.store.to(self.device))
+        preds = predict_images(self.model, images, self.augmenter, batch_patches, self.device, flip=flip)
+        return self.scale.to_score(preds.double().cpu().numpy())
+
+    def score(self, images, crops: int | None = None, flip: bool = False) -> np.ndarray:
+        """Scores (on the training dataset's scale) of PIL images, file paths or uint8 tensors."""
+        if isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor)) and not (
+                isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4):
+            images = [images]
+        return self.score_arrays([self.prepare(im) for im in images], crops, flip)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A torch device from the user's word; a missing GPU or an unknown name is a UserError."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r}: not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: MPS is not available here (use --device cpu)")
+    return dev
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None, scale: str | None = None,
+               resize_as: str | None = None) -> Scorer:
+    """A model directory (or a run directory) as a Scorer; `scale`: the dataset (of those it
+    trained on) whose scale scores are on, or "normalized"; a one-dataset model's by default;
+    `resize_as`: the dataset whose resize policy new images get [default: the scale's]."""
+    folder = model_dir(path)
+    card = ModelCard.read(folder)
+    torch.set_flush_denormal(True)  # trained weights make CPU math hit slow denormals (train.py)
+    model = build_model(card.model_config())
+    weights = folder / WEIGHTS_FILE
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as e:  # a truncated or foreign file: safetensors' own error, or a shape mismatch
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{weights}: cannot be read as this model's weights ({type(e).__name__}: {first}); the file "
+                        "is damaged (a copy cut short?) or belongs to another model: export or copy it again") from None
+    return Scorer(model, card, resolve_device(device), scale, resize_as)
+
+
+def expand(paths: Iterable[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files, folders (recursively, image suffixes) and globs -> (files, [(path, problem)])."""
+    files, missing = [], []
+    for p in paths:
+        matches = sorted(glob.glob(p, recursive=True)) if any(c in p for c in "*?[") else [p]
+        if not matches:
+            missing.append((p, "no file matches"))
+        for m in matches:
+            path = Path(m)
+            if path.is_dir():
+                found = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+                if not found:
+                    missing.append((m, f"a folder with no images in it ({', '.join(sorted(IMAGE_SUFFIXES))})"))
+                files += found
+            elif path.is_file():
+                files.append(path)
+            else:
+                missing.append((m, "no such file or folder"))
+    return files, missing
+
+
+def score_files(scorer: Scorer, paths: list[str], positions: list[int], *, crops: int | None = None,
+                flip: bool = False, batch_images: int = 16, workers: int = 0,
+                decode: str = "auto") -> Iterator[tuple[int, float | None, str, dict[str, float]]]:
+    """(position, score or None, problem, timings) for each file, in list order, as soon as its
+    batch is scored: decoded by `feed.batches` (DataLoader workers; JPEGs on the GPU where that
+    keeps every image's crops), scored on the one evaluation path. timings: the batch's seconds waiting for
+    the loader, decoding on the GPU, uploading, and in the model (on the first of its files)."""
+    from ..data.feed import batches
+
+    for b in batches(paths, positions, resize=scorer.resize, size=scorer.size,
+                     exif=scorer.exif, protocol=scorer.card.protocol, patches=crops or scorer.card.test_patch_num,
+                     batch_images=batch_images, workers=workers, device=scorer.device, decode=decode):
+        start = time.perf_counter()
+        scores = scorer.score_set(b.images, flip) if b.images is not None else []
+        timings = {**b.timings, "model": time.perf_counter() - start}
+        done = {p: (float(s), "") for p, s in zip(b.positions, scores)} | {p: (None, why) for p, why in b.failed}
+        for p in sorted(done):
+            yield p, *done[p], timings
+            timings = {}

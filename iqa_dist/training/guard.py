@@ -1,0 +1,103 @@
+"""The guard: whether each step was applied, decided for every process together without
+waiting for the device, and what follows from it (the schedule step, the EMA update).
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from ..parts import part
+from .optim import WeightEMA
+from .preemption import PreemptionFlag
+
+
+class StepGuard:
+    """Decides, for every process together and without waiting for the device, whether each step
+    was applied, and applies what follows from it: the schedule step and the EMA update.
+
+    The flag: 1 when the loss or the gradient norm is non-finite (three kernels: a sum, times
+    zero, NaN to one), else 0, so exactly {0, 1} (all-reduced by max with several processes). With
+    a fused optimizer the update skips itself on the device when it is 1 (the optimizer's
+    `found_inf`; under fp16 the loss scaler passes its own overflow flag instead), and the flag
+    reaches the host one step late through a pinned, non-blocking copy: `check` at step s reads
+    step s-1's flag before step s's update. Only then does step s-1 count: an applied step steps
+    the schedule and updates the EMA (the weights have not moved since: step s's update comes
+    after), a skipped one changes nothing, so the schedule is a function of applied updates. A
+    non-finite loss (or, except under fp16, gradient) stops the run with BadStep, leaving the
+    weights, moments, schedule and EMA from before the bad step; under fp16 a non-finite gradient
+    with a finite loss is the loss scaler's overflow: skipped, and training goes on.
+
+    Without a fused optimizer the flag is read at once (a host sync). With one process a stop
+    request is the host's own flag; with several, [skipped, loss non-finite, stop requested]
+    travel in one all-reduce, so every process stops at the same step and names the same cause."""
+
+    def __init__(self, acc: Accelerator, optimizer: torch.optim.Optimizer, preempt: "PreemptionFlag",
+                 scheduler=None, ema: WeightEMA | None = None) -> None:
+        self.acc, self.preempt, self.scheduler, self.ema = acc, preempt, scheduler, ema
+        self.inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
+        self.fp16 = acc.scaler is not None  # a loss scaler: overflows are skipped, not fatal
+        self.deferred = bool(self.inner.defaults.get("fused"))
+        self.shared = acc.num_processes > 1
+        width = 3 if self.shared else 2 if self.fp16 else 1  # [skipped(, loss non-finite(, stop))]
+        # the host's copy of the flags, allocated once (pinned: a non-blocking copy)
+        self.host = torch.zeros(width, pin_memory=acc.device.type == "cuda")
+        self.host_values = self.host.numpy()  # the same memory, read without a torch call
+        self.pending: tuple[int, torch.Tensor, torch.Tensor, torch.cuda.Event | None] | None = None
+        self.preempted = False  # a preemption flag has been read
+        self.skipped = 0  # steps skipped so far (fp16 overflows)
+
+    def check(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        """After step `step`'s backward and clipping, before its update. Raises BadStep for a
+        non-finite step (this one, or the previous one when deferred) before the update."""
+        skipped = torch.nan_to_num((loss + norm.to(loss.dtype)) * 0.0, nan=1.0).view(1)  # 0 finite, 1 not
+        flags = skipped
+        if self.fp16 or self.shared:
+            flags = torch.cat([skipped, torch.nan_to_num(loss * 0.0, nan=1.0).view(1)])
+        if self.shared:
+            stop = torch.full((1,), float(self.preempt.requested()), device=flags.device)
+            flags = self.acc.reduce(torch.cat([flags, stop]), "max")
+        if not self.deferred:
+            self._read(step, flags.cpu().numpy(), loss)
+            return
+        if not self.fp16:  # under fp16 the loss scaler hands the fused kernel its own overflow flag
+            self.inner.found_inf = flags[0]  # the fused kernel skips the whole update when it is 1
+        self.flush()
+        self.host.copy_(flags, non_blocking=True)
+        event = None
+        if flags.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self.pending = (step, flags, loss, event)  # flags: the copy's source stays alive until it is read
+
+    def flush(self) -> None:
+        """Settles the pending step (waiting for its flags): at log, eval and checkpoint points."""
+        if self.pending is not None:
+            step, _, loss, event = self.pending
+            self.pending = None
+            if event is not None:
+                event.synchronize()
+            self._read(step, self.host_values, loss)
+
+    def _read(self, step: int, flags, loss: torch.Tensor) -> None:
+        """flags on the host: [skipped], with fp16 [skipped, loss non-finite], with several
+        processes [skipped, loss non-finite, stop requested]."""
+        self.preempted = self.preempted or (bool(flags[2]) if self.shared else self.preempt.requested())
+        if flags[0]:
+            # rare: with one process and no scaler the loss says which (one read of the device, on the way out)
+            loss_bad = bool(flags[1]) if len(flags) > 1 else not torch.isfinite(loss).item()
+            if loss_bad or not self.fp16:
+                raise BadStep(step, "loss" if loss_bad else "gradient")
+            self.skipped += 1  # an fp16 overflow: the scaler skipped the update and lowered its scale
+            return
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.ema is not None:
+            with part("ema"):
+                self.ema.update()
+
+
+class BadStep(Exception):
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(f"non-finite {what} at step {step}")
+        self.step, self.what = step, what

@@ -1,0 +1,219 @@
+"""The training step, written once: `iqa-dist train` runs it and `iqa-dist bench train` times it.
+
+A step is this process's share of the global batch (`Batches.get`: plan -> one upload -> device
+augmentation), forward and backward per micro-batch, the per-sample losses reduced once, gradient
+clipping, the guard, the update, the schedule and the weight EMA (`train_step`), and its
+bookkeeping (`Trainer.step`: the step counter and the loss window).
+
+World-size invariance: train.batch_size is GLOBAL. Step s draws its B samples (and their
+augmentation) identically on every process; process r takes chunk (micro * world + r) of them.
+The step sums a micro-batch's per-sample losses and divides by B / world: the micro-batch
+gradients add up, DDP's mean over processes divides by world, and the result is the mean over
+the global batch, even when chunks are uneven. The ranking term pairs every sample with every
+other of the GLOBAL batch (predictions gathered across processes with their gradients), so it
+too is the same loss on 1 GPU and on 64.
+
+No host round trip per step: the non-finite and preemption flags are read one step late
+(StepGuard), and the fused optimizer itself skips a non-finite step on the device (under fp16
+the loss scaler hands the fused kernel its own overflow flag, also without a host read), so no
+update is ever taken from a non-finite loss or gradient. The host work (the plan, the random
+draws, the packing) is marked `part("host")` and touches no device tensor; everything else is
+device work that never waits for the device (tests/test_audit.py proves it on the CPU with
+`audit.StepAudit`). The other `part` names label the step's stretches for the audit's kernel
+counts and for torch.profiler traces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+from torch import nn
+
+from ..config import Config
+from ..data.augment import Augmenter
+from ..distributed.gather import gather_global
+from ..distributed.shards import Shares
+from ..parts import part
+from .batches import Batch
+from .compile import compile_step
+from .guard import BadStep, StepGuard
+from .losses import sample_losses
+from .optim import WeightEMA, build_optimizer, build_schedule
+from .preemption import PreemptionFlag
+
+
+def train_step(t: "Trainer", batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of each micro-batch (gradients synced on the last one only), clipping,
+    the guard (which settles the previous step: its schedule step and EMA update), the update.
+    Returns (summed loss, gradient norm), both on the device."""
+    total = None
+    for m, mb in enumerate(batch.micro):
+        with t.acc.no_sync(t.model) if m < len(batch.micro) - 1 else contextlib.nullcontext():
+            with part("forward"):
+                pred = t.forward(mb.x, mb.noise).float()
+            with part("loss"):
+                ranked = (gather_global(pred, batch.sizes), batch.targets, batch.groups) if t.rank_weight > 0 else None
+                summed = sample_losses(pred, mb.target, t.rank_weight, ranked, mb.offset).sum()
+                total = summed.detach() if total is None else total + summed.detach()
+            with part("backward"):
+                t.acc.backward(summed / t.per_process)
+    with part("clip"):
+        norm = t.acc.clip_grad_norm_(t.model.parameters(), t.grad_clip or math.inf)
+    with part("guard"):
+        t.guard.check(t.state.step, total, norm)
+    with part("optimizer"):
+        t.optimizer.step()
+        t.optimizer.zero_grad(set_to_none=True)
+    return total, norm
+
+
+class LossMeter:
+    """The train loss since the last evaluation: summed on the device every step (no host read),
+    moved to host totals at sync points (`settle`), reduced over processes once per use."""
+
+    def __init__(self) -> None:
+        self.pending: torch.Tensor | None = None  # the device sum not yet settled
+        self.total = 0.0  # this process's settled sum of per-sample losses
+        self.n = 0  # ... over this many patches (settled or not: counted on the host)
+
+    def add(self, summed: torch.Tensor, n: int) -> None:
+        self.pending = summed.detach().clone() if self.pending is None else self.pending.add_(summed.detach())
+        self.n += n
+
+    def settle(self) -> None:
+        """The host read: the device sum joins the host total."""
+        if self.pending is not None:
+            self.total += float(self.pending)
+            self.pending = None
+
+    def mean(self) -> float:
+        """This process's mean loss over the window (the progress line)."""
+        return self.total / max(1, self.n)
+
+    def reduce(self, acc: Accelerator) -> tuple[float, int]:
+        """(sum, patches) over every process: one all-reduce with several processes."""
+        if acc.num_processes == 1:
+            return self.total, self.n
+        totals = acc.reduce(torch.tensor([self.total, self.n], device=acc.device, dtype=torch.float64), "sum").tolist()
+        return totals[0], int(totals[1])
+
+    def consolidate(self, acc: Accelerator) -> None:
+        """Before a checkpoint: the main process holds the global sums, the others zero. Accelerate
+        saves registered objects from the main process only, so this is what a resumed run restores
+        on every process (and `reduce` stays right)."""
+        if acc.num_processes > 1:
+            total, n = self.reduce(acc)
+            self.total, self.n = (total, n) if acc.is_main_process else (0.0, 0)
+
+    def reset(self) -> None:
+        self.pending, self.total, self.n = None, 0.0, 0
+
+
+@dataclass
+class TrainState:
+    """The loop's counters, checkpointed with the model (register_for_checkpointing)."""
+
+    step: int = 0  # optimizer steps taken
+    best_srcc: float = -math.inf
+    best_step: int = 0
+    bad_evals: int = 0
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    world_size: int = 0  # processes that wrote the checkpoint (0: a checkpoint from before it was recorded)
+    loss: LossMeter = field(default_factory=LossMeter)  # the window's loss; its host totals are checkpointed
+
+    def update_best(self, srcc: float, patience: int) -> bool:
+        """Model selection and early stopping after an evaluation at this step: True when this is a
+        new best (exported). The first evaluation always is; a non-finite SRCC never improves."""
+        srcc = srcc if math.isfinite(srcc) else -math.inf
+        best = srcc > self.best_srcc or self.best_step == 0
+        if best:
+            self.best_srcc, self.best_step, self.bad_evals = srcc, self.step, 0
+        else:
+            self.bad_evals += 1
+        self.stopped_early = 0 < patience <= self.bad_evals
+        return best
+
+    def state_dict(self) -> dict:
+        counters = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "loss"}
+        return {**counters, "window_loss": self.loss.total, "window_n": self.loss.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self.loss.reset()
+        self.loss.total, self.loss.n = state.pop("window_loss", 0.0), state.pop("window_n", 0)
+        self.__dict__.update(state)
+
+
+@dataclass(kw_only=True)
+class Trainer:
+    """Everything a training step touches, built once with keywords (`Trainer.build`): `train`
+    calls `step` in its loop and `iqa-dist bench train` times the same method."""
+
+    acc: Accelerator
+    model: nn.Module  # as prepared by Accelerate (DDP on several processes): no_sync and clipping
+    forward: nn.Module  # what the step calls: the prepared model, compiled under train.compile
+    bare: nn.Module  # the model itself: what the optimizer updates, evaluation reads and export writes
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    guard: StepGuard
+    ema: WeightEMA | None  # the weights' moving average (train.ema_decay > 0)
+    state: TrainState
+    per_process: float  # global batch / processes: the step's loss divisor (uneven shares allowed)
+    patches: int  # this process's patches per step
+    rank_weight: float
+    grad_clip: float
+    norm: torch.Tensor | None = None  # the last step's gradient norm, on the device
+    settled: int = -1  # the step whose results the host last read
+
+    @classmethod
+    def build(cls, cfg: Config, model: nn.Module, acc: Accelerator, *, shares: Shares, total_steps: int,
+              steps_per_epoch: int, augmenter: Augmenter, preempt: "PreemptionFlag", console: Console) -> "Trainer":
+        """The model on the accelerator's device with its optimizer, schedule and EMA, prepared by
+        Accelerate, and the step's function compiled as train.compile says."""
+        optimizer = build_optimizer(model.to(acc.device), cfg)
+        scheduler = build_schedule(optimizer, cfg, total_steps, steps_per_epoch)
+        ema = WeightEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        prepared, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+        return cls(acc=acc, model=prepared, forward=compile_step(prepared, augmenter, cfg, console), bare=model,
+                   optimizer=optimizer, scheduler=scheduler, ema=ema, state=TrainState(),
+                   guard=StepGuard(acc, optimizer, preempt, scheduler=scheduler, ema=ema),
+                   per_process=shares.per_process, patches=sum(sl.stop - sl.start for sl in shares.slices()),
+                   rank_weight=cfg.optim.rank_weight, grad_clip=cfg.optim.grad_clip)
+
+    def step(self, batch: Batch) -> None:
+        """One optimizer step on this process's share of a global batch, and its bookkeeping."""
+        try:
+            loss, self.norm = train_step(self, batch)
+        except BadStep as bad:  # found at the next step's check (deferred): undo the counting since
+            self._rewind(bad)
+            raise
+        self.state.step += 1
+        with part("loss"):  # the loss window: one add on the device
+            self.state.loss.add(loss, self.patches)
+
+    def settle(self) -> None:
+        """The host reads of the step's results, at most once per step: the pending step's flags
+        (BadStep for a bad one) and the loss window."""
+        if self.settled == self.state.step:
+            return
+        try:
+            self.guard.flush()
+        except BadStep as bad:
+            self._rewind(bad)
+            raise
+        self.state.loss.settle()
+        self.settled = self.state.step
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def _rewind(self, bad: BadStep) -> None:
+        """The counters back to before the bad step (none of its update was applied)."""
+        self.state.loss.n -= (self.state.step - bad.step) * self.patches
+        self.state.step = bad.step
