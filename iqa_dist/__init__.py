@@ -1,11 +1,13 @@
 """iqa-dist: distributed multi-GPU training of Swin HyperIQA for blind image quality assessment.
 
-Pipeline: dataset files (sources.py, splits.py) -> cache (cache.py builds, store.py reads) ->
-device augmentation (augment.py) -> model (model.py) -> metrics (evaluate.py, metrics.py,
-protocol.py) -> run directory (rundir.py, card.py). train.py holds the loop; commands/ holds the
-CLI's subcommands, cli.py dispatches. "Phase one", named in comments, is the study this project
-continues: the README's "Reproducing the papers" defines it and gives its table. Importing the
-package is cheap: torch loads on first use.
+The package reads as the pipeline: sources/ (dataset files) -> data/ (decode, cache, store,
+splits, plan, device augmentation, test-time patches) -> models/ (HyperIQA) -> training/ (the
+step, the loop, selection) -> scoring/ (predictions, metrics, evaluate, predict) -> experiments/
+(sweeps, comparisons, reports), with distributed/ (processes) and artifacts/ (the model card and
+run directory that training writes and scoring reads) beside them, bench/ (measurement) and
+commands/ + cli.py (the CLI) on top, config/ underneath. "Phase one", named in comments, is the
+study this project continues: the README's "Reproducing the papers" defines it and gives its
+table. Importing the package is cheap: torch loads on first use.
 """
 
 __version__ = "0.1.0"

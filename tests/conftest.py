@@ -56,13 +56,11 @@ def here(*args: str) -> subprocess.CompletedProcess:
     import io
     import signal
 
-    from accelerate.state import AcceleratorState, GradientState
-
     from iqa_dist.cli import main
+    from iqa_dist.distributed.accelerators import reset_accelerate_state
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -14,8 +15,8 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from iqa_dist.config import load_config
 from iqa_dist.bench.rig import StepRig
+from iqa_dist.config import load_config
 from iqa_dist.data.store import ImageStore
 
 STEPS = 3
@@ -26,10 +27,8 @@ def main(overrides: list[str]) -> None:
     acc = Accelerator(cpu=True)
     rng = np.random.default_rng(0)
     n, h, w = 6, 130, 150
-    sizes = torch.full((n,), h * w * 3)
-    store = ImageStore(torch.from_numpy(rng.integers(0, 256, n * h * w * 3, dtype=np.uint8)),
-                       torch.cumsum(sizes, 0) - sizes, torch.full((n,), h), torch.full((n,), w),
-                       torch.rand(n) * 100, torch.arange(n))
+    store = replace(ImageStore.of_images(list(rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8))),
+                    scores=torch.rand(n) * 100)
     rig = StepRig.build(cfg, store, "fp32", 16, torch.device("cpu"), acc=acc)
     rounds = [0]
 

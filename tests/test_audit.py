@@ -7,24 +7,26 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from rich.console import Console
 
-from iqa_dist.training import loop
 from iqa_dist.bench.audit import StepAudit
-from iqa_dist.parts import part
-from iqa_dist.data.augment import GRAY, Augmenter, color_jitter
 from iqa_dist.bench.kernels import TARGETS, step_budget
-from iqa_dist.training.compile import compile_model, inductor_cache
-from iqa_dist.config import load_config
-from iqa_dist.scoring.predictions import predict_images
-from iqa_dist.models.hyperiqa import build_model
-from iqa_dist.training.optim import WeightEMA
 from iqa_dist.bench.rig import StepRig, device_tensors
+from iqa_dist.config import load_config
+from iqa_dist.constants import GRAY
+from iqa_dist.data.augment import Augmenter, gray_weights, jitter, jitter_table
 from iqa_dist.data.store import EvalSet, ImageStore
+from iqa_dist.models.hyperiqa import build_model
+from iqa_dist.parts import part
+from iqa_dist.scoring.predictions import predict_images
+from iqa_dist.training import loop
+from iqa_dist.training.compile import compile_model, inductor_cache
+from iqa_dist.training.optim import WeightEMA
 
 from .conftest import TINY_SWIN_KWARGS as TINY_SWIN
 
@@ -34,9 +36,7 @@ CPU = torch.device("cpu")
 def store(n: int = 6, h: int = 130, w: int = 150, seed: int = 0) -> ImageStore:
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
-    sizes = torch.full((n,), h * w * 3)
-    return ImageStore(torch.from_numpy(images.ravel().copy()), torch.cumsum(sizes, 0) - sizes, torch.full((n,), h),
-                      torch.full((n,), w), torch.rand(n) * 100, torch.arange(n))
+    return replace(ImageStore.of_images(list(images)), scores=torch.rand(n) * 100)
 
 
 def tiny_recipe(*extra: str):
@@ -100,8 +100,8 @@ def test_the_audit_finds_every_kind_of_wait():
 
 def test_the_audit_would_fail_the_augmentation_as_it_landed_before():
     """021370f's jitter made its constants per call (augment.py:93 and :134 there): the audit names
-    both. Today's convenience `color_jitter(gray=None)` does the same, which is why the step passes
-    the Augmenter's constants."""
+    both; and grey weights made per call (`gray_weights` inside the step) would be found the same
+    way, which is why the step passes the Augmenter's constants, made once at set-up."""
     x = torch.rand(4, 3, 8, 8)
 
     def landed():
@@ -113,7 +113,8 @@ def test_the_audit_would_fail_the_augmentation_as_it_landed_before():
     assert len(found) == 2 and all("Python data" in f for f in found)
     order = torch.stack([torch.randperm(4) for _ in range(4)])
     factors = [torch.rand(4) + 0.5 for _ in range(3)]
-    assert any("Python data" in f for f in findings(lambda: color_jitter(x, *factors, None, order), [x]))
+    table = jitter_table(torch.stack(factors, 1), None, order).float()
+    assert any("Python data" in f for f in findings(lambda: jitter(x, table, False, gray_weights(x.device)), [x]))
 
 
 # ---------------------------------------------------------------- the real step, evaluation, the EMA
@@ -252,7 +253,7 @@ def test_bench_compiles_what_train_compiles(tiny_overrides, tmp_path):
     r = StepRig.build(cfg, store(), "fp32", 8, CPU)
     for trainer, batches in ((s.trainer, s.batches), (r.trainer, r.batches)):
         assert isinstance(trainer.forward, OptimizedModule) and batches.augmenter._compiled is not None
-    assert isinstance(s.evaluation.model, OptimizedModule)
+    assert isinstance(s.selection.model, OptimizedModule)
 
 
 def test_a_users_inductor_cache_is_honoured(monkeypatch, tmp_path):

@@ -9,14 +9,24 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from iqa_dist.data.augment import Augmenter, color_jitter, crop, sample_jitter, to_unit
 from iqa_dist.config import AugmentConfig
+from iqa_dist.data.augment import Augmenter, crop, gray_weights, jitter, jitter_table, sample_jitter, to_unit
 from iqa_dist.distributed.shards import Shares
 
 CPU = torch.device("cpu")
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN, STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+
+def color_jitter(x: torch.Tensor, brightness, contrast, saturation, hue, order: torch.Tensor) -> torch.Tensor:
+    """ColorJitter of x (B, 3, H, W) in [0, 1] through `jitter_table` + `jitter`, as the training
+    step runs it: per-sample factors (B,) or None (off), hue shifts (B,) or None, order (B, 4)."""
+    ones = torch.ones(len(x))
+    factors = torch.stack([ones if f is None else f for f in (brightness, contrast, saturation)], 1)
+    table = jitter_table(factors, hue, order).float()
+    return jitter(x, table, hue is not None, gray_weights(x.device))
 
 
 def reference_jitter(x, b, c, s, h, order):
@@ -132,7 +142,7 @@ def test_two_ranks_draw_different_augmentations_reproducibly():
     global_batch = 16
     draws = [Augmenter(AugmentConfig(), 8, MEAN, STD, seed=5).draw(global_batch) for _ in range(2)]
     torch.testing.assert_close(draws[0].u_y, draws[1].u_y)  # same seed, same draw
-    shares = [Shares.plan(global_batch, 0, world=2, rank=r).slices()[0] for r in range(2)]
+    shares = [Shares.split(global_batch, 0, world=2, rank=r).slices()[0] for r in range(2)]
     rank0, rank1 = draws[0][shares[0]], draws[0][shares[1]]
     assert not torch.allclose(rank0.u_y, rank1.u_y) and not torch.allclose(rank0.brightness, rank1.brightness)
     # world-size invariance: sample i gets the same draw whatever the number of processes

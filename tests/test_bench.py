@@ -44,7 +44,12 @@ def test_bench_all_runs_and_writes_its_json(tmp_path):
 
 
 def test_bench_help_lists_its_own_options_only():
+    from iqa_dist.bench.run import BENCHES
+    from iqa_dist.commands.bench import WHAT
+
+    assert WHAT == (*BENCHES, "summary", "all")  # every bench is a choice, and every choice but two a bench
     out = here("bench", "--help")
+    assert f"{{{','.join(WHAT)}}}" in out.stdout
     assert "--steps" in out.stdout and "--model.img_size" in out.stdout and "--optim.lr" not in out.stdout
     code = here("bench", "train", "--optim.lr=0.1")
     assert code.returncode == 2 and "optim.lr" in code.stderr and "Traceback" not in code.stderr

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iqa_dist.data.cache import prepare
 from iqa_dist.config import load_config
+from iqa_dist.data.cache import prepare
 
 from . import fixtures
 from .conftest import here
@@ -184,10 +184,13 @@ def test_killed_prepare_is_never_accepted(tmp_path):
     fixtures.koniq(tmp_path / "k", n=60, size=(1024, 768), sets=False)
     proc = subprocess.Popen(_prepare_cmd(tmp_path / "k", tmp_path / "c"), stderr=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL)
+    def writing() -> bool:  # decoded rows are reaching the Arrow file of the partial build
+        return any(f.stat().st_size > 0 for f in (tmp_path / "c").glob(".*partial*/hf/**/*.arrow"))
+
     deadline = time.time() + 120
-    while time.time() < deadline and not list((tmp_path / "c").glob(".*partial*/hf")):
-        time.sleep(0.05)
-    time.sleep(0.3)
+    while time.time() < deadline and not writing() and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None and writing(), "prepare was not killed in the middle of writing the cache"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not complete_caches(tmp_path / "c")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from iqa_dist.training.display import Display
 from iqa_dist.output import console
+from iqa_dist.training.display import Display
 
 from . import fixtures
 from .conftest import RUN, cli, metrics, only_run, train_here

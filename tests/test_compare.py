@@ -11,8 +11,8 @@ import pytest
 import scipy.stats
 from PIL import Image
 
-from iqa_dist.experiments.compare import MIN_PAIRS, bootstrap_median, compare, paired, verdict, wilcoxon
 from iqa_dist.errors import UserError
+from iqa_dist.experiments.compare import MIN_PAIRS, bootstrap_median, compare, paired, verdict, wilcoxon
 from iqa_dist.experiments.grid import grid_configs, members
 
 from .conftest import here

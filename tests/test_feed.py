@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from iqa_dist.data.decode import decode
-from iqa_dist.errors import UserError
 from iqa_dist.data.feed import batches, default_workers, on_device, read_list
 from iqa_dist.data.protocol import patch_origins
+from iqa_dist.errors import UserError
 
 SIZE, PATCHES = 96, 3
 # Tensor path (torchvision's libjpeg-turbo decode + torch's float antialiased bilinear) vs PIL
@@ -72,10 +72,10 @@ def expected(paths: list[str], resize: str, protocol: str) -> tuple[dict, list]:
 
 
 def fed(paths: list[str], resize: str, protocol: str, workers: int = 0, device: str = "cpu",
-        decode: str = "auto") -> tuple[dict, list, list]:
+        decoder: str = "auto") -> tuple[dict, list, list]:
     """Everything `batches` yields: {position: (HWC pixels, origins)}, failures, the batches."""
     out = list(batches(paths, positions_of(paths), resize=resize, size=SIZE, exif=True, protocol=protocol,
-                       patches=PATCHES, batch_images=4, workers=workers, device=torch.device(device), decode=decode))
+                       patches=PATCHES, batch_images=4, workers=workers, device=torch.device(device), decoder=decoder))
     good, failed = {}, []
     for b in out:
         assert set(b.timings) == {"wait", "gpu_decode", "upload"}
@@ -116,7 +116,7 @@ def test_tensor_path_matches_pil(files, workers, resize):
     the same images decode, at the same sizes, upright, within a stated pixel difference of PIL's;
     the corrupt JPEG falls back to PIL, which reports it; grid origins are the same."""
     want, want_failed = expected(files, resize, "grid")
-    got, failed, out = fed(files, resize, "grid", workers=workers, decode="tensor")
+    got, failed, out = fed(files, resize, "grid", workers=workers, decoder="tensor")
     assert [p for b in out for p in b.positions] == list(want)
     assert failed == want_failed  # truncated.jpg: PIL's reason, from the fallback; small.jpg: decode.fit's wording
     diffs = []
@@ -133,7 +133,7 @@ def test_tensor_path_matches_pil(files, workers, resize):
 def test_tensor_path_seeds_random_crops_with_its_own_pixels(files):
     """The random protocol's origins on the tensor path come from the pixels it made (copied to
     the host), so an image gets the crops its pixels say, as everywhere else."""
-    got, _, _ = fed(files, "512x384", "random", decode="tensor")
+    got, _, _ = fed(files, "512x384", "random", decoder="tensor")
     for pixels, origins in got.values():
         assert np.array_equal(origins, patch_origins("random", pixels, *pixels.shape[:2], SIZE, PATCHES))
 
@@ -145,7 +145,7 @@ def test_tensor_path_applies_every_exif_orientation(tmp_path, orientation):
     path = str(tmp_path / f"o{orientation}.jpg")
     sideways(path, 160, 112, orientation, orientation)
     want, _ = expected([path], "none", "grid")
-    got, failed, _ = fed([path], "none", "grid", decode="tensor")
+    got, failed, _ = fed([path], "none", "grid", decoder="tensor")
     assert not failed and np.array_equal(got[100][0], want[100][0])
 
 
@@ -157,7 +157,7 @@ def test_a_jpeg_the_device_decoder_refuses_is_decoded_by_pil(files, monkeypatch)
     monkeypatch.setattr(feed, "decode_jpegs", lambda datas, device: [None] * len(datas))
     for protocol in ("random", "grid"):
         want, want_failed = expected(files, "512x384", protocol)
-        got, failed, _ = fed(files, "512x384", protocol, decode="tensor")
+        got, failed, _ = fed(files, "512x384", protocol, decoder="tensor")
         assert sorted(failed) == sorted(want_failed) and list(got) == list(want)
         for p, (pixels, origins) in want.items():
             assert np.array_equal(got[p][0], pixels) and np.array_equal(got[p][1], origins)
@@ -184,7 +184,7 @@ def test_a_batch_of_bad_files_only(files):
     """A batch where nothing decodes (the corrupt JPEG after its fallback too) has no images; an
     empty list gives no batches."""
     paths = [f for f in files if any(bad in f for bad in ("missing", "notes", "truncated"))]
-    got, failed, out = fed(paths, "512x384", "random", decode="tensor")
+    got, failed, out = fed(paths, "512x384", "random", decoder="tensor")
     assert got == {} and [b.images for b in out] == [None] and [p for p, _ in failed] == [100, 103, 106]
     assert list(batches([], [], resize="none", size=SIZE, exif=True, protocol="grid", patches=1, batch_images=4,
                         workers=0, device=torch.device("cpu"))) == []
@@ -194,9 +194,9 @@ def test_decode_choices():
     kw = dict(resize="none", size=SIZE, exif=True, protocol="grid", patches=1, batch_images=4, workers=0,
               device=torch.device("cpu"))
     with pytest.raises(UserError, match="decode=gpu .*CUDA"):
-        next(batches(["a.jpg"], [0], decode="gpu", **kw))
+        next(batches(["a.jpg"], [0], decoder="gpu", **kw))
     with pytest.raises(UserError, match="auto, cpu, gpu, tensor"):
-        next(batches(["a.jpg"], [0], decode="nvjpeg", **kw))
+        next(batches(["a.jpg"], [0], decoder="nvjpeg", **kw))
     assert default_workers(torch.device("cpu")) == 0 and 1 <= default_workers(torch.device("cuda")) <= 8
     # auto decodes JPEGs on a GPU only where the crops do not depend on exact pixels (grid)
     cuda = torch.device("cuda")

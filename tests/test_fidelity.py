@@ -7,21 +7,20 @@ import json
 import math
 import shutil
 
+import iqa_dist
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import iqa_dist
 from iqa_dist.config import load_config
 from iqa_dist.errors import UserError
 from iqa_dist.models.hyperiqa import build_model
-from iqa_dist.training.optim import build_optimizer, build_schedule, group_sizes
 from iqa_dist.training.losses import sample_losses
+from iqa_dist.training.optim import build_optimizer, build_schedule, group_sizes
 
-from .conftest import RUN, cli, metrics, here, only_run, run_train, train_here
-
+from .conftest import RUN, cli, here, metrics, only_run, run_train, train_here
 
 # ---------------------------------------------------------------- the original computation
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from iqa_dist.artifacts.card import ModelCard
-from iqa_dist.data.targets import Scale
 from iqa_dist.config import DataConfig, load_config
+from iqa_dist.data.plan import JointPlan
+from iqa_dist.data.targets import Scale
+from iqa_dist.distributed.shards import Shares
 from iqa_dist.errors import UserError
 from iqa_dist.training.optim import WeightEMA
-from iqa_dist.data.plan import JointPlan
-from iqa_dist.distributed.shards import Shares
 
 from . import fixtures
 from .conftest import RUN, cli, metrics, only_run, train_here
@@ -41,7 +41,7 @@ def test_joint_plan_mixes_in_proportion_and_depends_only_on_the_step():
     # each process's chunks of it, for 1 and 2 processes, cover the same global batch exactly once
     rows0 = plan.batch(7)[0]
     for world in (1, 2):
-        parts = [rows0[sl] for r in range(world) for sl in Shares.plan(16, 0, world, r).slices()]
+        parts = [rows0[sl] for r in range(world) for sl in Shares.split(16, 0, world, r).slices()]
         assert torch.equal(torch.sort(torch.cat(parts)).values, torch.sort(rows0).values)
     # every image of dataset 1 appears patch_num times per pass over it
     ones = rows[rows >= 40] - 40

@@ -24,11 +24,6 @@ LAUNCH = Path(__file__).resolve().parent.parent / "launch"
 CONFIGS = Path(__file__).resolve().parent.parent / "accelerate_configs"
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch")))
-def test_scripts_parse(script):
-    assert subprocess.run(["bash", "-n", str(LAUNCH / script)]).returncode == 0
-
-
 @pytest.fixture()
 def fake_slurm(tmp_path) -> dict:
     """scontrol and srun stand-ins: srun runs its command once per node with SLURM_NODEID set,
@@ -80,14 +75,84 @@ def test_sweep_script_renders_a_member(fake_slurm, tmp_path):
     assert line.endswith("-m iqa_dist train --preset demo --data.root=/d/$HOME x --run.name=b --resume auto")
 
 
-def test_accelerate_configs_are_valid_yaml():
-    import yaml
+# The time-limit logic every training script shares: SLURM's warning (USR1 to the batch script)
+# touches the stop file, the training step sees it and ends, the script removes the file and
+# requeues itself; a step that ends by itself is not requeued and its exit status is the job's.
+STAND_IN = """#!/bin/bash
+touch "$MARK.started"
+[ -n "${STAND_IN_EXIT:-}" ] && exit "$STAND_IN_EXIT"
+for _ in $(seq 1 1200); do
+    [ -e "$IQA_DIST_STOP_FILE" ] && { touch "$MARK.saw-stop"; exit 0; }
+    sleep 0.05
+done
+exit 9
+"""
 
-    names = {p.name for p in CONFIGS.glob("*.yaml")}
-    assert {"single_gpu.yaml", "multi_gpu.yaml", "multi_node.yaml", "cpu_2proc.yaml"} <= names
-    multi_node = yaml.safe_load((CONFIGS / "multi_node.yaml").read_text())
-    assert multi_node["num_machines"] == 2 and multi_node["num_processes"] == 16
-    assert multi_node["rdzv_backend"] == "c10d"
+
+@pytest.mark.parametrize("script", ["slurm_single_node.sbatch", "slurm_multinode.sbatch", "slurm_sweep.sbatch"])
+@pytest.mark.parametrize("warned", [True, False], ids=["time-limit", "ends-by-itself"])
+def test_the_time_limit_warning_stops_the_step_and_requeues(fake_slurm, tmp_path, script, warned):
+    (tmp_path / "bin" / "fake-accelerate").write_text(STAND_IN)
+    (tmp_path / "bin" / "scontrol").write_text("#!/bin/bash\n[ \"$1 $2\" = 'show hostnames' ] && echo n1\n"
+                                               f"echo \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    for f in (tmp_path / "bin").iterdir():
+        f.chmod(0o755)
+    members = tmp_path / "members.jsonl"
+    members.write_text(json.dumps({"name": "a", "args": ["--preset", "demo"]}) + "\n")
+    stop = tmp_path / "stop"
+    env = {**fake_slurm, "SLURM_NNODES": "1", "SLURM_ARRAY_TASK_ID": "0", "ACCELERATE": str(tmp_path / "bin" / "fake-accelerate"),
+           "MARK": str(tmp_path / "mark"), "IQA_DIST_STOP_FILE": str(stop), **({} if warned else {"STAND_IN_EXIT": "3"})}
+    job = subprocess.Popen(["bash", str(LAUNCH / script), str(members) if script == "slurm_sweep.sbatch" else "demo"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while not (tmp_path / "mark.started").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    assert (tmp_path / "mark.started").exists(), job.communicate()[0]
+    if warned:
+        job.send_signal(signal.SIGUSR1)  # what SLURM's --signal=B:USR1@... sends the batch script
+    out = job.communicate(timeout=60)[0]
+    requeues = [line for line in (tmp_path / "scontrol.log").read_text().splitlines()
+                if line.startswith("requeue")] if (tmp_path / "scontrol.log").exists() else []
+    assert not stop.exists(), out  # the stop file is removed either way: the requeued job must not stop at once
+    if warned:
+        assert (tmp_path / "mark.saw-stop").exists() and job.returncode == 0, out
+        assert requeues == ["requeue 4242"], out
+    else:
+        assert job.returncode == 3 and requeues == [], out
+
+
+def test_sweep_node_script_stops_the_sweep_and_requeues(tmp_path):
+    """slurm_sweep_node.sbatch: USR1 sends SIGTERM to the sweep (whose members checkpoint), then
+    the job requeues itself."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/bash\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "fake-sweep").write_text("#!/bin/bash\ntrap 'touch \"$MARK.term\"; exit 124' TERM\n"
+                                        "touch \"$MARK.started\"\nfor _ in $(seq 1 1200); do sleep 0.05; done\nexit 9\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77",
+           "IQA_DIST": str(bin_dir / "fake-sweep"), "MARK": str(tmp_path / "mark")}
+    job = subprocess.Popen(["bash", str(LAUNCH / "slurm_sweep_node.sbatch"), str(tmp_path / "group")], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while not (tmp_path / "mark.started").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    job.send_signal(signal.SIGUSR1)
+    out = job.communicate(timeout=60)[0]
+    assert (tmp_path / "mark.term").exists() and job.returncode == 124, out
+    assert (tmp_path / "scontrol.log").read_text().split("\n")[0] == "requeue 77", out
+
+
+def test_accelerate_configs_load_as_accelerate_reads_them():
+    """Each shipped launch config is one Accelerate itself accepts, and its process count is whole
+    machines of equal size (a 2 x 8 config that said 15 would start 15 processes)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        c = load_config_from_file(str(path))
+        assert c.num_processes >= c.num_machines >= 1 and c.num_processes % c.num_machines == 0, path.name
+        assert (c.num_processes > 1) == (c.distributed_type != "NO"), path.name
 
 
 def test_two_simulated_nodes_of_two_processes_match_one_process(single_run, tiny_overrides, tmp_path):

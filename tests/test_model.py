@@ -7,10 +7,11 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from .conftest import TINY_SWIN_KWARGS as TINY_SWIN
 from iqa_dist.config import ModelConfig, load_config
 from iqa_dist.errors import UserError
 from iqa_dist.models.hyperiqa import build_model, parameter_counts
+
+from .conftest import TINY_SWIN_KWARGS as TINY_SWIN
 
 TINY = dict(pretrained="none", img_size=112, hyper_hidden=[64, 32], backbone_kwargs=TINY_SWIN)
 

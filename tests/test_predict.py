@@ -7,17 +7,17 @@ import io
 import json
 import shutil
 
+import iqa_dist
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import iqa_dist
 from iqa_dist.artifacts.card import ModelCard
 from iqa_dist.data.augment import normalize
+from iqa_dist.data.protocol import grid_origins, patch_origins
 from iqa_dist.errors import UserError
 from iqa_dist.scoring.evaluate import write_predictions
-from iqa_dist.data.protocol import grid_origins, patch_origins
 
 from . import fixtures
 from .conftest import RUN, cli, here, train_here

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from iqa_dist.config import DataConfig
+from iqa_dist.data.splits import assign_splits
 from iqa_dist.errors import UserError
 from iqa_dist.sources.readers import read_source
-from iqa_dist.data.splits import assign_splits
 
 from . import fixtures
 

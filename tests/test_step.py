@@ -5,24 +5,27 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
 
-from iqa_dist.data.augment import Augmenter
 from iqa_dist.config import AugmentConfig, load_config
-from iqa_dist.scoring.predictions import predict_images
-from iqa_dist.models.hyperiqa import build_model
+from iqa_dist.data.augment import Augmenter
 from iqa_dist.data.store import EvalSet, ImageStore
-
-from .conftest import TINY_SWIN_KWARGS as TINY_SWIN
-from iqa_dist.training.optim import WeightEMA, build_optimizer, build_schedule
+from iqa_dist.distributed.accelerators import reset_accelerate_state
+from iqa_dist.models.hyperiqa import build_model
+from iqa_dist.scoring.predictions import predict_images
 from iqa_dist.training.batches import Batch, MicroBatch
 from iqa_dist.training.guard import BadStep, StepGuard
+from iqa_dist.training.optim import WeightEMA, build_optimizer, build_schedule
 from iqa_dist.training.preemption import PreemptionFlag
-from iqa_dist.training.trainer import Trainer, TrainState
+from iqa_dist.training.selection import update_best
+from iqa_dist.training.trainer import TrainState, Trainer
+
+from .conftest import TINY_SWIN_KWARGS as TINY_SWIN
 
 
 def tiny_cfg(*extra: str):
@@ -33,10 +36,7 @@ def setup(cfg, seed: int = 0, scaler: torch.amp.GradScaler | None = None, ema: b
     """A Trainer (batch 8 on one process) under a fresh Accelerator; `scaler`: fp16's loss scaler (Accelerate makes one on GPUs
     only, so the tests hand it one: the CPU computes in fp32, the scaling, unscaling, overflow
     check and skip are the real ones)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     acc = Accelerator(cpu=True)
     acc.scaler = scaler
     torch.manual_seed(seed)
@@ -67,10 +67,8 @@ def test_bench_times_the_training_step_itself():
     cfg = load_config("koniq-swin-t", ["model.pretrained=none", f"model.backbone_kwargs={json.dumps(TINY_SWIN)}",
                                        "model.img_size=112", "train.ema_decay=0.9"])
     rng = np.random.default_rng(0)
-    sizes = torch.full((4,), 130 * 150 * 3)
-    store = ImageStore(torch.from_numpy(rng.integers(0, 256, 4 * 130 * 150 * 3, dtype=np.uint8)),
-                       torch.cumsum(sizes, 0) - sizes, torch.full((4,), 130), torch.full((4,), 150),
-                       torch.rand(4) * 100, torch.arange(4))
+    store = replace(ImageStore.of_images(list(rng.integers(0, 256, (4, 130, 150, 3), dtype=np.uint8))),
+                    scores=torch.rand(4) * 100)
     cpu = torch.device("cpu")
     timed, direct = StepRig.build(cfg, store, "fp32", 8, cpu), StepRig.build(cfg, store, "fp32", 8, cpu)
     for step in range(3):
@@ -197,13 +195,13 @@ def test_update_best_selects_and_stops_on_patience():
     history = []
     for step, srcc in [(2, 0.5), (4, 0.5), (6, 0.4)]:  # no gain after the first evaluation
         state.step = step
-        history.append(state.update_best(srcc, patience=2))
+        history.append(update_best(state, {"srcc": srcc}, patience=2))
     assert history == [True, False, False] and state.best_step == 2 and state.stopped_early
     fresh = TrainState()
     fresh.step = 1
-    assert fresh.update_best(math.nan, patience=0) and fresh.best_step == 1  # the first always exports
+    assert update_best(fresh, {"srcc": math.nan}, patience=0) and fresh.best_step == 1  # the first always exports
     fresh.step = 2
-    assert fresh.update_best(0.1, patience=0) and not fresh.stopped_early  # NaN never counts as a best
+    assert update_best(fresh, {"srcc": 0.1}, patience=0) and not fresh.stopped_early  # NaN never counts as a best
 
 
 def test_schedule_warms_up_then_follows_the_cosine():
@@ -260,9 +258,7 @@ def test_padded_evaluation_scores_every_image_once():
     model = build_model(cfg.model).eval()
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (70, 80, 3), dtype=np.uint8) for _ in range(5)]
-    sizes = torch.tensor([im.size for im in images])
-    store = ImageStore(torch.from_numpy(np.concatenate([im.ravel() for im in images])), torch.cumsum(sizes, 0) - sizes,
-                       torch.full((5,), 70), torch.full((5,), 80), torch.zeros(5), torch.arange(5))
+    store = ImageStore.of_images(images)
     origins = torch.from_numpy(rng.integers(0, 6, (5, 3, 2)))
     evalset = EvalSet(store, origins)
     aug = Augmenter.evaluation(64, model.mean, model.std)

@@ -21,10 +21,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from iqa_dist.scoring.metrics import correlation_metrics
-from iqa_dist.distributed.shards import shard
 from iqa_dist.data.plan import BatchPlan
-from iqa_dist.distributed.shards import Shares
+from iqa_dist.distributed.shards import Shares, shard
+from iqa_dist.scoring.metrics import correlation_metrics
 
 from .conftest import (RUN, TINY_SWIN_KWARGS, assert_same_training, cli, free_port, metrics, only_run, run_train,
                        train_cmd, train_here)
@@ -66,13 +65,13 @@ def test_batch_plan_and_shares_are_world_size_invariant():
     for world, micro in [(1, 0), (2, 0), (3, 0), (2, 2), (5, 0)]:
         covered = []
         for rank in range(world):
-            shares = Shares.plan(16, micro, world, rank)
+            shares = Shares.split(16, micro, world, rank)
             covered += [i for sl in shares.slices() for i in range(16)[sl]]
         assert sorted(covered) == list(range(16)), (world, micro)  # every sample exactly once
-    s = Shares.plan(96, 32, 1, 0)
+    s = Shares.split(96, 32, 1, 0)
     assert s.accum == 3 and s.per_process == 96
-    assert Shares.plan(10, 1, 4, 0).accum == 2  # capped so that no micro-batch is empty
-    assert all(sl.stop > sl.start for r in range(4) for sl in Shares.plan(10, 1, 4, r).slices())
+    assert Shares.split(10, 1, 4, 0).accum == 2  # capped so that no micro-batch is empty
+    assert all(sl.stop > sl.start for r in range(4) for sl in Shares.split(10, 1, 4, r).slices())
 
 
 @pytest.mark.parametrize("world, micro", [(1, 0), (1, 32), (2, 16), (5, 0), (3, 7), (4, 1)])
@@ -89,7 +88,7 @@ def test_shares_give_the_global_mean_gradient(world, micro):
     (reference,) = torch.autograd.grad(torch.nn.functional.l1_loss(x @ w, y), w)
     total = torch.zeros(5)
     for rank in range(world):
-        shares = Shares.plan(96, micro, world, rank)
+        shares = Shares.split(96, micro, world, rank)
         for sl in shares.slices():
             total += torch.autograd.grad(sample_losses(x[sl] @ w, y[sl]).sum() / shares.per_process, w)[0]
     torch.testing.assert_close(total / world, reference)

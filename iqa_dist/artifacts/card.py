@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..config import ModelConfig
 from ..data.targets import Scale
@@ -46,10 +47,10 @@ class TrainedOn:
 class ModelCard:
     model: dict  # ModelConfig fields (pretrained "none": every weight is in model.safetensors)
     datasets: dict[str, TrainedOn]  # name -> what it trained on, in data.datasets order
-    protocol: str = "random"  # test-time patch layout (protocol.py)
+    protocol: str = "random"  # test-time patch layout (data/protocol.py)
     test_patch_num: int = 20  # patches per image at test time
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # normalisation
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_MEAN))  # normalisation
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_STD))
     step: int = 0  # the optimizer step these weights are from
     val: dict = field(default_factory=dict)  # validation metrics at that step
     weights: dict = field(default_factory=dict)  # the pretrained start: tag, source, file, sha256

@@ -3,12 +3,12 @@
 runs/<YYYYmmdd-HHMMSS>-<name>/
   config.yaml      resolved config          meta.json     git SHA, launches, weights, groups
   metrics.jsonl    a line per evaluation    summary.json  val/test metrics at the selected step
-  model/           the selected model (card.py): what `predict` and `evaluate` load
+  model/           the selected model (artifacts/card.py): what `predict` and `evaluate` load
   checkpoints/     step-XXXXXXXX/ (Accelerate save_state), written to a temporary name and
                    renamed when complete, so a kill during a save never leaves one that loads half
 This class owns those names, reads them, and writes them (only the main process writes). A
 directory is created only once training can start (weights and data are ready), so a failed
-start leaves nothing behind; which directory a launch writes to is resume.py's choice.
+start leaves nothing behind; which directory a launch writes to is training/resume.py's choice.
 """
 
 from __future__ import annotations

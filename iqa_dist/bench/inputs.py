@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..config import load_config
 
@@ -25,7 +26,7 @@ BACKBONES = {
 
 def source_images(folder: Path, n: int) -> Path:
     """n KonIQ-size 1024x768 JPEGs (quality 90) plus a KonIQ-format CSV, made once."""
-    from ..sources.synthetic import PHOTOS, _photo
+    from ..sources.synthetic import PHOTOS, photo
 
     img_dir = folder / "1024x768"
     if (folder / "koniq10k_scores_and_distributions.csv").is_file() and len(list(img_dir.glob("*.jpg"))) == n:
@@ -33,10 +34,10 @@ def source_images(folder: Path, n: int) -> Path:
     img_dir.mkdir(parents=True, exist_ok=True)
     rows = ["image_name,MOS,MOS_zscore"]
     for i in range(n):
-        photo = Image.fromarray(_photo(PHOTOS[i % len(PHOTOS)])[..., :3]).resize((1024, 768), Image.BICUBIC)
+        image = Image.fromarray(photo(PHOTOS[i % len(PHOTOS)])[..., :3]).resize((1024, 768), Image.BICUBIC)
         if i // len(PHOTOS) % 2:
-            photo = photo.transpose(Image.FLIP_LEFT_RIGHT)
-        photo.save(img_dir / f"{i:05d}.jpg", quality=90)
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        image.save(img_dir / f"{i:05d}.jpg", quality=90)
         rows.append(f"{i:05d}.jpg,3.0,{20 + 60 * i / max(1, n - 1):.3f}")
     (folder / "koniq10k_scores_and_distributions.csv").write_text("\n".join(rows) + "\n")
     return folder
@@ -48,7 +49,7 @@ def cpu_transforms(size: int, resize: tuple[int, int] | None = None):
 
     return T.Compose([*([T.Resize(resize)] if resize else []), T.RandomCrop(size), T.RandomHorizontalFlip(),
                       T.ColorJitter(0.1, 0.1, 0.1, 0.05), T.ToTensor(),
-                      T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+                      T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
 
 
 class PhaseOneDataset(torch.utils.data.Dataset):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from rich.console import Console
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..config import Config, load_config
 from ..data.augment import Augmenter
@@ -18,7 +19,7 @@ from ..data.plan import BatchPlan
 from ..distributed.shards import Shares
 from ..training.batches import Batches
 from .inputs import DecodedPatches, PhaseOneDataset, source_images
-from .timing import _rate
+from .timing import measure
 
 
 def bench_augment(cfg: Config, n_images: int, batch: int, steps: int, workers: int, device: torch.device,
@@ -37,7 +38,7 @@ def bench_augment(cfg: Config, n_images: int, batch: int, steps: int, workers: i
                                          num_workers=workers, persistent_workers=workers > 0, drop_last=True)
     batches = iter(loader)
     console.print(f"augment: torchvision per image, {workers} worker(s)")
-    reference = _rate(lambda: next(batches).to(device), batch, steps, device, warmup=1)
+    reference = measure(lambda: next(batches).to(device), batch, steps, device, warmup=1)
     ours, _ = _cache_rate(view, c, batch, steps, device)
     return {"torchvision_cpu": reference, "iqa_dist": ours, "speedup": ours / reference, "img_size": size}
 
@@ -57,7 +58,7 @@ def bench_data(cfg: Config, n_images: int, batch: int, steps: int, workers: int,
         next(batches).to(device)
 
     console.print(f"(a) phase one: {workers} DataLoader worker(s), {batch} patches a batch")
-    a = _rate(phase_one, batch, steps, device, warmup=1)
+    a = measure(phase_one, batch, steps, device, warmup=1)
 
     base = [f"data.root={root}", "data.dataset=koniq10k", "data.split=random", f"data.cache_dir={work / 'cache'}",
             f"model.img_size={size}", "data.workers=" + str(max(1, workers))]
@@ -86,14 +87,14 @@ def bench_data(cfg: Config, n_images: int, batch: int, steps: int, workers: int,
 
 def _cache_rate(view, c: Config, batch: int, steps: int, device: torch.device) -> tuple[float, float]:
     """Patches/s of the training input path (plan -> gather -> one upload -> device crop/flip/
-    jitter/normalise: `step.Batches.get`), and of its host side alone: what the CPU does per
+    jitter/normalise: `training.batches.Batches.get`), and of its host side alone: what the CPU does per
     batch when the pixels are resident on an accelerator and the augmentation runs there."""
     cached = c.data.train_patches == "cached"
     store = (view.patch_store() if cached else view.image_store("train")).to(device)
     plan = BatchPlan(len(store), c.data.train_patch_num, batch, 0, c.data.cached_patch_num if cached else 0)
-    aug = Augmenter(c.augment, c.model.img_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0).to(device)
+    aug = Augmenter(c.augment, c.model.img_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, 0).to(device)
     counter = iter(range(10**9))
-    batches = Batches(store=store, plan=plan, augmenter=aug, shares=Shares.plan(batch, 0, 1, 0), device=device)
+    batches = Batches(store=store, plan=plan, augmenter=aug, shares=Shares.split(batch, 0, 1, 0), device=device)
 
     def step():
         batches.get(next(counter) % plan.steps_per_epoch)
@@ -104,4 +105,4 @@ def _cache_rate(view, c: Config, batch: int, steps: int, device: torch.device) -
         y0, x0 = aug.crop_origin(params, store.heights[rows], store.widths[rows]) if k is None else (k, k)
         aug.upload(store.offsets[rows], store.widths[rows], y0, x0, params, store.scores[rows], torch.device("cpu"))
 
-    return _rate(step, batch, steps, device), _rate(host_side, batch, steps * 10, torch.device("cpu"))
+    return measure(step, batch, steps, device), measure(host_side, batch, steps * 10, torch.device("cpu"))

@@ -1,7 +1,7 @@
 """One process's training step, built outside `iqa-dist train` from the same parts: what `bench`
 times and counts, and what the tests audit.
 
-`StepRig` holds a `step.Trainer` built by `Trainer.build` (the model, fused optimizer, schedule,
+`StepRig` holds a `training.trainer.Trainer` built by `Trainer.build` (the model, fused optimizer, schedule,
 guard, weight EMA of train.ema_decay, compiled as train.compile says) and the `step.Batches` that
 feed it, under a fresh Accelerator, and runs `Trainer.step` either end to end (fed by
 `Batches.get` from a store, as `train` does) or on one fixed batch already on the device (model
@@ -48,7 +48,7 @@ class StepRig:
         torch.manual_seed(seed)
         model = build_model(cfg.model).train()
         augmenter = Augmenter(cfg.augment, cfg.model.img_size, model.mean, model.std, seed).to(device)
-        shares = Shares.plan(batch, cfg.train.micro_batch_size, acc.num_processes, acc.process_index)
+        shares = Shares.split(batch, cfg.train.micro_batch_size, acc.num_processes, acc.process_index)
         trainer = Trainer.build(cfg, model, acc, shares=shares, total_steps=10**6, steps_per_epoch=10**6,
                                 augmenter=augmenter, preempt=PreemptionFlag(), console=Console(quiet=True))
         trainer.rank_weight = 0.0  # the fixed batch carries no global targets

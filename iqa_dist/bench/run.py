@@ -1,12 +1,17 @@
 """`iqa-dist bench`: throughput figures measured side by side in one run, with the machine.
+
+Each bench of BENCHES adds its part of the report (`augment`, `data`, `train` with its
+`projection`, `scaling`, `kernels`, `predict`, `eval`); `all` runs ALL. The report is written as
+JSON with the machine and the settings, and `show.py` prints it. Every measured figure is a
+`timing.Rate`; a non-positive or non-finite one fails the command rather than be reported.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,67 +20,95 @@ from ..config import Config
 from ..output import console as make_console
 from .kernels import bench_kernels
 from .pipeline import bench_augment, bench_data
-from .scaling import bench_scaling
+from .scaling import INTER_GBPS, INTRA_GBPS, bench_scaling
 from .scoring import bench_eval, bench_predict
-from .timing import machine, spreads
+from .timing import machine, rates, spreads
 from .training import bench_train, projection
 
 
-def bench_command(what: str, cfg: Config, args) -> dict:
+@dataclass(kw_only=True)
+class BenchSettings:
+    """What the benches measure with (`iqa-dist bench`'s options, checked)."""
+
+    device: torch.device
+    work: Path  # where the source JPEGs and caches go
+    batches: list[int] = field(default_factory=lambda: [32])  # patches per batch; train and scaling take several
+    steps: int = 6  # timed batches per figure, after warm-up
+    images: int = 24  # KonIQ-size source JPEGs
+    workers: int = 2  # DataLoader workers of phase one's pipeline; predict's decoding workers
+    backbones: list[str] = field(default_factory=list)  # train, scaling, kernels; [] = the device's default
+    precisions: list[str] = field(default_factory=list)  # train, scaling; [] = the device's default
+    compile: bool = False  # train, eval, kernels: torch.compile too
+    global_batch: int = 96  # scaling: the global batch projected
+    intra_gbps: float = INTRA_GBPS  # scaling: all-reduce bus bandwidth per GPU within a node
+    inter_gbps: float = INTER_GBPS  # ... and across nodes
+
+    @property
+    def compiles(self) -> list[bool]:
+        return [False, True] if self.compile else [False]
+
+    @property
+    def cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+
+def _augment(cfg: Config, s: BenchSettings, console) -> dict:
+    return {"augment": bench_augment(cfg, s.images, s.batches[0], s.steps, s.workers, s.device, s.work, console)}
+
+
+def _data(cfg: Config, s: BenchSettings, console) -> dict:
+    return {"data": bench_data(cfg, s.images, s.batches[0], s.steps, s.workers, s.device, s.work, console)}
+
+
+def _train(cfg: Config, s: BenchSettings, console) -> dict:
+    backbones = s.backbones or (["tiny"] if s.cpu else ["swin-t", "swin-s", "swin-b"])
+    precisions = s.precisions or (["fp32"] if s.cpu else ["fp32", "bf16"])
+    rows = bench_train(cfg, backbones, precisions, s.compiles, s.batches, s.images, s.steps, s.device, s.work, console)
+    return {"train": rows, "projection": projection(rows)}
+
+
+def _scaling(cfg: Config, s: BenchSettings, console) -> dict:
+    backbone = (s.backbones or ["tiny" if s.cpu else "swin-t"])[0]
+    precision = (s.precisions or ["fp32" if s.cpu else "bf16"])[0]
+    return {"scaling": bench_scaling(cfg, backbone, precision, s.batches, s.images, s.steps, s.device, s.work, console,
+                                     s.global_batch, s.intra_gbps, s.inter_gbps)}
+
+
+def _kernels(cfg: Config, s: BenchSettings, console) -> dict:
+    backbone = (s.backbones or ["swin-t"])[0]  # counted at batch 2: Swin-T is cheap on a CPU too
+    return {"kernels": [bench_kernels(cfg, backbone, compiled, s.images, s.batches[0], s.steps, s.device, s.work,
+                                      console) for compiled in s.compiles]}
+
+
+def _predict(cfg: Config, s: BenchSettings, console) -> dict:
+    return {"predict": bench_predict(cfg, s.images, s.workers, 16, s.device, s.work, console, max(1, s.steps // 2))}
+
+
+def _eval(cfg: Config, s: BenchSettings, console) -> dict:
+    return {"eval": bench_eval(cfg, s.images, s.batches[0] * 2, s.compiles, s.device, s.work, max(1, s.steps // 4))}
+
+
+# what `iqa-dist bench WHAT` measures, in the order `all` runs its share of them
+BENCHES = {"augment": _augment, "data": _data, "train": _train, "eval": _eval, "scaling": _scaling,
+           "kernels": _kernels, "predict": _predict}
+ALL = ("augment", "data", "train", "eval")
+
+
+def run_bench(what: str, cfg: Config, settings: BenchSettings, output: Path | None = None) -> dict:
+    """Measures `what` (a key of BENCHES, or "all"), writes the report as JSON (`output`, default
+    runs/bench-WHAT-TIME.json) and returns it."""
     console = make_console(stderr=True)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="iqa-bench-"))
-    batches = [int(b) for b in str(args.batch).split(",")]
-    report = {"machine": machine(), "device": str(device), "settings": vars(args).copy()}
-    report["settings"].pop("command_fn", None)
-    compiles = [False, True] if args.compile else [False]
-    if what in ("augment", "all"):
-        report["augment"] = bench_augment(cfg, args.images, batches[0], args.steps, args.workers, device, work, console)
-    if what in ("data", "all"):
-        report["data"] = bench_data(cfg, args.images, batches[0], args.steps, args.workers, device, work, console)
-    if what in ("train", "all"):
-        backbones = args.backbones.split(",") if args.backbones else (["tiny"] if device.type == "cpu" else ["swin-t", "swin-s", "swin-b"])
-        precisions = args.precisions.split(",") if args.precisions else (["fp32"] if device.type == "cpu" else ["fp32", "bf16"])
-        report["train"] = bench_train(cfg, backbones, precisions, compiles, batches, args.images, args.steps, device,
-                                      work, console)
-        report["projection"] = projection(report["train"])
-    if what == "scaling":
-        report["scaling"] = bench_scaling(cfg, (args.backbones or ("tiny" if device.type == "cpu" else "swin-t")).split(",")[0],
-                                          (args.precisions or ("fp32" if device.type == "cpu" else "bf16")).split(",")[0],
-                                          batches, args.images, args.steps, device, work, console, args.global_batch,
-                                          args.intra_gbps, args.inter_gbps)
-    if what == "kernels":
-        backbone = (args.backbones or "swin-t").split(",")[0]  # counted at batch 2: Swin-T is cheap on a CPU too
-        report["kernels"] = [bench_kernels(cfg, backbone, compiled, args.images, batches[0], args.steps, device, work,
-                                           console) for compiled in compiles]
-    if what == "predict":
-        report["predict"] = bench_predict(cfg, args.images, args.workers, 16, device, work, console,
-                                          max(1, args.steps // 2))
-    if what in ("eval", "all"):
-        report["eval"] = bench_eval(cfg, args.images, batches[0] * 2, compiles, device, work, max(1, args.steps // 4))
+    report = {"machine": machine(), "device": str(settings.device),
+              "settings": {"what": what, **{k: str(v) if isinstance(v, (Path, torch.device)) else v
+                                           for k, v in asdict(settings).items()}}}
+    for name in ALL if what == "all" else (what,):
+        report.update(BENCHES[name](cfg, settings, console))
     report["spread"] = spreads(report)  # (max - min) / median of each figure's timed blocks
-    out = Path(args.output) if args.output else Path("runs") / f"bench-{what}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = output or Path("runs") / f"bench-{what}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str))
     console.print(f"wrote {out}", highlight=False)
-    if not all(math.isfinite(v) and v > 0 for v in _figures(report)):
-        raise RuntimeError("a benchmark figure is not a positive number")  # never hide a broken measurement
+    broken = [k for k, v in rates(report).items() if not (math.isfinite(v) and v > 0)]
+    if broken:  # never hide a broken measurement
+        raise RuntimeError(f"benchmark figures that are not positive numbers: {', '.join(broken)}")
     return report
-
-
-def _figures(report: dict):
-    for key in ("augment", "data"):
-        for v in report.get(key, {}).values():
-            if isinstance(v, float):
-                yield v
-    for row in report.get("train", []):
-        yield from (row["model_only"], row["end_to_end"], row["anchor"])
-    for row in report.get("eval", []):
-        yield row["images_per_s"]
-    if "predict" in report:
-        yield report["predict"]["decode_main_thread"]
-        yield report["predict"]["decode_workers"]
-        for row in report["predict"]["rows"]:
-            yield from (row["a_before"], row["b_score_files"], row["model_only"])
-    for row in report.get("scaling", {}).get("measured", []):
-        yield row["end_to_end"]

@@ -18,12 +18,12 @@ from ..models.hyperiqa import build_model
 from ..scoring.predictions import predict_images
 from ..training.compile import compile_model
 from .inputs import BACKBONES, source_images
-from .timing import _rate
+from .timing import measure
 
 
 def bench_eval(cfg: Config, n_images: int, batch_patches: int, compiles: list[bool], device: torch.device,
                work: Path, repeats: int) -> list[dict]:
-    """Images/s of evaluation (`scoring.predict_images`, what training and `evaluate` run): the
+    """Images/s of evaluation (`scoring.predictions.predict_images`, what training and `evaluate` run): the
     tiny model on a CPU, Swin-T in bf16 on a GPU, over every test image's protocol patches."""
     name = "tiny" if device.type == "cpu" else "swin-t"
     backbone, kwargs, size = BACKBONES[name]
@@ -47,7 +47,7 @@ def bench_eval(cfg: Config, n_images: int, batch_patches: int, compiles: list[bo
             with amp:
                 predict_images(net, images, aug, batch_patches, device, fixed_shapes=compiled)
 
-        rate = _rate(run, len(images), repeats, device, warmup=1)
+        rate = measure(run, len(images), repeats, device, warmup=1)
         rows.append({"images_per_s": rate, "patches_per_s": rate * n, "images": len(images), "test_patch_num": n,
                      "backbone": name, "img_size": size, "compile": compiled,
                      "precision": "bf16" if device.type == "cuda" else "fp32", "batch_patches": batch_patches})
@@ -56,12 +56,12 @@ def bench_eval(cfg: Config, n_images: int, batch_patches: int, compiles: list[bo
 
 def bench_predict(cfg: Config, n_images: int, workers: int, batch_images: int, device: torch.device, work: Path,
                   console: Console, repeats: int) -> dict:
-    """Images/s of `predict` on KonIQ-size JPEGs (resized to 512x384, the test protocol's patches):
-    (a) predict's loop before issue 25 (PIL decode in the main thread, then scoring: `Scorer.prepare`
-    + `score_arrays`, which now scores through the same `predict_images` as (b)), (b) `predict.score_files` (decoding in `workers` DataLoader workers, JPEGs on
-    the GPU where that changes no score, scoring on the same path), side by side; and their parts:
-    decoding alone in the main thread and in the workers, the upload, the model alone on images
-    already decoded on the device. The tiny model on a CPU, Swin-T on a GPU."""
+    """Images/s of `predict` on KonIQ-size JPEGs (resized to 512x384, the test protocol's patches),
+    side by side: (a) decoding with PIL in the main thread, then scoring (`Scorer.prepare` +
+    `score_arrays`); (b) `scoring.predict.score_files`, decoding in `workers` DataLoader workers
+    (JPEGs on the GPU where that changes no score); both score through `predict_images`. And their
+    parts: decoding alone in the main thread and in the workers, the upload, the model alone on
+    images already decoded on the device. The tiny model on a CPU, Swin-T on a GPU."""
     from ..artifacts.card import ModelCard, TrainedOn
     from ..data.feed import batches
     from ..scoring.predict import Scorer, score_files
@@ -83,8 +83,8 @@ def bench_predict(cfg: Config, n_images: int, workers: int, batch_images: int, d
                                            protocol=card.protocol, patches=card.test_patch_num,
                                            batch_images=batch_images, workers=n_workers, device=device)]
 
-    out = {"decode_main_thread": _rate(decode_only(0), len(files), repeats, device, warmup=1),
-           "decode_workers": _rate(decode_only(workers), len(files), repeats, device, warmup=1), "rows": [],
+    out = {"decode_main_thread": measure(decode_only(0), len(files), repeats, device, warmup=1),
+           "decode_workers": measure(decode_only(workers), len(files), repeats, device, warmup=1), "rows": [],
            "images": len(files), "workers": workers, "batch_images": batch_images, "backbone": name,
            "img_size": size, "protocol": card.protocol}
     decoded = decode_only(0)()
@@ -104,15 +104,15 @@ def bench_predict(cfg: Config, n_images: int, workers: int, batch_images: int, d
                     timings[k] = timings.get(k, 0.0) + v
 
         images = [replace(b.images, origins=b.images.origins[:, :patches]) for b in decoded]
-        row = {"patches": patches, "a_before": _rate(before, len(files), repeats, device, warmup=1),
-               "b_score_files": _rate(after, len(files), repeats, device, warmup=1),
-               "model_only": _rate(lambda: [scorer.score_set(im) for im in images], len(files), repeats, device,
+        row = {"patches": patches, "a_before": measure(before, len(files), repeats, device, warmup=1),
+               "b_score_files": measure(after, len(files), repeats, device, warmup=1),
+               "model_only": measure(lambda: [scorer.score_set(im) for im in images], len(files), repeats, device,
                                    warmup=1)}
         row["b_seconds_per_image"] = {k: v / ((repeats + 1) * len(files)) for k, v in timings.items()}
-        if device.type == "cuda":  # JPEGs decoded by nvjpeg and resized on the GPU (other crops: see feed.on_device)
-            row["b_decode_gpu"] = _rate(lambda: list(score_files(scorer, files, positions, crops=patches,
+        if device.type == "cuda":  # JPEGs decoded by nvjpeg and resized on the GPU (other crops: see data.feed.on_device)
+            row["b_decode_gpu"] = measure(lambda: list(score_files(scorer, files, positions, crops=patches,
                                                                  batch_images=batch_images, workers=workers,
-                                                                 decode="gpu")), len(files), repeats, device,
+                                                                 decoder="gpu")), len(files), repeats, device,
                                         warmup=1)
         row["speedup"] = row["b_score_files"] / row["a_before"]
         out["rows"].append(row)

@@ -1,5 +1,6 @@
-"""`iqa-dist bench`'s tables: the report `bench.bench_command` measured, shown (measuring and
-showing kept apart, so a saved report can be shown again)."""
+"""`iqa-dist bench`'s tables: the report `run.run_bench` measured, shown (measuring and showing
+kept apart: the benches return numbers, never print tables).
+"""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ BLOCKS = 3  # timed blocks per figure (their median is the figure)
 NOISY = 0.10  # a spread above this is flagged where the figure is printed
 
 
-def _rate(fn, n_items: int, repeats: int, device: torch.device, warmup: int = 2) -> Rate:
+def measure(fn, n_items: int, repeats: int, device: torch.device, warmup: int = 2) -> Rate:
     """Items per second of fn() (each call handles n_items) over `repeats` calls after warm-up
     calls, timed in up to BLOCKS blocks: their median, and their spread."""
     for _ in range(warmup):
@@ -64,9 +64,14 @@ def _rate(fn, n_items: int, repeats: int, device: torch.device, warmup: int = 2)
     return rate
 
 
-def spreads(report, path: str = "") -> dict[str, float]:
-    """Every measured figure's spread in a report, by its place (train.0.end_to_end, ...)."""
+def rates(report, path: str = "") -> dict[str, Rate]:
+    """Every measured figure of a report, by its place (train.0.end_to_end, ...)."""
     if isinstance(report, Rate):
-        return {path: report.spread}
+        return {path: report}
     items = report.items() if isinstance(report, dict) else enumerate(report) if isinstance(report, list) else ()
-    return {k: v for key, value in items for k, v in spreads(value, f"{path}.{key}" if path else str(key)).items()}
+    return {k: v for key, value in items for k, v in rates(value, f"{path}.{key}" if path else str(key)).items()}
+
+
+def spreads(report) -> dict[str, float]:
+    """Every measured figure's spread, by its place."""
+    return {k: v.spread for k, v in rates(report).items()}

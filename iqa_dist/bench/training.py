@@ -18,7 +18,7 @@ from ..data.cache import prepare
 from ..models.hyperiqa import build_model
 from .inputs import BACKBONES, KONIQ_EPOCH, PEAK_BF16, source_images
 from .rig import AnchorRig, StepRig
-from .timing import _rate
+from .timing import measure
 
 
 def flops_per_patch(model: torch.nn.Module, size: int, device: torch.device) -> float:
@@ -83,8 +83,8 @@ def _train_rates(c: Config, view, store, precision: str, batch: int, steps: int,
     first = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model_only = _rate(rig.model_only, batch, steps, device)
-    end_to_end = _rate(rig.end_to_end, batch, steps, device)
+    model_only = measure(rig.model_only, batch, steps, device)
+    end_to_end = measure(rig.end_to_end, batch, steps, device)
     rig.trainer.settle()
     return {"precision": precision, "compile": c.train.compile, "batch": batch, "img_size": size,
             "model_only": model_only, "end_to_end": end_to_end, "overhead_pct": 100 * (1 - end_to_end / model_only),
@@ -108,7 +108,7 @@ def _anchor_rate(c: Config, precision: str, batch: int, steps: int, device: torc
     anchor.step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    return {"rate": _rate(anchor.step, batch, steps, device), "memory_gib": _peak_memory(device)}
+    return {"rate": measure(anchor.step, batch, steps, device), "memory_gib": _peak_memory(device)}
 
 
 def projection(rows: list[dict], global_batch: int = 96, patches: int = KONIQ_EPOCH, gpus=(1, 2, 4, 8)) -> list[dict]:

@@ -8,7 +8,9 @@ from ..errors import UserError
 from .options import add_config_arguments, add_preset, config_from, positive
 
 NAME = "bench"
-USAGE = "iqa-dist bench {augment,data,train,eval,scaling,kernels,summary,all} [options] [--SECTION.FIELD=VALUE ...]"
+# bench.run.BENCHES (imported only when a bench runs: it loads torch), then the two that are not benches
+WHAT = ("augment", "data", "train", "eval", "scaling", "kernels", "predict", "summary", "all")
+USAGE = f"iqa-dist bench {{{','.join(WHAT)}}} [options] [--SECTION.FIELD=VALUE ...]"
 HELP = "measure the data pipeline, training and evaluation throughput"
 DESCRIPTION = """\
 Throughput figures measured side by side in one run, printed as tables and written to a JSON file
@@ -27,7 +29,7 @@ examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["augment", "data", "train", "eval", "scaling", "kernels", "predict", "summary", "all"],
+    p.add_argument("what", choices=WHAT,
                    help="which figures (summary: one JSON and a markdown table from a launch/gpu_bench.sh folder)")
     p.add_argument("--images", type=int, default=24, help="data, predict: KonIQ-size source JPEGs [24]")
     p.add_argument("--batch", default="32", help="patches per batch; train takes a comma list [32; use 96 on a GPU]")
@@ -54,7 +56,6 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..bench.inputs import BACKBONES
-    from ..bench.run import bench_command
 
     if args.what == "summary":
         from ..bench.summary import summary
@@ -80,10 +81,22 @@ def run(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise UserError(f"--device {args.device}: no CUDA GPU is visible on this machine")
+    import tempfile
+
+    import torch
+
+    from ..bench.run import BenchSettings, run_bench
     from ..bench.show import show, warn_noisy
     from ..output import console
 
-    report = bench_command(args.what, config_from(args), args)
+    settings = BenchSettings(
+        device=torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")),
+        work=Path(args.work_dir or tempfile.mkdtemp(prefix="iqa-bench-")), batches=[int(b) for b in batches],
+        steps=args.steps, images=args.images, workers=args.workers, compile=args.compile,
+        backbones=args.backbones.split(",") if args.backbones else [],
+        precisions=args.precisions.split(",") if args.precisions else [],
+        global_batch=args.global_batch, intra_gbps=args.intra_gbps, inter_gbps=args.inter_gbps)
+    report = run_bench(args.what, config_from(args), settings, Path(args.output) if args.output else None)
     show(report)
     warn_noisy(report, console(stderr=True))
     return 0

@@ -1,5 +1,6 @@
 """`iqa-dist launch`: `accelerate launch` for iqa-dist commands, with signals handled as a
-scheduler or a terminal needs them."""
+scheduler or a terminal needs them.
+"""
 
 from __future__ import annotations
 

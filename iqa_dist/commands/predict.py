@@ -45,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crops", type=int, default=None,
                    help="patches per image, laid out by the model's test protocol [default: the model's count]")
     p.add_argument("--flip", action="store_true", help="also score the mirrored patches (test-time augmentation)")
-    p.add_argument("--format", choices=["table", "csv", "jsonl"], default="table")
+    p.add_argument("--format", choices=["table", "csv", "jsonl"], default="table",
+                   help="table: printed at the end; csv (path,score) or jsonl ({path, score, error}): rows streamed "
+                        "as images are scored [table]")
     p.add_argument("--output", default="", help="write the results to this file instead of stdout")
     p.add_argument("--resume", action="store_true", help="keep the rows --output already holds; score the rest")
     p.add_argument("--batch-images", type=int, default=16, help="images decoded and scored together [16]")
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if main and done:
         err.print(f"--resume: {len(done)} image(s) already in {args.output}; {len(todo)} to score", highlight=False)
     rows = score_files(scorer, [path for _, path in mine], [p for p, _ in mine], crops=args.crops, flip=args.flip,
-                       batch_images=args.batch_images, workers=workers, decode=args.decode)
+                       batch_images=args.batch_images, workers=workers, decoder=args.decode)
     results = out.write(((paths[p], score, why) for p, score, why, _ in _progress(rows, len(mine), world, err)))
     acc.wait_for_everyone()
     if not main:

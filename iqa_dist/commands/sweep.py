@@ -109,8 +109,7 @@ def run(args: argparse.Namespace) -> int:
         if args.set and args.kind != "grid":
             raise UserError(f"sweep {args.kind}: --set belongs to sweep grid")
         return _outcome(run_sweep(args.kind, args.preset, overrides(args), n, args.launcher, args.slurm,
-                                        args.gpus_per_member, args.parallel, args.set, by, args.baseline))
-    return 0
+                                  args.gpus_per_member, args.parallel, args.set, by, args.baseline))
 
 
 def _outcome(group: Path) -> int:

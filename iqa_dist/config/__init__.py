@@ -1,5 +1,6 @@
 """The one typed config: the schema (`schema.py`: a dataclass per section, validated) and how a
-config is read (`loading.py`: presets, `section.field=value` overrides, a run's config.yaml)."""
+config is read (`loading.py`: presets, `section.field=value` overrides, a run's config.yaml).
+"""
 
 from .loading import (build_config, config_from_yaml, flatten, load_config, load_config_for, parse_override,
                       preset_names, with_overrides)

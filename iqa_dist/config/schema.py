@@ -23,7 +23,7 @@ import yaml
 
 from ..errors import UserError
 
-# The datasets a source reads (sources/readers.py registers a reader for each, checked at import)
+# The datasets a source reads (sources/readers.py has a reader for each)
 DATASETS = ("koniq10k", "spaq", "kadid10k", "agiqa3k", "livec", "csv", "synthetic")
 PROTOCOLS = ("random", "grid")  # test-time patch layouts (data/protocol.py)
 # How and where a run runs, not what it trains: a resumed run may change them (the data themselves

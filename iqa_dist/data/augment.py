@@ -27,10 +27,8 @@ import torch
 from torch import Tensor
 
 from ..config import AugmentConfig
+from ..constants import GRAY
 from .plan import AUGMENT, step_seed
-
-GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-
 
 # ---------------------------------------------------------------- pixel operations
 
@@ -136,22 +134,6 @@ def jitter(x: Tensor, table: Tensor, hue: bool, gray: Tensor) -> Tensor:
             for p in range(3, 6):
                 x = blend(x, p)
     return x
-
-
-def color_jitter(x: Tensor, brightness: Tensor | None, contrast: Tensor | None, saturation: Tensor | None,
-                 hue: Tensor | None, order: Tensor, gray: Tensor | None = None) -> Tensor:
-    """ColorJitter with per-sample factors and per-sample order, deterministic, torchvision's math.
-
-    x: (B, 3, H, W) float in [0, 1]; brightness, contrast, saturation: (B,) factors (1 = no
-    change); hue: (B,) shifts in [-0.5, 0.5]; None skips an operation; order: (B, 4) long, each
-    row a permutation of 0=brightness, 1=contrast, 2=saturation, 3=hue. A convenience over
-    `jitter_table` + `jitter` (the training step uploads the table with the batch's other numbers,
-    and passes the Augmenter's `gray`; made here when None)."""
-    dev = x.device
-    ones = torch.ones(len(x), device=order.device)
-    factors = torch.stack([ones if f is None else f.to(order.device) for f in (brightness, contrast, saturation)], 1)
-    table = jitter_table(factors, None if hue is None else hue.to(order.device), order).to(dev).float()
-    return jitter(x, table, hue is not None, gray_weights(dev) if gray is None else gray)
 
 
 # ---------------------------------------------------------------- random parameters

@@ -1,6 +1,6 @@
 """Decoding and resizing one image file: the only work the cache build does per image.
 
-Kept apart from cache.py, with only PIL and numpy, so that the decode worker processes start
+Kept apart from cache.py (and this package's __init__ imports nothing), with only PIL and numpy, so that the decode worker processes start
 in a fraction of a second (they never import torch).
 """
 

@@ -1,5 +1,5 @@
 """Feeding `iqa-dist predict`: image files -> batches of resized images with their test-protocol
-patch origins, as `EvalSet`s for `scoring.predict_images`.
+patch origins, as `EvalSet`s for `scoring.predictions.predict_images`.
 
 DataLoader workers decode files with PIL (`decode.decode`, exactly as the dataset cache does) and
 compute the patch origins, so the main process only packs and uploads. With the device decoder
@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..errors import UserError
-from .decode import decode as decode_file, target_size, too_small
+from .decode import decode, target_size, too_small
 from .protocol import patch_origins
 from .store import EvalSet, ImageStore
 
@@ -86,7 +86,7 @@ class Policy:
 def load(position: int, path: str, policy: Policy) -> tuple:
     """One file decoded on the CPU: ("pixels", position, HWC bytes, h, w, origins (n, 2)) or
     ("failed", position, reason)."""
-    pixels, h, w, why = decode_file(path, policy.resize, policy.size, policy.exif)
+    pixels, h, w, why = decode(path, policy.resize, policy.size, policy.exif)
     if why:
         return "failed", position, why
     return "pixels", position, pixels, h, w, patch_origins(policy.protocol, pixels, h, w, policy.size, policy.patches)
@@ -246,33 +246,33 @@ def evalset(pixels: torch.Tensor, offsets: torch.Tensor, heights: torch.Tensor, 
     return EvalSet(store=store, origins=origins)
 
 
-def on_device(decode: str, device: torch.device, protocol: str) -> bool:
+def on_device(decoder: str, device: torch.device, protocol: str) -> bool:
     """Whether JPEGs are decoded by torchvision on `device` (else by PIL in the workers). "auto"
     does so on a GPU under the grid protocol only: nvjpeg and the torch resize differ from PIL by
     at most 1 in some pixels (a score moves by the model's response to that), and the random
     protocol seeds each image's crops with a CRC of its pixels, so such an image would get other
     crops altogether, and a score as far from `evaluate`'s as another crop's."""
-    if decode not in DECODERS:
-        raise UserError(f"decode={decode!r}: choose one of {', '.join(DECODERS)}")
-    if decode == "gpu" and device.type != "cuda":
+    if decoder not in DECODERS:
+        raise UserError(f"decode={decoder!r}: choose one of {', '.join(DECODERS)}")
+    if decoder == "gpu" and device.type != "cuda":
         raise UserError(f"decode=gpu decodes JPEGs with nvjpeg on a CUDA GPU, and this run's device is {device}: "
                         "use decode=auto or cpu")
-    return decode in ("gpu", "tensor") or (decode == "auto" and device.type == "cuda" and protocol == "grid")
+    return decoder in ("gpu", "tensor") or (decoder == "auto" and device.type == "cuda" and protocol == "grid")
 
 
 def batches(paths: list[str], positions: list[int], *, resize: str, size: int, exif: bool, protocol: str,
             patches: int, batch_images: int, workers: int, device: torch.device,
-            decode: str = "auto") -> Iterator[FeedBatch]:
+            decoder: str = "auto") -> Iterator[FeedBatch]:
     """`paths` (at distinct `positions` of the caller's list) in batches of `batch_images` files,
     decoded and resized by the model's policy, with the protocol's `patches` origins each.
 
-    decode: auto (JPEGs on the GPU when `device` is CUDA and the protocol is grid, see
+    decoder: auto (JPEGs on the GPU when `device` is CUDA and the protocol is grid, see
     `on_device`; else PIL), cpu (PIL always), gpu
     (nvjpeg; needs CUDA), tensor (torchvision's decoder on any device; for tests and benchmarks)."""
     if len(paths) != len(positions):
         raise ValueError(f"{len(paths)} paths but {len(positions)} positions")
     policy = Policy(resize, size, exif, protocol, patches)
-    files = Files(list(zip(positions, paths)), policy, raw_jpegs=on_device(decode, device, protocol))
+    files = Files(list(zip(positions, paths)), policy, raw_jpegs=on_device(decoder, device, protocol))
     loader = DataLoader(files, batch_size=batch_images, num_workers=workers, collate_fn=collate,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     batches_ = iter(loader)

@@ -1,2 +1,3 @@
 """What several processes need: the Accelerators iqa-dist builds, how work is shared out over
-processes, and what is gathered across them."""
+processes, and what is gathered across them.
+"""

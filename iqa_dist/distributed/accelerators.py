@@ -33,7 +33,7 @@ def build_accelerator(cfg: Config, run_root: Path) -> Accelerator:
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=precision,
-        step_scheduler_with_optimizer=False,  # the guard steps the schedule once per applied step (step.StepGuard)
+        step_scheduler_with_optimizer=False,  # the guard steps the schedule once per applied step (training.guard.StepGuard)
         log_with=cfg.run.log_with or None,
         project_dir=str(run_root),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s)),
@@ -61,10 +61,16 @@ def scoring_accelerator() -> Accelerator:
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=SCORING_TIMEOUT)])
 
 
-def fresh_accelerator(precision: str, device: torch.device) -> Accelerator:
-    """A fresh single-process Accelerator for one precision (bench measures several in one process)."""
+def reset_accelerate_state() -> None:
+    """Forgets the process-wide state Accelerate keeps, so that the next Accelerator is made afresh
+    (with its own precision): for several Accelerators in one process (bench, tests)."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+def fresh_accelerator(precision: str, device: torch.device) -> Accelerator:
+    """A fresh single-process Accelerator for one precision (bench measures several in one process)."""
+    reset_accelerate_state()
     return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if precision == "bf16" else "no")

@@ -20,7 +20,7 @@ class Shares:
     batch_size: int
 
     @classmethod
-    def plan(cls, batch_size: int, micro_batch_size: int, world: int, rank: int) -> "Shares":
+    def split(cls, batch_size: int, micro_batch_size: int, world: int, rank: int) -> "Shares":
         if batch_size < world:
             raise UserError(f"train.batch_size={batch_size} is smaller than the {world} processes")
         share = math.ceil(batch_size / world)

@@ -1,2 +1,3 @@
 """Many runs and their comparison: sweep grids over splits or seeds, paired statistics, the
-cross-dataset evaluation, and `report`'s tables and plots."""
+cross-dataset evaluation, and `report`'s tables and plots.
+"""

@@ -1,5 +1,4 @@
-"""Cross-dataset evaluation: a trained run scored on every image of other datasets.
-"""
+"""Cross-dataset evaluation: a trained run scored on every image of other datasets."""
 
 from __future__ import annotations
 

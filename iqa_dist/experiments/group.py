@@ -2,7 +2,8 @@
 run directories and logs (NAME.log) and four files, each written by one step of a sweep: the
 members to run (members.jsonl, by `sweep.run_sweep`), what was asked (sweep.json), each member's
 exit status (status.json, by `sweep.run_members`) and the combined table (results.json, by
-`collect.collect`)."""
+`collect.collect`).
+"""
 
 from __future__ import annotations
 

@@ -1,2 +1,3 @@
 """HyperIQA on a timm backbone (`hyperiqa.py`, no distributed code) and where its pretrained
-weights come from (`weights.py`)."""
+weights come from (`weights.py`).
+"""

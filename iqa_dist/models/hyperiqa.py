@@ -23,6 +23,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, drop_path
 from torch import Tensor, nn
 
@@ -185,8 +186,8 @@ class HyperIQA(nn.Module):
         channels = backbone.feature_info.channels()
         if len(channels) != 4:
             raise UserError(f"model.backbone={cfg.backbone!r}: HyperIQA needs 4 feature stages, got {len(channels)}")
-        self.mean = tuple(backbone.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)))
-        self.std = tuple(backbone.pretrained_cfg.get("std", (0.229, 0.224, 0.225)))
+        self.mean = tuple(backbone.pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN))
+        self.std = tuple(backbone.pretrained_cfg.get("std", IMAGENET_DEFAULT_STD))
         stage4_out = cfg.target_in - 3 * cfg.lda_out
         self.lda = nn.ModuleList(
             [LocalDistortionAware(c, cfg.lda_out * 2**i, 8 >> i, cfg.lda_out) for i, c in enumerate(channels[:3])]

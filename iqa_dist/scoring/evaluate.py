@@ -1,5 +1,5 @@
 """`iqa-dist evaluate`'s library: an exported model scored on any dataset (its own test split by
-default, cross-dataset with split=all), through scoring.py's path, refusing images it trained on.
+default, cross-dataset with split=all), through scoring/predictions.py's path, refusing images it trained on.
 """
 
 from __future__ import annotations

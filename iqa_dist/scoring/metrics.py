@@ -1,5 +1,4 @@
-"""Correlation metrics over images: SRCC, PLCC, KRCC, RMSE, computed once over all images.
-"""
+"""Correlation metrics over images: SRCC, PLCC, KRCC, RMSE, computed once over all images."""
 
 from __future__ import annotations
 

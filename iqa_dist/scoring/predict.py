@@ -1,8 +1,8 @@
 """Using a trained model: `load_model(path).score(images)`, the library behind `iqa-dist predict`.
 
-A model directory is self-contained (card.py): weights plus the card that says how the training
+A model directory is self-contained (artifacts/card.py): weights plus the card that says how the training
 images were resized, normalised and scored. Scoring follows the same test protocol as evaluation
-(protocol.py): with the defaults, `score` gives an image the prediction that `iqa-dist evaluate`
+(data/protocol.py): with the defaults, `score` gives an image the prediction that `iqa-dist evaluate`
 gave it. `crops` and `flip` are explicit extras (more patches, mirrored patches averaged in).
 """
 
@@ -110,7 +110,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None, scale
     `resize_as`: the dataset whose resize policy new images get [default: the scale's]."""
     folder = model_dir(path)
     card = ModelCard.read(folder)
-    torch.set_flush_denormal(True)  # trained weights make CPU math hit slow denormals (train.py)
+    torch.set_flush_denormal(True)  # trained weights make CPU math hit slow denormals (training/loop.py)
     model = build_model(card.model_config())
     weights = folder / WEIGHTS_FILE
     try:
@@ -145,16 +145,16 @@ def expand(paths: Iterable[str]) -> tuple[list[Path], list[tuple[str, str]]]:
 
 def score_files(scorer: Scorer, paths: list[str], positions: list[int], *, crops: int | None = None,
                 flip: bool = False, batch_images: int = 16, workers: int = 0,
-                decode: str = "auto") -> Iterator[tuple[int, float | None, str, dict[str, float]]]:
+                decoder: str = "auto") -> Iterator[tuple[int, float | None, str, dict[str, float]]]:
     """(position, score or None, problem, timings) for each file, in list order, as soon as its
-    batch is scored: decoded by `feed.batches` (DataLoader workers; JPEGs on the GPU where that
+    batch is scored: decoded by `data.feed.batches` (DataLoader workers; JPEGs on the GPU where that
     keeps every image's crops), scored on the one evaluation path. timings: the batch's seconds waiting for
     the loader, decoding on the GPU, uploading, and in the model (on the first of its files)."""
     from ..data.feed import batches
 
     for b in batches(paths, positions, resize=scorer.resize, size=scorer.size,
                      exif=scorer.exif, protocol=scorer.card.protocol, patches=crops or scorer.card.test_patch_num,
-                     batch_images=batch_images, workers=workers, device=scorer.device, decode=decode):
+                     batch_images=batch_images, workers=workers, device=scorer.device, decoder=decoder):
         start = time.perf_counter()
         scores = scorer.score_set(b.images, flip) if b.images is not None else []
         timings = {**b.timings, "model": time.perf_counter() - start}

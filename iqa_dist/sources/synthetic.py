@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from ..constants import GRAY
+
 VERSION = 3  # bump when the generated images change: it is part of the cache fingerprint
 PHOTOS = (
     "astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right",
@@ -29,7 +31,7 @@ DEFAULT_SIDE = 128  # px of each content crop
 DEFAULT_CROPS = 9  # contents per photo (9 photos x 9 = 81 contents, 2,511 images)
 
 
-def _photo(name: str) -> np.ndarray:
+def photo(name: str) -> np.ndarray:
     import skimage.data
 
     if name.startswith("motorcycle_"):
@@ -44,7 +46,7 @@ def contents(side: int, crops: int) -> list[tuple[str, np.ndarray]]:
     out = []
     grid = int(np.ceil(np.sqrt(crops)))
     for name in PHOTOS:
-        img = Image.fromarray(_photo(name)[..., :3])
+        img = Image.fromarray(photo(name)[..., :3])
         scale = 2 * side / min(img.size)
         img = img.resize((max(2 * side, round(img.width * scale)), max(2 * side, round(img.height * scale))),
                          Image.BICUBIC)
@@ -79,7 +81,7 @@ def distort(img: np.ndarray, kind: str, s: float, rng: np.random.Generator) -> n
         return np.clip(x.mean() + (x - x.mean()) * (1 - 0.85 * s), 0, 255).round().astype(np.uint8)
     if kind == "saturation":
         x = img.astype(np.float32)
-        gray = x @ np.array([0.2989, 0.587, 0.114], np.float32)
+        gray = x @ np.array(GRAY, np.float32)
         return np.clip(gray[..., None] + (x - gray[..., None]) * (1 - s), 0, 255).round().astype(np.uint8)
     raise ValueError(kind)
 

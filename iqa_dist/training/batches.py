@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.augment import Augmenter
-from ..data.plan import NOISE, step_seed
+from ..data.plan import NOISE, BatchPlan, JointPlan, step_seed
 from ..data.store import ImageStore
 from ..distributed.shards import Shares
 from ..parts import part
@@ -52,12 +52,12 @@ class NoiseSource:
 
 @dataclass(kw_only=True)
 class Batches:
-    """The global batches of a plan (plan.BatchPlan or JointPlan), as this process's share of each:
+    """The global batches of a plan (BatchPlan or JointPlan), as this process's share of each:
     augmented on the device, one upload per micro-batch, with the regularisers' uniforms (noise).
     Targets are the store's (normalised) training targets."""
 
     store: ImageStore
-    plan: object  # plan.BatchPlan | plan.JointPlan: rows (and cached patch indices) of each step
+    plan: BatchPlan | JointPlan  # rows (and cached patch indices) of each step
     augmenter: Augmenter
     shares: Shares
     device: torch.device

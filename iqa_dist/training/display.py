@@ -1,5 +1,4 @@
-"""A training run's progress: a live bar in a terminal, plain lines in logs.
-"""
+"""A training run's progress: a live bar in a terminal, plain lines in logs."""
 
 from __future__ import annotations
 

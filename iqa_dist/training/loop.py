@@ -3,7 +3,8 @@
 `train()` is the loop; everything it uses is built before it by `start()` and named helpers.
 Steps (optimizer steps) are the unit of control: the schedule, evaluation and checkpoints count
 them, the epoch is derived, and resuming is a single skip to the checkpoint's step. The step
-itself (step.py) is the one `iqa-dist bench train` times; what each step trains on is plan.py's.
+itself (trainer.py) is the one `iqa-dist bench train` times; what each step trains on is
+data/plan.py's.
 
 Joint training (data.datasets): every dataset keeps its own cache, split and score scale; the
 training store joins them with each row's normalised target; validation is per dataset, and the
@@ -40,7 +41,7 @@ from .guard import BadStep
 from .optim import allreduce_bytes, group_sizes
 from .preemption import PreemptionFlag
 from .resume import choose
-from .selection import Evaluation, Validation, combine
+from .selection import Selection, Validation, combine
 from .trainer import Trainer
 
 
@@ -61,7 +62,7 @@ class Run:
     trainer: Trainer  # model, optimizer, schedule, guard, EMA, the loop's counters and loss window
     batches: Batches  # step -> this process's share of the global batch, augmented on the device
     data: Data
-    evaluation: Evaluation  # validation, selection and export; the selected model's test split
+    selection: Selection  # validation, model selection and export; the selected model's test split
     dir: RunDir
     target: Target  # a new run, or the one being resumed
     display: Display
@@ -109,7 +110,7 @@ def start(cfg: Config, resume: str = "", extend: bool = False) -> Run:
     set_seed(cfg.train.seed)  # identical initial weights on every process
     model = build_model(cfg.model)  # before the data: a missing weight file fails in seconds
     data = load_data(cfg, acc, console)
-    shares = Shares.plan(cfg.train.batch_size, cfg.train.micro_batch_size, acc.num_processes, acc.process_index)
+    shares = Shares.split(cfg.train.batch_size, cfg.train.micro_batch_size, acc.num_processes, acc.process_index)
     if cfg.optim.rank_weight > 0 and shares.accum > 1:
         raise UserError("optim.rank_weight > 0 pairs predictions across the whole global batch, which needs each "
                         "process's share in one forward: set train.micro_batch_size=0 (or raise it)")
@@ -125,10 +126,10 @@ def start(cfg: Config, resume: str = "", extend: bool = False) -> Run:
                                          "effective_lr": {**cfg.group_lrs(), "warmup_steps": cfg.effective_warmup()}})
     batches = Batches(store=data.train, plan=data.plan, augmenter=augmenter, shares=shares, device=acc.device,
                       rank_weight=cfg.optim.rank_weight, noise=NoiseSource(cfg.train.seed, model.noise_width, acc.device))
-    evaluation = Evaluation(cfg=cfg, acc=acc, trainer=trainer, data=data, card=card, augmenter=augmenter, run=run,
-                            batch=cfg.train.eval_batch_size or 2 * math.ceil(shares.per_process / shares.accum),
-                            console=console)
-    return Run(cfg=cfg, acc=acc, trainer=trainer, batches=batches, data=data, evaluation=evaluation, dir=run,
+    selection = Selection(cfg=cfg, acc=acc, trainer=trainer, data=data, card=card, augmenter=augmenter, run=run,
+                          batch=cfg.train.eval_batch_size or 2 * math.ceil(shares.per_process / shares.accum),
+                          console=console)
+    return Run(cfg=cfg, acc=acc, trainer=trainer, batches=batches, data=data, selection=selection, dir=run,
                target=target, display=Display(console, total_steps, steps_per_epoch, cfg.train.log_every),
                total_steps=total_steps, eval_every=eval_every,
                checkpoint_every=cfg.train.checkpoint_every or eval_every, counts=parameter_counts(model))
@@ -138,6 +139,9 @@ def begin(r: Run) -> None:
     """The checkpointed state registered (and restored when resuming), the start-up lines, the
     trackers; from here on Ctrl-C checkpoints."""
     t, acc, cfg = r.trainer, r.acc, r.cfg
+    # Accelerate saves custom objects by position (custom_checkpoint_0, _1, _2): the Augmenter has no
+    # state any more (its draws are functions of the step) but keeps its slot, so the EMA stays
+    # custom_checkpoint_2 and the checkpoints of earlier runs still load
     acc.register_for_checkpointing(t.state, r.batches.augmenter, *([t.ema] if t.ema else []))
     # dropout and drop path draw from NoiseSource, keyed by sample; only a layer it does not
     # reach (none in the presets) would draw from torch's generator, seeded per process
@@ -189,7 +193,7 @@ def restore(r: Run) -> None:
 def print_start(r: Run) -> None:
     """The start-up lines: what is trained, from which weights, on what, with which batch."""
     acc, cfg, data, counts, shares = r.acc, r.cfg, r.data, r.counts, r.batches.shares
-    weights, groups = r.evaluation.card.weights, r.evaluation.card.groups
+    weights, groups = r.selection.card.weights, r.selection.card.groups
     sha = f", sha256 {weights['sha256'][:12]}" if weights.get("sha256") else ""
     lrs = cfg.group_lrs()
     acc.print(f"parameters: backbone {counts['backbone'] / 1e6:.2f}M + head {counts['hyper'] / 1e6:.2f}M = "
@@ -228,8 +232,8 @@ def evaluate_and_log(r: Run) -> None:
     """Validation, model selection, a metrics.jsonl line (and the tracker's), the table."""
     progress_line(r)
     r.display.evaluating(sum(v.meta["counts"]["val"] for v in r.data.views.values()))
-    v = r.evaluation.validate()
-    record = log_record(r, v, r.evaluation.track_test(v))
+    v = r.selection.validate()
+    record = log_record(r, v, r.selection.track_test(v))
     r.dir.log(record)
     if r.cfg.run.log_with:
         r.acc.log({k: x for k, x in record.items() if isinstance(x, (int, float))}, step=record["step"])
@@ -262,7 +266,7 @@ def stop_non_finite(r: Run, bad: BadStep) -> None:
 
 def finish(r: Run) -> None:
     """The selected model on each test split, once; the summary."""
-    test, per_dataset = r.evaluation.test_selected()
+    test, per_dataset = r.selection.test_selected()
     summary = summarize(r, test, per_dataset)
     r.dir.write_summary(summary)
     r.display.summary(summary, r.dir.path)
@@ -308,10 +312,10 @@ def summarize(r: Run, test: dict, per_dataset: dict[str, dict]) -> dict:
     """summary.json: the selected step's val figures, the test figures, the run's extent and speed."""
     state = r.trainer.state
     lines = r.dir.metrics() if r.acc.is_main_process else []
-    best = next((r for r in lines if r["step"] == state.best_step), {})
+    best = next((row for row in lines if row["step"] == state.best_step), {})
     prefix = "ema_val_" if best.get("val_from") == "ema" else "val_"  # the exported weights' own figures
     val = {k: best.get(f"{prefix}{k}") for k in METRIC_KEYS} if best else {}
-    rate = [r["patches_per_s"] for r in lines]
+    rate = [row["patches_per_s"] for row in lines]
     steps_per_epoch = r.data.plan.steps_per_epoch
     summary = {
         "val": val,
@@ -330,9 +334,9 @@ def summarize(r: Run, test: dict, per_dataset: dict[str, dict]) -> dict:
     }
     if best.get("val_from"):
         summary["weights_from"] = best["val_from"]
-    tracked = [r for r in lines if r.get("test_srcc") is not None]
+    tracked = [row for row in lines if row.get("test_srcc") is not None]
     if tracked:  # train.track_test: the best test figure over evaluations, which selection never saw
-        top = max(tracked, key=lambda r: r["test_srcc"])
+        top = max(tracked, key=lambda row: row["test_srcc"])
         summary["test_selected_on_test"] = {
             "srcc": top["test_srcc"], "plcc": top["test_plcc"], "step": top["step"], "epoch": top["epoch"],
             "note": "selected on test (optimistic, as the HyperIQA code and phase one reported); quote 'test'"}

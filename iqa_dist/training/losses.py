@@ -1,5 +1,4 @@
-"""The training objective, per sample: L1, plus the pairwise ranking hinge over the global batch.
-"""
+"""The training objective, per sample: L1, plus the pairwise ranking hinge over the global batch."""
 
 from __future__ import annotations
 

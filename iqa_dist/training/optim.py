@@ -18,7 +18,7 @@ def build_optimizer(model: HyperIQA, cfg: Config, fused: bool | None = None) -> 
     """Adam (L2 decay in the gradient, as the original HyperIQA) or AdamW (decoupled decay), two
     groups: "backbone" at lr, "head" at lr * lr_ratio (optim.lda_group says where LDA goes).
     Fused kernels where torch has them (CUDA, CPU): one launch for the whole update, and the step
-    can skip itself on the device (step.StepGuard). Real parameter lists, not iterators."""
+    can skip itself on the device (guard.StepGuard). Real parameter lists, not iterators."""
     o, lrs = cfg.optim, cfg.group_lrs()  # optim.lr, scaled for the batch size by optim.lr_scaling
     groups = model.parameter_groups(o.lda_group)
     params = [{"params": groups[name], "lr": lrs[name], "name": name} for name in ("backbone", "head")]
@@ -66,10 +66,7 @@ class WeightEMA:
     constant buffers (Swin's position indices and attention masks) are never copied. The live
     weights are the ones given here: optimizers and Accelerate update them in place, so the EMA
     needs no unwrapping of a DDP or compiled model per step. Checkpointed with the run
-    (state_dict / load_state_dict, registered with Accelerate), so a resume continues it exactly.
-
-    It is also the teacher a self-distillation step would need: a smoothed copy of the student
-    that trails it by about 1 / (1 - decay) steps."""
+    (state_dict / load_state_dict, registered with Accelerate), so a resume continues it exactly."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay

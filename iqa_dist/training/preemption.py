@@ -1,5 +1,4 @@
-"""Stop requests: a signal, Ctrl-C or a stop file asks the run to checkpoint after its step.
-"""
+"""Stop requests: a signal, Ctrl-C or a stop file asks the run to checkpoint after its step."""
 
 from __future__ import annotations
 

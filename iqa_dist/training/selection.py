@@ -1,8 +1,10 @@
-"""Evaluation during training: the weights (and their EMA) on every dataset's validation split,
-model selection on val SRCC (exporting each new best), and the selected model's test split.
+"""Model selection: the weights (and their EMA) scored on every dataset's validation split, the
+better of the two kept when it is a new best on val SRCC (exported as the run's model), early
+stopping on patience, and the selected model's test split scored once.
 
-Scoring is `scoring.evaluate_split` (`iqa-dist evaluate`'s; `predict` shares its `predict_images`), on the
-model's own fp32 forward (the precision the model card records), whatever the training precision.
+Scoring is `scoring.predictions.evaluate_split` (`iqa-dist evaluate`'s; `predict` shares its
+`predict_images`), on the model's own fp32 forward (the precision the model card records),
+whatever the training precision.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..data.store import EvalSet
 from ..scoring.metrics import METRIC_KEYS
 from ..scoring.predictions import evaluate_split
 from .compile import compile_model
-from .trainer import Trainer
+from .trainer import TrainState, Trainer
 
 
 class OwnForward(nn.Module):
@@ -65,7 +67,7 @@ def combine(per_dataset: dict[str, dict], weights: list[float], select_on: str) 
     return {**out, "rmse": None, "n": sum(m["n"] for m in per_dataset.values())}
 
 
-class Evaluation:
+class Selection:
     """Scores the trainer's weights and EMA on the run's splits; exports each new best to `run`."""
 
     def __init__(self, *, cfg: Config, acc: Accelerator, trainer: Trainer, data: Data, card: ModelCard,
@@ -84,9 +86,9 @@ class Evaluation:
         if t.ema is not None:  # never prepared: its forward is its own, as the weights' evaluation is
             v.ema_per_dataset = self._metrics(t.ema.model, self.data.val)
             v.ema_val = self._combine(v.ema_per_dataset)
-            if _score(v.ema_val) > _score(v.val):
+            if selection_srcc(v.ema_val) > selection_srcc(v.val):
                 v.chosen, chosen_val, chosen_model = "ema", v.ema_val, t.ema.model
-        if t.state.update_best(chosen_val["srcc"], self.cfg.train.patience):
+        if update_best(t.state, chosen_val, self.cfg.train.patience):
             exported = replace(self.card, step=t.state.step, val=chosen_val, averaged=v.chosen)
             train_images = {name: {"names": view.names(view.ids("train")), "groups": view.groups(view.ids("train"))}
                             for name, view in self.data.views.items()} if self.acc.is_main_process else {}
@@ -119,5 +121,19 @@ class Evaluation:
             for name, evalset in images.items())}
 
 
-def _score(metrics: dict) -> float:
+def selection_srcc(metrics: dict) -> float:
+    """What selection compares: the val SRCC, a non-finite one (a constant prediction) counting as -inf."""
     return metrics["srcc"] if math.isfinite(metrics["srcc"]) else -math.inf
+
+
+def update_best(state: TrainState, val: dict, patience: int) -> bool:
+    """Model selection and early stopping after an evaluation at state.step: True when this is a
+    new best (to export). The first evaluation always is; a non-finite SRCC never improves."""
+    srcc = selection_srcc(val)
+    best = srcc > state.best_srcc or state.best_step == 0
+    if best:
+        state.best_srcc, state.best_step, state.bad_evals = srcc, state.step, 0
+    else:
+        state.bad_evals += 1
+    state.stopped_early = 0 < patience <= state.bad_evals
+    return best

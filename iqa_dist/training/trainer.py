@@ -19,7 +19,7 @@ the loss scaler hands the fused kernel its own overflow flag, also without a hos
 update is ever taken from a non-finite loss or gradient. The host work (the plan, the random
 draws, the packing) is marked `part("host")` and touches no device tensor; everything else is
 device work that never waits for the device (tests/test_audit.py proves it on the CPU with
-`audit.StepAudit`). The other `part` names label the step's stretches for the audit's kernel
+`bench.audit.StepAudit`). The other `part` names label the step's stretches for the audit's kernel
 counts and for torch.profiler traces.
 """
 
@@ -116,7 +116,8 @@ class LossMeter:
 
 @dataclass
 class TrainState:
-    """The loop's counters, checkpointed with the model (register_for_checkpointing)."""
+    """The loop's counters, checkpointed with the model (register_for_checkpointing); the best
+    step and early stopping are selection.update_best's to change."""
 
     step: int = 0  # optimizer steps taken
     best_srcc: float = -math.inf
@@ -126,18 +127,6 @@ class TrainState:
     train_seconds: float = 0.0
     world_size: int = 0  # processes that wrote the checkpoint (0: a checkpoint from before it was recorded)
     loss: LossMeter = field(default_factory=LossMeter)  # the window's loss; its host totals are checkpointed
-
-    def update_best(self, srcc: float, patience: int) -> bool:
-        """Model selection and early stopping after an evaluation at this step: True when this is a
-        new best (exported). The first evaluation always is; a non-finite SRCC never improves."""
-        srcc = srcc if math.isfinite(srcc) else -math.inf
-        best = srcc > self.best_srcc or self.best_step == 0
-        if best:
-            self.best_srcc, self.best_step, self.bad_evals = srcc, self.step, 0
-        else:
-            self.bad_evals += 1
-        self.stopped_early = 0 < patience <= self.bad_evals
-        return best
 
     def state_dict(self) -> dict:
         counters = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "loss"}
