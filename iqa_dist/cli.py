@@ -49,9 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             reject_unknown(dict_overrides(args, unknown))
             code = args.command_fn(args)
     except UserError as e:
-        if e.exit_code:
+        if e.exit_code and str(e):
             err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
-        else:  # not a failure: e.g. resuming a run that has finished
+        elif str(e):  # not a failure: e.g. resuming a run that has finished (no text: another process says it)
             err.print(escape(str(e)), highlight=False)
         code = e.exit_code
     except KeyboardInterrupt:

@@ -181,7 +181,7 @@ def _prepare_cmd(root: Path, cache: Path) -> list[str]:
 
 
 def test_killed_prepare_is_never_accepted(tmp_path):
-    fixtures.koniq(tmp_path / "k", n=60, size=(1024, 768), sets=False)
+    fixtures.koniq(tmp_path / "k", n=30, size=(1024, 768), sets=False)
     proc = subprocess.Popen(_prepare_cmd(tmp_path / "k", tmp_path / "c"), stderr=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL)
     def writing() -> bool:  # decoded rows are reaching the Arrow file of the partial build
@@ -195,7 +195,7 @@ def test_killed_prepare_is_never_accepted(tmp_path):
     proc.wait()
     assert not complete_caches(tmp_path / "c")
     out = here(*_prepare_cmd(tmp_path / "k", tmp_path / "c")[3:])  # the rebuild needs no fresh interpreter
-    assert out.returncode == 0 and "60 images cached" in " ".join(out.stderr.split())
+    assert out.returncode == 0 and "30 images cached" in " ".join(out.stderr.split())
 
 
 def test_two_processes_preparing_at_once_yield_one_cache(tmp_path):

@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from iqa_dist.config import load_config
+from iqa_dist.errors import UserError
 from iqa_dist.experiments.grid import members
 
-from .conftest import RUN, assert_same_training, free_port, here, metrics, only_run, run_train, train_cmd
+from .conftest import RUN, assert_same_training, free_port, here, metrics, only_run, run_train, train_cmd, train_here
+from .test_slurm import _slurm_answers
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"
 CONFIGS = Path(__file__).resolve().parent.parent / "accelerate_configs"
@@ -36,21 +38,21 @@ def fake_slurm(tmp_path) -> dict:
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2",
-            "SLURM_JOB_NODELIST": "gpu-a[01-02]", "SLURM_GPUS_ON_NODE": "8", "ACCELERATE": "echo accelerate"}
+            "SLURM_JOB_NODELIST": "gpu-a[01-02]", "SLURM_GPUS_ON_NODE": "8", "IQA_DIST": "echo iqa-dist"}
 
 
 def test_multinode_script_renders_one_launch_per_node(fake_slurm):
     out = subprocess.run(["bash", str(LAUNCH / "slurm_multinode.sbatch"), "koniq-swin-b-long", "--data.root=/data/k 1"],
                          capture_output=True, text=True, env=fake_slurm)
     assert out.returncode == 0, out.stderr
-    lines = [line for line in out.stdout.splitlines() if line.startswith("accelerate launch")]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("iqa-dist launch --restarts 3")]
     assert len(lines) == 2
     for rank, line in enumerate(lines):
         assert re.search(rf"--machine_rank {rank}\b", line), line
         assert "--num_machines 2" in line and "--num_processes 16" in line
         assert "--main_process_ip gpu-a01" in line and "--main_process_port 24242" in line
         assert "--rdzv_backend c10d" in line and "--multi_gpu" in line
-        assert "-m iqa_dist train --preset koniq-swin-b-long --run.name=koniq-swin-b-long-4242 --resume auto" in line
+        assert " train --preset koniq-swin-b-long --run.name=koniq-swin-b-long-4242 --resume auto" in line
         assert "--data.root=/data/k 1" in line  # arguments with spaces survive the inner bash -c
 
 
@@ -59,7 +61,7 @@ def test_single_node_script_renders(fake_slurm):
     out = subprocess.run(["bash", str(LAUNCH / "slurm_single_node.sbatch"), "koniq-swin-t"], capture_output=True,
                          text=True, env=env)
     assert out.returncode == 0, out.stderr
-    [line] = [x for x in out.stdout.splitlines() if x.startswith("accelerate launch")]
+    [line] = [x for x in out.stdout.splitlines() if x.startswith("iqa-dist launch --restarts 3")]
     assert "--multi_gpu --num_processes 8" in line and line.endswith("--resume auto")
 
 
@@ -71,8 +73,8 @@ def test_sweep_script_renders_a_member(fake_slurm, tmp_path):
     out = subprocess.run(["bash", str(LAUNCH / "slurm_sweep.sbatch"), str(members)], capture_output=True, text=True,
                          env=env)
     assert out.returncode == 0, out.stderr
-    [line] = [x for x in out.stdout.splitlines() if x.startswith("accelerate launch")]
-    assert line.endswith("-m iqa_dist train --preset demo --data.root=/d/$HOME x --run.name=b --resume auto")
+    [line] = [x for x in out.stdout.splitlines() if x.startswith("iqa-dist launch --restarts 3")]
+    assert line.endswith(" train --preset demo --data.root=/d/$HOME x --run.name=b --resume auto")
 
 
 # The time-limit logic every training script shares: SLURM's warning (USR1 to the batch script)
@@ -92,7 +94,7 @@ exit 9
 @pytest.mark.parametrize("script", ["slurm_single_node.sbatch", "slurm_multinode.sbatch", "slurm_sweep.sbatch"])
 @pytest.mark.parametrize("warned", [True, False], ids=["time-limit", "ends-by-itself"])
 def test_the_time_limit_warning_stops_the_step_and_requeues(fake_slurm, tmp_path, script, warned):
-    (tmp_path / "bin" / "fake-accelerate").write_text(STAND_IN)
+    (tmp_path / "bin" / "fake-launcher").write_text(STAND_IN)
     (tmp_path / "bin" / "scontrol").write_text("#!/bin/bash\n[ \"$1 $2\" = 'show hostnames' ] && echo n1\n"
                                                f"echo \"$@\" >> {tmp_path / 'scontrol.log'}\n")
     for f in (tmp_path / "bin").iterdir():
@@ -100,7 +102,7 @@ def test_the_time_limit_warning_stops_the_step_and_requeues(fake_slurm, tmp_path
     members = tmp_path / "members.jsonl"
     members.write_text(json.dumps({"name": "a", "args": ["--preset", "demo"]}) + "\n")
     stop = tmp_path / "stop"
-    env = {**fake_slurm, "SLURM_NNODES": "1", "SLURM_ARRAY_TASK_ID": "0", "ACCELERATE": str(tmp_path / "bin" / "fake-accelerate"),
+    env = {**fake_slurm, "SLURM_NNODES": "1", "SLURM_ARRAY_TASK_ID": "0", "IQA_DIST": str(tmp_path / "bin" / "fake-launcher"),
            "MARK": str(tmp_path / "mark"), "IQA_DIST_STOP_FILE": str(stop), **({} if warned else {"STAND_IN_EXIT": "3"})}
     job = subprocess.Popen(["bash", str(LAUNCH / script), str(members) if script == "slurm_sweep.sbatch" else "demo"],
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -155,9 +157,11 @@ def test_accelerate_configs_load_as_accelerate_reads_them():
         assert (c.num_processes > 1) == (c.distributed_type != "NO"), path.name
 
 
+@pytest.mark.skipif(_slurm_answers(), reason="a SLURM runs here: tests/test_slurm.py submits the script for real")
 def test_two_simulated_nodes_of_two_processes_match_one_process(single_run, tiny_overrides, tmp_path):
     """launch/slurm_multinode.sbatch for 2 nodes x 2 "GPUs" (4 gloo processes on 127.0.0.1), with
-    srun and scontrol stand-ins that start both nodes at once: the same training as one process."""
+    srun and scontrol stand-ins that start both nodes at once: the same training as one process.
+    Where no SLURM runs; with one, tests/test_slurm.py submits the same script with sbatch."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/bash\n[ \"$1 $2\" = 'show hostnames' ] && echo 127.0.0.1\n")
@@ -169,7 +173,7 @@ def test_two_simulated_nodes_of_two_processes_match_one_process(single_run, tiny
     port = free_port()
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": str(port - 20000),
            "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_GPUS_ON_NODE": "2",
-           "ACCELERATE": f"{sys.executable} -m accelerate.commands.accelerate_cli", "OMP_NUM_THREADS": "1",
+           "IQA_DIST": f"{sys.executable} -m iqa_dist", "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1", "IQA_DIST_STOP_FILE": str(tmp_path / "stop")}
     out = subprocess.run(["bash", str(LAUNCH / "slurm_multinode.sbatch"), "demo",
                           *[f"--{o}" for o in [*tiny_overrides, *RUN, f"run.root={tmp_path / 'runs'}"]]],
@@ -180,27 +184,6 @@ def test_two_simulated_nodes_of_two_processes_match_one_process(single_run, tiny
     assert summary["world_size"] == 4
     assert json.loads((run / "meta.json").read_text())["launches"][0]["num_machines"] == 2
     assert_same_training(metrics(single_run), metrics(run))
-
-
-def _workers(launcher_pid: int) -> dict[int, int]:
-    """rank -> pid of the worker processes that `accelerate launch` started (Linux /proc)."""
-    out = {}
-    children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
-    for pid in map(int, children):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for item in env:
-            if item.startswith(b"RANK="):
-                out[int(item[5:])] = pid
-    return out
-
-
-def _start_two(overrides: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(train_cmd(overrides, nproc=2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
 
 
 def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
@@ -244,47 +227,114 @@ def _until(condition, timeout: float = 60, what: str = "the condition"):
 
 
 @pytest.mark.slow
-def test_a_failed_rank_brings_all_down(tiny_overrides, tmp_path):
-    proc = _start_two([*tiny_overrides, "train.max_steps=100000", "train.eval_every=100000", "train.timeout_s=60",
-                       f"run.root={tmp_path}"])
-    _wait_for(proc, "parameters:")
-    workers = _until(lambda: (w := _workers(proc.pid)) and set(w) == {0, 1} and w, what="both workers running")
-    t0 = time.time()
-    os.kill(workers[1], signal.SIGKILL)
-    _finish(proc, 120)
-    assert proc.returncode != 0
-    assert time.time() - t0 < 90  # within the collective timeout (60 s), not a hang
-    assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
-               for pid in workers.values())
+def _descendant_workers(pid: int) -> dict[int, int]:
+    """rank -> pid of the training processes somewhere below `pid` (iqa-dist launch -> torchrun -> workers)."""
+    out, todo = {}, [pid]
+    while todo:
+        children = subprocess.run(["pgrep", "-P", str(todo.pop())], capture_output=True, text=True).stdout.split()
+        todo += map(int, children)
+        out.update(_workers_of(map(int, children)))
+    return out
+
+
+def _workers_of(pids) -> dict[int, int]:
+    out = {}
+    for pid in pids:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        out.update({int(item[5:]): pid for item in env if item.startswith(b"RANK=")})
+    return out
+
+
+LAUNCH_TWO = [sys.executable, "-m", "iqa_dist", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"]
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_launcher_checkpoints_and_resumes(tiny_overrides, tmp_path):
-    """A scheduler's SIGTERM to `iqa-dist launch` (2 processes): they finish the step, checkpoint
-    together and exit; one line from the main process, exit 124, no traceback; the relaunch
-    resumes the same run."""
-    overrides = [*tiny_overrides, "train.max_steps=24", "train.eval_every=24", "train.checkpoint_every=1000",
-                 "train.log_every=5", f"run.root={tmp_path}"]
-    launch = [sys.executable, "-m", "iqa_dist", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"]
-    command = ["train", "--preset", "demo", *[f"--{o}" for o in overrides]]
+def test_sigterm_stops_cleanly_and_a_killed_worker_restarts_the_group(tiny_overrides, tmp_path):
+    """Two 2-process `iqa-dist launch`es of one run, as a scheduler treats them, ending as one
+    uninterrupted run does (losses and val metrics):
+    - SIGTERM to the launcher (a preemption): every process finishes its step, they checkpoint
+      together, one line from the main process, exit 124, no traceback;
+    - the relaunch with --resume auto continues; SIGKILL of its rank 1 after the step-12
+      checkpoint (the OOM killer, a bad node): the launcher starts the group again, which
+      resumes at step 12 and trains to the end."""
+    overrides = [*tiny_overrides, "train.max_steps=24", "train.eval_every=12", "train.checkpoint_every=6",
+                 "train.log_every=7"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*launch, str(free_port()), *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
-    seen = _wait_for(proc, "step 5/")
-    proc.send_signal(signal.SIGTERM)
-    out = seen + _finish(proc, 120)
-    assert proc.returncode == 124, out[-3000:]
+    command = ["train", "--preset", "demo", *[f"--{o}" for o in [*overrides, f"run.root={tmp_path / 'runs'}"]]]
+
+    def launch(*extra: str) -> subprocess.Popen:
+        return subprocess.Popen([*LAUNCH_TWO, str(free_port()), *command, *extra], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env)
+
+    first = launch()
+    seen = _wait_for(first, "step 7/")
+    first.send_signal(signal.SIGTERM)
+    out = seen + _finish(first, 120)
+    assert first.returncode == 124, out[-3000:]
     assert out.count("preempted at step") == 1 and "Traceback" not in out, out[-3000:]
-    run = only_run(tmp_path)
-    [checkpoint] = list((run / "checkpoints").iterdir())
-    step = int(checkpoint.name[5:])
-    assert 0 < step < 24
-    again = subprocess.run([*launch, str(free_port()), *command, "--resume", "auto"], capture_output=True, text=True,
-                           timeout=400, env=env)
-    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert f"at step {step}" in again.stdout
-    assert json.loads((run / "summary.json").read_text())["steps_run"] == 24
+    run = only_run(tmp_path / "runs")
+    stopped_at = max(int(c.name[5:]) for c in (run / "checkpoints").iterdir())
+    assert 7 <= stopped_at < 12
+
+    second = launch("--resume", "auto")
+    seen = _wait_for(second, "step 14/")  # the step-12 checkpoint is written
+    assert f"at step {stopped_at}" in seen
+    workers = _until(lambda: (w := _descendant_workers(second.pid)) and set(w) == {0, 1} and w, what="both workers")
+    os.kill(workers[1], signal.SIGKILL)
+    out = seen + _finish(second, 400)
+    assert second.returncode == 0, out[-3000:]
+    assert "starting the group again from its last checkpoint (restart 1 of 3)" in out, out[-3000:]
+    assert f"resumed {run} at step 12" in out
+    reference = train_here([*overrides, f"run.root={tmp_path / 'reference'}"])
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    assert_same_training(metrics(only_run(tmp_path / "reference")), metrics(run))
+
+
+@pytest.mark.slow
+def test_a_stopped_worker_is_named_and_ends_the_launch_within_the_timeout(tiny_overrides, tmp_path):
+    """SIGSTOP of rank 1 (a hung process): rank 0's collective times out after train.timeout_s
+    and it says in one line which rank stopped answering; with --restarts 0 the launcher then
+    gives up, saying so."""
+    overrides = [*tiny_overrides, "train.max_steps=100000", "train.eval_every=100000", "train.timeout_s=10",
+                 "train.log_every=5", f"run.root={tmp_path}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    launch = [*LAUNCH_TWO[:4], "--restarts", "0", *LAUNCH_TWO[4:]]
+    proc = subprocess.Popen([*launch, str(free_port()), "train", "--preset", "demo", *[f"--{o}" for o in overrides]],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    _wait_for(proc, "step 5/")
+    workers = _until(lambda: (w := _descendant_workers(proc.pid)) and set(w) == {0, 1} and w, what="both workers")
+    os.kill(workers[1], signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        named = _wait_for(proc, "stopped answering", timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:  # torchrun would wait 30 s for the stopped process to heed its SIGTERM: spare the suite that
+        os.kill(workers[1], signal.SIGKILL)
+    out = named + _finish(proc, 120)
+    assert 10 <= elapsed < 10 + 25, elapsed  # the collective timeout, then a few seconds asking who answers
+    [line] = [x for x in out.splitlines() if "stopped answering" in x]
+    assert line.startswith("error: rank 1 of 2 stopped answering at step") and "train.timeout_s=10" in line, line
+    assert proc.returncode != 0 and "the training died once; giving up" in out, out[-2000:]
+
+
+def test_the_launcher_resumes_the_run_it_created_and_reads_its_own_option(tmp_path):
+    from iqa_dist.commands.launch import again, restarts_option
+
+    assert restarts_option(["--restarts", "5", "--multi_gpu"]) == (5, ["--multi_gpu"])
+    assert restarts_option(["--restarts=0"]) == (0, []) and restarts_option([]) == (3, [])
+    with pytest.raises(UserError, match="whole number"):
+        restarts_option(["--restarts", "x"])
+    created = tmp_path / "run"
+    command = ["train", "--preset", "demo"]
+    assert again(command, created, 1) == command  # died before it made a run directory: start afresh
+    created.write_text("/runs/20261203-000000-demo\n")
+    assert again(command, created, 0) == command
+    assert again(command, created, 1) == [*command, "--resume", "/runs/20261203-000000-demo"]
+    assert again([*command, "--resume", "auto"], created, 2) == [*command, "--resume", "auto"]
 
 
 def test_ctrl_c_checkpoints_and_a_second_one_a_second_later_quits(monkeypatch):

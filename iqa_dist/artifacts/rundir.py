@@ -35,6 +35,9 @@ from ..config import Config, config_from_yaml
 from ..errors import UserError
 from .card import RUN_MODEL_DIR, WEIGHTS_FILE, ModelCard
 
+# Set by `iqa-dist launch`: the main process writes the path of a run directory it creates there, so
+# that a group restarted after a process died continues that run (commands/launch.py)
+RUN_FILE = "IQA_DIST_RUN_FILE"
 CHECKPOINT_PREFIX = "step-"
 DEBUG_PREFIX = "debug-step-"  # the state kept when a step was non-finite (save_debug)
 
@@ -128,9 +131,12 @@ class RunDir:
         return sorted(p for p in Path(root).glob(f"*-{name}") if pattern.fullmatch(p.name) and p.is_dir())
 
     @classmethod
-    def open(cls, cfg: Config, target: Target, accelerator: Accelerator, about: dict) -> "RunDir":
+    def open(cls, cfg: Config, target: Target, accelerator: Accelerator, about: dict,
+             legacy_data: dict | None = None) -> "RunDir":
         """The run directory of `target`, created now when new; records this launch in meta.json.
-        `about` (weights provenance, parameter groups, ...) is stored in meta.json."""
+        `about` (weights provenance, the data's cache keys in "data", ...) is stored in meta.json;
+        a resumed run's recorded data must be about["data"], or for runs from before files were
+        identified by content, `legacy_data`."""
         choice = [target.path]
         if accelerator.is_main_process and not target.resuming:
             root = Path(cfg.run.root)
@@ -141,11 +147,13 @@ class RunDir:
             (path / cls.CHECKPOINTS).mkdir(parents=True)
             (path / cls.CONFIG).write_text(cfg.to_yaml())
             choice = [str(path)]
+            if os.environ.get(RUN_FILE):
+                Path(os.environ[RUN_FILE]).write_text(str(path))
         if accelerator.num_processes > 1 and not target.resuming:
             broadcast_object_list(choice)
         run = cls(Path(choice[0]), accelerator)
         if target.resuming:  # every process checks, so every process stops with the same message
-            run._check_same_data(about.get("data", {}))
+            run._check_same_data(about.get("data", {}), legacy_data or {})
         if accelerator.is_main_process:
             if target.extended:
                 (run.path / cls.CONFIG).write_text(cfg.to_yaml())  # the extended schedule is the run's now
@@ -153,13 +161,15 @@ class RunDir:
             run._write_meta(target, about)
         return run
 
-    def _check_same_data(self, now: dict) -> None:
+    def _check_same_data(self, now: dict, legacy: dict) -> None:
         """A resumed run must train on the images it started on: the cache folders named in
-        meta.json are content hashes of the annotations, image files and split."""
+        meta.json are content hashes of the annotations, image files and split (older runs' keys
+        hashed the files' sizes and mtimes instead: the same key from the same files passes too)."""
         before = self.meta().get("data")
         if not before:  # a run from before the data were recorded: nothing to compare
             return
-        changed = [f"{name}: {before.get(name)} -> {key}" for name, key in now.items() if before.get(name) != key]
+        changed = [f"{name}: {before.get(name)} -> {key}" for name, key in now.items()
+                   if before.get(name) not in (key, legacy.get(name))]
         if changed:
             raise UserError(f"--resume {self.path}: the data differ from the run's (images, scores or split changed "
                             f"since it started; cache {'; '.join(changed)}). Restore them, or start a new run")

@@ -34,10 +34,12 @@ from ..errors import UserError
 from ..sources.readers import read_source, source_root
 from ..sources.records import Problem, SourceData
 from .decode import decode_job
+from .identity import file_hashes
 from .splits import assign_splits
 from .store import META, BinaryColumn, View, open_images
 
-CACHE_VERSION = 3  # 2: a fixed WxH resize follows each image's orientation; 3: data.exif
+CACHE_VERSION = 4  # 2: a fixed WxH resize follows each image's orientation; 3: data.exif; 4: files by content
+HASHES = "sha256.json"  # in an image cache: image name -> sha256 of its source file (data/identity.py)
 IMAGE_FEATURES = datasets.Features({
     "image_id": datasets.Value("int64"),
     "name": datasets.Value("string"),
@@ -94,14 +96,28 @@ def _progress(console: Console) -> Progress:
                     TimeRemainingColumn(), console=console, disable=not console.is_terminal)
 
 
-def image_fingerprint(cfg: Config, data: SourceData) -> dict:
-    """What the image cache depends on: files (name, size, mtime), annotations' content, policy."""
+def image_fingerprint(cfg: Config, data: SourceData, hashes: list[str], root: Path) -> dict:
+    """What the image cache depends on: each file's name and content (sha256, in `hashes`), its
+    score and group, the annotations' content, the policy. Never where the files are or when
+    they were written, so a copy of the dataset elsewhere has the same cache."""
+    files = [(r.name, h, r.score, r.group) for r, h in zip(data.records, hashes)]
+    return {**_policy(cfg, data), "version": CACHE_VERSION, "files": _hash(files),
+            "problems": _hash([[p.where, p.name, p.reason.replace(str(root), "")] for p in data.problems])}
+
+
+def legacy_fingerprint(cfg: Config, data: SourceData) -> dict:
+    """The fingerprint caches (and runs' meta.json) had before version 4, when files were known by
+    size and mtime: a run started then resumes on unchanged files, and its cache is adopted."""
     files = []
     for r in data.records:
         st = r.path.stat()
         files.append((r.name, st.st_size, st.st_mtime_ns, r.score, r.group))
+    return {**_policy(cfg, data), "version": 3, "files": _hash(files),
+            "problems": _hash([str(p) for p in data.problems])}
+
+
+def _policy(cfg: Config, data: SourceData) -> dict:
     return {
-        "version": CACHE_VERSION,
         "dataset": cfg.data.dataset,
         "score_column": data.score_column,
         "resize": resolve_resize(cfg, data),
@@ -109,8 +125,6 @@ def image_fingerprint(cfg: Config, data: SourceData) -> dict:
         "min_side": cfg.model.img_size,
         "skip_bad": cfg.data.skip_bad,
         "annotations": [hashlib.sha256(p.read_bytes()).hexdigest() for p in data.annotation_files],
-        "files": _hash(files),
-        "problems": _hash([str(p) for p in data.problems]),
     }
 
 
@@ -156,7 +170,7 @@ def _remedy(problems: list[Problem], n_rows: int, cfg: Config, resize: str) -> s
 
 
 def _build_images(partial: Path, cfg: Config, data: SourceData, root: Path, fingerprint: dict,
-                  console: Console) -> None:
+                  hashes: list[str], console: Console) -> None:
     resize = fingerprint["resize"]
     records = [{"path": str(r.path), "name": r.name, "score": r.score, "group": r.group, "where": r.where}
                for r in data.records]
@@ -192,6 +206,7 @@ def _build_images(partial: Path, cfg: Config, data: SourceData, root: Path, fing
     shutil.rmtree(partial / "hf")
     for scratch in ("records.json", "problems.json"):
         (partial / scratch).unlink()
+    (partial / HASHES).write_text(json.dumps({r.name: h for r, h in zip(data.records, hashes)}))
     meta = {
         **fingerprint,
         "source_root": str(root),
@@ -246,10 +261,14 @@ def prepare(cfg: Config, console: Console | None = None) -> View:
                       f"generated into the cache ({cache_root(cfg)})", highlight=False)
     root = source_root(cfg.data, cache_root(cfg))
     data = read_source(cfg.data, root)
-    fingerprint = image_fingerprint(cfg, data)
+    hashes = file_hashes([r.path for r in data.records], root, cache_root(cfg), cfg.data.workers or min(8, os.cpu_count() or 1))
+    fingerprint = image_fingerprint(cfg, data, hashes, root)
     image_path = cache_root(cfg) / f"{cfg.data.dataset}-{_hash(fingerprint)}"
-    built = _atomic_build(image_path, lambda p: _build_images(p, cfg, data, root, fingerprint, console), console,
-                          f"image cache {cfg.data.dataset}")
+    legacy = cache_root(cfg) / f"{cfg.data.dataset}-{_hash(legacy_fingerprint(cfg, data))}"
+    if (legacy / META).is_file() and not (image_path / META).is_file():
+        _adopt(legacy, image_path, fingerprint, data, hashes, console)
+    built = _atomic_build(image_path, lambda p: _build_images(p, cfg, data, root, fingerprint, hashes, console),
+                          console, f"image cache {cfg.data.dataset}")
     images = open_images(image_path)
     image_meta = json.loads((image_path / META).read_text())
     if built and image_meta["skipped"]:
@@ -279,7 +298,27 @@ def prepare(cfg: Config, console: Console | None = None) -> View:
                   f"view {cfg.data.split} split" + (f", stored {cfg.model.img_size}-px training patches"
                                                     if spec["cached_patch_num"] else ""))
     meta = json.loads((view_path / META).read_text())
-    return View(view_path, meta, image_meta, images, image_path)
+    legacy_view = _hash({**spec, "images": legacy.name})
+    return View(view_path, meta, image_meta, images, image_path, legacy_key=f"{legacy.name}/{legacy_view}")
+
+
+def _adopt(legacy: Path, final: Path, fingerprint: dict, data: SourceData, hashes: list[str],
+           console: Console) -> None:
+    """A cache built before files were identified by content, from these very files (their names,
+    sizes and mtimes are the ones it was keyed by): renamed to its new key instead of decoded
+    again. Its views name the old folder, so they go; a split costs no decoding."""
+    with FileLock(str(final) + ".lock"):
+        if (final / META).is_file() or not (legacy / META).is_file():
+            return  # another process adopted it meanwhile
+        meta = json.loads((legacy / META).read_text())
+        meta.update({k: v for k, v in fingerprint.items() if k != "files"})
+        (legacy / HASHES).write_text(json.dumps({r.name: h for r, h in zip(data.records, hashes)}))
+        (legacy / META).write_text(json.dumps(meta, indent=1))
+        shutil.rmtree(legacy / "views", ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)  # a leftover without meta.json is incomplete
+        os.replace(legacy, final)
+    console.print(f"image cache {fingerprint['dataset']}: the cache built before files were identified by content "
+                  f"({legacy.name}) is reused as {final.name}", highlight=False)
 
 
 def describe(view: View) -> str:

@@ -45,6 +45,11 @@ class Data:
         """Each dataset's cache folder: image cache / view, both content hashes (recorded in meta.json)."""
         return {name: v.cache_key() for name, v in self.views.items()}
 
+    def legacy_fingerprint(self) -> dict[str, str]:
+        """The same as runs made before files were identified by content recorded it: a run started
+        then resumes when its files are unchanged."""
+        return {name: v.legacy_key for name, v in self.views.items()}
+
 
 def resident_device(cfg: Config, nbytes: int, device: torch.device) -> torch.device:
     """Where the training pixels live: the device when they fit in half of its free memory."""

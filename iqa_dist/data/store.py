@@ -191,6 +191,7 @@ class View:
     image_meta: dict  # the image cache's metadata (source, counts, skipped rows, score range)
     images: datasets.Dataset  # every cached image; row = image_id
     image_dir: Path  # the image cache's folder (the view is one of its views; cache.py lays them out)
+    legacy_key: str = ""  # the cache_key these data had before files were identified by content (cache.py)
 
     def cache_key(self) -> str:
         """image cache / view folder names, both content hashes: which data a run used (meta.json)."""

@@ -1,8 +1,8 @@
 """A sweep group on disk: one folder `runs/<YYYYmmdd-HHMMSS>-sweep-<kind>/` holding its members'
-run directories and logs (NAME.log) and four files, each written by one step of a sweep: the
+run directories and logs (NAME.log) and its files, each written by one step of a sweep: the
 members to run (members.jsonl, by `sweep.run_sweep`), what was asked (sweep.json), each member's
-exit status (status.json, by `sweep.run_members`) and the combined table (results.json, by
-`collect.collect`).
+exit status (status.json, by `sweep.run_members`), the combined table (results.json, by
+`collect.collect`) and, when submitted to SLURM, the job's id (slurm_job).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ MEMBERS = "members.jsonl"  # one line per member: {"name", "config", "repeat", "
 INFO = "sweep.json"  # the kind, preset, overrides, configs, baseline and repeats
 STATUS = "status.json"  # member name -> exit status of its last launch
 RESULTS = "results.json"  # the combined table
+SLURM_JOB = "slurm_job"  # the id of the SLURM job that runs the group (sweep --slurm)
 
 
 def new_group(root: str, kind: str) -> Path:

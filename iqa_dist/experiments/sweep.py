@@ -28,7 +28,8 @@ from ..errors import UserError
 from ..output import console
 from .collect import collect
 from .grid import members
-from .group import INFO, MEMBERS, finished, last_error, new_group, read_members, read_status, write_members, write_status
+from .group import (INFO, MEMBERS, SLURM_JOB, finished, last_error, new_group, read_members, read_status, write_members,
+                    write_status)
 
 LAUNCH = Path(__file__).resolve().parents[2] / "launch"  # the source tree's launch/ (not installed with the package)
 SLURM_SCRIPT = LAUNCH / "slurm_sweep.sbatch"
@@ -70,8 +71,17 @@ def submit(group: Path, how: str, count: int, gpus_per_member: int) -> None:
         cmd = ["sbatch", f"--array=0-{count - 1}", str(SLURM_SCRIPT), str(group / MEMBERS)]
     else:
         cmd = ["sbatch", str(SLURM_NODE_SCRIPT), str(group), str(gpus_per_member or 1)]
-    err.print(f"submitting: {shlex.join(cmd)}", highlight=False)
-    subprocess.run(cmd, check=True)
+    try:
+        out = subprocess.run([cmd[0], "--parsable", *cmd[1:]], capture_output=True, text=True, check=True)
+    except FileNotFoundError:
+        raise UserError("sweep --slurm: sbatch is not on PATH (run it where SLURM jobs are submitted)") from None
+    except subprocess.CalledProcessError as e:
+        raise UserError(f"sweep --slurm: sbatch refused the job: {e.stderr.strip() or e.stdout.strip()} "
+                        f"({shlex.join(cmd)}); the group {group} is kept: submit it again or run it here with "
+                        f"iqa-dist sweep --resume {group}") from None
+    job = out.stdout.strip().split(";")[0]
+    (group / SLURM_JOB).write_text(job + "\n")
+    err.print(f"submitted job {job}: {shlex.join(cmd)}", highlight=False)
     err.print(f"when it is done: iqa-dist sweep collect {group} (or continue it: iqa-dist sweep --resume {group})",
               highlight=False)
 

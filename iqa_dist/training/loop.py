@@ -29,6 +29,7 @@ from ..config import Config, flatten
 from ..data.augment import Augmenter
 from ..data.load import Data, load_data
 from ..distributed.accelerators import build_accelerator
+from ..distributed.liveness import silent_ranks
 from ..distributed.shards import Shares
 from ..errors import UserError
 from ..models.hyperiqa import HyperIQA, build_model, parameter_counts
@@ -47,6 +48,13 @@ from .trainer import Trainer
 
 class NonFiniteLoss(UserError):
     exit_code = 3
+
+
+class LostProcess(UserError):
+    """Another process of the run stopped answering; exit status 4, which `iqa-dist launch` answers by
+    starting the group again from the last checkpoint."""
+
+    exit_code = 4
 
 
 class Preempted(Exception):
@@ -92,6 +100,8 @@ def train(cfg: Config, resume: str = "", extend: bool = False) -> Path:
                     checkpoint(r)
         except BadStep as bad:
             stop_non_finite(r, bad)
+        except RuntimeError as e:  # a collective failed: was it another process?
+            stop_lost_process(r, e)
         r.display.close()
         finish(r)
     return r.dir.path
@@ -123,7 +133,8 @@ def start(cfg: Config, resume: str = "", extend: bool = False) -> Run:
     weights, groups = provenance(cfg.model), group_sizes(trainer.optimizer)
     card = model_card(cfg, data, model, weights, groups)
     run = RunDir.open(cfg, target, acc, {"weights": weights, "parameter_groups": groups, "data": data.fingerprint(),
-                                         "effective_lr": {**cfg.group_lrs(), "warmup_steps": cfg.effective_warmup()}})
+                                         "effective_lr": {**cfg.group_lrs(), "warmup_steps": cfg.effective_warmup()}},
+                      legacy_data=data.legacy_fingerprint())
     batches = Batches(store=data.train, plan=data.plan, augmenter=augmenter, shares=shares, device=acc.device,
                       rank_weight=cfg.optim.rank_weight, noise=NoiseSource(cfg.train.seed, model.noise_width, acc.device))
     selection = Selection(cfg=cfg, acc=acc, trainer=trainer, data=data, card=card, augmenter=augmenter, run=run,
@@ -262,6 +273,22 @@ def stop_non_finite(r: Run, bad: BadStep) -> None:
     debug = r.dir.save_debug(bad.step)
     raise NonFiniteLoss(f"non-finite {bad.what} at step {bad.step}; no optimizer step was taken from it and "
                         f"training stopped; the weights and optimizer state from before it are kept in {debug}")
+
+
+def stop_lost_process(r: Run, error: RuntimeError) -> None:
+    """One line naming the process that stopped answering (killed, stopped, or on a dead node),
+    printed by the lowest surviving rank (the others exit quietly) instead of every process's
+    traceback; any other error as it is."""
+    silent = silent_ranks() if r.acc.num_processes > 1 else []
+    if not silent:
+        raise error
+    alive = [k for k in range(r.acc.num_processes) if k not in silent]
+    checkpoint = r.dir.latest_checkpoint()
+    raise LostProcess("" if r.acc.process_index != alive[0] else
+                      f"rank {', '.join(map(str, silent))} of {r.acc.num_processes} stopped answering at step "
+                      f"{r.trainer.state.step} (killed, stopped, or its node is gone; a collective waits at most "
+                      f"train.timeout_s={r.cfg.train.timeout_s} s); the last checkpoint is "
+                      f"{checkpoint.name if checkpoint else 'none'}") from None
 
 
 def finish(r: Run) -> None:
