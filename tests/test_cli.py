@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,24 @@ def test_evaluate_uses_the_runs_split_and_refuses_training_images(single_run, ca
     # every image of the dataset ("all") includes the training images too
     code, _, err = cli("evaluate", "--run", str(single_run), "--dataset", "synthetic", "--split", "all", cache)
     assert code == 2 and "trained on" in err
+
+
+def test_evaluate_refuses_its_training_images_under_other_paths_and_names(single_run, cache_root, tmp_path):
+    """A CSV dataset of its own listing the run's training files by absolute path (another
+    dataset, other names, no shared content column): the files' contents give them away."""
+    train = json.loads((single_run / "model" / "train_images.json").read_text())["synthetic"]["names"]
+    source = next(p for p in cache_root.glob("synthetic-src-*") if p.is_dir())
+    every = sorted(str(p) for p in (source / "images").iterdir())
+    listed = [str(source / n) for n in train[:5]] + [p for p in every if Path(p).relative_to(source).as_posix()
+                                                     not in train][:7]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "scores.csv").write_text("image,mos\n" + "".join(f"{p},{i}\n" for i, p in enumerate(listed)))
+    args = ["evaluate", "--run", str(single_run), "--dataset", "csv", "--root", str(tmp_path / "mine"), "--split", "all",
+            f"--data.cache_dir={tmp_path / 'c'}", "--output", str(tmp_path / "e.json")]
+    code, _, err = cli(*args)
+    assert code == 2 and "5 of the 12 csv images to score are images this model trained on" in err, err
+    code, _, err = cli(*args, "--allow-train-overlap")
+    assert code == 0 and json.loads((tmp_path / "e.json").read_text())["train_overlap"]["images"] == 5, err
 
 
 def test_evaluate_split_all_names_its_output_all(single_run, tmp_path):
@@ -87,6 +107,27 @@ def test_resume_auto_ignores_runs_without_a_checkpoint(single_run, tmp_path):
     other = root / "20200101-000002-my-demo"  # another run name that ends in -demo
     shutil.copytree(with_checkpoint, other)
     assert find_resumable(root, "demo") == with_checkpoint and RunDir.named(root, "demo") == [never, with_checkpoint]
+
+
+def test_one_run_has_one_writer(single_run, tmp_path):
+    """A second launch of a run that a live process trains is refused in one line naming the
+    holder; the holder killed (SIGKILL: nothing it could clean up), the lock is free."""
+    from iqa_dist.artifacts import lock
+
+    run = tmp_path / single_run.name
+    shutil.copytree(single_run, run)
+    (run / "summary.json").unlink()  # unfinished, with checkpoints: resumable
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom iqa_dist.artifacts import lock\n"
+                               "lock.take(sys.argv[1])\nprint('held', flush=True)\ntime.sleep(300)", str(run)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = cli("train", "--resume", str(run))
+        one_line_error(code, err, "this run is being trained by host", f"pid {holder.pid}", "one writer")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock.holder(run) is None
 
 
 def test_resume_refuses_data_that_changed(tiny_overrides, tmp_path):

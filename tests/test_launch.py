@@ -7,6 +7,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -435,6 +436,54 @@ def test_parallel_sweep_reports_a_failure_and_resumes_only_what_is_missing(tiny_
         assert (group / name / "summary.json").stat().st_mtime_ns == stamp  # finished members kept as they were
     collected = here("sweep", "collect", str(group))
     assert collected.returncode == 0 and "lr=3e-4,split01" in collected.stdout
+
+
+HOLD = ("import sys, time\nfrom iqa_dist.artifacts import lock\nlock.take(sys.argv[1])\nprint('held', flush=True)\n"
+        "time.sleep(300)")  # a stand-in for a process that trains the run
+
+
+def test_a_sweep_never_starts_a_member_that_is_still_running(tmp_path, capsys):
+    """A member whose run another process still trains (an orphan of a killed sweep, or a second
+    sweep on the group) is left alone, said so; the other members start."""
+    from iqa_dist.experiments.sweep import run_members
+
+    busy = tmp_path / "20261203-000000-a"
+    busy.mkdir()
+    (busy / "config.yaml").write_text("{}\n")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(busy)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        members = [{"name": "a", "args": []}, {"name": "b", "args": []}]
+        status = run_members(tmp_path, members, "true", 0, 1)
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"a is still running (host {socket.gethostname()} pid {holder.pid}" in err, err
+        assert status == {"b": 0}  # only b was started (and `true` finished it)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_takes_its_running_member_with_it(tiny_overrides, tmp_path):
+    """SIGKILL of a running sweep (nothing it can catch): its member gets SIGTERM from the kernel
+    (the parent-death signal set when it started), checkpoints and exits, and leaves the run's
+    writer lock free, instead of training on, orphaned, beside a later `sweep --resume`."""
+    from iqa_dist.artifacts import lock
+
+    overrides = [f"--{o}" for o in [*tiny_overrides, "train.max_steps=400", "train.eval_every=400",
+                                    "train.checkpoint_every=2", f"run.root={tmp_path / 'runs'}"]]
+    sweep = subprocess.Popen([sys.executable, "-m", "iqa_dist", "sweep", "grid", "--set", "train.seed=0,1",
+                              "--preset", "demo", *overrides], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    run = _until(lambda: next(iter((tmp_path / "runs").glob("*/*-seed=0/checkpoints/step-*")), None), timeout=300,
+                 what="the first member's first checkpoint").parent.parent
+    assert lock.holder(run), "the member holds its run's lock while it trains"
+    sweep.kill()
+    sweep.wait()
+    _until(lambda: lock.holder(run) is None, timeout=90, what="the member to exit")
+    log = (run.parent / "seed=0.log").read_text()
+    assert "preempted at step" in log, log[-2000:]  # it checkpointed on the way out
+    assert not list(run.parent.glob("*-seed=1"))  # and nothing else was started after the sweep died
 
 
 def test_bf16_gradient_compression_agrees_with_fp32(single_run, tiny_overrides, tmp_path):

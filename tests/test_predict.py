@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 
 import iqa_dist
@@ -105,6 +106,31 @@ def test_scorer_matches_the_model_and_tta_with_one_crop_is_plain(single_run, ima
     assert (scorer.prepare(gray16) == 40).all()
     with pytest.raises(UserError, match="is 60x50 after resize .* smaller than the 112-px patch"):
         scorer.prepare(Image.new("RGB", (60, 50)))
+
+
+def test_an_image_scores_the_same_in_every_form_it_comes_in(single_run, tmp_path):
+    """The same pixels as a file, a PIL image of any mode, a uint8 array or tensor (HWC or CHW;
+    grey, RGB, RGBA): one score. RGBA scores as its file does (alpha dropped, as PIL reads it),
+    grey as its file does (spread to RGB). Other forms are refused in one line naming them."""
+    scorer = iqa_dist.load_model(single_run, "cpu")
+    rng = np.random.default_rng(5)
+    rgba = rng.integers(0, 256, (130, 150, 4), dtype=np.uint8)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    forms = [tmp_path / "rgba.png", Image.fromarray(rgba), rgba, rgba.transpose(2, 0, 1),
+             torch.from_numpy(rgba.transpose(2, 0, 1).copy()), torch.from_numpy(rgba)]
+    scores = scorer.score(forms)
+    assert np.allclose(scores, scores[0], atol=0, rtol=0), scores
+    assert scores[0] == scorer.score(rgba[..., :3])[0]  # alpha dropped: the RGB image's score
+    grey = rng.integers(0, 256, (130, 150), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    forms = [tmp_path / "grey.png", Image.fromarray(grey), Image.fromarray(grey).convert("P"), grey, grey[..., None],
+             torch.from_numpy(grey[None].copy()), np.repeat(grey[..., None], 3, 2)]
+    scores = scorer.score(forms)
+    assert np.allclose(scores, scores[0], atol=0, rtol=0), scores
+    for bad, said in [(rgba.astype(np.float32) / 255, "float32"), (rgba[..., :2], "1, 3 or 4 channels"),
+                      (np.zeros((2, 3, 4, 5, 6), np.uint8), "expected HxW")]:
+        with pytest.raises(UserError, match=re.escape(said)):
+            scorer.score([bad])
 
 
 def test_predict_is_deterministic_scores_folders_and_skips_bad_files(single_run, images, tmp_path):

@@ -1,8 +1,8 @@
 """The model card: what an exported model is and how it scores, beside its weights.
 
 A model directory is `model.safetensors` + `config.json` (this card) + `train_images.json` (the
-names and content groups it trained on, per dataset, so that evaluating it on its own training
-images is caught). `ModelCard.write` and `ModelCard.read` are the only writer and reader.
+names, content groups and file contents (sha256) it trained on, per dataset, so that evaluating
+it on its own training images is caught, under any path or name). `ModelCard.write` and `ModelCard.read` are the only writer and reader.
 
 Scores: the model outputs training targets. For each dataset it trained on, the card holds the
 affine map between that dataset's scores and the targets (`Scale`, fitted on its training split),
@@ -113,7 +113,7 @@ class ModelCard:
     # ------------------------------------------------------------ files
 
     def write(self, folder: Path, train_images: dict[str, dict[str, list[str]]]) -> None:
-        """train_images: dataset -> {"names": [...], "groups": [...]} of its training split."""
+        """train_images: dataset -> {"names": [...], "groups": [...], "sha256": [...]} of its training split."""
         (folder / CARD_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=1))
         (folder / TRAIN_IMAGES_FILE).write_text(json.dumps(train_images))
 
@@ -129,13 +129,16 @@ class ModelCard:
         return cls(**{**{k: v for k, v in raw.items() if k in known}, "datasets": datasets})
 
     @staticmethod
-    def train_images(folder: Path, dataset: str) -> tuple[set[str], set[str]]:
-        """(names, content groups) of `dataset` the model trained on; empty when none."""
+    def train_images(folder: Path, dataset: str) -> tuple[set[str], set[str], set[str]]:
+        """(names and content groups of `dataset`, file contents of every dataset) the model trained
+        on; empty when none (cards from before contents were recorded have no sha256)."""
         path = folder / TRAIN_IMAGES_FILE
         if not path.is_file():
-            return set(), set()
-        own = json.loads(path.read_text()).get(dataset, {})
-        return set(own.get("names", [])), set(own.get("groups", []))
+            return set(), set(), set()
+        every = json.loads(path.read_text())
+        own = every.get(dataset, {})
+        return (set(own.get("names", [])), set(own.get("groups", [])),
+                {h for d in every.values() for h in d.get("sha256", []) if h})
 
 
 def model_dir(path: str | Path) -> Path:
@@ -148,10 +151,11 @@ def model_dir(path: str | Path) -> Path:
     return path
 
 
-def overlap(folder: Path, dataset: str, names: list[str], groups: list[str]) -> tuple[int, int]:
-    """How many of these images of `dataset` the model trained on, and how many more share a
+def overlap(folder: Path, dataset: str, names: list[str], groups: list[str], hashes: list[str]) -> tuple[int, int]:
+    """How many of these images of `dataset` the model trained on (the same name, or the same file
+    content under any name or path: `hashes`, their files' sha256), and how many more share a
     content group with a training image (the same scene under another distortion)."""
-    train_names, train_groups = ModelCard.train_images(folder, dataset)
-    same = np.array([n in train_names for n in names], dtype=bool)
+    train_names, train_groups, train_hashes = ModelCard.train_images(folder, dataset)
+    same = np.array([n in train_names or bool(h) and h in train_hashes for n, h in zip(names, hashes)], dtype=bool)
     related = np.array([g in train_groups for g in groups], dtype=bool) & ~same
     return int(same.sum()), int(related.sum())

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from .. import __version__
 from ..config import Config, config_from_yaml
 from ..errors import UserError
+from . import lock
 from .card import RUN_MODEL_DIR, WEIGHTS_FILE, ModelCard
 
 # Set by `iqa-dist launch`: the main process writes the path of a run directory it creates there, so
@@ -145,6 +146,7 @@ class RunDir:
                 time.sleep(1)
                 path = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.run_name()}"
             (path / cls.CHECKPOINTS).mkdir(parents=True)
+            lock.take(path)
             (path / cls.CONFIG).write_text(cfg.to_yaml())
             choice = [str(path)]
             if os.environ.get(RUN_FILE):
@@ -173,6 +175,16 @@ class RunDir:
         if changed:
             raise UserError(f"--resume {self.path}: the data differ from the run's (images, scores or split changed "
                             f"since it started; cache {'; '.join(changed)}). Restore them, or start a new run")
+
+    @contextlib.contextmanager
+    def holding(self):
+        """The main process gives the run's writer lock (artifacts/lock.py, taken when the launch chose
+        this directory) back when training ends, however it ends."""
+        try:
+            yield
+        finally:
+            if self.accelerator.is_main_process:
+                lock.release(self.path)
 
     @contextlib.contextmanager
     def discard_if_unstarted(self, created: bool):

@@ -36,10 +36,9 @@ from ..sources.records import Problem, SourceData
 from .decode import decode_job
 from .identity import file_hashes
 from .splits import assign_splits
-from .store import META, BinaryColumn, View, open_images
+from .store import HASHES, META, BinaryColumn, View, open_images
 
 CACHE_VERSION = 4  # 2: a fixed WxH resize follows each image's orientation; 3: data.exif; 4: files by content
-HASHES = "sha256.json"  # in an image cache: image name -> sha256 of its source file (data/identity.py)
 IMAGE_FEATURES = datasets.Features({
     "image_id": datasets.Value("int64"),
     "name": datasets.Value("string"),

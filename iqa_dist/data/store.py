@@ -20,6 +20,7 @@ from ..errors import UserError
 from .protocol import patch_origins
 
 META = "meta.json"  # a cache level's metadata, written last: its presence marks the level complete
+HASHES = "sha256.json"  # in an image cache: image name -> sha256 of its source file (data/identity.py)
 
 
 class BinaryColumn:
@@ -206,6 +207,12 @@ class View:
     def names(self, ids: np.ndarray) -> list[str]:
         column = self.images.data.table.column("name")
         return [column[int(i)].as_py() for i in ids]
+
+    def file_hashes(self, ids: np.ndarray) -> list[str]:
+        """The sha256 of each image's source file ("" where the cache does not record it)."""
+        path = self.image_dir / HASHES
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        return [known.get(name, "") for name in self.names(ids)]
 
     def groups(self, ids: np.ndarray) -> list[str]:
         column = self.images.data.table.column("group")

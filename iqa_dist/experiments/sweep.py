@@ -23,13 +23,14 @@ import sys
 import time
 from pathlib import Path
 
+from ..artifacts import lock
 from ..config import load_config
 from ..errors import UserError
 from ..output import console
 from .collect import collect
 from .grid import members
-from .group import (INFO, MEMBERS, SLURM_JOB, finished, last_error, new_group, read_members, read_status, write_members,
-                    write_status)
+from .group import (INFO, MEMBERS, SLURM_JOB, finished, last_error, member_runs, new_group, read_members, read_status,
+                    write_members, write_status)
 
 LAUNCH = Path(__file__).resolve().parents[2] / "launch"  # the source tree's launch/ (not installed with the package)
 SLURM_SCRIPT = LAUNCH / "slurm_sweep.sbatch"
@@ -146,11 +147,18 @@ def run_members(group: Path, todo: list[dict], launcher: str, gpus_per_member: i
     try:
         while queue or running:
             while queue and free and not stop:
-                (index, env), member = free.pop(0), queue.pop(0)
+                member = queue.pop(0)
+                runs = member_runs(group, member["name"])
+                held = lock.holder(runs[-1]) if runs else None
+                if held:  # a member another sweep (or a killed one's orphan) still trains: never a second writer
+                    err.print(f"{member['name']} is still running ({held}); not started again", highlight=False)
+                    continue
+                index, env = free.pop(0)
                 gpus = len(env["CUDA_VISIBLE_DEVICES"].split(",")) if env["CUDA_VISIBLE_DEVICES"] else 1
                 log = open(group / f"{member['name']}.log", "a")
                 cmd = member_command(member, launcher, gpus, base_port + 10 * index)
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                        preexec_fn=_die_with_parent)
                 running[proc.pid] = (proc, member, (index, env), log)
                 err.print(f"started {member['name']} in slot {index} ({env['CUDA_VISIBLE_DEVICES'] or 'CPU'}); "
                           f"log {log.name}", highlight=False)
@@ -178,6 +186,17 @@ def run_members(group: Path, todo: list[dict], launcher: str, gpus_per_member: i
     if stopped:
         raise Stopped(f"sweep stopped: running members checkpointed; continue with iqa-dist sweep --resume {group}")
     return status
+
+
+def _die_with_parent() -> None:
+    """In a member, before it starts: SIGTERM when the sweep dies, however it dies (even SIGKILL),
+    so it checkpoints and exits instead of training on, orphaned (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class Stopped(UserError):

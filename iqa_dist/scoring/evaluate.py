@@ -78,7 +78,7 @@ def evaluate_model(path, dataset: str, split: str = "test", overrides: Sequence[
     console.print(describe(view), highlight=False)
     which = "test" if split == "all" else split
     ids = view.ids(which)
-    same, related = overlap(folder, cfg.data.dataset, view.names(ids), view.groups(ids))
+    same, related = overlap(folder, cfg.data.dataset, view.names(ids), view.groups(ids), view.file_hashes(ids))
     if (same or related) and not allow_train_overlap:
         raise UserError(
             f"{folder}: {same} of the {len(ids)} {cfg.data.dataset} images to score are images this model trained on"

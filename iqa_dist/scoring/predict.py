@@ -55,10 +55,7 @@ class Scorer:
         if isinstance(image, Image.Image):
             img = to_rgb(upright(image) if self.exif else image)
         else:
-            a = image.cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-            if a.dtype != np.uint8 or a.ndim != 3:
-                raise UserError(f"expected a uint8 HxWx3 or 3xHxW image, got {a.dtype} {a.shape}")
-            img = Image.fromarray(a.transpose(1, 2, 0) if a.shape[0] == 3 and a.shape[2] != 3 else a)
+            img = to_rgb(pixels_image(image))  # grey and RGBA arrays as PIL reads such files: alpha dropped
         img, problem = fit(img, self.resize, self.size)
         if problem:
             raise UserError(problem)
@@ -79,11 +76,36 @@ class Scorer:
         return self.scale.to_score(preds.double().cpu().numpy())
 
     def score(self, images, crops: int | None = None, flip: bool = False) -> np.ndarray:
-        """Scores (on the training dataset's scale) of PIL images, file paths or uint8 tensors."""
+        """Scores (on the training dataset's scale) of image files, PIL images (any mode) or uint8
+        arrays and tensors (HxW, or 1, 3 or 4 channels, HWC or CHW: `pixels_image`); one image, a
+        list, or a 4-D batch."""
         if isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor)) and not (
                 isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4):
             images = [images]
         return self.score_arrays([self.prepare(im) for im in images], crops, flip)
+
+
+def pixels_image(image) -> Image.Image:
+    """A uint8 array or tensor as a PIL image: HxW, or 1, 3 or 4 channels (grey, RGB, RGBA) laid
+    out HWC or CHW. Tensors are read CHW first (torchvision's layout), arrays HWC first (PIL's and
+    numpy's); anything else is refused in one line naming what it got."""
+    tensor = isinstance(image, torch.Tensor)
+    a = image.detach().cpu().numpy() if tensor else np.asarray(image)
+    what = f"{'tensor' if tensor else 'array'} of {a.dtype} {tuple(a.shape)}"
+    if a.dtype != np.uint8:
+        raise UserError(f"an image {what}: expected uint8 pixels 0-255 (e.g. (x * 255).round() of a [0, 1] image, "
+                        "as uint8)")
+    if a.ndim == 3:
+        chw, hwc = a.shape[0] in (1, 3, 4), a.shape[2] in (1, 3, 4)
+        if chw and (tensor or not hwc):
+            a = a.transpose(1, 2, 0)
+        elif not hwc:
+            raise UserError(f"an image {what}: expected 1, 3 or 4 channels (grey, RGB, RGBA), first or last")
+        a = a[..., 0] if a.shape[2] == 1 else a
+    if a.ndim != 2 and a.ndim != 3:
+        raise UserError(f"an image {what}: expected HxW, HxWxC or CxHxW (a batch: a list of images, or a 4-D "
+                        "array of them)")
+    return Image.fromarray(np.ascontiguousarray(a))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from ..artifacts import lock
 from ..artifacts.card import ModelCard, TrainedOn
 from ..artifacts.rundir import RunDir, Target
 from ..config import Config, flatten
@@ -85,7 +86,7 @@ def train(cfg: Config, resume: str = "", extend: bool = False) -> Path:
     """Trains `cfg`; returns the run directory. Call under `accelerate launch` for many processes."""
     r = start(cfg, resume, extend)
     t, state = r.trainer, r.trainer.state
-    with r.dir.discard_if_unstarted(created=not r.target.resuming):  # a failed start leaves no directory
+    with r.dir.holding(), r.dir.discard_if_unstarted(created=not r.target.resuming):  # no directory from a failed start
         begin(r)
         try:
             while state.step < r.total_steps and not state.stopped_early:
@@ -117,6 +118,16 @@ def start(cfg: Config, resume: str = "", extend: bool = False) -> Run:
     torch.set_flush_denormal(True)
     console = console_for(acc.is_main_process)
     target = choose(cfg, resume, extend, acc)  # a bad --resume fails before anything is built
+    try:
+        return build(cfg, acc, target, preempt, console)
+    except BaseException:
+        if target.resuming:  # the run's writer lock, taken when this run was chosen, goes back
+            lock.release(Path(target.path))
+        raise
+
+
+def build(cfg: Config, acc: Accelerator, target: Target, preempt: PreemptionFlag, console) -> Run:
+    """start's second half: the model and its weights, the data, the trainer, the run directory."""
     set_seed(cfg.train.seed)  # identical initial weights on every process
     model = build_model(cfg.model)  # before the data: a missing weight file fails in seconds
     data = load_data(cfg, acc, console)

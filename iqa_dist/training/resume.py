@@ -13,6 +13,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from ..artifacts import lock
 from ..artifacts.rundir import RunDir, Target
 from ..config import ENVIRONMENT, Config, flatten
 from ..errors import UserError
@@ -77,6 +78,10 @@ def _choose(cfg: Config, resume: str, extend: bool) -> Target | UserError:
         return RunFinished(f"{path} has finished (step {summary.get('steps_run', '?')}, test SRCC "
                            f"{summary.get('test', {}).get('srcc', float('nan')):.4f}); nothing to resume. "
                            f"To train it longer: --resume {path} --extend --train.epochs N")
+    try:
+        lock.take(path)  # held from here until the launch ends: one writer per run
+    except UserError as e:
+        return e
     return Target(str(path), True, [f"{k}: {a!r} -> {b!r}" for k, a, b in schedule])
 
 

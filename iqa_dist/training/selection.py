@@ -90,7 +90,8 @@ class Selection:
                 v.chosen, chosen_val, chosen_model = "ema", v.ema_val, t.ema.model
         if update_best(t.state, chosen_val, self.cfg.train.patience):
             exported = replace(self.card, step=t.state.step, val=chosen_val, averaged=v.chosen)
-            train_images = {name: {"names": view.names(view.ids("train")), "groups": view.groups(view.ids("train"))}
+            train_images = {name: {"names": view.names(view.ids("train")), "groups": view.groups(view.ids("train")),
+                                   "sha256": view.file_hashes(view.ids("train"))}
                             for name, view in self.data.views.items()} if self.acc.is_main_process else {}
             self.run.export_model(chosen_model.state_dict(), exported, train_images)
         return v
