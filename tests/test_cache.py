@@ -193,9 +193,10 @@ def test_killed_prepare_is_never_accepted(tmp_path):
     assert proc.poll() is None and writing(), "prepare was not killed in the middle of writing the cache"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not complete_caches(tmp_path / "c")
+    assert not complete_caches(tmp_path / "c") and list((tmp_path / "c").glob(".*partial*"))
     out = here(*_prepare_cmd(tmp_path / "k", tmp_path / "c")[3:])  # the rebuild needs no fresh interpreter
     assert out.returncode == 0 and "30 images cached" in " ".join(out.stderr.split())
+    assert not list((tmp_path / "c").glob(".*partial*"))  # the killed build's leftovers are gone for good
 
 
 def test_two_processes_preparing_at_once_yield_one_cache(tmp_path):
@@ -242,3 +243,42 @@ def test_exif_orientation_is_applied_unless_asked_not_to(tmp_path, exif):
     expected = np.rot90(stored, k=-1) if exif else stored  # turned clockwise, or as stored
     assert (h, w) == expected.shape[:2] and np.array_equal(pixels, expected)
     assert view.image_meta["exif"] is exif
+
+
+def test_a_damaged_cache_is_found_before_it_is_read_and_built_again(tmp_path):
+    """A cache file cut short after the build (a full disk, a copy interrupted): the next prepare
+    sees it from the sizes meta.json recorded, names the folder and what is wrong in one line,
+    and builds it again, instead of saying "up to date" and failing deep in Arrow."""
+    fixtures.koniq(tmp_path / "k", n=6, sets=False)
+    view = prepare(koniq_cfg(tmp_path / "k", tmp_path / "c"))
+    arrow = view.image_dir / "images-00000.arrow"
+    size = arrow.stat().st_size
+    with open(arrow, "r+b") as f:
+        f.truncate(size // 2)
+    out = here("prepare", "--dataset", "koniq10k", "--root", str(tmp_path / "k"), "--cache-dir", str(tmp_path / "c"),
+               "--data.split=random", *[f"--{o}" for o in TINY])
+    err = " ".join(out.stderr.split())
+    assert out.returncode == 0, err
+    assert f"{view.image_dir} is damaged (images-00000.arrow holds {size // 2:,} bytes where {size:,} were written)" in err
+    assert arrow.stat().st_size == size and len(prepare(koniq_cfg(tmp_path / "k", tmp_path / "c")).image_store("test"))
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 2 MB file system of its own (tmpfs; needs root, as CI has)."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield disk
+    subprocess.run(["umount", str(disk)])
+
+
+def test_a_full_disk_while_caching_is_one_line_and_leaves_nothing(tmp_path, small_disk):
+    fixtures.koniq(tmp_path / "k", n=8, size=(1024, 768), sets=False)
+    out = here("prepare", "--dataset", "koniq10k", "--root", str(tmp_path / "k"), "--cache-dir", str(small_disk / "c"),
+               "--data.split=random", *[f"--{o}" for o in TINY])
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"error: no space left on {small_disk} for the image cache koniq10k (needs ~") and "MB" in lines[0]
+    assert not complete_caches(small_disk / "c") and not list((small_disk / "c").glob(".*partial*"))

@@ -283,3 +283,29 @@ def test_leftover_partial_checkpoint_is_ignored(single_run, tmp_path):
     run = RunDir(single_run, Accelerator(cpu=True))
     (single_run / "checkpoints" / ".tmp-step-00000099").mkdir()
     assert run.latest_checkpoint().name == "step-00000006"
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_a_resume_after_freeing_space_continues(single_run, tiny_overrides,
+                                                                                           tmp_path):
+    """--run.root on a 32 MB file system: the step-3 checkpoint and model fit, the step-6 one does
+    not. One line names the file system, what the checkpoint needs and the last complete one;
+    its partial files are gone (they would keep the disk full); with more space the same run
+    resumes from step 3 and ends as the uninterrupted run."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        code, _, err = cli("train", "--preset", "demo", *[f"--{o}" for o in [*tiny_overrides, *RUN, f"run.root={disk}"]])
+        lines = err.strip().splitlines()
+        assert code == 2 and lines[-1].startswith(f"error: no space left on {disk} for the checkpoint step-00000006 "
+                                                  "(needs ~"), err
+        assert "the last complete checkpoint is step-00000003" in lines[-1] and "Traceback" not in err
+        run = only_run(disk)
+        assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000003"]  # no partial left behind
+        subprocess.run(["mount", "-o", "remount,size=96m", str(disk)], check=True)
+        code, out, err = cli("train", "--resume", str(run))
+        assert code == 0 and f"resumed {run} at step 3" in out, err
+        assert_same_training(metrics(single_run), metrics(run))
+    finally:
+        subprocess.run(["umount", str(disk)])

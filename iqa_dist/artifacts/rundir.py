@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from ..config import Config, config_from_yaml
-from ..errors import UserError
+from ..errors import UserError, no_space, out_of_space
 from . import lock
 from .card import RUN_MODEL_DIR, WEIGHTS_FILE, ModelCard
 
@@ -239,9 +239,17 @@ class RunDir:
             return
         tmp = self.path / ".model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp / WEIGHTS_FILE)
-        card.write(tmp, train_images)
+        try:
+            tmp.mkdir()
+            save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp / WEIGHTS_FILE)
+            card.write(tmp, train_images)
+        except (OSError, RuntimeError) as e:
+            if not out_of_space(e, self.path):
+                raise
+            need = max(_size(self.model_dir), sum(v.numel() * v.element_size() for v in state_dict.values()))
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise no_space(self.path, need, f"the model selected at step {card.step}",
+                           f"free space and resume (--resume {self.path})") from None
         shutil.rmtree(self.model_dir, ignore_errors=True)
         os.replace(tmp, self.model_dir)
 
@@ -268,13 +276,36 @@ class RunDir:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        try:
+            acc.save_state(str(tmp))
+            failed = None
+        except Exception as e:  # noqa: BLE001 (told apart below: a full disk is one line, the rest re-raised)
+            failed = e
+        if acc.num_processes > 1:  # every process learns whether any save failed (instead of a barrier that hangs)
+            flags = acc.reduce(torch.tensor([float(failed is not None)], device=acc.device), "max")
+            if flags.item() and failed is None:
+                raise UserError("") from None  # another process failed and says why
+        if failed is not None:
+            last = self.latest_checkpoint()
+            need = max(_size(last) if last else 0, _size(tmp))  # the last complete one, or what got written
+            full = out_of_space(failed, tmp.parent)
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # its own partial files, which would keep the disk full
+            if not full:
+                raise failed
+            raise no_space(final.parent, need, f"the checkpoint {final.name}",
+                           f"the run stopped there; the last complete checkpoint is "
+                           f"{last.name if last else 'none'}: free space and resume (--resume {self.path})") from None
         acc.wait_for_everyone()
         if acc.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         acc.wait_for_everyone()
         return final
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
 
 
 def _read_json(path: Path) -> dict:

@@ -26,14 +26,15 @@ from typing import Iterator
 import datasets
 import numpy as np
 from filelock import FileLock
+from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..config import Config
-from ..errors import UserError
+from ..errors import UserError, no_space, out_of_space
 from ..sources.readers import read_source, source_root
 from ..sources.records import Problem, SourceData
-from .decode import decode_job
+from .decode import decode_job, target_size
 from .identity import file_hashes
 from .splits import assign_splits
 from .store import HASHES, META, BinaryColumn, View, open_images
@@ -68,26 +69,88 @@ def _hash(obj: object) -> str:
 # ---------------------------------------------------------------- building
 
 
-def _atomic_build(final: Path, build, console: Console, what: str) -> bool:
-    """Runs build(partial_dir) under a lock unless `final` is complete; renames on success only,
-    so an interrupted build never leaves a directory that passes for complete. True if it built."""
+def _atomic_build(final: Path, build, console: Console, what: str, need=lambda: 0) -> bool:
+    """Runs build(partial_dir) under a lock unless `final` is complete and intact; renames on
+    success only, so an interrupted build never leaves a directory that passes for complete. A
+    damaged one (a file cut short or gone since it was built) is said and built again; a full disk
+    is one line (`need()`: the bytes the build would take). True if it built."""
     final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final) + ".lock"):
+        _remove_stale_partials(final)
         if (final / META).is_file():
-            console.print(f"[green]{what}: up to date[/] ({final}); nothing to do", highlight=False)
-            return False
+            damage = damaged(final)
+            if not damage:
+                console.print(f"[green]{what}: up to date[/] ({final}); nothing to do", highlight=False)
+                return False
+            console.print(f"[yellow]{what}: {final} is damaged ({damage}): building it again[/]", highlight=False)
+            shutil.rmtree(final)
         # host and pid: file locks are not reliable across nodes on every shared file system
         partial = final.with_name(f".{final.name}.partial-{socket.gethostname()}-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
         try:
+            partial.mkdir(parents=True)
             build(partial)
             if not (final / META).is_file():  # nobody finished meanwhile
                 shutil.rmtree(final, ignore_errors=True)  # a leftover without meta.json is incomplete
                 os.replace(partial, final)
+        except Exception as e:
+            if not out_of_space(e, final.parent):
+                raise
+            shutil.rmtree(partial, ignore_errors=True)  # free what it took before measuring what is free
+            raise no_space(final.parent, need(), f"the {what}", "nothing was cached: free space, or build it "
+                           "elsewhere with --data.cache_dir (prepare: --cache-dir)") from None
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     return True
+
+
+def sizes(folder: Path) -> dict[str, int]:
+    """What a cache level holds, for its meta.json: each file's size by path (not the views of an
+    image cache, which are levels of their own, and not meta.json)."""
+    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.name != META and f.relative_to(folder).parts[0] != "views"}
+
+
+def damaged(folder: Path) -> str:
+    """Why a complete cache level cannot be read as it was built ("" when it can): a file missing
+    or of another size than meta.json recorded. Cheap: stats, no reading (older levels without
+    sizes pass)."""
+    recorded = json.loads((folder / META).read_text()).get("sizes", {})
+    for name, size in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} holds {path.stat().st_size:,} bytes where {size:,} were written"
+    return ""
+
+
+def _remove_stale_partials(final: Path) -> None:
+    """Partial builds left by killed processes of this host (their pid is gone): removed. Another
+    host's are left alone (its process may be building still)."""
+    host = socket.gethostname()
+    for partial in final.parent.glob(f".{final.name}.partial-{host}-*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(partial, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
+
+
+def _decoded_bytes(data: SourceData, resize: str) -> int:
+    """About what the image cache takes: each image's pixels after the resize policy, from the
+    files' headers (no decoding)."""
+    total = 0
+    for r in data.records:
+        try:
+            with Image.open(r.path) as im:
+                w, h = target_size(im.width, im.height, resize)
+            total += w * h * 3
+        except (OSError, SyntaxError, ValueError):
+            pass
+    return total
 
 
 def _progress(console: Console) -> Progress:
@@ -214,6 +277,7 @@ def _build_images(partial: Path, cfg: Config, data: SourceData, root: Path, fing
         "score_range": list(data.score_range),
         "skipped": [str(p) for p in problems],
         "build_seconds": round(time.time() - t0, 1),
+        "sizes": sizes(partial),
     }
     (partial / META).write_text(json.dumps(meta, indent=1))
 
@@ -248,7 +312,7 @@ def _build_view(partial: Path, image_path: Path, cfg: Config, spec: dict, splits
         del ds
         shutil.rmtree(partial / "hf")
     counts = {s: len(v) for s, v in splits.items()}
-    meta = {**spec, "splits": splits, "counts": counts, "notes": notes}
+    meta = {**spec, "splits": splits, "counts": counts, "notes": notes, "sizes": sizes(partial)}
     (partial / META).write_text(json.dumps(meta))
 
 
@@ -267,7 +331,7 @@ def prepare(cfg: Config, console: Console | None = None) -> View:
     if (legacy / META).is_file() and not (image_path / META).is_file():
         _adopt(legacy, image_path, fingerprint, data, hashes, console)
     built = _atomic_build(image_path, lambda p: _build_images(p, cfg, data, root, fingerprint, hashes, console),
-                          console, f"image cache {cfg.data.dataset}")
+                          console, f"image cache {cfg.data.dataset}", lambda: _decoded_bytes(data, fingerprint["resize"]))
     images = open_images(image_path)
     image_meta = json.loads((image_path / META).read_text())
     if built and image_meta["skipped"]:
@@ -312,6 +376,7 @@ def _adopt(legacy: Path, final: Path, fingerprint: dict, data: SourceData, hashe
         meta = json.loads((legacy / META).read_text())
         meta.update({k: v for k, v in fingerprint.items() if k != "files"})
         (legacy / HASHES).write_text(json.dumps({r.name: h for r, h in zip(data.records, hashes)}))
+        meta["sizes"] = sizes(legacy)
         (legacy / META).write_text(json.dumps(meta, indent=1))
         shutil.rmtree(legacy / "views", ignore_errors=True)
         shutil.rmtree(final, ignore_errors=True)  # a leftover without meta.json is incomplete
