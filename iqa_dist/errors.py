@@ -44,3 +44,12 @@ def no_space(path, need_bytes: int, what: str, then: str) -> UserError:
     free = shutil.disk_usage(mount).free
     return UserError(f"no space left on {mount} for {what} (needs ~{max(1, round(need_bytes / 1e6))} MB, "
                      f"{free / 1e6:.0f} MB free); {then}")
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's first line for a one-line message: whole when short, else cut at a word
+    and marked " ...", never mid-word (a library's message can be a screenful)."""
+    import textwrap
+
+    line = next((s.strip() for s in str(error).splitlines() if s.strip()), "")
+    return textwrap.shorten(line, limit, placeholder=" ...") if len(line) > limit else line

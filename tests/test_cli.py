@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,30 @@ def test_resume_auto_ignores_runs_without_a_checkpoint(single_run, tmp_path):
     assert find_resumable(root, "demo") == with_checkpoint and RunDir.named(root, "demo") == [never, with_checkpoint]
 
 
+def test_report_says_what_each_run_is_now(single_run, tmp_path):
+    """finished; stopped, resumable (killed or preempted, its checkpoint left); running only while a
+    live process trains it (here: holds its lock), never because it is simply unfinished."""
+    runs = tmp_path / "runs"
+    for name in ("20260101-000000-done", "20260101-000001-stopped", "20260101-000002-busy"):
+        shutil.copytree(single_run, runs / name)
+    for name in ("20260101-000001-stopped", "20260101-000002-busy"):
+        (runs / name / "summary.json").unlink()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom iqa_dist.artifacts import lock\n"
+                               "lock.take(sys.argv[1])\nprint('held', flush=True)\ntime.sleep(300)",
+                               str(runs / "20260101-000002-busy")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, out, err = cli("report", str(runs), "--markdown")
+    finally:
+        holder.kill()
+        holder.wait()
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| 2026")}
+    assert code == 0 and set(rows) == {"20260101-000000-done", "20260101-000001-stopped", "20260101-000002-busy"}, out
+    assert "(stopped, resumable from step 6)" in rows["20260101-000001-stopped"]
+    assert f"(running (host {socket.gethostname()} pid {holder.pid}" in rows["20260101-000002-busy"]
+    assert "running" not in rows["20260101-000000-done"] and "stopped" not in rows["20260101-000000-done"]
+
+
 def test_one_run_has_one_writer(single_run, tmp_path):
     """A second launch of a run that a live process trains is refused in one line naming the
     holder; the holder killed (SIGKILL: nothing it could clean up), the lock is free."""
@@ -157,6 +182,8 @@ def test_finished_run_says_so_and_extend_trains_it_longer(tiny_overrides, tmp_pa
     args = ["train", "--preset", "demo", *[f"--{o}" for o in overrides], "--resume", str(run)]
     code, out, err = cli(*args)
     assert code == 0 and "has finished" in err and "resumed" not in out
+    # the hint names the limit that ended it: max_steps here, not epochs
+    assert "--extend --train.max_steps N (it ended at its train.max_steps=4)" in " ".join(err.split()), err
     code, _, err = cli(*args, "--train.max_steps=6")
     assert code == 2 and "--extend" in err
     code, _, err = cli(*args, "--train.max_steps=6", "--extend")

@@ -56,10 +56,18 @@ def test_overrides_apply_with_types():
     ("data.val_fraction=1.5", "strictly between 0 and 1"),
     ("model.target_hidden=[100, 56, 28, 14]", "feature_size^2"),
     ("noequals", "expected section.field=value"),
+    ("optim.lr=inf", "optim.lr='inf': must be a finite number"),  # it would make a run folder, then stop at step 1
+    ("optim.weight_decay=nan", "must be a finite number"),
 ])
 def test_bad_overrides_fail_clearly(override, message):
     with pytest.raises(UserError, match=re.escape(message)):
         load_config("koniq-swin-t", [override])
+
+
+def test_whole_numbers_in_exponent_form_are_integers():
+    """YAML reads 1e9 (no dot) as a string: an int field takes it as the whole number it is."""
+    assert load_config("koniq-swin-t", ["train.batch_size=1e9"]).train.batch_size == 10**9
+    assert load_config("koniq-swin-t", ["train.max_steps=2e3"]).train.max_steps == 2000
 
 
 def test_preset_from_yaml_file_and_roundtrip(tmp_path):

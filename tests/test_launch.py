@@ -290,6 +290,9 @@ def test_sigterm_stops_cleanly_and_a_killed_worker_restarts_the_group(tiny_overr
     assert second.returncode == 0, out[-3000:]
     assert "starting the group again from its last checkpoint (restart 1 of 3)" in out, out[-3000:]
     assert f"resumed {run} at step 12" in out
+    # the progress line's loss is every process's mean, the one the evaluation line logs
+    progress = re.search(r"step 12/24 epoch \S+ loss (\S+)", out).group(1)
+    assert re.search(r"step 12  epoch \S+  train loss (\S+)", out).group(1) == progress
     reference = train_here([*overrides, f"run.root={tmp_path / 'reference'}"])
     assert reference.returncode == 0, reference.stderr[-2000:]
     assert_same_training(metrics(only_run(tmp_path / "reference")), metrics(run))

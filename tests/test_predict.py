@@ -250,8 +250,10 @@ def test_predict_resumes_an_output_cut_short(single_run, jpeg_list, tmp_path):
                "--workers", "2", "--batch-images", "4")
     assert out.returncode == 1 and "1 file(s) could not be scored; 40 scored" in out.stderr, out.stderr
     lines = whole.read_text().splitlines()
-    assert lines[0] == "path,score" and [line.rsplit(",", 1)[0] for line in lines[1:]] == paths
-    assert lines[18] == f"{paths[17]}," and all(line.split(",")[1] for line in lines[1:18])
+    assert lines[0] == "path,score,error" and [line.split(",")[0] for line in lines[1:]] == paths
+    # the unreadable file's row says why, in the file and on stderr, from the first run on
+    assert lines[18].startswith(f"{paths[17]},,unreadable image: ") and all(line.split(",")[1] for line in lines[1:18])
+    assert f"{paths[17]}: unreadable image:" in " ".join(out.stderr.split()) and "earlier launch" not in out.stderr
     cut = tmp_path / "cut.csv"
     cut.write_text("\n".join(lines[:12]) + "\n" + lines[12][:-3])  # killed while writing row 12
     out = here("predict", str(single_run), "--list", str(listing), "--format", "csv", "--output", str(cut),
@@ -260,7 +262,7 @@ def test_predict_resumes_an_output_cut_short(single_run, jpeg_list, tmp_path):
     assert cut.read_text() == whole.read_text()
     out = here("predict", str(single_run), str(paths[0]), "--format", "jsonl", "--output", str(cut))
     assert out.returncode == 0 and len(cut.read_text().splitlines()) == 1
-    (tmp_path / "bad.csv").write_text("path,score\nx.jpg,0.5,extra\n")
+    (tmp_path / "bad.csv").write_text("path,score,error\nx.jpg,0.5,,extra\n")
     code, _, err = cli("predict", str(single_run), "--list", str(listing), "--format", "csv", "--output",
                        str(tmp_path / "bad.csv"), "--resume")
     assert code == 2 and "bad.csv: row 2 is not a predict result row" in err and "Traceback" not in err
@@ -312,3 +314,13 @@ def test_predict_on_two_processes_killed_and_resumed_equals_one_process(single_r
         assert (a[path] == "") == (b[path] == "") == (path.endswith("broken.jpg")), path
         if a[path]:
             assert abs(float(a[path]) - float(b[path])) <= 1e-4 * (hi - lo) + 1e-4, path  # + the printed rounding
+
+
+def test_a_path_given_twice_is_scored_once_and_said(single_run, images, tmp_path):
+    listing = tmp_path / "list.txt"
+    a0, a1 = str(images / "a0.png"), str(images / "a1.png")
+    listing.write_text(f"{a0}\n{a1}\n{a0}\n")
+    out = here("predict", str(single_run), str(images / "a1.png"), "--list", str(listing), "--format", "csv")
+    assert out.returncode == 0, out.stderr
+    assert [r["path"] for r in csv.DictReader(io.StringIO(out.stdout))] == [a1, a0]
+    assert "2 path(s) given more than once: each is scored once (one row)" in " ".join(out.stderr.split())

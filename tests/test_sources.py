@@ -143,3 +143,30 @@ def test_row_problems_name_file_and_row(tmp_path):
     assert "not finite" in got[f"{f} row 3"] and "outside the scale [0, 100]" in got[f"{f} row 4"]
     assert "not a number" in got[f"{f} row 5"] and "image file missing" in got[f"{f} row 6"]
     assert len(data.records) == 2
+
+
+def test_every_dataset_has_a_reader():
+    from iqa_dist.config import DATASETS
+    from iqa_dist.sources.readers import READERS
+
+    assert tuple(READERS) == DATASETS  # the config's choices are exactly the readers
+
+
+def test_a_folder_with_no_or_several_csv_files_says_which_to_give(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no CSV file here: give the annotation file with data.csv_file"):
+        read_source(DataConfig(dataset="csv", root=str(tmp_path / "empty")), tmp_path / "empty")
+    fixtures.generic_csv(tmp_path / "two", n=2)
+    (tmp_path / "two" / "other.csv").write_text("a,b\n")
+    with pytest.raises(UserError, match=r"2 CSV files \(meta.csv, other.csv\): say which holds the annotations"):
+        read_source(DataConfig(dataset="csv", root=str(tmp_path / "two")), tmp_path / "two")
+
+
+def test_an_error_line_is_cut_at_a_word_never_mid_word():
+    from iqa_dist.errors import first_line
+
+    long = RuntimeError("Error(s) in loading state_dict for SwinTransformer: " + " ".join(f"key{i}.weight" for i in range(80))
+                        + "\nsecond line")
+    line = first_line(long)
+    assert len(line) <= 300 and line.endswith(" ...") and line[:-4].split()[-1].startswith("key")
+    assert first_line(ValueError("\n  short one\nmore")) == "short one"

@@ -273,6 +273,9 @@ def test_non_finite_loss_stops_before_the_step(tiny_overrides, tmp_path):
     state = torch.load(debug / "custom_checkpoint_0.pkl", weights_only=False)
     schedule = torch.load(debug / "scheduler.bin", weights_only=False)
     assert state["step"] == bad and schedule["last_epoch"] == bad
+    # report finds it (no metrics line was ever written) and says what happened to it
+    report = cli("report", str(tmp_path))
+    assert report[0] == 0 and f"failed: non-finite loss at step {bad}" in " ".join(report[1].split()), report
 
 
 def test_leftover_partial_checkpoint_is_ignored(single_run, tmp_path):

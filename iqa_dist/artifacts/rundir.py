@@ -118,6 +118,29 @@ class RunDir:
     def finished(self) -> bool:
         return (self.path / self.SUMMARY).exists()
 
+    def state(self) -> str:
+        """What the run is now: finished; running (a live process holds its lock); failed (how its
+        last launch said it ended); stopped, resumable from its last checkpoint; or unfinished."""
+        if self.finished:
+            return "finished"
+        holder = lock.holder(self.path)
+        if holder:
+            return f"running ({holder})"
+        ended = ((self.meta().get("launches") or [{}])[-1]).get("ended", "")
+        if ended.startswith("failed"):
+            return ended
+        last = self.latest_checkpoint()
+        return (f"stopped, resumable from step {int(last.name[len(CHECKPOINT_PREFIX):])}" if last else
+                "stopped before its first checkpoint")
+
+    def record_end(self, how: str) -> None:
+        """How this launch ended ("finished", "stopped: ...", "failed: ..."), in its meta.json entry."""
+        if self.accelerator.is_main_process:
+            meta = self.meta()
+            if meta.get("launches"):
+                meta["launches"][-1]["ended"] = how
+                (self.path / self.META).write_text(json.dumps(meta, indent=1))
+
     def latest_checkpoint(self) -> Path | None:
         done = sorted(p for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
         return done[-1] if done else None

@@ -34,6 +34,7 @@ examples:
   iqa-dist predict runs/my-run --list paths.txt --format jsonl --output scores.jsonl --resume
   accelerate launch --multi_gpu --num_processes 8 -m iqa_dist predict runs/my-run --list paths.txt \\
       --format csv --output scores.csv --resume"""
+HEADER = ["path", "score", "error"]  # --format csv; error: why a file could not be scored ("" when it was)
 LOG_EVERY_S = 30.0  # a progress line this often when stderr is not a terminal
 
 
@@ -46,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="patches per image, laid out by the model's test protocol [default: the model's count]")
     p.add_argument("--flip", action="store_true", help="also score the mirrored patches (test-time augmentation)")
     p.add_argument("--format", choices=["table", "csv", "jsonl"], default="table",
-                   help="table: printed at the end; csv (path,score) or jsonl ({path, score, error}): rows streamed "
+                   help="table: printed at the end; csv (path,score,error) or jsonl ({path, score, error}): rows streamed "
                         "as images are scored [table]")
     p.add_argument("--output", default="", help="write the results to this file instead of stdout")
     p.add_argument("--resume", action="store_true", help="keep the rows --output already holds; score the rest")
@@ -85,7 +86,11 @@ def run(args: argparse.Namespace) -> int:
     err = console(stderr=True, quiet=not main)
     scorer = load_model(args.model, args.device or (acc.device if world > 1 else None), args.scale, args.resize_as)
     files, missing = expand(args.paths)
-    paths = list(dict.fromkeys([*map(str, files), *(read_list(args.list) if args.list else [])]))
+    given = [*map(str, files), *(read_list(args.list) if args.list else [])]
+    paths = list(dict.fromkeys(given))  # one row a path
+    if main and len(paths) < len(given):
+        err.print(f"{len(given) - len(paths)} path(s) given more than once: each is scored once (one row)",
+                  highlight=False)
     out = Output(args.output, args.format, world, acc.process_index)
     # a file that failed before is tried again (a mount that was away, a copy still being written)
     done = {path: row for path, row in out.read().items() if row[0] is not None} if args.resume else {}
@@ -173,8 +178,9 @@ def _progress(rows, total: int, world: int, err):
 
 
 class Output:
-    """The results file, written as images are scored. CSV: path,score (a file that could not be
-    scored has an empty score); JSONL: {"path", "score"}, plus "error" for such a file. One
+    """The results file, written as images are scored. CSV: path,score,error (a file that could not
+    be scored has an empty score and says why); JSONL: {"path", "score"}, plus "error" for such a
+    file. Files of an earlier predict (path,score) are still read by --resume. One
     process writes the file itself (appending with --resume); with several, each appends to its
     own part file beside it (FILE.part-R), merged into FILE in the list's order at the end, so a
     killed launch loses nothing already scored and --resume reads the parts too."""
@@ -228,7 +234,7 @@ class Output:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         with open(tmp, "w", newline="") as f:
             if self.fmt == "csv":
-                f.write("path,score\n")
+                f.write(",".join(HEADER) + "\n")
             f.writelines(self._line(path, *rows[path]) for path in ranked)
         os.replace(tmp, self.path)
         for part in self.parts():
@@ -240,7 +246,7 @@ class Output:
             return open(os.devnull, "w")  # the table is printed at the end
         if self.path is None:
             if self.fmt == "csv":
-                sys.stdout.write("path,score\n")
+                sys.stdout.write(",".join(HEADER) + "\n")
             return sys.stdout
         target = self.path if self.world == 1 else self.path.with_name(f"{self.path.name}.part-{self.rank}")
         fresh = not target.is_file() or target.stat().st_size == 0
@@ -248,7 +254,7 @@ class Output:
             _drop_cut_line(target)
         f = open(target, "a", newline="")
         if fresh and self.fmt == "csv" and self.world == 1:
-            f.write("path,score\n")
+            f.write(",".join(HEADER) + "\n")
         return f
 
     def _line(self, path: str, score: float | None, why: str) -> str:
@@ -256,7 +262,7 @@ class Output:
             row = {"path": path, "score": None if score is None else round(score, 4)}
             return json.dumps({**row, **({"error": why} if score is None else {})}) + "\n"
         text = io.StringIO()
-        csv.writer(text, lineterminator="\n").writerow([path, "" if score is None else f"{score:.4f}"])
+        csv.writer(text, lineterminator="\n").writerow([path, "" if score is None else f"{score:.4f}", why])
         return text.getvalue()
 
     def _parse(self, f: Path) -> dict[str, tuple[float | None, str]]:
@@ -274,13 +280,14 @@ class Output:
                                             "--resume needs the file predict wrote, in the same --format") from None
                 return rows
             for n, r in enumerate(csv.reader(handle), 1):
-                if n == 1 and r == ["path", "score"]:
+                if n == 1 and r in (["path", "score"], HEADER):
                     continue
-                if len(r) != 2:
+                if len(r) not in (2, 3):  # files of predict before the error column had two
                     raise UserError(f"{f}: row {n} is not a predict result row ({','.join(r)[:80]!r}); --resume "
                                     "needs the file predict wrote, in the same --format")
                 try:
-                    rows[r[0]] = (float(r[1]) if r[1] else None, "" if r[1] else "could not be scored (earlier launch)")
+                    why = r[2] if len(r) == 3 else "" if r[1] else "could not be scored (the file holds no reason)"
+                    rows[r[0]] = (float(r[1]) if r[1] else None, why)
                 except ValueError:
                     raise UserError(f"{f}: row {n}: score {r[1]!r} is not a number") from None
         return rows

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from importlib import resources
 from pathlib import Path
@@ -56,16 +57,17 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
     elif origin is int:
+        number = _number(value)  # 1e9 is a whole number too (YAML reads it as a string, 1.0e9 as a float)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if number is not None and math.isfinite(number) and number == int(number):
+            return int(number)
     elif origin is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = _number(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise UserError(f"{key}={value!r}: must be a finite number")
+            return number
     elif origin is str:
         if value is None:
             return ""
@@ -81,6 +83,20 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         raise TypeError(f"{key}: unsupported config type {typ}")
     name = getattr(origin, "__name__", str(origin))
     raise UserError(f"{key}={value!r}: expected {name}, got {type(value).__name__}")
+
+
+def _number(value: Any) -> float | None:
+    """A YAML value as a number, or None: YAML 1.1 reads "1e-3" and "1e9" (no dot) as strings."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _set(tree: dict, key: str, value: Any, where: str) -> None:

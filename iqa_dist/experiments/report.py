@@ -29,14 +29,14 @@ PHASE_ONE = [
 
 
 def find_runs(paths: list[str]) -> list[Path]:
-    """Run directories named, or found (with a metrics log) under the given folders."""
+    """Run directories named, or found (with their meta.json: a run that started) under the given folders."""
     found = []
     for p in paths or ["runs"]:
         path = Path(p)
         if RunDir.is_run(path):
             found.append(path)
         elif path.is_dir():
-            found += sorted(q.parent for q in path.rglob(RunDir.CONFIG) if (q.parent / RunDir.METRICS).exists())
+            found += sorted(q.parent for q in path.rglob(RunDir.CONFIG) if (q.parent / RunDir.META).exists())
         else:
             raise UserError(f"{p}: no such run directory")
     if not found:
@@ -46,7 +46,8 @@ def find_runs(paths: list[str]) -> list[Path]:
 
 def load_run(path: Path) -> dict:
     run = RunDir(path)
-    return {"path": path, "config": run.raw_config(), "metrics": run.metrics(), "summary": run.summary()}
+    return {"path": path, "config": run.raw_config(), "metrics": run.metrics(), "summary": run.summary(),
+            "state": run.state()}
 
 
 def differing_keys(runs: list[dict]) -> list[str]:
@@ -75,9 +76,10 @@ def rows(runs: list[dict], sep: str = "\n") -> tuple[list[str], list[list[str]]]
             stats = [s["val"].get("srcc"), s["val"].get("plcc"), s["test"].get("srcc"), s["test"].get("plcc"),
                      fmt_epoch(s["best_epoch"]), f"{fmt_epoch(s['epochs_run'])}{' (early)' if s['stopped_early'] else ''}",
                      s["train_seconds"], s["patches_per_s"]]
-        else:  # unfinished: its latest evaluation
-            stats = [last.get("val_srcc"), last.get("val_plcc"), "-", "-", "-", f"{fmt_epoch(last.get('epoch', 0))} (running)",
-                     last.get("elapsed_s"), last.get("patches_per_s")]
+        else:  # unfinished: its latest evaluation, and what it is now (running, stopped, failed)
+            stats = [last.get("val_srcc"), last.get("val_plcc"), "-", "-", "-",
+                     f"{fmt_epoch(last.get('epoch', 0))} ({r.get('state', 'unfinished')})", last.get("elapsed_s"),
+                     last.get("patches_per_s")]
         body.append([r["path"].name, *([_differs(flat, keys, sep)] if keys else []), *(fmt(v) for v in stats)])
         for name, d in ((s or {}).get("datasets") or {}).items():  # a joint run: each dataset, then combined
             body.append([f"  {name}", *([""] if keys else []), *(fmt(v) for v in (

@@ -28,7 +28,7 @@ from timm.layers import DropPath, drop_path
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .weights import missing_hub_weights
 
 
@@ -300,7 +300,7 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
         if cfg.pretrained == "hub" and isinstance(e, (LocalEntryNotFoundError, OSError)):
             raise missing_hub_weights(cfg.backbone, e) from None
         if cfg.pretrained not in ("hub", "none"):  # a user's file: damaged, or weights of another model
-            first = (str(e).strip().splitlines() or [""])[0][:200]
+            first = first_line(e)
             raise UserError(f"model.pretrained={cfg.pretrained!r}: timm cannot load it as {cfg.backbone} weights "
                             f"({type(e).__name__}: {first}); a trained iqa-dist model is scored with predict or "
                             "evaluate, not loaded as a backbone") from None

@@ -23,7 +23,7 @@ from ..artifacts.card import WEIGHTS_FILE, ModelCard, model_dir
 from ..data.augment import Augmenter
 from ..data.decode import decode, fit, to_rgb, upright
 from ..data.store import EvalSet, ImageStore
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..models.hyperiqa import HyperIQA, build_model
 from .predictions import predict_images
 
@@ -138,7 +138,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None, scale
     try:
         model.load_state_dict(load_file(str(weights)))
     except Exception as e:  # a truncated or foreign file: safetensors' own error, or a shape mismatch
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        first = first_line(e)
         raise UserError(f"{weights}: cannot be read as this model's weights ({type(e).__name__}: {first}); the file "
                         "is damaged (a copy cut short?) or belongs to another model: export or copy it again") from None
     return Scorer(model, card, resolve_device(device), scale, resize_as)

@@ -115,7 +115,9 @@ def read_csv_source(root: Path, cfg: DataConfig) -> SourceData:
     else:
         found = sorted(root.glob("*.csv"))
         if len(found) != 1:
-            raise UserError(f"{root}: set data.csv_file; found {len(found)} CSV files ({', '.join(p.name for p in found)})")
+            raise UserError(f"{root}: no CSV file here: give the annotation file with data.csv_file" if not found else
+                            f"{root}: {len(found)} CSV files ({', '.join(p.name for p in found)}): say which holds "
+                            "the annotations with data.csv_file")
         ann = found[0]
     columns = csv_header(ann)
     image_col = cfg.image_column or next((c for c in IMAGE_COLUMNS if c in columns), "")

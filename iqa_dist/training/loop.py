@@ -32,7 +32,7 @@ from ..data.load import Data, load_data
 from ..distributed.accelerators import build_accelerator
 from ..distributed.liveness import silent_ranks
 from ..distributed.shards import Shares
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..models.hyperiqa import HyperIQA, build_model, parameter_counts
 from ..models.weights import provenance
 from ..output import console_for
@@ -198,7 +198,7 @@ def restore(r: Run) -> None:
         acc.load_state(str(checkpoint))
     except Exception as e:  # a damaged file (a full disk, a copy cut short): say which, and the way out
         raise UserError(f"--resume: checkpoint {checkpoint} cannot be read ({type(e).__name__}: "
-                        f"{(str(e).strip().splitlines() or [''])[0][:200]}); move that folder away to resume from "
+                        f"{first_line(e)}); move that folder away to resume from "
                         "the checkpoint before it") from None
     if not acc.is_main_process:  # the checkpoint holds the global window sums (LossMeter.consolidate)
         state.loss.reset()
@@ -245,9 +245,11 @@ def print_start(r: Run) -> None:
 
 
 def progress_line(r: Run) -> None:
-    """The host reads of the step's results (stopping on a bad step) and the progress line."""
+    """The host reads of the step's results (stopping on a bad step) and the progress line, whose
+    loss is the window's mean over every process's patches (the one the evaluation line logs)."""
     r.trainer.settle()
-    r.display.line(r.trainer.state.step, r.trainer.state.loss.mean(), r.trainer.lr())
+    total, n = r.trainer.state.loss.reduce(r.acc)
+    r.display.line(r.trainer.state.step, total / max(1, n), r.trainer.lr())
 
 
 def evaluate_and_log(r: Run) -> None:
@@ -274,6 +276,7 @@ def checkpoint(r: Run) -> None:
     r.dir.save_checkpoint(state.step, r.cfg.train.keep_checkpoints)
     if r.trainer.guard.preempted and state.step < r.total_steps and not state.stopped_early:
         r.display.close()
+        r.dir.record_end(f"stopped: preempted at step {state.step}")
         raise Preempted(f"preempted at step {state.step}: checkpoint saved in {r.dir.path}; relaunch to resume")
 
 
@@ -282,6 +285,7 @@ def stop_non_finite(r: Run, bad: BadStep) -> None:
     moments, schedule, EMA: the guard applied nothing of it; the trainer rolled its counters back)
     is kept for debugging."""
     debug = r.dir.save_debug(bad.step)
+    r.dir.record_end(f"failed: non-finite {bad.what} at step {bad.step}")
     raise NonFiniteLoss(f"non-finite {bad.what} at step {bad.step}; no optimizer step was taken from it and "
                         f"training stopped; the weights and optimizer state from before it are kept in {debug}")
 
@@ -295,6 +299,8 @@ def stop_lost_process(r: Run, error: RuntimeError) -> None:
         raise error
     alive = [k for k in range(r.acc.num_processes) if k not in silent]
     checkpoint = r.dir.latest_checkpoint()
+    if r.acc.process_index == alive[0]:
+        r.dir.record_end(f"stopped: rank {', '.join(map(str, silent))} stopped answering at step {r.trainer.state.step}")
     raise LostProcess("" if r.acc.process_index != alive[0] else
                       f"rank {', '.join(map(str, silent))} of {r.acc.num_processes} stopped answering at step "
                       f"{r.trainer.state.step} (killed, stopped, or its node is gone; a collective waits at most "

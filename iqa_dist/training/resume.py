@@ -77,12 +77,21 @@ def _choose(cfg: Config, resume: str, extend: bool) -> Target | UserError:
         summary = run.summary() or {}
         return RunFinished(f"{path} has finished (step {summary.get('steps_run', '?')}, test SRCC "
                            f"{summary.get('test', {}).get('srcc', float('nan')):.4f}); nothing to resume. "
-                           f"To train it longer: --resume {path} --extend --train.epochs N")
+                           f"To train it longer: --resume {path} --extend {_longer(run.config(), summary)}")
     try:
         lock.take(path)  # held from here until the launch ends: one writer per run
     except UserError as e:
         return e
     return Target(str(path), True, [f"{k}: {a!r} -> {b!r}" for k, a, b in schedule])
+
+
+def _longer(cfg: Config, summary: dict) -> str:
+    """The option that lengthens a finished run: the limit that ended it."""
+    if summary.get("stopped_early"):
+        return f"--train.patience N (it stopped early: {cfg.train.patience} evaluations without a gain)"
+    if cfg.train.max_steps:
+        return f"--train.max_steps N (it ended at its train.max_steps={cfg.train.max_steps})"
+    return f"--train.epochs N (it ended after its train.epochs={cfg.train.epochs})"
 
 
 def _unwritable(folder: Path) -> str:

@@ -91,10 +91,6 @@ class LossMeter:
             self.total += float(self.pending)
             self.pending = None
 
-    def mean(self) -> float:
-        """This process's mean loss over the window (the progress line)."""
-        return self.total / max(1, self.n)
-
     def reduce(self, acc: Accelerator) -> tuple[float, int]:
         """(sum, patches) over every process: one all-reduce with several processes."""
         if acc.num_processes == 1:
