@@ -282,3 +282,18 @@ def test_a_full_disk_while_caching_is_one_line_and_leaves_nothing(tmp_path, smal
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert lines[0].startswith(f"error: no space left on {small_disk} for the image cache koniq10k (needs ~") and "MB" in lines[0]
     assert not complete_caches(small_disk / "c") and not list((small_disk / "c").glob(".*partial*"))
+
+
+def test_images_far_larger_than_the_patches_need_are_warned_about(tmp_path):
+    """resize none on a camera photo: one line with how many, the largest and their share of the
+    cache, and the setting that keeps them smaller (a plain dataset says nothing)."""
+    fixtures.generic_csv(tmp_path / "d", n=4)
+    fixtures.image(tmp_path / "d" / "img" / "001.png", (1000, 950), seed=1)  # shorter side 950 > 8 x 112
+    args = ["prepare", "--dataset", "csv", "--root", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c"),
+            "--data.split=random", "--data.test_fraction=0.5", "--data.val_fraction=0.5", *[f"--{o}" for o in TINY]]
+    out = here(*args)
+    err = " ".join(out.stderr.split())
+    assert out.returncode == 0, err
+    assert "warning: 1 of 4 csv images are over 8x the 112-px patch on their shorter side (the largest 1000x950" in err
+    assert "--data.resize short:224" in err
+    assert "over 8x" not in " ".join(here(*args, "--data.resize=short:224").stderr.split())

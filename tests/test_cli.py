@@ -567,3 +567,16 @@ def test_a_bad_config_value_is_reported_before_torch_loads():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
     assert "optim.lr='abc': expected float" in out.stderr
+
+
+def test_openmp_waits_passively_unless_the_user_chose(monkeypatch):
+    """Set by the CLI before torch loads: OpenMP's spinning threads would take the cores from any
+    other process (the measured effect is in BENCHMARKS.md)."""
+    from iqa_dist.cli import wait_passively
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    wait_passively()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    wait_passively()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -107,9 +107,11 @@ def test_cli_bad_option_exits_without_traceback():
     assert out.returncode == 2 and "nosuch" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_every_subcommand_documents_every_option(capsys):
-    """Each command's --help exits 0 with its own usage line, and no option of any command is left
-    without a help text (a user reading --help can learn what every option does)."""
+def test_every_subcommand_documents_every_option(capsys, monkeypatch):
+    """Each command's --help exits 0 with its own usage line and examples, no option of any command
+    is left without a help text, and at 80 columns no line of prose runs past the edge (example
+    commands stay as written, to copy)."""
+    monkeypatch.setenv("COLUMNS", "80")
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert set(commands.choices) == set(COMMANDS)
@@ -119,7 +121,14 @@ def test_every_subcommand_documents_every_option(capsys):
         assert not bare, f"{name}: options without help: {bare}"
         with pytest.raises(SystemExit) as exit_:
             parser.parse_args([name, "--help"])
-        assert exit_.value.code == 0 and f"usage: iqa-dist {name}" in capsys.readouterr().out, name
+        text = capsys.readouterr().out
+        assert exit_.value.code == 0 and f"usage: iqa-dist {name}" in text and "examples:" in text, name
+        kept, wide = False, []  # the usage lines and the example block are commands: kept as written
+        for line in text.splitlines():
+            kept = line.startswith("usage:") or line == "examples:" or kept and bool(line.strip())
+            if len(line) > 80 and not kept:
+                wide.append(line)
+        assert not wide, (name, wide)
     assert run_cli("--help").returncode == 0  # `python -m iqa_dist` is the same program
 
 

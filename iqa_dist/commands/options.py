@@ -7,11 +7,32 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
 from ..config import SECTIONS, all_keys, field_docs, load_config_for, preset_names
 from ..errors import UserError
+
+
+class Help(argparse.HelpFormatter):
+    """--help at the terminal's width: prose paragraphs re-wrapped to it, example blocks (indented
+    lines) kept as written, and option help never broken inside a word (a/b/c lists, paths)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        blocks = []
+        for block in text.split("\n\n"):
+            lines = block.splitlines()
+            if any(line.startswith(" ") for line in lines) or block.rstrip().endswith(":") and len(lines) == 1:
+                blocks.append("\n".join(indent + line for line in lines))
+            else:
+                blocks.append(textwrap.fill(" ".join(line.strip() for line in lines), width, initial_indent=indent,
+                                            subsequent_indent=indent, break_long_words=False, break_on_hyphens=False))
+        return "\n\n".join(blocks)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_long_words=False, break_on_hyphens=False)
+
 
 # The options people change most, shown first in `train --help` (and `demo`, `sweep`).
 COMMON = ("data.root", "data.split", "model.backbone", "model.pretrained", "optim.lr", "train.epochs",

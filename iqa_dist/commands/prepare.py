@@ -14,7 +14,12 @@ HELP = "build the dataset cache (decode, resize, split) once"
 DESCRIPTION = """\
 Decode and resize every image of a dataset once into the cache, and split it. `train` calls the
 same code, so this is optional; a second prepare with the same inputs is a no-op. The patch size
-(the smallest usable image) and the resize policy come from --preset."""
+(the smallest usable image) and the resize policy come from --preset.
+
+examples:
+  iqa-dist prepare --dataset koniq10k --root /data/koniq10k
+  iqa-dist prepare --dataset csv --root /data/mine --skip-bad --preset koniq-swin-t
+  iqa-dist prepare --dataset synthetic    # the demo's dataset, generated into the cache"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

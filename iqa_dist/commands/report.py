@@ -12,15 +12,23 @@ from .options import writable
 
 NAME = "report"
 HELP = "compare runs in a table (and plots)"
-DESCRIPTION = ("Compare runs: the config fields that differ, val/test SRCC and PLCC, epochs, time, throughput. Given a "
-               "sweep group: its table, each config against the baseline (paired by split), and with --plot its "
-               "picture.")
+DESCRIPTION = """\
+Compare runs: the config fields that differ, val/test SRCC and PLCC, epochs, time, throughput,
+and what each run is now (finished, running, stopped and resumable, failed). Given a sweep
+group: its table, each config against the baseline (paired by split), and with --plot its
+picture.
+
+examples:
+  iqa-dist report runs/                                # every run under runs/
+  iqa-dist report runs/A runs/B --markdown             # two runs, as a table to paste
+  iqa-dist report runs/20261201-120000-sweep-grid --plot figures/   # a sweep group and its plots"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", help="run directories or folders of runs [default: runs/]")
     p.add_argument("--markdown", action="store_true", help="print Markdown tables")
-    p.add_argument("--plot", default="", metavar="DIR", help="write train_loss.png and val_srcc.png there")
+    p.add_argument("--plot", default="", metavar="DIR", help="write the plots there: train_loss.png and val_srcc.png "
+                   "for runs; test_srcc_by_config.png and paired_differences.png for a sweep group")
 
 
 def run(args: argparse.Namespace) -> int:

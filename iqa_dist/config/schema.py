@@ -41,7 +41,7 @@ class DataConfig:
     cache_dir: str = ""  # cache root; "" = $IQA_DIST_CACHE or ~/.cache/iqa_dist
     score_column: str = ""  # annotation column trained on; "" = the source's default (KonIQ: MOS_zscore)
     csv_file: str = ""  # csv source: annotation file, relative to root; "" = the only *.csv in root
-    image_column: str = ""  # csv source: column with image paths; "" = first of image/name/image_name/dist_name/dist_img/path/filename/file
+    image_column: str = ""  # csv source: column with image paths; "" = the first of image, name, image_name, dist_name, dist_img, path, filename, file
     image_dir: str = ""  # folder of images relative to root; "" = the source's default
     resize: str = "auto"  # auto (the source's literature default) | none | WxH (e.g. 512x384) | short:N
     exif: bool = True  # apply a photo's EXIF orientation tag (upright, as a viewer shows it); false: pixels as stored
@@ -193,7 +193,7 @@ class OptimConfig:
 
 @dataclass
 class AugmentConfig:
-    """Training augmentation, run on the device: crop -> [0,1] -> flip -> ColorJitter -> normalise."""
+    """On the device: crop -> [0,1] -> flip -> ColorJitter -> normalise."""
 
     hflip: bool = True  # random horizontal flip, p=0.5
     brightness: float = 0.1  # ColorJitter brightness: factor uniform in [1-b, 1+b]

@@ -220,6 +220,27 @@ def _image_rows(records_file: str, resize: str, min_side: int, workers: int, pro
     Path(problems_file).write_text(json.dumps(problems))
 
 
+OVERSIZED = 8  # an image whose shorter side exceeds this many patches is kept at a size no patch needs
+
+
+def _warn_oversized(images: datasets.Dataset, meta: dict, cfg: Config, console: Console) -> None:
+    """One line when images are cached far larger than the patches need (resize none on photos
+    straight from a camera): they make most of the cache, and a patch sees a sliver of each."""
+    table = images.data.table
+    heights, widths = table.column("height").to_numpy(), table.column("width").to_numpy()
+    short = np.minimum(heights, widths)
+    big = short > OVERSIZED * cfg.model.img_size
+    if not big.any():
+        return
+    i = int(np.argmax(heights * widths))
+    share = float((heights * widths * 3)[big].sum()) / 1e6
+    console.print(f"[yellow]warning:[/] {int(big.sum())} of {len(short)} {meta['dataset']} images are over "
+                  f"{OVERSIZED}x the {cfg.model.img_size}-px patch on their shorter side (the largest {widths[i]}x"
+                  f"{heights[i]}, resize {meta['resize']}): {share:.0f} MB of the cache's "
+                  f"{float((heights * widths * 3).sum()) / 1e6:.0f} MB. A patch then sees a small part of each; "
+                  f"--data.resize short:{2 * cfg.model.img_size} (or WxH) keeps them smaller", highlight=False)
+
+
 def _remedy(problems: list[Problem], n_rows: int, cfg: Config, resize: str) -> str:
     """What to do about bad rows. When most rows are too small for the patch, dropping them is
     not the answer: the patch size or the resize is."""
@@ -334,6 +355,8 @@ def prepare(cfg: Config, console: Console | None = None) -> View:
                           console, f"image cache {cfg.data.dataset}", lambda: _decoded_bytes(data, fingerprint["resize"]))
     images = open_images(image_path)
     image_meta = json.loads((image_path / META).read_text())
+    if built:
+        _warn_oversized(images, image_meta, cfg, console)
     if built and image_meta["skipped"]:
         console.print(f"[yellow]dropped {len(image_meta['skipped'])} bad row(s)[/] (data.skip_bad); they are listed "
                       f"in {image_path / META}", highlight=False)

@@ -157,8 +157,11 @@ def plot_group(table: dict, folder: Path) -> list[Path]:
                         fmt="o", color="black", capsize=4)
         ax.axhline(0, color="gray", linewidth=1)
         ax.set_xticks(range(len(others)), [c or "(base)" for c, _ in others], rotation=20, fontsize=7)
+        ax.set_xlim(-0.6, len(others) - 0.4)  # room for the points and the interval beside them, at either end
+        ax.margins(y=0.15)
         ax.set_ylabel(f"test SRCC minus {table['baseline'] or '(base)'}'s, same split")
-        ax.set_title("paired differences: each pair, median and 95% bootstrap interval")
+        ax.set_title("paired differences with the baseline:\neach pair, the median and its 95% bootstrap interval",
+                     fontsize=10)
         fig.tight_layout()
         written.append(folder / "paired_differences.png")
         fig.savefig(written[-1])
