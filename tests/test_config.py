@@ -107,28 +107,38 @@ def test_cli_bad_option_exits_without_traceback():
     assert out.returncode == 2 and "nosuch" in out.stderr and "Traceback" not in out.stderr
 
 
+def _commands(help_text: str) -> list[str]:
+    """The example commands of a --help, continuation lines joined, comments dropped."""
+    block = help_text.split("examples:\n", 1)[1].split("\n\n", 1)[0]
+    joined = re.sub(r"\s*\\\n\s*", " ", block)
+    return [" ".join(line.split("  # ")[0].split()) for line in joined.splitlines() if not line.strip().startswith("#")]
+
+
 def test_every_subcommand_documents_every_option(capsys, monkeypatch):
     """Each command's --help exits 0 with its own usage line and examples, no option of any command
-    is left without a help text, and at 80 columns no line of prose runs past the edge (example
-    commands stay as written, to copy)."""
-    monkeypatch.setenv("COLUMNS", "80")
+    is left without a help text, and at 80 columns no line runs past the edge: prose re-wrapped,
+    the example commands broken with continuations so that they are the same commands as on a
+    wide terminal."""
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert set(commands.choices) == set(COMMANDS)
+
+    def help_of(name: str, columns: int) -> str:
+        monkeypatch.setenv("COLUMNS", str(columns))
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args([name, "--help"])
+        assert exit_.value.code == 0
+        return capsys.readouterr().out
+
     for name, sub in commands.choices.items():
         bare = [a.option_strings or a.dest for a in sub._actions
                 if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
         assert not bare, f"{name}: options without help: {bare}"
-        with pytest.raises(SystemExit) as exit_:
-            parser.parse_args([name, "--help"])
-        text = capsys.readouterr().out
-        assert exit_.value.code == 0 and f"usage: iqa-dist {name}" in text and "examples:" in text, name
-        kept, wide = False, []  # the usage lines and the example block are commands: kept as written
-        for line in text.splitlines():
-            kept = line.startswith("usage:") or line == "examples:" or kept and bool(line.strip())
-            if len(line) > 80 and not kept:
-                wide.append(line)
+        text = help_of(name, 80)
+        assert f"usage: iqa-dist {name}" in text and "examples:" in text, name
+        wide = [line for line in text.splitlines() if len(line) > 80]
         assert not wide, (name, wide)
+        assert _commands(text) == _commands(help_of(name, 250)), name
     assert run_cli("--help").returncode == 0  # `python -m iqa_dist` is the same program
 
 

@@ -16,15 +16,17 @@ from ..errors import UserError
 
 
 class Help(argparse.HelpFormatter):
-    """--help at the terminal's width: prose paragraphs re-wrapped to it, example blocks (indented
-    lines) kept as written, and option help never broken inside a word (a/b/c lists, paths)."""
+    """--help at the terminal's width: prose paragraphs re-wrapped to it, option help never broken
+    inside a word (a/b/c lists, paths), and the commands (usage, examples) broken between words,
+    an example's comment on its own line above it and its continuation marked with a backslash,
+    so that each still copies and runs as written."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         blocks = []
         for block in text.split("\n\n"):
             lines = block.splitlines()
             if any(line.startswith(" ") for line in lines) or block.rstrip().endswith(":") and len(lines) == 1:
-                blocks.append("\n".join(indent + line for line in lines))
+                blocks.append("\n".join(_examples([indent + line for line in lines], width)))
             else:
                 blocks.append(textwrap.fill(" ".join(line.strip() for line in lines), width, initial_indent=indent,
                                             subsequent_indent=indent, break_long_words=False, break_on_hyphens=False))
@@ -32,6 +34,42 @@ class Help(argparse.HelpFormatter):
 
     def _split_lines(self, text: str, width: int) -> list[str]:
         return textwrap.wrap(" ".join(text.split()), width, break_long_words=False, break_on_hyphens=False)
+
+    def _format_usage(self, usage, actions, groups, prefix) -> str:
+        if usage is None:
+            return super()._format_usage(usage, actions, groups, prefix)
+        usage = usage % dict(prog=self._prog)
+        prefix = "usage: " if prefix is None else prefix
+        lines = textwrap.wrap(usage, self._width, initial_indent=prefix, subsequent_indent=" " * len(prefix),
+                              break_long_words=False, break_on_hyphens=False)
+        return "\n".join(lines) + "\n\n"
+
+
+def _examples(lines: list[str], width: int) -> list[str]:
+    """An example block within `width`. A command that does not fit (its continuation lines
+    joined) is broken between words with shell continuations, its comment moved above it; a
+    word longer than the width stays whole."""
+    out: list[str] = []
+    command: list[str] = []
+    for line in lines:
+        command.append(line)
+        if line.endswith("\\"):
+            continue
+        if all(len(part) <= width for part in command):
+            out += command
+        else:
+            indent = command[0][:len(command[0]) - len(command[0].lstrip())]
+            words, comments = [], []
+            for part in command:
+                text, sep, comment = part.strip().removesuffix("\\").partition("  # ")
+                words.append(text.strip())
+                comments += [comment.strip()] if sep else []
+            out += [indent + "# " + c for c in comments]
+            parts = textwrap.wrap(" ".join(words), width - 2, initial_indent=indent, subsequent_indent=indent + "    ",
+                                  break_long_words=False, break_on_hyphens=False)
+            out += [part + " \\" for part in parts[:-1]] + parts[-1:]
+        command = []
+    return out + command
 
 
 # The options people change most, shown first in `train --help` (and `demo`, `sweep`).
