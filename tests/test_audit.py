@@ -120,13 +120,16 @@ def test_the_audit_would_fail_the_augmentation_as_it_landed_before():
 # ---------------------------------------------------------------- the real step, evaluation, the EMA
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_the_training_step_never_waits_for_the_device(compiled):
+@pytest.mark.parametrize("compiled,distilled", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["eager", "compiled", "distilled", "distilled-compiled"])
+def test_the_training_step_never_waits_for_the_device(compiled, distilled):
     """`Batches.get` + `Trainer.step` of the koniq-swin-t recipe (jitter, dropout, drop path, EMA,
-    clipping, the guard): no sync, one upload (the packed batch numbers) and one download (the
-    guard's flag, non-blocking) per step, no host work outside the host part. Compiled with
-    aot_eager: inductor's graph capture and autograd, without its C++ build on 2 cores."""
-    cfg = tiny_recipe(*(["train.compile=true", "train.compile_backend=aot_eager"] if compiled else []))
+    clipping, the guard), and with self-distillation (the EMA teacher's forward, its update inside
+    the step): no sync, one upload (the packed batch numbers) and one download (the guard's flag,
+    non-blocking) per step, no host work outside the host part. Compiled with aot_eager:
+    inductor's graph capture and autograd, without its C++ build on 2 cores."""
+    cfg = tiny_recipe(*(["train.compile=true", "train.compile_backend=aot_eager"] if compiled else []),
+                      *(["optim.distill_weight=0.5"] if distilled else []))
     r = StepRig.build(cfg, store(), "fp32", 8, CPU)
     for _ in range(2):  # the optimizer state, the first compilation
         r.end_to_end()
@@ -139,7 +142,8 @@ def test_the_training_step_never_waits_for_the_device(compiled):
     per = report.per_step()
     assert per["uploads"] == 1 and per["downloads"] == 1 and per["host_ops"] == 0
     if not compiled:
-        assert set(per["parts"]) == {"noise", "augment", "forward", "loss", "backward", "clip", "guard", "optimizer", "ema"}
+        assert set(per["parts"]) == {"noise", "augment", "forward", "loss", "backward", "clip", "guard", "optimizer",
+                                     "ema", *(["teacher"] if distilled else [])}
 
 
 def test_evaluation_batches_never_wait_for_the_device():
@@ -172,6 +176,35 @@ def test_the_ema_is_one_foreach_kernel_and_copies_only_running_statistics():
     torch.testing.assert_close(ema.model[0].weight, 0.5 * start + 0.5 * live[0].weight.detach())
     assert torch.equal(ema.model[1].running_mean, live[1].running_mean)
     assert torch.equal(ema.model.constant, torch.arange(3))
+
+
+def test_the_teacher_ema_is_updated_in_the_step_as_the_guard_would_and_held_by_its_flag():
+    """The in-step update (self-distillation's teacher): with the flag 0 it is the guard's update
+    (the same average, the running statistics copied), with 1 nothing moves; no sync, 7 kernels
+    (the weight from the flag: 2, the difference, its scaling, the add; for the statistics the
+    flag's complement and one lerp); the guard's word then only counts it."""
+    torch.manual_seed(0)
+    live = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    host, in_step = WeightEMA(live, 0.75), WeightEMA(live, 0.75, in_step=True)
+    live(torch.randn(8, 3))  # moves the running statistics
+    with torch.no_grad():
+        live[0].weight.add_(1.0)
+    held = {k: v.clone() for k, v in in_step.model.state_dict().items()}
+    in_step.update(torch.ones(()))
+    for k, v in in_step.model.state_dict().items():
+        assert torch.equal(v, held[k]), k  # a skipped step: the teacher as it was
+    applied = torch.zeros(())  # the guard's flag of an applied step
+    audit = StepAudit(device_tensors(live, torch.optim.SGD(live.parameters()), in_step.model, [applied]))
+    with audit, part("ema"):
+        in_step.update(applied)
+    report = audit.report(1)
+    assert report.syncs == [] and report.kernels["ema"] == 7
+    host.update()
+    for k, v in host.model.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(in_step.model.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
+    in_step.applied()
+    assert in_step.updates == host.updates == 1
 
 
 # ---------------------------------------------------------------- the kernel budget

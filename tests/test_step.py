@@ -32,7 +32,8 @@ def tiny_cfg(*extra: str):
     return load_config("demo", ["model.pretrained=none", *extra])
 
 
-def setup(cfg, seed: int = 0, scaler: torch.amp.GradScaler | None = None, ema: bool = False) -> Trainer:
+def setup(cfg, seed: int = 0, scaler: torch.amp.GradScaler | None = None, ema: bool = False,
+          distill: float = 0.0) -> Trainer:
     """A Trainer (batch 8 on one process) under a fresh Accelerator; `scaler`: fp16's loss scaler (Accelerate makes one on GPUs
     only, so the tests hand it one: the CPU computes in fp32, the scaling, unscaling, overflow
     check and skip are the real ones)."""
@@ -43,11 +44,12 @@ def setup(cfg, seed: int = 0, scaler: torch.amp.GradScaler | None = None, ema: b
     model = build_model(cfg.model)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_schedule(optimizer, cfg, 100, 10)
-    average = WeightEMA(model, 0.5) if ema else None
+    average = WeightEMA(model, 0.5, in_step=distill > 0) if ema or distill else None
     prepared, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     return Trainer(acc=acc, model=prepared, forward=prepared, bare=model, optimizer=optimizer, scheduler=scheduler,
                    guard=StepGuard(acc, optimizer, PreemptionFlag(), scheduler=scheduler, ema=average), ema=average,
-                   state=TrainState(), per_process=8.0, patches=8, rank_weight=0.0, grad_clip=1.0)
+                   teacher=average.model if distill else None, state=TrainState(), per_process=8.0, patches=8,
+                   rank_weight=0.0, distill_weight=distill, grad_clip=1.0)
 
 
 def batch(n: int = 8, size: int = 64, seed: int = 0, bad: bool = False) -> Batch:
@@ -119,11 +121,13 @@ def _assert_same(a: dict, b: dict) -> None:
             assert torch.equal(v, b[part][k]), (part, k)
 
 
-def test_a_skipped_step_changes_nothing_and_the_debug_state_is_from_before_it():
+@pytest.mark.parametrize("distill", [0.0, 0.5], ids=["ema", "distilled"])
+def test_a_skipped_step_changes_nothing_and_the_debug_state_is_from_before_it(distill):
     """bf16/fp32: the step with a non-finite loss leaves weights, moments, step count, schedule and
     EMA as they were (the guard settles a step, schedule and EMA included, only once its flag
-    says it was applied), and BadStep names it at the next check, before that step's update."""
-    t = setup(tiny_cfg(), ema=True)
+    says it was applied; a teacher EMA, updated inside the step, is held by the device flag), and
+    BadStep names it at the next check, before that step's update."""
+    t = setup(tiny_cfg(), ema=True, distill=distill)
     t.step(batch(seed=1))
     t.guard.flush()  # step 0 settled: its schedule step and EMA update applied
     assert t.scheduler.scheduler.last_epoch == 1 and t.guard.ema.updates == 1
@@ -136,12 +140,14 @@ def test_a_skipped_step_changes_nothing_and_the_debug_state_is_from_before_it():
     assert t.guard.ema.updates == 1
 
 
-def test_an_fp16_overflow_is_skipped_without_a_host_read_and_training_goes_on():
+@pytest.mark.parametrize("distill", [0.0, 0.5], ids=["ema", "distilled"])
+def test_an_fp16_overflow_is_skipped_without_a_host_read_and_training_goes_on(distill):
     """fp16 with a fused optimizer: an overflowing step (non-finite scaled gradients, finite loss)
     is skipped on the device by the loss scaler, and the guard, reading its flag one step late
-    like any other, steps neither the schedule nor the EMA for it; training continues."""
+    like any other, steps neither the schedule nor the EMA for it (nor the teacher EMA, which the
+    step updates under the same flag); training continues."""
     scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
-    t = setup(tiny_cfg(), scaler=scaler, ema=True)
+    t = setup(tiny_cfg(), scaler=scaler, ema=True, distill=distill)
     assert t.guard.fp16 and t.guard.deferred
     t.step(batch(seed=1))
     t.guard.flush()

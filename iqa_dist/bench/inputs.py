@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..config import load_config
+from ..config import Config, load_config
 
 # Dense bf16 peak FLOP/s of the GPUs people train on (datasheets; H100/H200 SXM).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
@@ -22,6 +22,12 @@ BACKBONES = {
     "swin-s": ("swin_small_patch4_window7_224", {}, 224),
     "swin-b": ("swin_base_patch4_window7_224", {}, 224),
 }
+
+
+def recipe_options(cfg: Config) -> list[str]:
+    """The user's recipe choices that `bench train` and `bench kernels` measure on top of the
+    koniq-swin-t recipe: the weight EMA and self-distillation from it."""
+    return [f"train.ema_decay={cfg.train.ema_decay}", f"optim.distill_weight={cfg.optim.distill_weight}"]
 
 
 def source_images(folder: Path, n: int) -> Path:

@@ -59,7 +59,8 @@ def show(report: dict) -> None:
                       fmt(r.get("mfu_pct")), fmt(r["memory_gib"]), fmt(r["first_step_s"]))
         print_table(out, f"training steps, patches/s (end to end = `iqa-dist train`'s step with its input path; model "
                          f"only = the same step on a batch already on the device; anchor = timm's plain classifier of "
-                         f"the backbone, same batch, precision, fused AdamW, clipping) - {where}", t)
+                         f"the backbone, same batch, precision, fused AdamW, clipping){_recipe(report['train'])} - "
+                         f"{where}", t)
     if report.get("projection"):
         t = Table()
         for c in ("backbone", "precision", "compile", "GPUs", "batch per GPU", "patches/s", "KonIQ epoch s",
@@ -129,6 +130,14 @@ def show_scaling(out, sc: dict, where: str) -> None:
               highlight=False)
 
 
+def _recipe(rows: list[dict]) -> str:
+    """What the step carries beyond the koniq-swin-t recipe: the weight EMA, self-distillation."""
+    row = rows[0] if rows else {}
+    extra = [f"weight EMA {row['ema_decay']}"] if row.get("ema_decay") else []
+    extra += [f"self-distillation {row['distill_weight']}"] if row.get("distill_weight") else []
+    return f"; step with {', '.join(extra)}" if extra else ""
+
+
 def show_kernels(out, k: dict, where: str) -> None:
     parts = sorted({p for x in "ABC" for p in k[x]["parts"]}, key=lambda p: -k["A"]["parts"].get(p, 0))
     t = Table()
@@ -140,14 +149,16 @@ def show_kernels(out, k: dict, where: str) -> None:
     t.add_row("host syncs", *(f"{k[x]['syncs']:g}" for x in "ABC"))
     t.add_row("uploads / downloads", *(f"{k[x]['uploads']:g} / {k[x]['downloads']:g}" for x in "ABC"))
     print_table(out, f"device kernels per step (compute and copies, views excluded), {k['backbone']} HyperIQA, "
-                     f"koniq-swin-t recipe with an EMA, compile={k['compile']}, counted on {where}", t)
+                     f"koniq-swin-t recipe with an EMA{' and self-distillation' if k.get('teacher') else ''}, "
+                     f"compile={k['compile']}, counted on {where}", t)
     verdict = {True: "met", False: "MISSED"}
     tg, ch = k["targets"], k["checks"]
-    out.print(f"A/B {k['a_over_b']:.3f} (<= {tg['a_over_b']}: {verdict[ch['a_over_b']]}), B/C {k['b_over_c']:.3f} "
+    without = " without the teacher" if k.get("teacher") else ""
+    out.print(f"A/B {k['a_over_b']:.3f} (<= {tg['a_over_b']}: {verdict[ch['a_over_b']]}), B/C{without} {k['b_over_c']:.3f} "
               f"(<= {tg['b_over_c']}: {verdict[ch['b_over_c']]}), augmentation {k['A']['parts'].get('augment', 0):g} "
               f"(<= {tg['augment']}: {verdict[ch['augment']]}), guard {k['A']['parts'].get('guard', 0):g} "
               f"(<= {tg['guard']}: {verdict[ch['guard']]}), EMA {k['A']['parts'].get('ema', 0):g} "
-              f"(= {tg['ema']}: {verdict[ch['ema']]}), no host sync: {verdict[ch['no_syncs']]}", highlight=False)
+              f"(<= {tg['ema']}: {verdict[ch['ema']]}), no host sync: {verdict[ch['no_syncs']]}", highlight=False)
     for x in "ABC":
         for f in k[x]["findings"]:
             out.print(f"  {x}: {f}", highlight=False)

@@ -16,7 +16,7 @@ from rich.console import Console
 from ..config import Config, load_config
 from ..data.cache import prepare
 from ..models.hyperiqa import build_model
-from .inputs import BACKBONES, KONIQ_EPOCH, PEAK_BF16, source_images
+from .inputs import BACKBONES, KONIQ_EPOCH, PEAK_BF16, recipe_options, source_images
 from .rig import AnchorRig, StepRig
 from .timing import measure
 
@@ -46,7 +46,7 @@ def bench_train(cfg: Config, backbones: list[str], precisions: list[str], compil
     for name in backbones:
         backbone, kwargs, size = BACKBONES[name]
         c = load_config("koniq-swin-t", [f"model.backbone={backbone}", "model.pretrained=none", f"model.img_size={size}",
-                                         f"data.cache_dir={work / 'cache'}"])
+                                         f"data.cache_dir={work / 'cache'}", *recipe_options(cfg)])
         c = replace(c, model=replace(c.model, backbone_kwargs=kwargs))
         view = prepare(load_config("koniq-swin-t", [f"data.root={root}", "data.split=random", f"model.img_size={size}",
                                                     f"data.cache_dir={work / 'cache'}"]), Console(quiet=True))
@@ -59,7 +59,8 @@ def bench_train(cfg: Config, backbones: list[str], precisions: list[str], compil
                 for compiled in compiles:
                     console.print(f"train: {name} {precision} batch {batch} compile={compiled}", highlight=False)
                     c_run = replace(c, train=replace(c.train, compile=compiled))
-                    row = {"backbone": name, **_train_rates(c_run, view, store, precision, batch, steps, device)}
+                    row = {"backbone": name, "ema_decay": c.train.ema_decay, "distill_weight": c.optim.distill_weight,
+                           **_train_rates(c_run, view, store, precision, batch, steps, device)}
                     row.update(anchor=anchor["rate"], anchor_memory_gib=anchor["memory_gib"],
                                pct_of_anchor=100 * row["model_only"] / anchor["rate"])
                     if peak:

@@ -49,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="", help="JSON file [default runs/bench-WHAT-TIME.json]")
     p.add_argument("--work-dir", default="", help="where source JPEGs and caches go [a temporary folder]")
     add_preset(p, "koniq-swin-t")
-    add_config_arguments(p, ["model.img_size", "data.train_patch_num", "data.test_patch_num"])  # all bench reads
+    # all bench reads: the patch, and for train and kernels the weight EMA and self-distillation from it
+    add_config_arguments(p, ["model.img_size", "data.train_patch_num", "data.test_patch_num", "train.ema_decay",
+                             "optim.distill_weight"])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -178,6 +178,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the peak lr
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping (the norm is still logged)
     rank_weight: float = 0.0  # weight of the pairwise ranking loss added to L1 (phase one tried 0.3); pairs over the global batch
+    distill_weight: float = 0.0  # self-distillation: weight of the L1 to the EMA teacher's prediction of the same patch (needs train.ema_decay); 0 = off
 
     def __post_init__(self) -> None:
         _choice("optim.optimizer", self.optimizer, ("adamw", "adam"))
@@ -187,7 +188,8 @@ class OptimConfig:
         _positive("optim.base_batch", self.base_batch)
         _positive("optim.lr", self.lr)
         _positive("optim.lr_ratio", self.lr_ratio)
-        for name in ("weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "rank_weight", "freeze_hyper_after"):
+        for name in ("weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "rank_weight", "freeze_hyper_after",
+                     "distill_weight"):
             _non_negative(f"optim.{name}", getattr(self, name))
 
 
@@ -279,6 +281,9 @@ class Config:
         names = [m.dataset for m in self.data.members()]
         if self.train.select_on and self.train.select_on not in names:
             raise UserError(f"train.select_on={self.train.select_on!r}: not a dataset trained on ({', '.join(names)})")
+        if self.optim.distill_weight > 0 and not self.train.ema_decay:
+            raise UserError(f"optim.distill_weight={self.optim.distill_weight}: the teacher is the weight EMA; set "
+                            "train.ema_decay too (e.g. 0.99)")
 
     def lr_factor(self) -> float:
         """How optim.lr_scaling scales the learning rates at this batch size."""

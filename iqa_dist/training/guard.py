@@ -47,9 +47,10 @@ class StepGuard:
         self.preempted = False  # a preemption flag has been read
         self.skipped = 0  # steps skipped so far (fp16 overflows)
 
-    def check(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
+    def check(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
         """After step `step`'s backward and clipping, before its update. Raises BadStep for a
-        non-finite step (this one, or the previous one when deferred) before the update."""
+        non-finite step (this one, or the previous one when deferred) before the update. Returns
+        this step's flag on the device (1: its update is skipped), the same on every process."""
         skipped = torch.nan_to_num((loss + norm.to(loss.dtype)) * 0.0, nan=1.0).view(1)  # 0 finite, 1 not
         flags = skipped
         if self.fp16 or self.shared:
@@ -59,7 +60,7 @@ class StepGuard:
             flags = self.acc.reduce(torch.cat([flags, stop]), "max")
         if not self.deferred:
             self._read(step, flags.cpu().numpy(), loss)
-            return
+            return flags[0]
         if not self.fp16:  # under fp16 the loss scaler hands the fused kernel its own overflow flag
             self.inner.found_inf = flags[0]  # the fused kernel skips the whole update when it is 1
         self.flush()
@@ -69,6 +70,7 @@ class StepGuard:
             event = torch.cuda.Event()
             event.record()
         self.pending = (step, flags, loss, event)  # flags: the copy's source stays alive until it is read
+        return flags[0]
 
     def flush(self) -> None:
         """Settles the pending step (waiting for its flags): at log, eval and checkpoint points."""
@@ -94,7 +96,7 @@ class StepGuard:
             self.scheduler.step()
         if self.ema is not None:
             with part("ema"):
-                self.ema.update()
+                self.ema.applied()
 
 
 class BadStep(Exception):

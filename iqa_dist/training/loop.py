@@ -223,7 +223,8 @@ def print_start(r: Run) -> None:
               f"{weights['tag']}{sha}")
     acc.print(f"optimizer: {cfg.optim.optimizer}; groups: " + ", ".join(
         f"{name} {n / 1e6:.2f}M at lr {lrs[name]:.2e}" for name, n in groups.items())
-        + f" (LDA with the {cfg.optim.lda_group})" + (f"; weight EMA {cfg.train.ema_decay}" if cfg.train.ema_decay else ""))
+        + f" (LDA with the {cfg.optim.lda_group})" + (f"; weight EMA {cfg.train.ema_decay}" if cfg.train.ema_decay else "")
+        + (f"; self-distillation from it, weight {cfg.optim.distill_weight}" if cfg.optim.distill_weight else ""))
     if len(data.names) > 1:
         share = [w / sum(data.weights) for w in data.weights]
         acc.print("joint training: " + ", ".join(

@@ -66,10 +66,17 @@ class WeightEMA:
     constant buffers (Swin's position indices and attention masks) are never copied. The live
     weights are the ones given here: optimizers and Accelerate update them in place, so the EMA
     needs no unwrapping of a DDP or compiled model per step. Checkpointed with the run
-    (state_dict / load_state_dict, registered with Accelerate), so a resume continues it exactly."""
+    (state_dict / load_state_dict, registered with Accelerate), so a resume continues it exactly.
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
+    Two ways to be updated. Normally the guard calls `applied` once it has read that a step was
+    applied: one step late, or at a log, evaluation or checkpoint point (when depends on where the
+    host reads). A teacher (self-distillation) must be the same average at every step whatever
+    the host reads, so with `in_step` the step itself updates it on the device right after the
+    update (`update(skipped)`, the guard's flag holding it still for a skipped step), and
+    `applied` only counts."""
+
+    def __init__(self, model: nn.Module, decay: float, in_step: bool = False) -> None:
+        self.decay, self.in_step = decay, in_step
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
         self.updates = 0
         self.pairs = (list(self.model.parameters()), list(model.parameters()))
@@ -81,12 +88,30 @@ class WeightEMA:
             raise ValueError("WeightEMA averages fp32 weights (mixed precision keeps them fp32)")  # a bug, never input
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, skipped: torch.Tensor | None = None) -> None:
+        """One step of the average: on the host's word (`skipped` None; counted here), or inside
+        the step with the guard's device flag (`skipped` 1: nothing moves; counted by `applied`)."""
         ema, live = self.pairs
-        torch._foreach_lerp_(ema, live, 1.0 - self.decay)
-        if self.stats[0]:
-            torch._foreach_copy_(*self.stats)
-        self.updates += 1
+        if skipped is None:
+            torch._foreach_lerp_(ema, live, 1.0 - self.decay)
+            if self.stats[0]:
+                torch._foreach_copy_(*self.stats)
+            self.updates += 1
+            return
+        flag, rate = skipped.reshape(()), 1.0 - self.decay  # 0-d: one device number scales every tensor
+        moved = torch._foreach_sub(live, ema)
+        torch._foreach_mul_(moved, (flag * -rate).add_(rate))  # 1 - decay when applied, 0 when skipped
+        torch._foreach_add_(ema, moved)
+        floats = [(c, m) for c, m in zip(*self.stats) if c.is_floating_point()]
+        if floats:  # running statistics: copied after an applied step (a lerp by 1), kept after a skipped one
+            torch._foreach_lerp_([c for c, _ in floats], [m for _, m in floats], [1.0 - flag] * len(floats))
+
+    def applied(self) -> None:
+        """The guard's word that a step was applied: the update, unless the step made it already."""
+        if self.in_step:
+            self.updates += 1
+        else:
+            self.update()
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "updates": self.updates}

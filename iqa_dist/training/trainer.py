@@ -40,7 +40,7 @@ from ..distributed.gather import gather_global
 from ..distributed.shards import Shares
 from ..parts import part
 from .batches import Batch
-from .compile import compile_step
+from .compile import compile_model, compile_step
 from .guard import BadStep, StepGuard
 from .losses import sample_losses
 from .optim import WeightEMA, build_optimizer, build_schedule
@@ -50,25 +50,35 @@ from .preemption import PreemptionFlag
 def train_step(t: "Trainer", batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward of each micro-batch (gradients synced on the last one only), clipping,
     the guard (which settles the previous step: its schedule step and EMA update), the update.
+    With self-distillation the EMA teacher predicts each micro-batch's patches too, and is updated
+    right after the update, so that step s's teacher is always the average of steps 1..s-1.
     Returns (summed loss, gradient norm), both on the device."""
     total = None
     for m, mb in enumerate(batch.micro):
         with t.acc.no_sync(t.model) if m < len(batch.micro) - 1 else contextlib.nullcontext():
             with part("forward"):
                 pred = t.forward(mb.x, mb.noise).float()
+            taught = None
+            if t.teacher is not None:  # the EMA in eval mode (no dropout, no drop path): the same patch, no gradient
+                with part("teacher"), torch.no_grad(), t.acc.autocast():
+                    taught = t.teacher(mb.x).float()
             with part("loss"):
                 ranked = (gather_global(pred, batch.sizes), batch.targets, batch.groups) if t.rank_weight > 0 else None
-                summed = sample_losses(pred, mb.target, t.rank_weight, ranked, mb.offset).sum()
+                summed = sample_losses(pred, mb.target, t.rank_weight, ranked, mb.offset, taught,
+                                       t.distill_weight).sum()
                 total = summed.detach() if total is None else total + summed.detach()
             with part("backward"):
                 t.acc.backward(summed / t.per_process)
     with part("clip"):
         norm = t.acc.clip_grad_norm_(t.model.parameters(), t.grad_clip or math.inf)
     with part("guard"):
-        t.guard.check(t.state.step, total, norm)
+        skipped = t.guard.check(t.state.step, total, norm)
     with part("optimizer"):
         t.optimizer.step()
         t.optimizer.zero_grad(set_to_none=True)
+    if t.teacher is not None:  # the teacher of the next step: this update averaged in now, on the device
+        with part("ema"):
+            t.ema.update(skipped)
     return total, norm
 
 
@@ -148,10 +158,12 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     guard: StepGuard
     ema: WeightEMA | None  # the weights' moving average (train.ema_decay > 0)
+    teacher: nn.Module | None  # self-distillation (optim.distill_weight > 0): the EMA's model, compiled as the step
     state: TrainState
     per_process: float  # global batch / processes: the step's loss divisor (uneven shares allowed)
     patches: int  # this process's patches per step
     rank_weight: float
+    distill_weight: float
     grad_clip: float
     norm: torch.Tensor | None = None  # the last step's gradient norm, on the device
     settled: int = -1  # the step whose results the host last read
@@ -163,13 +175,16 @@ class Trainer:
         Accelerate, and the step's function compiled as train.compile says."""
         optimizer = build_optimizer(model.to(acc.device), cfg)
         scheduler = build_schedule(optimizer, cfg, total_steps, steps_per_epoch)
-        ema = WeightEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        distill = cfg.optim.distill_weight > 0
+        ema = WeightEMA(model, cfg.train.ema_decay, in_step=distill) if cfg.train.ema_decay else None
         prepared, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+        teacher = compile_model(ema.model, cfg, console, "teacher") if distill else None
         return cls(acc=acc, model=prepared, forward=compile_step(prepared, augmenter, cfg, console), bare=model,
-                   optimizer=optimizer, scheduler=scheduler, ema=ema, state=TrainState(),
+                   optimizer=optimizer, scheduler=scheduler, ema=ema, teacher=teacher, state=TrainState(),
                    guard=StepGuard(acc, optimizer, preempt, scheduler=scheduler, ema=ema),
                    per_process=shares.per_process, patches=sum(sl.stop - sl.start for sl in shares.slices()),
-                   rank_weight=cfg.optim.rank_weight, grad_clip=cfg.optim.grad_clip)
+                   rank_weight=cfg.optim.rank_weight, distill_weight=cfg.optim.distill_weight,
+                   grad_clip=cfg.optim.grad_clip)
 
     def step(self, batch: Batch) -> None:
         """One optimizer step on this process's share of a global batch, and its bookkeeping."""
