@@ -14,7 +14,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from iqa_dist.bench.audit import StepAudit
+from iqa_dist.bench.audit import StepAudit, capture_blockers
 from iqa_dist.bench.kernels import TARGETS, step_budget
 from iqa_dist.bench.rig import StepRig, device_tensors
 from iqa_dist.config import load_config
@@ -219,6 +219,91 @@ def test_the_kernel_budget_of_the_koniq_swin_t_step():
     assert out["checks"] == {**{k: True for k in TARGETS}, "no_syncs": True}, out["checks"]
     assert out["A"]["parts"]["guard"] == 4 and out["A"]["parts"]["ema"] == 1
     assert out["A"]["uploads"] == 1 and out["B"]["uploads"] == 0
+    # what a CUDA graph of today's step would freeze (train.cuda_graph must remove each): the
+    # learning rate of the fused update, the noise's per-step host seed, the upload's new tensor
+    blockers = "\n".join(out["A"]["capture_blockers"])
+    assert len(out["A"]["capture_blockers"]) == 3, blockers
+    assert "[optimizer]" in blockers and "_fused_adamw_: takes a host number that changes every step" in blockers
+    assert "[noise]" in blockers and "rand: draws from a generator seeded on the host every step" in blockers
+    assert "Tensor.to: each upload makes a new device tensor" in blockers
+
+
+# ---------------------------------------------------------------- capture readiness (for CUDA graphs)
+
+
+def blockers_of(step, device: list[torch.Tensor], steps: int = 3) -> list[str]:
+    audit = StepAudit(device, trace=True)
+    with audit:
+        for i in range(steps):
+            audit.next_step()
+            step(i)
+    return capture_blockers(audit.steps_traced)
+
+
+def test_capture_readiness_names_what_a_graph_would_freeze():
+    """Each way a replayed graph would go wrong, found on the CPU, and its capturable form found
+    ready: a Python number that changes per step in a kernel vs a device tensor written in place;
+    a generator seeded per step vs one seeded once; an upload by .to() or from a new host buffer
+    each step vs copy_ from one host buffer into one device buffer; a step whose kernels change."""
+    w, lr = torch.ones(4), torch.zeros(())
+    device = [w, lr]
+
+    def host_lr(i):
+        w.mul_(1.0 - 0.1 * i)
+
+    def device_lr(i):
+        lr.fill_(0.0)  # a constant: the schedule would write lr in place from a device step counter
+        w.mul_(lr.add(1.0))
+
+    [found] = blockers_of(host_lr, device)
+    assert "test_audit.py" in found and "mul_: takes a host number that changes every step" in found
+    assert "1.0 -> 0.9 -> 0.8" in found
+    assert blockers_of(device_lr, device) == []
+
+    g = torch.Generator()
+
+    def reseeded(i):
+        g.manual_seed(100 + i)
+        w.add_(torch.rand(4, generator=g))
+
+    def seeded_once(i):
+        w.add_(torch.rand(4, generator=g))
+
+    [found] = blockers_of(reseeded, device)
+    assert "rand: draws from a generator seeded on the host every step" in found and "seed 101" in found
+    g.manual_seed(7)
+    assert blockers_of(seeded_once, device) == []
+
+    host, static = torch.zeros(4), torch.zeros(4)
+    device.append(static)
+    kept = []  # alive, so each step's host tensor has its own address
+
+    def moved(i):
+        with part("host"):
+            host.fill_(i)
+        w.add_(host.to(CPU, non_blocking=True))
+
+    def fresh_buffer(i):
+        with part("host"):
+            kept.append(torch.full((4,), float(i)))
+        static.copy_(kept[-1], non_blocking=True)
+
+    def static_buffers(i):
+        with part("host"):
+            host.fill_(i)
+        static.copy_(host, non_blocking=True)
+        w.add_(static)
+
+    assert [b for b in blockers_of(moved, device) if "each upload makes a new device tensor" in b]
+    [found] = blockers_of(fresh_buffer, device)
+    assert "copy_: uploads from another host buffer every step" in found
+    assert blockers_of(static_buffers, device) == []
+
+    def branching(i):
+        (w.add_ if i % 2 else w.sub_)(1.0)
+
+    assert blockers_of(branching, device) == ["the step launches other kernels from one step to the next: a graph "
+                                              "replays one sequence"]
 
 
 # ---------------------------------------------------------------- compile that holds

@@ -20,6 +20,14 @@ the GPU script's `set_sync_debug_mode` run covers both.
 It also counts the device kernels each part of the step would launch: every op on device
 tensors except views and allocations (a foreach op counts as one, as it is one launch per chunk
 of tensors; dropout, three ops on a CPU, counts as the one fused kernel it is on a GPU).
+
+With `trace=True` it also records what a CUDA graph of the step would freeze: a captured step
+replays its kernels with the arguments they had at capture, so every Python number or generator
+seed that reaches a kernel and changes from one step to the next (the learning rate, the step
+count, a seed set on the host), every upload whose host buffer is not the same from step to
+step, every upload that makes a new device tensor (`.to(device)`: a graph needs a static buffer
+written in place) and every host allocation of pinned memory is a capture blocker.
+`capture_blockers(audit.steps_traced)` lists them, by part, op and the line that asked.
 """
 
 from __future__ import annotations
@@ -99,6 +107,67 @@ class Report:
         return [(op, c / max(1, self.steps)) for op, c in ops.most_common(k)]
 
 
+@dataclass(frozen=True)
+class Traced:
+    """One thing a captured step would freeze: a kernel and the host values among its arguments,
+    an upload and its (host buffer, device buffer), or a pinned host allocation."""
+
+    kind: str  # "kernel", "upload", "pin"
+    op: str
+    part: str
+    where: str
+    values: tuple
+
+
+class Seed(int):
+    """The seed of a generator a kernel draws from (set on the host)."""
+
+    def __str__(self) -> str:
+        return f"seed {int(self)}"
+
+
+def _host_values(tree) -> tuple:
+    """The host values a kernel takes: Python numbers, and the seed of a generator it draws from."""
+    leaves = tree_flatten(tree)[0]
+    return tuple(Seed(x.initial_seed()) if isinstance(x, torch.Generator) else x for x in leaves
+                 if isinstance(x, (int, float, torch.Generator)))
+
+
+def capture_blockers(steps: list[list[Traced]]) -> list[str]:
+    """What would stop the traced step from being captured once and replayed (one line each, by
+    part, op and the line that asked): host values of a kernel that differ between the traced
+    steps, a host buffer of an upload that is not the same one every step, an upload that makes a
+    new device tensor, a pinned allocation, a kernel sequence that is not the same every step."""
+    if len(steps) < 2:
+        raise ValueError("capture_blockers compares steps: trace two or more")  # a bug, never input
+    first = steps[0]
+    if any([(t.kind, t.op, t.part) for t in s] != [(t.kind, t.op, t.part) for t in first] for s in steps[1:]):
+        return ["the step launches other kernels from one step to the next: a graph replays one sequence"]
+    found: dict[tuple, str] = {}
+    for i, t in enumerate(first):
+        seen = [s[i].values for s in steps]
+        key = (t.part, t.op, t.where)
+        if t.kind == "pin":
+            found.setdefault(key + ("pin",), f"[{t.part}] {t.where}: pinned host memory allocated every step "
+                                             "(allocate the host buffer once and write into it)")
+        elif t.kind == "upload" and "a new device tensor" in t.values:
+            found.setdefault(key + ("new",), f"[{t.part}] {t.where} {t.op}: each upload makes a new device tensor "
+                                             "(copy_ into a device buffer made once)")
+        elif t.kind == "upload" and len(set(seen)) > 1:
+            found.setdefault(key + ("buffer",), f"[{t.part}] {t.where} {t.op}: uploads from another host buffer "
+                                                "every step (write the step's numbers into one buffer)")
+        elif t.kind == "kernel" and len(set(seen)) > 1:
+            changed = [j for j in range(len(seen[0])) if len({v[j] for v in seen}) > 1]
+            values = " -> ".join(", ".join(str(v[j]) for j in changed) for v in seen)
+            if any(isinstance(seen[0][j], Seed) for j in changed):
+                why = ("draws from a generator seeded on the host every step (draw from a counter-based hash "
+                       "of the seed and a device step counter)")
+            else:
+                why = "takes a host number that changes every step (make it a device tensor written in place)"
+            found.setdefault(key + ("values",), f"[{t.part}] {t.where} {t.op}: {why}: {values}")
+    return list(found.values())
+
+
 def _tensors(tree) -> list[torch.Tensor]:
     return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 
@@ -155,7 +224,7 @@ class StepAudit:
         report = audit.report(steps)
     """
 
-    def __init__(self, device: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(self, device: Iterable[torch.Tensor] = (), trace: bool = False) -> None:
         self.is_device = WeakIdKeyDictionary()  # tensor -> True (device) / False (host); unknown = host
         for t in device:
             self.is_device[t] = True
@@ -163,6 +232,16 @@ class StepAudit:
         self.uploads = self.downloads = self.host_ops = 0
         self._folding = 0  # inside an op that is one kernel on a GPU (dropout)
         self._modes = (_Function(self), _Dispatch(self))
+        self.trace = trace
+        self.steps_traced: list[list[Traced]] = []  # with trace: per step (next_step), what capture would freeze
+
+    def next_step(self) -> None:
+        """With trace: what follows belongs to a new step."""
+        self.steps_traced.append([])
+
+    def _record(self, kind: str, op: str, values: tuple) -> None:
+        if self.trace and self.steps_traced:
+            self.steps_traced[-1].append(Traced(kind, op, current_part(), _caller(), values))
 
     def __enter__(self) -> "StepAudit":
         for m in self._modes:
@@ -195,6 +274,8 @@ class StepAudit:
         if packet is aten.copy_:
             self._copy(args, kwargs, host_part)
             return
+        if packet is aten._pin_memory and self.trace:  # a host allocation: a graph's host buffer is made once
+            self._record("pin", "pin_memory", ())
         if packet is aten._to_copy and kwargs.get("device") not in (None, inputs[0].device):
             return  # a move between devices: _move sees it at the Tensor.to call
         if host_part:
@@ -225,6 +306,8 @@ class StepAudit:
                                     "(an implicit, blocking host-to-device copy)")
         if not func.is_view and packet not in NO_KERNEL and not self._folding:
             self._kernel(packet.__name__)
+            if self.trace:
+                self._record("kernel", packet.__name__, _host_values((args, kwargs)))
         self._tag(out, True)
 
     def _kernel(self, name: str) -> None:
@@ -255,6 +338,7 @@ class StepAudit:
                 self.downloads += 1
             else:
                 self.uploads += 1
+                self._record("upload", "copy_", (src.data_ptr(), dst.data_ptr()))
             if not non_blocking:
                 self._sync("aten.copy_", f"a blocking {'device-to-host' if src_dev else 'host-to-device'} copy")
         if not self._folding:
@@ -276,6 +360,7 @@ class StepAudit:
             return  # a dtype change: the dispatcher sees it
         if not self._device(src):  # host -> device: an upload
             self.uploads += 1
+            self._record("upload", f"Tensor.{name}", (src.data_ptr(), "a new device tensor"))
             if not kwargs.get("non_blocking", False):
                 self._sync(f"Tensor.{name}", "a blocking host-to-device copy (non_blocking=False)")
             self._tag(out, True)

@@ -29,7 +29,7 @@ from ..config import Config, load_config
 from ..data.augment import Augmenter
 from ..data.cache import prepare
 from ..data.store import ImageStore
-from .audit import StepAudit
+from .audit import StepAudit, capture_blockers
 from .inputs import BACKBONES, recipe_options, source_images
 from .rig import AnchorRig, StepRig
 
@@ -92,6 +92,17 @@ def count(run, tensors, steps: int, warmup: int = 1) -> dict:
             "top": {p: report.top(p) for p in report.kernels}}
 
 
+def capture_readiness(run, tensors, steps: int = 3) -> list[str]:
+    """What would stop `run()` (one step, after the warm-up `count` did) from being captured as one
+    CUDA graph and replayed: `audit.capture_blockers` over `steps` traced steps."""
+    audit = StepAudit(tensors(), trace=True)
+    with audit:
+        for _ in range(steps):
+            audit.next_step()
+            run()
+    return capture_blockers(audit.steps_traced)
+
+
 def step_budget(cfg: Config, store: ImageStore, batch: int, device: torch.device, steps: int = 1,
                 precision: str = "fp32") -> dict:
     """A, B and C of `cfg` (counted with its weight EMA on), their ratios and the targets' verdicts."""
@@ -101,6 +112,7 @@ def step_budget(cfg: Config, store: ImageStore, batch: int, device: torch.device
     rig = StepRig.build(cfg, store, precision, batch, device)
     generated = augmentation_kernels(rig) if compiled else None
     a = count(rig.end_to_end, rig.device_tensors, steps, warmup=2)
+    a["capture_blockers"] = capture_readiness(rig.end_to_end, rig.device_tensors)
     b = count(rig.model_only, rig.device_tensors, steps)
     anchor = AnchorRig(cfg, precision, batch, device)
     c = count(anchor.step, anchor.device_tensors, steps)
