@@ -221,8 +221,8 @@ def test_the_kernel_budget_of_the_koniq_swin_t_step():
     assert out["A"]["uploads"] == 1 and out["B"]["uploads"] == 0
     # what a CUDA graph of today's step would freeze (train.cuda_graph must remove each): the
     # learning rate of the fused update, the noise's per-step host seed, the upload's new tensor
-    blockers = "\n".join(out["A"]["capture_blockers"])
-    assert len(out["A"]["capture_blockers"]) == 3, blockers
+    blockers = "\n".join(out["A"]["capture"]["blockers"])
+    assert len(out["A"]["capture"]["blockers"]) == 3, blockers
     assert "[optimizer]" in blockers and "_fused_adamw_: takes a host number that changes every step" in blockers
     assert "[noise]" in blockers and "rand: draws from a generator seeded on the host every step" in blockers
     assert "Tensor.to: each upload makes a new device tensor" in blockers
@@ -294,7 +294,8 @@ def test_capture_readiness_names_what_a_graph_would_freeze():
         static.copy_(host, non_blocking=True)
         w.add_(static)
 
-    assert [b for b in blockers_of(moved, device) if "each upload makes a new device tensor" in b]
+    [found] = blockers_of(moved, device)
+    assert "Tensor.to: each upload makes a new device tensor" in found
     [found] = blockers_of(fresh_buffer, device)
     assert "copy_: uploads from another host buffer every step" in found
     assert blockers_of(static_buffers, device) == []

@@ -112,7 +112,7 @@ class Traced:
     """One thing a captured step would freeze: a kernel and the host values among its arguments,
     an upload and its (host buffer, device buffer), or a pinned host allocation."""
 
-    kind: str  # "kernel", "upload", "pin"
+    kind: str  # "kernel", "upload" (copy_ into a device buffer), "moved" (an upload by .to()), "pin"
     op: str
     part: str
     where: str
@@ -150,7 +150,7 @@ def capture_blockers(steps: list[list[Traced]]) -> list[str]:
         if t.kind == "pin":
             found.setdefault(key + ("pin",), f"[{t.part}] {t.where}: pinned host memory allocated every step "
                                              "(allocate the host buffer once and write into it)")
-        elif t.kind == "upload" and "a new device tensor" in t.values:
+        elif t.kind == "moved":
             found.setdefault(key + ("new",), f"[{t.part}] {t.where} {t.op}: each upload makes a new device tensor "
                                              "(copy_ into a device buffer made once)")
         elif t.kind == "upload" and len(set(seen)) > 1:
@@ -274,7 +274,7 @@ class StepAudit:
         if packet is aten.copy_:
             self._copy(args, kwargs, host_part)
             return
-        if packet is aten._pin_memory and self.trace:  # a host allocation: a graph's host buffer is made once
+        if packet is aten._pin_memory:  # a host allocation: a graph's host buffer is made once
             self._record("pin", "pin_memory", ())
         if packet is aten._to_copy and kwargs.get("device") not in (None, inputs[0].device):
             return  # a move between devices: _move sees it at the Tensor.to call
@@ -360,7 +360,7 @@ class StepAudit:
             return  # a dtype change: the dispatcher sees it
         if not self._device(src):  # host -> device: an upload
             self.uploads += 1
-            self._record("upload", f"Tensor.{name}", (src.data_ptr(), "a new device tensor"))
+            self._record("moved", f"Tensor.{name}", (src.data_ptr(),))
             if not kwargs.get("non_blocking", False):
                 self._sync(f"Tensor.{name}", "a blocking host-to-device copy (non_blocking=False)")
             self._tag(out, True)

@@ -15,6 +15,7 @@ forward is counted as its own part and left out of B/C, and the EMA, updated ins
 5 kernels. With train.compile the augmentation becomes inductor's few
 fused kernels: `step_budget` on a compiling config counts the step eager (inductor's kernels are
 opaque to the dispatcher) and reports how many kernels inductor generates for the augmentation.
+A is also traced for capture readiness: what one CUDA graph of the step would freeze.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def count(run, tensors, steps: int, warmup: int = 1) -> dict:
             "top": {p: report.top(p) for p in report.kernels}}
 
 
-def capture_readiness(run, tensors, steps: int = 3) -> list[str]:
+def capture_readiness(run, tensors, steps: int = 3) -> dict:
     """What would stop `run()` (one step, after the warm-up `count` did) from being captured as one
     CUDA graph and replayed: `audit.capture_blockers` over `steps` traced steps."""
     audit = StepAudit(tensors(), trace=True)
@@ -100,7 +101,7 @@ def capture_readiness(run, tensors, steps: int = 3) -> list[str]:
         for _ in range(steps):
             audit.next_step()
             run()
-    return capture_blockers(audit.steps_traced)
+    return {"steps": steps, "blockers": capture_blockers(audit.steps_traced)}
 
 
 def step_budget(cfg: Config, store: ImageStore, batch: int, device: torch.device, steps: int = 1,
@@ -112,7 +113,7 @@ def step_budget(cfg: Config, store: ImageStore, batch: int, device: torch.device
     rig = StepRig.build(cfg, store, precision, batch, device)
     generated = augmentation_kernels(rig) if compiled else None
     a = count(rig.end_to_end, rig.device_tensors, steps, warmup=2)
-    a["capture_blockers"] = capture_readiness(rig.end_to_end, rig.device_tensors)
+    a["capture"] = capture_readiness(rig.end_to_end, rig.device_tensors)
     b = count(rig.model_only, rig.device_tensors, steps)
     anchor = AnchorRig(cfg, precision, batch, device)
     c = count(anchor.step, anchor.device_tensors, steps)

@@ -162,10 +162,11 @@ def show_kernels(out, k: dict, where: str) -> None:
     for x in "ABC":
         for f in k[x]["findings"]:
             out.print(f"  {x}: {f}", highlight=False)
-    if "capture_blockers" in k["A"]:
-        blockers = k["A"]["capture_blockers"]
-        out.print("capture readiness of A (what one CUDA graph of the step would freeze, compared over 3 steps): "
-                  + (f"{len(blockers)} blocker(s)" if blockers else "ready"), highlight=False)
+    if "capture" in k["A"]:
+        blockers = k["A"]["capture"]["blockers"]
+        out.print(f"capture readiness of A (what one CUDA graph of the step would freeze, compared over "
+                  f"{k['A']['capture']['steps']} steps): " + (f"{len(blockers)} blocker(s)" if blockers else "ready"),
+                  highlight=False)
         for b in blockers:
             out.print(f"  {b}", highlight=False, markup=False)
     if "augment_inductor_kernels" in k:
