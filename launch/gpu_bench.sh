@@ -5,6 +5,11 @@
 #   STEPS="kernels real-eager" DEADLINE=300 launch/gpu_bench.sh OUT   # some steps, a total budget
 # Every step runs under `timeout`, and no step starts with less than 30 s of DEADLINE (seconds,
 # default 480) left, so one slow step cannot eat the others' time. Steps, most important first:
+#   graph          `bench graph`: train.cuda_graph (the step captured once, replayed) vs eager at batch
+#                  12..192, host and wall ms per step, capture time, peak memory; 50 graphed steps'
+#                  losses and weights against the same steps eager
+#   gpu-tests      the tests that skip without CUDA (tests/test_graph.py: capture, replay, equality)
+#   real-graphed   `iqa-dist train` as real-eager, with train.cuda_graph
 #   kernels        the kernel budget (device kernels and syncs per step: real step, model only,
 #                  timm anchor) and 20 real steps at batch 96 under set_sync_debug_mode("error")
 #   real-eager     `iqa-dist train`, koniq-swin-t, batch 96, 300 steps: patches/s from metrics.jsonl
@@ -19,7 +24,7 @@
 set -u
 OUT=${1:-runs/gpu-bench}
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-kernels real-eager real-compiled batches scaling eval predict}
+STEPS=${STEPS:-graph kernels real-eager real-graphed real-compiled gpu-tests batches scaling eval predict}
 DEADLINE=${DEADLINE:-480}
 mkdir -p "$OUT"
 export COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -51,11 +56,16 @@ WORK=(--images $IMAGES --work-dir "$OUT/work")
 LOOP_ARGS=(--preset koniq-swin-t --data.root "$OUT/work/koniq" --data.split random --data.cache_dir "$OUT/work/cache"
            --model.pretrained none --train.max_steps $LOOP --train.eval_every $((LOOP / 2)) --train.log_every 50)
 
+step graph 200 $PY -m iqa_dist bench graph --backbones $BACKBONE --precisions $PREC --batch $BATCHES --steps $STEPS_N \
+    --check-steps 50 "${WORK[@]}" --output "$OUT/graph.json"
 step kernels 150 $PY -m iqa_dist bench kernels --backbones swin-t --batch $SYNC_BATCH --steps 20 "${WORK[@]}" \
     --output "$OUT/kernels.json"
 step real-eager 150 $PY -m iqa_dist train "${LOOP_ARGS[@]}" --run.root "$OUT/runs-eager" "${TINY[@]}"
+step real-graphed 150 $PY -m iqa_dist train "${LOOP_ARGS[@]}" --train.cuda_graph true --run.root "$OUT/runs-graphed" \
+    "${TINY[@]}"
 step real-compiled 330 $PY -m iqa_dist train "${LOOP_ARGS[@]}" --train.compile true --run.root "$OUT/runs-compiled" \
     "${TINY[@]}"
+step gpu-tests 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_graph.py -k gpu_
 step batches 180 $PY -m iqa_dist bench train --backbones $BACKBONE --precisions $PREC --batch $BATCHES \
     --steps $STEPS_N "${WORK[@]}" --output "$OUT/batches.json"
 step scaling 120 $PY -m iqa_dist bench scaling --backbones $BACKBONE --precisions $PREC --batch ${BATCHES%,192} \

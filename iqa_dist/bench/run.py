@@ -18,6 +18,7 @@ import torch
 
 from ..config import Config
 from ..output import console as make_console
+from .graphs import bench_graph
 from .kernels import bench_kernels
 from .pipeline import bench_augment, bench_data
 from .scaling import INTER_GBPS, INTRA_GBPS, bench_scaling
@@ -42,6 +43,7 @@ class BenchSettings:
     global_batch: int = 96  # scaling: the global batch projected
     intra_gbps: float = INTRA_GBPS  # scaling: all-reduce bus bandwidth per GPU within a node
     inter_gbps: float = INTER_GBPS  # ... and across nodes
+    check_steps: int = 50  # graph: graphed steps compared with the same steps eager
 
     @property
     def compiles(self) -> list[bool]:
@@ -88,9 +90,16 @@ def _eval(cfg: Config, s: BenchSettings, console) -> dict:
     return {"eval": bench_eval(cfg, s.images, s.batches[0] * 2, s.compiles, s.device, s.work, max(1, s.steps // 4))}
 
 
+def _graph(cfg: Config, s: BenchSettings, console) -> dict:
+    backbone = (s.backbones or ["tiny" if s.cpu else "swin-t"])[0]
+    precision = (s.precisions or ["fp32" if s.cpu else "bf16"])[0]
+    return {"graph": bench_graph(cfg, backbone, precision, s.batches, s.images, s.steps, s.device, s.work, console,
+                                 s.check_steps)}
+
+
 # what `iqa-dist bench WHAT` measures, in the order `all` runs its share of them
 BENCHES = {"augment": _augment, "data": _data, "train": _train, "eval": _eval, "scaling": _scaling,
-           "kernels": _kernels, "predict": _predict}
+           "kernels": _kernels, "predict": _predict, "graph": _graph}
 ALL = ("augment", "data", "train", "eval")
 
 

@@ -78,6 +78,8 @@ def show(report: dict) -> None:
         show_predict(out, report["predict"], where)
     for k in report.get("kernels", []):
         show_kernels(out, k, where)
+    if "graph" in report:
+        show_graph(out, report["graph"], where)
     for e in report.get("eval", []):
         out.print(f"evaluation: {fr(e['images_per_s'])} images/s ({fmt(e['patches_per_s'])} patches/s, "
                   f"{e['test_patch_num']} patches per image, {e['backbone']} at {e['img_size']} px, {e['precision']}, "
@@ -175,6 +177,26 @@ def show_kernels(out, k: dict, where: str) -> None:
         sd = k["sync_debug"]
         out.print(f"torch.cuda.set_sync_debug_mode('error'), {sd['steps']} real steps at batch {sd['batch']}: "
                   + ("passed" if sd["passed"] else f"FAILED: {sd['error']}"), highlight=False)
+
+
+def show_graph(out, g: dict, where: str) -> None:
+    t = Table()
+    for c in ("batch", "eager", "graphed", "x eager", "eager ms (host ms)", "graphed ms (host ms)", "capture s",
+              "peak GiB eager / graphed"):
+        t.add_column(c, justify="right")
+    for r in g["rows"]:
+        t.add_row(str(r["batch"]), fr(r["eager"]), fr(r["graphed"]), fmt(r["speedup"]),
+                  f"{fmt(r['eager_step_ms'])} ({fmt(r['eager_host_ms'])})",
+                  f"{fmt(r['graphed_step_ms'])} ({fmt(r['graphed_host_ms'])})", fmt(r["capture_s"]),
+                  f"{fmt(r['eager_memory_gib'])} / {fmt(r['graphed_memory_gib'])}")
+    kind = "captured and replayed" if g["captured"] else "NOT captured (no CUDA): the graphed body run eagerly"
+    print_table(out, f"train.cuda_graph, patches/s end to end ({kind}), {g['backbone']} {g['precision']}, "
+                     f"ms per step with the host's CPU ms per step - {where}", t)
+    ch = g["check"]
+    out.print(f"equality: {ch['steps']} steps at batch {ch['batch']}, {'graphed' if ch['captured'] else 'eager'} vs "
+              f"eager from the same start: largest relative loss difference {ch['loss_max_rel']:.3g}, weights "
+              f"{ch['weights_rel']:.3g} (last loss {ch['last_loss']:.6g} vs {ch['last_loss_eager']:.6g})",
+              highlight=False)
 
 
 def warn_noisy(report: dict, console) -> None:

@@ -9,7 +9,7 @@ from .options import add_config_arguments, add_preset, config_from, positive
 
 NAME = "bench"
 # bench.run.BENCHES (imported only when a bench runs: it loads torch), then the two that are not benches
-WHAT = ("augment", "data", "train", "eval", "scaling", "kernels", "predict", "summary", "all")
+WHAT = ("augment", "data", "train", "eval", "scaling", "kernels", "predict", "graph", "summary", "all")
 USAGE = f"iqa-dist bench {{{','.join(WHAT)}}} [options] [--SECTION.FIELD=VALUE ...]"
 HELP = "measure the data pipeline, training and evaluation throughput"
 DESCRIPTION = """\
@@ -24,6 +24,7 @@ examples:
   iqa-dist bench all --batch 96 --steps 20 --workers 8 --compile
   iqa-dist bench scaling --batch 12,24,48,96,192 --global-batch 96   # projected epoch time on 1-64 GPUs
   iqa-dist bench kernels --backbones swin-t   # kernels and host syncs per step (+ the sync check on a GPU)
+  iqa-dist bench graph --batch 12,24,48,96,192   # train.cuda_graph vs eager, and 50 steps' equality
   iqa-dist bench predict --images 48 --workers 2   # predict before/after decoding in workers, side by side
   iqa-dist bench summary --work-dir runs/gpu-bench   # gpu_bench.sh's figures as one JSON and a markdown table"""
 
@@ -46,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="scaling: all-reduce bus bandwidth per GPU within a node, GB/s [360: NVLink, H100/H200]")
     p.add_argument("--inter-gbps", type=float, default=45.0,
                    help="scaling: all-reduce bus bandwidth per GPU across nodes, GB/s [45: a 400 Gb/s NIC per GPU]")
+    p.add_argument("--check-steps", type=int, default=50, help="graph: graphed steps compared with the same steps "
+                   "run eagerly [50]")
     p.add_argument("--output", default="", help="JSON file [default runs/bench-WHAT-TIME.json]")
     p.add_argument("--work-dir", default="", help="where source JPEGs and caches go [a temporary folder]")
     add_preset(p, "koniq-swin-t")
@@ -77,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise UserError(f"{option}: {unknown[0]!r} is not one of {', '.join(known)}")
     positive("--steps", args.steps)
+    positive("--check-steps", args.check_steps)
     positive("--images", args.images)
     if args.device and args.device.startswith("cuda"):
         import torch
@@ -97,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps, images=args.images, workers=args.workers, compile=args.compile,
         backbones=args.backbones.split(",") if args.backbones else [],
         precisions=args.precisions.split(",") if args.precisions else [],
-        global_batch=args.global_batch, intra_gbps=args.intra_gbps, inter_gbps=args.inter_gbps)
+        check_steps=args.check_steps, global_batch=args.global_batch, intra_gbps=args.intra_gbps, inter_gbps=args.inter_gbps)
     report = run_bench(args.what, config_from(args), settings, Path(args.output) if args.output else None)
     show(report)
     warn_noisy(report, console(stderr=True))

@@ -234,6 +234,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for training and evaluation (compiled kernels cached beside the data cache)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
     compile_backend: str = "inductor"  # torch.compile backend: inductor (fused kernels) | aot_eager (tracing only, for debugging)
+    cuda_graph: bool = False  # capture the whole training step once as a CUDA graph and replay it (one GPU, bf16 or fp32, no compile); see the README
     deterministic: bool = False  # deterministic kernels (for exact resume/parity checks; slower)
     timeout_s: int = 600  # collective timeout: a failed rank brings the others down after this long
 
@@ -244,6 +245,12 @@ class TrainConfig:
         _choice("train.grad_compression", self.grad_compression, ("none", "bf16"))
         for name in ("epochs", "batch_size", "keep_checkpoints", "log_every", "timeout_s"):
             _positive(f"train.{name}", getattr(self, name))
+        if self.cuda_graph and self.compile:
+            raise UserError("train.cuda_graph does not take train.compile: choose one (the graph already removes "
+                            "the launches)")
+        if self.cuda_graph and self.mixed_precision == "fp16":
+            raise UserError("train.cuda_graph does not take train.mixed_precision=fp16: the loss scaler updates its "
+                            "scale on the host; use bf16")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"train.ema_decay={self.ema_decay}: must lie in [0, 1)")
         for name in ("max_steps", "micro_batch_size", "eval_batch_size", "patience", "eval_every", "checkpoint_every"):

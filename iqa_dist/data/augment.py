@@ -213,9 +213,17 @@ class Augmenter:
 
     def upload(self, offsets: Tensor, widths: Tensor, y0: Tensor, x0: Tensor, params: AugmentParams | None,
                scores: Tensor, device: torch.device) -> Tensor:
-        """A micro-batch's per-sample numbers, packed (B, W) float64 and copied to `device` in one
-        non-blocking transfer from pinned memory: offset, width, y0, x0, flip, score, then (when
-        training with jitter) its `jitter_table`. (float64 holds byte offsets exactly below 2^53.)"""
+        """A micro-batch's `pack`, copied to `device` in one non-blocking transfer from pinned memory."""
+        packed = self.pack(offsets, widths, y0, x0, params, scores)
+        if device.type == "cuda":
+            packed = packed.pin_memory()
+        return packed.to(device, non_blocking=True)
+
+    def pack(self, offsets: Tensor, widths: Tensor, y0: Tensor, x0: Tensor, params: AugmentParams | None,
+             scores: Tensor) -> Tensor:
+        """A micro-batch's per-sample numbers, packed (B, W) float64 on the host: offset, width, y0,
+        x0, flip, score, then (when training with jitter) its `jitter_table`. (float64 holds byte
+        offsets exactly below 2^53.)"""
         n = len(offsets)
         flip = torch.zeros(n) if params is None else params.flip
         packed = torch.stack([c.double() for c in (offsets, widths, y0, x0, flip, scores)], 1)
@@ -223,9 +231,7 @@ class Augmenter:
             factors = torch.stack([torch.ones(n) if f is None else f
                                    for f in (params.brightness, params.contrast, params.saturation)], 1)
             packed = torch.cat([packed, jitter_table(factors, params.hue, params.order)], 1)
-        if device.type == "cuda":
-            packed = packed.pin_memory()
-        return packed.to(device, non_blocking=True)
+        return packed
 
     def to(self, device: torch.device | str) -> "Augmenter":
         """Moves the constants to the device the pixels live on (once, at set-up)."""

@@ -50,6 +50,53 @@ class NoiseSource:
         return torch.rand((n, self.width), generator=self.generator, device=device)
 
 
+MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32): in 16-bit halves, so no product leaves int64
+    (a signed overflow would be undefined behaviour in the kernels)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of 32-bit words with full avalanche (Wellons' lowbias32), on int64 tensors in
+    [0, 2^32): shifts, xors and products only, so every device computes the same bits."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mix32_int(x: int) -> int:
+    return int(mix32(torch.tensor(x & MASK32, dtype=torch.int64)))
+
+
+class KeyedNoise:
+    """The regularisers' uniforms as a counter-based hash, for a step with no host number in it
+    (train.cuda_graph): u[i, j] of step s = mix32(base[i, j] ^ mix32(s ^ k)), where base hashes
+    (seed, sample i of the global batch, column j) once at set-up and s is read from a device
+    tensor, so a replayed graph draws new uniforms every step. Integer ops on the device: the same
+    bits on a CPU and a GPU, for any number of processes or micro-batches (rows are global sample
+    indices), resumed or not. Top 24 bits -> float32 in [0, 1 - 2^-24]. Another stream than
+    NoiseSource's generator: the same distribution, not the same numbers."""
+
+    def __init__(self, seed: int, width: int, batch: int, device: torch.device) -> None:
+        self.width = width
+        k_seed = _mix32_int(seed ^ _mix32_int(seed >> 32))
+        self.k_step = _mix32_int(k_seed ^ 0x9E3779B9)  # a second key for the step word
+        counter = torch.arange(batch * max(width, 1), dtype=torch.int64, device=device).view(batch, -1)
+        self.base = mix32(counter ^ k_seed)  # (B, width) int64, made once
+
+    def draw(self, step: torch.Tensor) -> torch.Tensor | None:
+        """(B, width) float32 uniforms of the step in `step` (a 0-d int64 device tensor)."""
+        if not self.width:
+            return None
+        h = mix32(self.base ^ mix32((step & MASK32) ^ self.k_step))
+        return (h >> 8).float().mul_(2.0 ** -24)
+
+
 @dataclass(kw_only=True)
 class Batches:
     """The global batches of a plan (BatchPlan or JointPlan), as this process's share of each:
@@ -64,28 +111,38 @@ class Batches:
     rank_weight: float = 0.0  # > 0: every process also gets the global batch's targets and datasets
     noise: NoiseSource | None = None
 
+    def numbers(self, step: int) -> tuple[list[tuple[int, torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+        """The host half of `get`: per micro-batch (offset in the global batch, pixels on the device,
+        its `Augmenter.pack`), and with the ranking term the global batch's targets and datasets;
+        host memory only (the pixels of a device-resident store are its one buffer)."""
+        store, augmenter = self.store, self.augmenter
+        rows, k = self.plan.batch(step)
+        params = augmenter.draw(len(rows), step)  # drawn for the whole global batch on every process
+        targets = store.training_targets()
+        micro = []
+        for sl in self.shares.slices():
+            r = rows[sl]
+            pixels, offsets, widths = store.gather(r, self.device)
+            if k is None:  # fresh random crops inside each image
+                y0, x0 = augmenter.crop_origin(params[sl], store.heights[r], store.widths[r])
+            else:  # patch k of each cached strip
+                y0, x0 = k[sl] * augmenter.size, torch.zeros(len(r), dtype=torch.long)
+            micro.append((sl.start, pixels, augmenter.pack(offsets, widths, y0, x0, params[sl], targets[r])))
+        every = []
+        if self.rank_weight > 0:
+            groups = store.dataset[rows] if store.dataset is not None else torch.zeros(len(rows), dtype=torch.long)
+            every = [targets[rows], groups]
+        return micro, every
+
     def get(self, step: int) -> Batch:
         """This process's share of global batch `step`."""
-        store, augmenter, device = self.store, self.augmenter, self.device
+        augmenter, device = self.augmenter, self.device
         with part("host"):  # the plan, the draws, the crop origins and the packing: host memory only
-            rows, k = self.plan.batch(step)
-            params = augmenter.draw(len(rows), step)  # drawn for the whole global batch on every process
-            targets = store.training_targets()
-            uploads = []
-            for sl in self.shares.slices():
-                r = rows[sl]
-                pixels, offsets, widths = store.gather(r, device)
-                if k is None:  # fresh random crops inside each image
-                    y0, x0 = augmenter.crop_origin(params[sl], store.heights[r], store.widths[r])
-                else:  # patch k of each cached strip
-                    y0, x0 = k[sl] * augmenter.size, torch.zeros(len(r), dtype=torch.long)
-                uploads.append((sl.start, pixels, augmenter.upload(offsets, widths, y0, x0, params[sl], targets[r],
-                                                                   device)))
-            if self.rank_weight > 0:
-                groups = store.dataset[rows] if store.dataset is not None else torch.zeros(len(rows), dtype=torch.long)
-                every = [_upload(t, device) for t in (targets[rows], groups)]
+            micro_numbers, every = self.numbers(step)
+            uploads = [(start, pixels, _upload(packed, device)) for start, pixels, packed in micro_numbers]
+            every = [_upload(t, device) for t in every]
         with part("noise"):
-            u = self.noise.draw(step, len(rows), device) if self.noise is not None else None
+            u = self.noise.draw(step, self.shares.batch_size, device) if self.noise is not None else None
         micro = []
         with part("augment"):
             for start, pixels, packed in uploads:

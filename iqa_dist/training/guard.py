@@ -99,6 +99,54 @@ class StepGuard:
                 self.ema.applied()
 
 
+class LatchedGuard(StepGuard):
+    """The guard of a step captured in a CUDA graph (train.cuda_graph, one process, no loss scaler):
+    `check` runs inside the graph, so it makes no host call. The flag LATCHES on the device:
+    [any step bad, the first bad step, its loss was non-finite], so once a step is bad the fused
+    kernel skips every later update and the weights, moments and EMA stay from before it, whenever
+    the host reads. The graph copies the latch to one pinned host buffer; after each replay the
+    host records an event, reads the previous step's latch (`replayed`: that step is done), and
+    raises BadStep naming the first bad step. The schedule is the host's (stepped after every
+    replay: with the latch, no applied step follows a bad one), and the EMA is updated inside the
+    step (WeightEMA in_step), so the guard only counts."""
+
+    def __init__(self, acc: Accelerator, optimizer: torch.optim.Optimizer, preempt: "PreemptionFlag",
+                 ema: WeightEMA | None, step: torch.Tensor) -> None:
+        super().__init__(acc, optimizer, preempt, scheduler=None, ema=ema)
+        self.step_number = step  # 0-d float64 on the device: the step being run (written before each replay)
+        self.latch = torch.zeros(3, dtype=torch.float64, device=acc.device)
+        self.host = torch.zeros(3, dtype=torch.float64, pin_memory=acc.device.type == "cuda")
+        self.host_values = self.host.numpy()
+
+    def check(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        bad = torch.nan_to_num((loss + norm.to(loss.dtype)) * 0.0, nan=1.0).double()  # 0 finite, 1 not
+        first = bad * (1.0 - self.latch[0])  # 1 at the first bad step only
+        news = torch.stack([bad, self.step_number, torch.nan_to_num(loss * 0.0, nan=1.0).double()])
+        self.latch[0].copy_(torch.maximum(self.latch[0], bad))
+        self.latch[1:].lerp_(news[1:], first)  # the first bad step's number and cause, kept after it
+        flag = self.latch[0].float()
+        self.inner.found_inf = flag  # the fused kernel skips the update while the latch is set
+        self.host.copy_(self.latch, non_blocking=True)
+        return flag
+
+    def replayed(self, step: int) -> None:
+        """After step `step`'s replay: read the step before it (done by now: the host stays at most
+        one step ahead of the device), then leave this one pending."""
+        self.flush()
+        event = None
+        if self.latch.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self.pending = (step, self.latch, self.latch, event)
+
+    def _read(self, step: int, flags, loss: torch.Tensor) -> None:
+        self.preempted = self.preempted or self.preempt.requested()
+        if flags[0]:
+            raise BadStep(int(flags[1]), "loss" if flags[2] else "gradient")
+        if self.ema is not None:
+            self.ema.applied()
+
+
 class BadStep(Exception):
     def __init__(self, step: int, what: str) -> None:
         super().__init__(f"non-finite {what} at step {step}")

@@ -38,6 +38,7 @@ from ..models.weights import provenance
 from ..output import console_for
 from ..scoring.metrics import METRIC_KEYS
 from .batches import Batches, NoiseSource
+from .graph import GraphedStep, refusal
 from .display import Display
 from .guard import BadStep
 from .optim import allreduce_bytes, group_sizes
@@ -79,6 +80,7 @@ class Run:
     eval_every: int  # optimizer steps between evaluations
     checkpoint_every: int
     counts: dict[str, int]  # parameters: backbone, hyper, total
+    graphed: GraphedStep | None = None  # train.cuda_graph: the step as one replayed CUDA graph
     window: tuple[float, int] = (0.0, 0)  # (time, step) at which the current evaluation window began
 
 
@@ -90,7 +92,10 @@ def train(cfg: Config, resume: str = "", extend: bool = False) -> Path:
         begin(r)
         try:
             while state.step < r.total_steps and not state.stopped_early:
-                t.step(r.batches.get(state.step))
+                if r.graphed is not None:
+                    r.graphed.step()
+                else:
+                    t.step(r.batches.get(state.step))
                 r.display.step(state.step)
                 if r.display.wants_line(state.step):
                     progress_line(r)
@@ -128,6 +133,8 @@ def start(cfg: Config, resume: str = "", extend: bool = False) -> Run:
 
 def build(cfg: Config, acc: Accelerator, target: Target, preempt: PreemptionFlag, console) -> Run:
     """start's second half: the model and its weights, the data, the trainer, the run directory."""
+    if cfg.train.cuda_graph and (why := refusal(processes=acc.num_processes, device=acc.device)):
+        raise UserError(why)  # before anything is built
     set_seed(cfg.train.seed)  # identical initial weights on every process
     model = build_model(cfg.model)  # before the data: a missing weight file fails in seconds
     data = load_data(cfg, acc, console)
@@ -148,10 +155,12 @@ def build(cfg: Config, acc: Accelerator, target: Target, preempt: PreemptionFlag
                       legacy_data=data.legacy_fingerprint())
     batches = Batches(store=data.train, plan=data.plan, augmenter=augmenter, shares=shares, device=acc.device,
                       rank_weight=cfg.optim.rank_weight, noise=NoiseSource(cfg.train.seed, model.noise_width, acc.device))
+    graphed = GraphedStep(trainer, batches, cfg.train.seed, capture=True) if cfg.train.cuda_graph else None
     selection = Selection(cfg=cfg, acc=acc, trainer=trainer, data=data, card=card, augmenter=augmenter, run=run,
                           batch=cfg.train.eval_batch_size or 2 * math.ceil(shares.per_process / shares.accum),
                           console=console)
-    return Run(cfg=cfg, acc=acc, trainer=trainer, batches=batches, data=data, selection=selection, dir=run,
+    return Run(cfg=cfg, acc=acc, trainer=trainer, batches=batches, graphed=graphed, data=data, selection=selection,
+               dir=run,
                target=target, display=Display(console, total_steps, steps_per_epoch, cfg.train.log_every),
                total_steps=total_steps, eval_every=eval_every,
                checkpoint_every=cfg.train.checkpoint_every or eval_every, counts=parameter_counts(model))

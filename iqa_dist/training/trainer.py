@@ -76,7 +76,7 @@ def train_step(t: "Trainer", batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     with part("optimizer"):
         t.optimizer.step()
         t.optimizer.zero_grad(set_to_none=True)
-    if t.teacher is not None:  # the teacher of the next step: this update averaged in now, on the device
+    if t.ema is not None and t.ema.in_step:  # the next step's teacher (or a graphed step's EMA): averaged in now
         with part("ema"):
             t.ema.update(skipped)
     return total, norm
@@ -211,7 +211,7 @@ class Trainer:
         self.settled = self.state.step
 
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return float(self.scheduler.get_last_lr()[0])  # a device tensor under train.cuda_graph: read at log points
 
     def _rewind(self, bad: BadStep) -> None:
         """The counters back to before the bad step (none of its update was applied)."""

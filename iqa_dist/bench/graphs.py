@@ -1,0 +1,111 @@
+"""`iqa-dist bench graph`: train.cuda_graph against the eager step, side by side in one process.
+
+Per batch: the real step end to end eager (`Batches.get` + `Trainer.step`) and graphed
+(`training.graph.GraphedStep`: captured once after warm-up, replayed), each with the host's CPU
+milliseconds per step beside the wall milliseconds per step (a launch-bound step costs the host
+as long as the device; a graphed one should cost the host almost nothing), the capture's time and
+peak memory. Then the equality check: `check_steps` graphed steps against the same body run eagerly
+from the same start (same weights, numbers and keyed noise), losses per step and weights after.
+Without CUDA the graphed figure is the same body run eagerly (nothing is captured): only the
+equality check's eager side means something there.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from ..config import Config, load_config
+from ..data.cache import prepare
+from ..training.graph import GraphedStep
+from .inputs import BACKBONES, recipe_options, source_images
+from .rig import StepRig
+from .timing import measure
+
+
+def bench_graph(cfg: Config, backbone: str, precision: str, batches: list[int], n_images: int, steps: int,
+                device: torch.device, work: Path, console: Console, check_steps: int = 50) -> dict:
+    name, kwargs, size = BACKBONES[backbone]
+    root = source_images(work / "koniq", n_images)
+    c = load_config("koniq-swin-t", [f"data.root={root}", "data.split=random", f"model.img_size={size}",
+                                     f"data.cache_dir={work / 'cache'}", f"model.backbone={name}", "model.pretrained=none",
+                                     *recipe_options(cfg)])
+    c = replace(c, model=replace(c.model, backbone_kwargs=kwargs))
+    store = prepare(c, Console(quiet=True)).image_store("train").to(device)
+    rows = []
+    for batch in batches:
+        console.print(f"graph: {backbone} {precision} batch {batch}", highlight=False)
+        rows.append({"batch": batch, **_rates(c, store, precision, batch, steps, device)})
+    console.print(f"graph: {check_steps} graphed steps against the same steps eager, batch {batches[0]}",
+                  highlight=False)
+    check = equality(c, store, precision, batches[0], check_steps, device)
+    return {"backbone": backbone, "precision": precision, "captured": device.type == "cuda", "rows": rows,
+            "check": check}
+
+
+def _host_ms(fn, steps: int) -> float:
+    """CPU milliseconds this process spends per call of fn (all its threads)."""
+    t0 = time.process_time()
+    for _ in range(steps):
+        fn()
+    return 1000 * (time.process_time() - t0) / steps
+
+
+def _rates(c: Config, store, precision: str, batch: int, steps: int, device: torch.device) -> dict:
+    out = {}
+    for mode in ("eager", "graphed"):
+        rig = StepRig.build(c, store, precision, batch, device)
+        if mode == "graphed":
+            g = GraphedStep(rig.trainer, rig.batches, 0, capture=device.type == "cuda")
+            fn = g.step
+            t0 = time.perf_counter()
+            for _ in range(g.warmup + 1):  # warm-up steps, the capture, the first replay
+                fn()
+            _sync(device)
+            out["capture_s"] = time.perf_counter() - t0
+        else:
+            fn = rig.end_to_end
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        rate = measure(fn, batch, steps, device)
+        host = _host_ms(fn, steps)
+        _sync(device)
+        rig.trainer.settle()
+        out[mode] = rate
+        out[f"{mode}_step_ms"] = 1000 * batch / rate
+        out[f"{mode}_host_ms"] = host
+        out[f"{mode}_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    out["speedup"] = out["graphed"] / out["eager"]
+    return out
+
+
+def equality(c: Config, store, precision: str, batch: int, steps: int, device: torch.device) -> dict:
+    """`steps` steps captured and replayed (on CUDA) against the same steps run eagerly, from the
+    same start: the largest relative difference of a step's loss, and of the weights after."""
+    runs = []
+    for capture in (device.type == "cuda", False):
+        rig = StepRig.build(c, store, precision, batch, device)
+        g = GraphedStep(rig.trainer, rig.batches, 0, capture=capture)
+        losses = []
+        for _ in range(steps):
+            g.step()
+            losses.append(rig.trainer.state.loss.pending.clone())  # the running sum: no host read
+        rig.trainer.settle()
+        sums = torch.stack(losses).double().cpu()
+        weights = torch.cat([p.detach().double().flatten() for p in rig.trainer.bare.parameters()]).cpu()
+        runs.append((torch.diff(sums, prepend=torch.zeros(1)), weights))
+    (la, wa), (lb, wb) = runs
+    loss_rel = ((la - lb).abs() / lb.abs().clamp(min=1e-12)).max().item()
+    weight_rel = ((wa - wb).norm() / wb.norm()).item()
+    return {"steps": steps, "batch": batch, "captured": device.type == "cuda", "loss_max_rel": loss_rel,
+            "weights_rel": weight_rel, "first_losses": la[:3].tolist(), "last_loss": la[-1].item(),
+            "last_loss_eager": lb[-1].item()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

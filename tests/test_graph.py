@@ -1,0 +1,223 @@
+"""train.cuda_graph, proven on the CPU where it can be: the keyed uniforms (uniform, the same for any
+batch split, a function of the step in device memory), the graphed body ready for capture (the same
+buffers every step, no host number in a kernel, no host allocation, no sync), the same training as
+the eager step, the latched guard, the refusals. The capture and replay themselves need CUDA: the
+tests at the end skip without it (launch/gpu_bench.sh runs them)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from iqa_dist.bench.audit import StepAudit, capture_blockers
+from iqa_dist.bench.graphs import equality
+from iqa_dist.bench.rig import StepRig
+from iqa_dist.config import load_config
+from iqa_dist.errors import UserError
+from iqa_dist.training.batches import KeyedNoise, mix32
+from iqa_dist.training.graph import GraphedStep, refusal
+from iqa_dist.training.guard import BadStep
+
+from .conftest import TINY_SWIN_KWARGS as TINY_SWIN
+from .conftest import cli
+from .test_audit import store, tiny_recipe
+
+CPU = torch.device("cpu")
+QUIET = ["model.dropout=0", "model.drop_path=0"]  # no regulariser: the eager and graphed noise streams differ
+
+
+# ---------------------------------------------------------------- the keyed uniforms
+
+
+def test_mix32_is_lowbias32_without_leaving_int64():
+    """Against the reference in Python's unbounded integers, at the edges of the 32-bit range."""
+    def ref(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    xs = [0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1, 0xDEADBEEF]
+    assert mix32(torch.tensor(xs, dtype=torch.int64)).tolist() == [ref(x) for x in xs]
+
+
+def test_keyed_noise_is_uniform_and_keyed_by_seed_step_sample_column():
+    noise = KeyedNoise(seed=7, width=16, batch=96, device=CPU)
+    u = torch.stack([noise.draw(torch.tensor(s)) for s in range(60)])  # (60, 96, 16): 92,160 numbers
+    assert u.dtype == torch.float32 and u.min() >= 0 and u.max() < 1
+    flat = np.sort(u.flatten().double().numpy())
+    ks = np.max(np.abs(flat - (np.arange(1, flat.size + 1) / flat.size)))
+    assert ks < 0.01, ks  # 1.63 / sqrt(n) = 0.0054 is the 1% critical value
+    counts = np.histogram(flat, bins=20, range=(0, 1))[0]
+    chi2 = ((counts - flat.size / 20) ** 2 / (flat.size / 20)).sum()
+    assert chi2 < 43.8, chi2  # 19 degrees of freedom, 0.1% critical value
+    assert abs(np.corrcoef(u[:-1].flatten(), u[1:].flatten())[0, 1]) < 0.02  # step s vs step s + 1
+    assert abs(np.corrcoef(u[:, :-1].flatten(), u[:, 1:].flatten())[0, 1]) < 0.02  # sample i vs i + 1
+    # a function of (seed, step, sample, column) alone: a resumed run, a smaller global batch (its rows
+    # are the first samples), or any split over processes and micro-batches reads the same numbers
+    assert torch.equal(KeyedNoise(7, 16, 40, CPU).draw(torch.tensor(5)), u[5, :40])
+    assert not torch.equal(KeyedNoise(8, 16, 96, CPU).draw(torch.tensor(5)), u[5])
+    assert KeyedNoise(7, 0, 96, CPU).draw(torch.tensor(5)) is None
+
+
+def test_keyed_noise_rows_are_the_same_for_every_split_of_the_batch():
+    """The graphed body slices the global matrix by each micro-batch's offset: with 1, 2 or 3
+    micro-batches (or processes, which take chunks the same way) sample i gets row i."""
+    cfg = tiny_recipe()
+    full = None
+    for micro in (0, 3, 2):
+        rig = StepRig.build(load_config("koniq-swin-t", [*_tiny(), f"train.micro_batch_size={micro}"]), store(), "fp32",
+                            6, CPU)
+        g = GraphedStep(rig.trainer, rig.batches, 0, capture=False)
+        g.write(4)
+        u = g.noise.draw(g.step_number.long())
+        rows = torch.cat([u[start:start + len(packed)] for start, _, packed in g.inputs])
+        full = rows if full is None else full
+        assert torch.equal(rows, full) and len(g.inputs) == max(1, 6 // micro if micro else 1)
+    assert cfg.model.dropout > 0  # the recipe's regularisers read these rows
+
+
+def _tiny(*extra: str) -> list[str]:
+    return ["model.pretrained=none", f"model.backbone_kwargs={json.dumps(TINY_SWIN)}", "model.img_size=112",
+            "train.ema_decay=0.9", *extra]
+
+
+# ---------------------------------------------------------------- capture readiness of the graphed body
+
+
+def test_the_graphed_body_is_ready_for_capture():
+    """Traced over 3 steps, the body a graph would hold (augmentation, keyed noise, forward, loss,
+    backward, clipping, the latched guard and its download, the fused update with its device
+    learning rate, the EMA): no blocker of the eager step's 4 is left, no host sync, and its inputs
+    are the same buffers every step."""
+    rig = StepRig.build(tiny_recipe(), store(), "fp32", 4, CPU)
+    g = GraphedStep(rig.trainer, rig.batches, 0, capture=False)
+    g.step()  # the optimizer's state exists (as after the warm-up)
+    inputs = {g.numbers.data_ptr(), *(pixels.data_ptr() for _, pixels, _ in g.inputs)}
+    device = [*rig.device_tensors(), g.numbers, *(packed for _, _, packed in g.inputs), g.step_number, *g.every,
+              g.noise.base, rig.trainer.guard.latch, *(grp["lr"] for grp in rig.trainer.optimizer.param_groups)]
+    audit = StepAudit(device, trace=True)
+    for s in range(1, 4):
+        g.write(s)
+        with audit:
+            audit.next_step()
+            loss, norm = g.body()
+        g.finish(s, loss, norm)
+        assert {g.numbers.data_ptr(), *(pixels.data_ptr() for _, pixels, _ in g.inputs)} == inputs
+    assert capture_blockers(audit.steps_traced) == []
+    report = audit.report(3)
+    assert report.syncs == [], report.syncs
+    assert report.kernels["optimizer"] > 0 and report.kernels["noise"] > 0 and report.kernels["ema"] > 0
+    assert rig.trainer.state.step == 4
+
+
+# ---------------------------------------------------------------- the same training
+
+
+def test_the_graphed_step_trains_what_the_eager_step_trains():
+    """Regularisers off (the two noise streams differ by design): the same losses step by step and
+    the same weights to the bit; the EMA, updated inside the step, to float rounding; the same
+    schedule."""
+    shared = store()
+
+    def run(graphed: bool):
+        rig = StepRig.build(tiny_recipe(*QUIET), copy.deepcopy(shared), "fp32", 4, CPU)
+        g = GraphedStep(rig.trainer, rig.batches, 0, capture=False) if graphed else None
+        losses = []
+        for _ in range(4):
+            g.step() if g else rig.trainer.step(rig.batches.get(rig.trainer.state.step))
+            rig.trainer.settle()
+            losses.append(rig.trainer.state.loss.total)
+        return rig, losses
+
+    (a, la), (b, lb) = run(False), run(True)
+    assert la == lb
+    for p, q in zip(a.trainer.bare.parameters(), b.trainer.bare.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(a.trainer.ema.model.parameters(), b.trainer.ema.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    assert a.trainer.lr() == b.trainer.lr() and a.trainer.ema.updates == b.trainer.ema.updates == 4
+
+
+def test_the_equality_check_of_bench_graph_on_the_cpu():
+    cfg = tiny_recipe()
+    out = equality(cfg, store(), "fp32", 4, 3, CPU)
+    assert out["loss_max_rel"] == 0 and out["weights_rel"] == 0 and not out["captured"]
+    assert math.isfinite(out["last_loss"])
+
+
+def test_a_bad_step_latches_and_names_the_first_bad_step():
+    """A non-finite loss at step 2: the step after it may run before the host reads step 2's flag,
+    but the latch skips its update too, so the weights are those after step 1 and BadStep names 2."""
+    rig = StepRig.build(tiny_recipe(*QUIET), store(), "fp32", 4, CPU)
+    g = GraphedStep(rig.trainer, rig.batches, 0, capture=False)
+    forward = rig.trainer.forward
+    rig.trainer.forward = lambda x, noise: forward(x, noise) * (math.nan if g.step_number.item() == 2 else 1.0)
+    g.step()
+    g.step()
+    after_1 = [p.detach().clone() for p in rig.trainer.bare.parameters()]
+    with pytest.raises(BadStep) as bad:  # read after step 2 or 3: the host buffer holds the latest latch
+        for _ in range(2):
+            g.step()
+    assert bad.value.step == 2 and bad.value.what == "loss" and rig.trainer.state.step == 2
+    for p, q in zip(rig.trainer.bare.parameters(), after_1):
+        assert torch.equal(p, q)
+
+
+# ---------------------------------------------------------------- what it refuses
+
+
+def test_train_cuda_graph_refuses_what_it_cannot_graph():
+    with pytest.raises(UserError, match="does not take train.compile"):
+        load_config("koniq-swin-t", ["train.cuda_graph=true", "train.compile=true"])
+    with pytest.raises(UserError, match="fp16: the loss scaler"):
+        load_config("koniq-swin-t", ["train.cuda_graph=true", "train.mixed_precision=fp16"])
+    assert "needs a CUDA device (this run is on cpu)" in refusal(processes=1, device=CPU)
+    assert "one process for now" in refusal(processes=2, device=torch.device("cuda"))
+    assert refusal(processes=1, device=torch.device("cuda")) == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="about a machine without CUDA")
+def test_train_cuda_graph_on_a_cpu_fails_in_one_line(tmp_path):
+    code, _, err = cli("train", "--preset", "demo", "--train.cuda_graph", "true", f"--run.root={tmp_path}")
+    assert code != 0 and "Traceback" not in err
+    assert "train.cuda_graph needs a CUDA device (this run is on cpu)" in err
+    assert not any(tmp_path.iterdir())  # refused before anything was built or written
+
+
+# ---------------------------------------------------------------- on a GPU only
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+@cuda
+def test_gpu_graphed_steps_equal_eager_steps():
+    """50 steps captured once and replayed against the same 50 steps eager, from the same start."""
+    out = equality(tiny_recipe(), store().to(torch.device("cuda")), "bf16", 8, 50, torch.device("cuda"))
+    assert out["captured"] and out["loss_max_rel"] < 1e-5 and out["weights_rel"] < 1e-5, out
+
+
+@cuda
+def test_gpu_graph_replays_one_launch_per_step():
+    """After the capture the host launches the copy of the numbers, one replay, the schedule's and
+    loss window's few kernels: the profiler counts the launches of 5 steady steps."""
+    device = torch.device("cuda")
+    rig = StepRig.build(tiny_recipe(), store().to(device), "bf16", 8, device)
+    g = GraphedStep(rig.trainer, rig.batches, 0, capture=True)
+    for _ in range(g.warmup + 2):
+        g.step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            g.step()
+        torch.cuda.synchronize()
+    launches = [e for e in prof.events() if e.name in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel")]
+    replays = [e for e in prof.events() if e.name == "cudaGraphLaunch"]
+    assert len(replays) == 5 and len(launches) <= 5 * 12, (len(replays), len(launches))
