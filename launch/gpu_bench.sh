@@ -1,6 +1,6 @@
 #!/bin/bash
 # The GPU figures of BENCHMARKS.md, in one bounded script: run it first whenever a GPU is lent.
-#   launch/gpu_bench.sh [OUT_DIR]                 # default runs/gpu-bench; ~6-7 min on one H100
+#   launch/gpu_bench.sh [OUT_DIR]                 # default runs/gpu-bench; at most DEADLINE (8 min)
 #   SMOKE=1 launch/gpu_bench.sh /tmp/smoke       # tiny settings on the CPU: checks the script itself
 #   STEPS="kernels real-eager" DEADLINE=300 launch/gpu_bench.sh OUT   # some steps, a total budget
 # Every step runs under `timeout`, and no step starts with less than 30 s of DEADLINE (seconds,
@@ -8,12 +8,16 @@
 #   graph          `bench graph`: train.cuda_graph (the step captured once, replayed) vs eager at batch
 #                  12..192, host and wall ms per step, capture time, peak memory; 50 graphed steps'
 #                  losses and weights against the same steps eager
-#   gpu-tests      the tests that skip without CUDA (tests/test_graph.py: capture, replay, equality)
-#   real-graphed   `iqa-dist train` as real-eager, with train.cuda_graph
 #   kernels        the kernel budget (device kernels and syncs per step: real step, model only,
-#                  timm anchor) and 20 real steps at batch 96 under set_sync_debug_mode("error")
+#                  timm anchor, the graphed body) and 20 real steps at batch 96 under
+#                  set_sync_debug_mode("error")
 #   real-eager     `iqa-dist train`, koniq-swin-t, batch 96, 300 steps: patches/s from metrics.jsonl
-#   real-compiled  the same with train.compile (one cold compile; the second window is steady state)
+#   real-graphed   the same with train.cuda_graph
+#   gpu-tests      the tests that skip without CUDA (tests/test_graph.py: capture, replay, equality)
+#   profile        `bench profile --compile`: torch.profiler over 5 steady steps at batch 96, eager,
+#                  compiled and graphed: host and device ms per part, device idle per step; dynamo's
+#                  counters, and TORCH_LOGS=recompiles,graph_breaks,cudagraphs in its log
+#   real-compiled  the real loop with train.compile (one cold compile; the second window is steady state)
 #   batches        `bench train` at batch 12..192: end to end, model only, anchor, MFU, peak memory
 #   scaling        `bench scaling`: the step per per-process batch and the projection to 1-64 GPUs
 #   eval           `bench eval`: evaluation images/s at 20 patches per image
@@ -24,7 +28,7 @@
 set -u
 OUT=${1:-runs/gpu-bench}
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-graph kernels real-eager real-graphed real-compiled gpu-tests batches scaling eval predict}
+STEPS=${STEPS:-graph kernels real-eager real-graphed gpu-tests profile real-compiled batches scaling eval predict}
 DEADLINE=${DEADLINE:-480}
 mkdir -p "$OUT"
 export COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -63,9 +67,11 @@ step kernels 150 $PY -m iqa_dist bench kernels --backbones swin-t --batch $SYNC_
 step real-eager 150 $PY -m iqa_dist train "${LOOP_ARGS[@]}" --run.root "$OUT/runs-eager" "${TINY[@]}"
 step real-graphed 150 $PY -m iqa_dist train "${LOOP_ARGS[@]}" --train.cuda_graph true --run.root "$OUT/runs-graphed" \
     "${TINY[@]}"
+step gpu-tests 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_graph.py -k gpu_
+step profile 240 env TORCH_LOGS=recompiles,graph_breaks,cudagraphs $PY -m iqa_dist bench profile --backbones $BACKBONE \
+    --precisions $PREC --batch $BATCH --steps 5 --compile "${WORK[@]}" --output "$OUT/profile.json"
 step real-compiled 330 $PY -m iqa_dist train "${LOOP_ARGS[@]}" --train.compile true --run.root "$OUT/runs-compiled" \
     "${TINY[@]}"
-step gpu-tests 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_graph.py -k gpu_
 step batches 180 $PY -m iqa_dist bench train --backbones $BACKBONE --precisions $PREC --batch $BATCHES \
     --steps $STEPS_N "${WORK[@]}" --output "$OUT/batches.json"
 step scaling 120 $PY -m iqa_dist bench scaling --backbones $BACKBONE --precisions $PREC --batch ${BATCHES%,192} \

@@ -226,6 +226,9 @@ def test_the_kernel_budget_of_the_koniq_swin_t_step():
     assert "[optimizer]" in blockers and "_fused_adamw_: takes a host number that changes every step" in blockers
     assert "[noise]" in blockers and "rand: draws from a generator seeded on the host every step" in blockers
     assert "Tensor.to: each upload makes a new device tensor" in blockers
+    # ... and the body train.cuda_graph captures has none of them, and no sync
+    assert out["G"]["capture"]["blockers"] == [] and out["G"]["syncs"] == 0, out["G"]["capture"]
+    assert out["G"]["parts"]["augment"] == out["A"]["parts"]["augment"]
 
 
 # ---------------------------------------------------------------- capture readiness (for CUDA graphs)

@@ -100,8 +100,7 @@ def test_the_graphed_body_is_ready_for_capture():
     g = GraphedStep(rig.trainer, rig.batches, 0, capture=False)
     g.step()  # the optimizer's state exists (as after the warm-up)
     inputs = {g.numbers.data_ptr(), *(pixels.data_ptr() for _, pixels, _ in g.inputs)}
-    device = [*rig.device_tensors(), g.numbers, *(packed for _, _, packed in g.inputs), g.step_number, *g.every,
-              g.noise.base, rig.trainer.guard.latch, *(grp["lr"] for grp in rig.trainer.optimizer.param_groups)]
+    device = [*rig.device_tensors(), *g.static_tensors()]
     audit = StepAudit(device, trace=True)
     for s in range(1, 4):
         g.write(s)
@@ -166,6 +165,7 @@ def test_a_bad_step_latches_and_names_the_first_bad_step():
         for _ in range(2):
             g.step()
     assert bad.value.step == 2 and bad.value.what == "loss" and rig.trainer.state.step == 2
+    assert rig.trainer.scheduler.scheduler.last_epoch == 2  # stepped for the 2 applied steps, as eager
     for p, q in zip(rig.trainer.bare.parameters(), after_1):
         assert torch.equal(p, q)
 
@@ -221,3 +221,18 @@ def test_gpu_graph_replays_one_launch_per_step():
     launches = [e for e in prof.events() if e.name in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel")]
     replays = [e for e in prof.events() if e.name == "cudaGraphLaunch"]
     assert len(replays) == 5 and len(launches) <= 5 * 12, (len(replays), len(launches))
+
+
+# ---------------------------------------------------------------- bench profile (the table the GPU run reads)
+
+
+def test_bench_profile_reduces_a_trace_to_parts(tmp_path):
+    from iqa_dist.bench.profile import bench_profile
+    from rich.console import Console
+
+    cfg = load_config("koniq-swin-t", _tiny())
+    [row] = bench_profile(cfg, "tiny", "fp32", 4, [False], 8, 2, CPU, tmp_path, Console(quiet=True))
+    assert row["mode"] == "eager" and row["steps"] == 2 and row["device_idle_ms"] is None
+    assert {"host", "augment", "forward", "backward", "optimizer", "guard"} <= set(row["parts"])
+    assert all(p["host_ms"] > 0 for p in row["parts"].values())
+    assert row["parts"]["forward"]["host_ms"] < row["wall_ms"] and (tmp_path / "profile-tiny-eager.json").is_file()

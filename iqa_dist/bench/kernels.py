@@ -15,7 +15,8 @@ forward is counted as its own part and left out of B/C, and the EMA, updated ins
 5 kernels. With train.compile the augmentation becomes inductor's few
 fused kernels: `step_budget` on a compiling config counts the step eager (inductor's kernels are
 opaque to the dispatcher) and reports how many kernels inductor generates for the augmentation.
-A is also traced for capture readiness: what one CUDA graph of the step would freeze.
+A is also traced for capture readiness: what one CUDA graph of the step would freeze; and G, the
+body that train.cuda_graph captures, is counted and traced the same way (it must have no blocker).
 """
 
 from __future__ import annotations
@@ -104,6 +105,31 @@ def capture_readiness(run, tensors, steps: int = 3) -> dict:
     return {"steps": steps, "blockers": capture_blockers(audit.steps_traced)}
 
 
+def graphed_body(cfg: Config, store: ImageStore, batch: int, device: torch.device, precision: str,
+                 steps: int = 3) -> dict:
+    """G: the body train.cuda_graph captures (`GraphedStep.body`: augmentation, keyed noise, the
+    step, the latched guard), counted and traced over `steps` steps after two warm-up steps, its
+    numbers written before each (outside the graph, as a replay has them)."""
+    from ..training.graph import GraphedStep
+
+    rig = StepRig.build(cfg, store, precision, batch, device)
+    g = GraphedStep(rig.trainer, rig.batches, 0, capture=False)
+    for _ in range(2):
+        g.step()
+    audit = StepAudit([*rig.device_tensors(), *g.static_tensors()], trace=True)
+    for _ in range(steps):
+        s = rig.trainer.state.step
+        g.write(s)
+        with audit:
+            audit.next_step()
+            loss, norm = g.body()
+        g.finish(s, loss, norm)
+    rig.trainer.settle()
+    report = audit.report(steps)
+    return {**report.per_step(), "findings": [str(f) for f in report.syncs],
+            "capture": {"steps": steps, "blockers": capture_blockers(audit.steps_traced)}}
+
+
 def step_budget(cfg: Config, store: ImageStore, batch: int, device: torch.device, steps: int = 1,
                 precision: str = "fp32") -> dict:
     """A, B and C of `cfg` (counted with its weight EMA on), their ratios and the targets' verdicts."""
@@ -115,6 +141,7 @@ def step_budget(cfg: Config, store: ImageStore, batch: int, device: torch.device
     a = count(rig.end_to_end, rig.device_tensors, steps, warmup=2)
     a["capture"] = capture_readiness(rig.end_to_end, rig.device_tensors)
     b = count(rig.model_only, rig.device_tensors, steps)
+    g = graphed_body(cfg, store, batch, device, precision)
     anchor = AnchorRig(cfg, precision, batch, device)
     c = count(anchor.step, anchor.device_tensors, steps)
     teacher = b["parts"].get("teacher", 0.0)  # self-distillation's teacher forward: its own figure, not the head's
@@ -124,7 +151,7 @@ def step_budget(cfg: Config, store: ImageStore, batch: int, device: torch.device
     targets = {**TARGETS, "ema": DISTILLED_EMA} if cfg.optim.distill_weight else TARGETS
     checks = {k: (ratios | parts)[k] <= v for k, v in targets.items()}
     checks["no_syncs"] = a["syncs"] == b["syncs"] == c["syncs"] == 0
-    out = {"A": a, "B": b, "C": c, **ratios, "targets": targets, "checks": checks, "batch": batch, "teacher": teacher,
+    out = {"A": a, "B": b, "C": c, "G": g, **ratios, "targets": targets, "checks": checks, "batch": batch, "teacher": teacher,
            "compile": compiled, "backbone": cfg.model.backbone, "img_size": cfg.model.img_size}
     if generated is not None:
         out["augment_inductor_kernels"] = generated

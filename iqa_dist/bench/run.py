@@ -21,6 +21,7 @@ from ..output import console as make_console
 from .graphs import bench_graph
 from .kernels import bench_kernels
 from .pipeline import bench_augment, bench_data
+from .profile import bench_profile
 from .scaling import INTER_GBPS, INTRA_GBPS, bench_scaling
 from .scoring import bench_eval, bench_predict
 from .timing import machine, rates, spreads
@@ -97,9 +98,17 @@ def _graph(cfg: Config, s: BenchSettings, console) -> dict:
                                  s.check_steps)}
 
 
+def _profile(cfg: Config, s: BenchSettings, console) -> dict:
+    backbone = (s.backbones or ["tiny" if s.cpu else "swin-t"])[0]
+    precision = (s.precisions or ["fp32" if s.cpu else "bf16"])[0]
+    return {"profile": bench_profile(cfg, backbone, precision, s.batches[0], s.compiles, s.images, s.steps, s.device,
+                                     s.work, console)}
+
+
 # what `iqa-dist bench WHAT` measures, in the order `all` runs its share of them
 BENCHES = {"augment": _augment, "data": _data, "train": _train, "eval": _eval, "scaling": _scaling,
-           "kernels": _kernels, "predict": _predict, "graph": _graph}
+           "kernels": _kernels, "predict": _predict, "graph": _graph,
+           "profile": _profile}
 ALL = ("augment", "data", "train", "eval")
 
 

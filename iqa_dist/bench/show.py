@@ -80,6 +80,8 @@ def show(report: dict) -> None:
         show_kernels(out, k, where)
     if "graph" in report:
         show_graph(out, report["graph"], where)
+    if "profile" in report:
+        show_profile(out, report["profile"], where)
     for e in report.get("eval", []):
         out.print(f"evaluation: {fr(e['images_per_s'])} images/s ({fmt(e['patches_per_s'])} patches/s, "
                   f"{e['test_patch_num']} patches per image, {e['backbone']} at {e['img_size']} px, {e['precision']}, "
@@ -171,12 +173,41 @@ def show_kernels(out, k: dict, where: str) -> None:
                   highlight=False)
         for b in blockers:
             out.print(f"  {b}", highlight=False, markup=False)
+    if "G" in k:
+        g = k["G"]
+        out.print(f"G, the body train.cuda_graph captures: {g['kernels']:,.6g} kernels per step, {g['syncs']:g} host "
+                  f"syncs; capture readiness over {g['capture']['steps']} steps: "
+                  + (f"{len(g['capture']['blockers'])} blocker(s)" if g["capture"]["blockers"] else "ready"),
+                  highlight=False)
+        for b in g["capture"]["blockers"] + g["findings"]:
+            out.print(f"  {b}", highlight=False, markup=False)
     if "augment_inductor_kernels" in k:
         out.print(f"compiled augmentation: inductor generated {k['augment_inductor_kernels']} kernel(s)", highlight=False)
     if "sync_debug" in k:
         sd = k["sync_debug"]
         out.print(f"torch.cuda.set_sync_debug_mode('error'), {sd['steps']} real steps at batch {sd['batch']}: "
                   + ("passed" if sd["passed"] else f"FAILED: {sd['error']}"), highlight=False)
+
+
+def show_profile(out, rows: list[dict], where: str) -> None:
+    t = Table()
+    t.add_column("part", justify="left")
+    for r in rows:
+        t.add_column(f"{r['mode']}: host ms", justify="right")
+        t.add_column(f"{r['mode']}: device ms", justify="right")
+    names = sorted({p for r in rows for p in r["parts"]}, key=lambda p: -rows[0]["parts"].get(p, {}).get("host_ms", 0))
+    for p in names:
+        t.add_row(p, *(fmt(r["parts"][p][k]) if p in r["parts"] else "-" for r in rows for k in ("host_ms", "device_ms")))
+    t.add_row("wall per step", *(x for r in rows for x in (fmt(r["wall_ms"]), "")))
+    t.add_row("device busy / idle per step", *(x for r in rows for x in ("", f"{fmt(r['device_busy_ms'])} / "
+                                                                            f"{fmt(r['device_idle_ms'])}")))
+    r0 = rows[0]
+    print_table(out, f"torch.profiler, {r0['steps']} steady steps of the real step, {r0['backbone']} {r0['precision']} "
+                     f"batch {r0['batch']}, ms per step - {where}", t)
+    for r in rows:
+        if "graphs" in r:
+            out.print(f"{r['mode']}: dynamo graphs {r['graphs']}, graph breaks {r['graph_breaks']}, recompiles "
+                      f"{r['recompiles']}", highlight=False)
 
 
 def show_graph(out, g: dict, where: str) -> None:

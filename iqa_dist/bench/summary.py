@@ -42,11 +42,12 @@ def real_loop(folder: Path) -> dict | None:
 
 def collect(folder: Path) -> dict:
     out = {"date": time.strftime("%Y-%m-%d"), "commit": os.environ.get("COMMIT", "unknown"), "folder": str(folder)}
-    for name in ("kernels", "batches", "scaling", "eval", "predict"):
+    for name in ("graph", "kernels", "batches", "scaling", "eval", "predict"):
         out[name] = _json(folder / f"{name}.json")
-    out["machine"] = next((r["machine"] for r in (out["kernels"], out["batches"], out["eval"]) if r), None)
+    out["machine"] = next((r["machine"] for r in (out["graph"], out["kernels"], out["batches"], out["eval"]) if r), None)
     out["real_eager"] = real_loop(folder / "runs-eager")
     out["real_compiled"] = real_loop(folder / "runs-compiled")
+    out["real_graphed"] = real_loop(folder / "runs-graphed")
     out["checks"] = checks(out)
     return out
 
@@ -79,10 +80,26 @@ def markdown(out: dict) -> str:
              "", "`launch/gpu_bench.sh` (one run; figures in patches/s unless said otherwise).", ""]
     na = "not measured (step missing or failed)"
     for key, label in (("real_eager", "real `iqa-dist train` loop, eager"),
+                       ("real_graphed", "real `iqa-dist train` loop, `train.cuda_graph`"),
                        ("real_compiled", "real `iqa-dist train` loop, `train.compile`")):
         r = out[key]
         lines.append(f"- {label}" + (f", batch {r['batch']}: **{r['steady']:,.0f}** in the last window (windows: "
                                      + ", ".join(f"{w:,.0f}" for w in r["windows"]) + ")" if r else f": {na}"))
+    g = (out.get("graph") or {}).get("graph")
+    if g:
+        header = ["batch", "eager", "graphed", "x eager", "eager ms (host ms)", "graphed ms (host ms)", "capture s",
+                  "peak GiB eager / graphed"]
+        cells = [[str(r["batch"]), f"{r['eager']:,.0f}", f"{r['graphed']:,.0f}", f"{r['speedup']:.2f}",
+                  f"{r['eager_step_ms']:.1f} ({r['eager_host_ms']:.1f})",
+                  f"{r['graphed_step_ms']:.1f} ({r['graphed_host_ms']:.1f})", f"{r['capture_s']:.1f}",
+                  f"{_opt(r['eager_memory_gib'], '.1f')} / {_opt(r['graphed_memory_gib'], '.1f')}"] for r in g["rows"]]
+        ch = g["check"]
+        lines += ["`train.cuda_graph` (`bench graph`), patches/s end to end" + ("" if g["captured"] else
+                  " (NOT captured: no CUDA)") + ":", "", markdown_table(header, cells, "r" * len(header)), "",
+                  f"- equality: {ch['steps']} steps at batch {ch['batch']}, largest relative loss difference "
+                  f"{ch['loss_max_rel']:.3g}, weights {ch['weights_rel']:.3g}", ""]
+    else:
+        lines.append(f"- `train.cuda_graph` (`bench graph`): {na}")
     k = (out["kernels"] or {}).get("kernels", [None])[0]
     if k:
         lines.append(f"- kernels per step (A real step / B model only / C anchor): {k['A']['kernels']:,.0f} / "

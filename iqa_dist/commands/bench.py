@@ -9,7 +9,8 @@ from .options import add_config_arguments, add_preset, config_from, positive
 
 NAME = "bench"
 # bench.run.BENCHES (imported only when a bench runs: it loads torch), then the two that are not benches
-WHAT = ("augment", "data", "train", "eval", "scaling", "kernels", "predict", "graph", "summary", "all")
+WHAT = ("augment", "data", "train", "eval", "scaling", "kernels", "predict", "graph", "profile", "summary",
+        "all")
 USAGE = f"iqa-dist bench {{{','.join(WHAT)}}} [options] [--SECTION.FIELD=VALUE ...]"
 HELP = "measure the data pipeline, training and evaluation throughput"
 DESCRIPTION = """\
@@ -25,6 +26,7 @@ examples:
   iqa-dist bench scaling --batch 12,24,48,96,192 --global-batch 96   # projected epoch time on 1-64 GPUs
   iqa-dist bench kernels --backbones swin-t   # kernels and host syncs per step (+ the sync check on a GPU)
   iqa-dist bench graph --batch 12,24,48,96,192   # train.cuda_graph vs eager, and 50 steps' equality
+  iqa-dist bench profile --batch 96 --steps 5 --compile   # per part host and device ms, device idle, eager vs compiled
   iqa-dist bench predict --images 48 --workers 2   # predict before/after decoding in workers, side by side
   iqa-dist bench summary --work-dir runs/gpu-bench   # gpu_bench.sh's figures as one JSON and a markdown table"""
 

@@ -27,6 +27,7 @@ import contextlib
 
 import torch
 
+from ..data.store import same_device
 from ..errors import UserError
 from ..parts import part
 from .batches import Batch, Batches, KeyedNoise, MicroBatch
@@ -52,7 +53,8 @@ class GraphedStep:
         t, device = trainer, trainer.acc.device
         self.trainer, self.batches, self.warmup = t, batches, warmup
         micro, every = batches.numbers(0)  # the shapes, the same every step
-        if any(pixels.data_ptr() != micro[0][1].data_ptr() or pixels.device != device for _, pixels, _ in micro):
+        if any(pixels.data_ptr() != micro[0][1].data_ptr() or not same_device(pixels.device, device)
+               for _, pixels, _ in micro):
             raise UserError("train.cuda_graph needs the training images resident on the GPU (the graph reads one "
                             "buffer)")
         sizes = [packed.numel() for _, _, packed in micro] + [e.numel() for e in every] + [1]
@@ -69,20 +71,25 @@ class GraphedStep:
             t.ema.in_step = True  # updated inside the step, with the latched flag
         t.guard = LatchedGuard(t.acc, t.optimizer, t.guard.preempt, t.ema, self.step_number)
         self.capture = capture
+        self.ran = 0  # steps this object has run (a resumed run warms up again before its capture)
+        self.lr_ready = False
         self.side = torch.cuda.Stream(device) if capture else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _device_lr(self) -> None:
-        """The update reads its learning rate from device memory that the schedule fills in place
-        (at the first step: after a resume has loaded the groups). float32 on CUDA, the kernel's
-        type; float64 on the CPU, whose kernel reads a double, so its updates equal eager ones."""
+        """The update reads its learning rate from device memory that the schedule fills in place,
+        made at the first step: after a resume has loaded the groups (a checkpoint's tensor comes
+        back on the CPU, and a CPU lr would be read once at capture and frozen). float32 on CUDA,
+        the fused kernel's type; float64 on the CPU, whose kernel reads a double, so its updates
+        equal eager ones."""
         device = self.trainer.acc.device
         inner = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)
         for group in inner.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), device=device,
                                        dtype=torch.float32 if device.type == "cuda" else torch.float64)
             group["capturable"] = device.type == "cuda"
+        self.lr_ready = True
 
     def step(self) -> None:
         """The trainer's next step: its numbers written and copied in, one replay (or, while warming
@@ -90,6 +97,8 @@ class GraphedStep:
         t = self.trainer
         s = t.state.step
         warming = self.capture and self.graph is None
+        if warming:  # the side stream sees what the default stream queued (set-up, a resume's copies)
+            self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side) if warming else contextlib.nullcontext():
             self.write(s)
             if self.graph is not None:
@@ -98,15 +107,17 @@ class GraphedStep:
             else:
                 loss, norm = self.body()
             self.finish(s, loss, norm)
-        if warming and t.state.step >= self.warmup:
-            self._capture()
+        self.ran += 1
+        if warming:  # ... and the default stream what the side stream did (the loss window, the weights)
+            torch.cuda.current_stream().wait_stream(self.side)
+            if self.ran >= self.warmup:
+                self._capture()
 
     def write(self, s: int) -> None:
         """Step s's numbers into its pinned buffer (the two alternate: the one written now was last
         copied two steps ago, and the host has read the step after that one since), then one copy
         into the graph's input."""
-        inner = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)
-        if not torch.is_tensor(inner.param_groups[0]["lr"]):
+        if not self.lr_ready:
             self._device_lr()
         with part("host"):
             micro, every = self.batches.numbers(s)
@@ -123,8 +134,11 @@ class GraphedStep:
         t.norm = norm
         try:
             t.guard.replayed(s)
-        except BadStep as bad:
+        except BadStep as bad:  # the schedule back to the bad step too (it was stepped for the steps after it)
             t._rewind(bad)
+            schedule = getattr(t.scheduler, "scheduler", t.scheduler)
+            schedule.last_epoch = bad.step - 1
+            schedule.step()
             raise
         t.scheduler.step()
         t.state.step += 1
@@ -134,23 +148,27 @@ class GraphedStep:
     def body(self) -> tuple[torch.Tensor, torch.Tensor]:
         """What the graph holds: device work only, on the static buffers."""
         t, aug = self.trainer, self.batches.augmenter
-        cache = torch.is_autocast_cache_enabled()
-        torch.set_autocast_cache_enabled(False)  # casts made inside the graph, not reused from outside it
-        try:
-            with part("noise"):
-                u = self.noise.draw(self.step_number.long())
-            micro = []
-            with part("augment"):
-                for start, pixels, packed in self.inputs:
-                    x, target = aug.apply(pixels, packed)
-                    micro.append(MicroBatch(x, target, start, None if u is None else u[start:start + len(target)]))
-            if self.every:
-                batch = Batch(micro, self.every[0].float(), self.batches.shares.sizes(), self.every[1].long())
-            else:
-                batch = Batch(micro)
-            return train_step(t, batch)
-        finally:
-            torch.set_autocast_cache_enabled(cache)
+        with part("noise"):
+            u = self.noise.draw(self.step_number.long())
+        micro = []
+        with part("augment"):
+            for start, pixels, packed in self.inputs:
+                x, target = aug.apply(pixels, packed)
+                micro.append(MicroBatch(x, target, start, None if u is None else u[start:start + len(target)]))
+        if self.every:
+            batch = Batch(micro, self.every[0].float(), self.batches.shares.sizes(), self.every[1].long())
+        else:
+            batch = Batch(micro)
+        # autocast's cache of bf16 weights is no hazard here: the forward's autocast region (Accelerate's
+        # wrapper) is entered and left inside the capture, and leaving it empties the cache
+        return train_step(t, batch)
+
+    def static_tensors(self) -> list[torch.Tensor]:
+        """The graph's own device memory (with its views): what an audit of `body` finds before it."""
+        inner = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)
+        lrs = [g["lr"] for g in inner.param_groups if torch.is_tensor(g["lr"])]
+        return [self.numbers, *(packed for _, _, packed in self.inputs), *self.every, self.step_number,
+                self.noise.base, self.trainer.guard.latch, *lrs]
 
     def _capture(self) -> None:
         torch.cuda.current_stream().wait_stream(self.side)

@@ -209,6 +209,9 @@ def restore(r: Run) -> None:
         raise UserError(f"--resume: checkpoint {checkpoint} cannot be read ({type(e).__name__}: "
                         f"{first_line(e)}); move that folder away to resume from "
                         "the checkpoint before it") from None
+    inner = getattr(r.trainer.optimizer, "optimizer", r.trainer.optimizer)
+    for group in inner.param_groups:  # a train.cuda_graph checkpoint holds device-tensor rates: numbers again
+        group["lr"] = float(group["lr"])  # (a graphed step makes its own device tensors at its first step)
     if not acc.is_main_process:  # the checkpoint holds the global window sums (LossMeter.consolidate)
         state.loss.reset()
     if target.extended:
