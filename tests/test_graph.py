@@ -18,6 +18,7 @@ from iqa_dist.bench.audit import StepAudit, capture_blockers
 from iqa_dist.bench.graphs import equality
 from iqa_dist.bench.rig import StepRig
 from iqa_dist.config import load_config
+from iqa_dist.distributed.shards import Shares
 from iqa_dist.errors import UserError
 from iqa_dist.training.batches import KeyedNoise, mix32
 from iqa_dist.training.graph import GraphedStep, refusal
@@ -83,6 +84,20 @@ def test_keyed_noise_rows_are_the_same_for_every_split_of_the_batch():
     assert cfg.model.dropout > 0  # the recipe's regularisers read these rows
 
 
+def test_keyed_noise_gives_every_process_the_rows_of_one_process():
+    """Each process builds its own KeyedNoise and takes the rows of its chunks (Shares), as the
+    graphed body does: over 1, 2 or 3 processes, micro-batched or not, the rows add up to the one
+    process's matrix, sample for sample."""
+    one = KeyedNoise(3, 8, 12, CPU).draw(torch.tensor(9))
+    for world in (1, 2, 3):
+        for micro in (0, 2):
+            rows = {}
+            for rank in range(world):
+                u = KeyedNoise(3, 8, 12, CPU).draw(torch.tensor(9))
+                rows.update({sl.start: u[sl] for sl in Shares.split(12, micro, world, rank).slices()})
+            assert torch.equal(torch.cat([rows[k] for k in sorted(rows)]), one), (world, micro)
+
+
 def _tiny(*extra: str) -> list[str]:
     return ["model.pretrained=none", f"model.backbone_kwargs={json.dumps(TINY_SWIN)}", "model.img_size=112",
             "train.ema_decay=0.9", *extra]
@@ -100,6 +115,7 @@ def test_the_graphed_body_is_ready_for_capture():
     g = GraphedStep(rig.trainer, rig.batches, 0, capture=False)
     g.step()  # the optimizer's state exists (as after the warm-up)
     inputs = {g.numbers.data_ptr(), *(pixels.data_ptr() for _, pixels, _ in g.inputs)}
+    hosts = [h.data_ptr() for h in (*g.host, rig.trainer.guard.host)]  # allocated once (pinned on CUDA)
     device = [*rig.device_tensors(), *g.static_tensors()]
     audit = StepAudit(device, trace=True)
     for s in range(1, 4):
@@ -109,6 +125,7 @@ def test_the_graphed_body_is_ready_for_capture():
             loss, norm = g.body()
         g.finish(s, loss, norm)
         assert {g.numbers.data_ptr(), *(pixels.data_ptr() for _, pixels, _ in g.inputs)} == inputs
+        assert [h.data_ptr() for h in (*g.host, rig.trainer.guard.host)] == hosts
     assert capture_blockers(audit.steps_traced) == []
     report = audit.report(3)
     assert report.syncs == [], report.syncs
@@ -147,7 +164,7 @@ def test_the_graphed_step_trains_what_the_eager_step_trains():
 def test_the_equality_check_of_bench_graph_on_the_cpu():
     cfg = tiny_recipe()
     out = equality(cfg, store(), "fp32", 4, 3, CPU)
-    assert out["loss_max_rel"] == 0 and out["weights_rel"] == 0 and not out["captured"]
+    assert out["steps"] == 3 and out["loss_max_rel"] == 0 and out["weights_rel"] == 0 and not out["captured"]
     assert math.isfinite(out["last_loss"])
 
 
@@ -236,3 +253,16 @@ def test_bench_profile_reduces_a_trace_to_parts(tmp_path):
     assert {"host", "augment", "forward", "backward", "optimizer", "guard"} <= set(row["parts"])
     assert all(p["host_ms"] > 0 for p in row["parts"].values())
     assert row["parts"]["forward"]["host_ms"] < row["wall_ms"] and (tmp_path / "profile-tiny-eager.json").is_file()
+
+
+def test_bench_graph_projects_one_run_over_gpus():
+    """At global batch 96, 8 GPUs each run the batch-12 step: 8 x its rate, against one GPU at 96."""
+    from iqa_dist.bench.graphs import project
+
+    rows = [{"batch": 12, "eager": 200.0, "graphed": 1000.0}, {"batch": 96, "eager": 1500.0, "graphed": 1800.0},
+            {"batch": 40, "eager": 1.0, "graphed": 1.0}]
+    out = {r["gpus"]: r for r in project(rows)}
+    assert sorted(out) == [1, 8]  # 40 does not divide 96
+    assert out[8]["eager"] == 1600 and out[8]["graphed"] == 8000
+    assert out[8]["graphed_x_one_gpu"] == pytest.approx(8000 / 1500) and out[1]["eager_x_one_gpu"] == 1
+    assert project(rows[:1]) == []  # no measurement at the global batch: nothing to project from

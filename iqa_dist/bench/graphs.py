@@ -4,7 +4,8 @@ Per batch: the real step end to end eager (`Batches.get` + `Trainer.step`) and g
 (`training.graph.GraphedStep`: captured once after warm-up, replayed), each with the host's CPU
 milliseconds per step beside the wall milliseconds per step (a launch-bound step costs the host
 as long as the device; a graphed one should cost the host almost nothing), the capture's time and
-peak memory. Then the equality check: `check_steps` graphed steps against the same body run eagerly
+peak memory; what those rates make of one run at global batch 96 on 1-8 GPUs (`project`). Then
+the equality check: `check_steps` graphed steps against the same body run eagerly
 from the same start (same weights, numbers and keyed noise), losses per step and weights after.
 Without CUDA the graphed figure is the same body run eagerly (nothing is captured): only the
 equality check's eager side means something there.
@@ -44,7 +45,22 @@ def bench_graph(cfg: Config, backbone: str, precision: str, batches: list[int], 
                   highlight=False)
     check = equality(c, store, precision, batches[0], check_steps, device)
     return {"backbone": backbone, "precision": precision, "captured": device.type == "cuda", "rows": rows,
-            "check": check}
+            "projection": project(rows), "check": check}
+
+
+def project(rows: list[dict], global_batch: int = 96) -> list[dict]:
+    """One run at a fixed global batch on N GPUs, each at the rate measured here for its share
+    (global / N): eager and graphed patches/s and their multiple of one GPU's; communication left
+    out (`bench scaling` adds it), so an upper bound on the speed."""
+    rate = {r["batch"]: r for r in rows}
+    if global_batch not in rate:
+        return []
+    one = rate[global_batch]
+    return [{"gpus": global_batch // b, "per_gpu_batch": b, "eager": global_batch // b * r["eager"],
+             "graphed": global_batch // b * r["graphed"],
+             "eager_x_one_gpu": global_batch // b * r["eager"] / one["eager"],
+             "graphed_x_one_gpu": global_batch // b * r["graphed"] / one["eager"]}
+            for b, r in sorted(rate.items(), reverse=True) if global_batch % b == 0]
 
 
 def _host_ms(fn, steps: int) -> float:

@@ -223,6 +223,15 @@ def show_graph(out, g: dict, where: str) -> None:
     kind = "captured and replayed" if g["captured"] else "NOT captured (no CUDA): the graphed body run eagerly"
     print_table(out, f"train.cuda_graph, patches/s end to end ({kind}), {g['backbone']} {g['precision']}, "
                      f"ms per step with the host's CPU ms per step - {where}", t)
+    if g.get("projection"):
+        t = Table()
+        for c in ("GPUs", "batch per GPU", "eager patches/s", "x 1 GPU", "graphed patches/s", "x 1 GPU eager"):
+            t.add_column(c, justify="right")
+        for r in g["projection"]:
+            t.add_row(str(r["gpus"]), str(r["per_gpu_batch"]), fmt(r["eager"]), fmt(r["eager_x_one_gpu"]),
+                      fmt(r["graphed"]), fmt(r["graphed_x_one_gpu"]))
+        print_table(out, "projected (not measured): one run at global batch 96 on N GPUs, each at the rate measured "
+                         "above for its share; all-reduce not included (bench scaling adds it)", t)
     ch = g["check"]
     out.print(f"equality: {ch['steps']} steps at batch {ch['batch']}, {'graphed' if ch['captured'] else 'eager'} vs "
               f"eager from the same start: largest relative loss difference {ch['loss_max_rel']:.3g}, weights "

@@ -93,6 +93,10 @@ def markdown(out: dict) -> str:
                   f"{r['eager_step_ms']:.1f} ({r['eager_host_ms']:.1f})",
                   f"{r['graphed_step_ms']:.1f} ({r['graphed_host_ms']:.1f})", f"{r['capture_s']:.1f}",
                   f"{_opt(r['eager_memory_gib'], '.1f')} / {_opt(r['graphed_memory_gib'], '.1f')}"] for r in g["rows"]]
+        proj = {r["gpus"]: r for r in g.get("projection", [])}
+        if 8 in proj:
+            lines.append(f"- projected, one run at global batch 96 on 8 GPUs (no all-reduce): eager "
+                         f"{proj[8]['eager_x_one_gpu']:.2f}x one GPU, graphed {proj[8]['graphed_x_one_gpu']:.2f}x")
         ch = g["check"]
         lines += ["`train.cuda_graph` (`bench graph`), patches/s end to end" + ("" if g["captured"] else
                   " (NOT captured: no CUDA)") + ":", "", markdown_table(header, cells, "r" * len(header)), "",
