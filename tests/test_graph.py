@@ -187,6 +187,46 @@ def test_a_bad_step_latches_and_names_the_first_bad_step():
         assert torch.equal(p, q)
 
 
+def test_the_graphed_loop_trains_stops_and_resumes_like_an_uninterrupted_run(tiny_overrides, tmp_path, monkeypatch):
+    """`iqa-dist train --train.cuda_graph true` through the real loop (evaluation, checkpoints,
+    export, the stop file, --resume), on the CPU with its refusal lifted and the body run eagerly
+    instead of captured: a run stopped at its first step and resumed ends where an uninterrupted
+    one ends (the keyed noise is a function of the step; the learning rate, a device tensor in the
+    checkpoint, comes back as a number and becomes the graph's tensor again)."""
+    from iqa_dist.training import loop
+
+    from .conftest import RUN, metrics, only_run, train_here
+
+    monkeypatch.setattr(loop, "refusal", lambda **_: "")
+    init, made = GraphedStep.__init__, []
+
+    def eager(self, *args, **kwargs):
+        init(self, *args, **{**kwargs, "capture": False})
+        made.append(self)
+
+    monkeypatch.setattr(GraphedStep, "__init__", eager)
+    overrides = [*tiny_overrides, *RUN, "train.cuda_graph=true"]
+    ref = train_here([*overrides, f"run.root={tmp_path / 'ref'}"])
+    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
+    assert len(made) == 1 and made[0].ran == 6  # every step was the graphed step's
+    stop = tmp_path / "stop"
+    stop.touch()
+    monkeypatch.setenv("IQA_DIST_STOP_FILE", str(stop))
+    first = train_here([*overrides, f"run.root={tmp_path / 'cut'}"])
+    assert first.returncode != 0 and "preempted at step" in first.stdout + first.stderr
+    monkeypatch.delenv("IQA_DIST_STOP_FILE")
+    run = only_run(tmp_path / "cut")
+    again = train_here(overrides, resume=str(run))
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    a, b = metrics(only_run(tmp_path / "ref")), metrics(run)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [3, 6]
+    for x, y in zip(a, b):
+        assert isinstance(y["lr"], float) and y["lr"] == pytest.approx(x["lr"], rel=1e-6)
+        assert y["train_loss"] == pytest.approx(x["train_loss"], abs=1e-6)
+        assert y["val_srcc"] == pytest.approx(x["val_srcc"], abs=1e-6)
+    assert (run / "summary.json").is_file()
+
+
 # ---------------------------------------------------------------- what it refuses
 
 
