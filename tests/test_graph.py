@@ -136,14 +136,16 @@ def test_the_graphed_body_is_ready_for_capture():
 # ---------------------------------------------------------------- the same training
 
 
-def test_the_graphed_step_trains_what_the_eager_step_trains():
+@pytest.mark.parametrize("rank_weight", [0.0, 0.3])
+def test_the_graphed_step_trains_what_the_eager_step_trains(rank_weight):
     """Regularisers off (the two noise streams differ by design): the same losses step by step and
     the same weights to the bit; the EMA, updated inside the step, to float rounding; the same
-    schedule."""
+    schedule. With the ranking term the global batch's targets and datasets are graph inputs too."""
     shared = store()
 
     def run(graphed: bool):
         rig = StepRig.build(tiny_recipe(*QUIET), copy.deepcopy(shared), "fp32", 4, CPU)
+        rig.trainer.rank_weight = rig.batches.rank_weight = rank_weight
         g = GraphedStep(rig.trainer, rig.batches, 0, capture=False) if graphed else None
         losses = []
         for _ in range(4):
