@@ -14,29 +14,21 @@ equality check's eager side means something there.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
-from ..config import Config, load_config
-from ..data.cache import prepare
+from ..config import Config
 from ..training.graph import GraphedStep
-from .inputs import BACKBONES, recipe_options, source_images
+from .inputs import koniq_step
 from .rig import StepRig
 from .timing import measure
 
 
 def bench_graph(cfg: Config, backbone: str, precision: str, batches: list[int], n_images: int, steps: int,
                 device: torch.device, work: Path, console: Console, check_steps: int = 50) -> dict:
-    name, kwargs, size = BACKBONES[backbone]
-    root = source_images(work / "koniq", n_images)
-    c = load_config("koniq-swin-t", [f"data.root={root}", "data.split=random", f"model.img_size={size}",
-                                     f"data.cache_dir={work / 'cache'}", f"model.backbone={name}", "model.pretrained=none",
-                                     *recipe_options(cfg)])
-    c = replace(c, model=replace(c.model, backbone_kwargs=kwargs))
-    store = prepare(c, Console(quiet=True)).image_store("train").to(device)
+    c, store = koniq_step(cfg, backbone, n_images, work, device)
     rows = []
     for batch in batches:
         console.print(f"graph: {backbone} {precision} batch {batch}", highlight=False)

@@ -4,13 +4,16 @@ one's CPU pipeline as a baseline, and the reference numbers (GPU peaks, a KonIQ 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from PIL import Image
+from rich.console import Console
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..config import Config, load_config
+from ..data.cache import prepare
 
 # Dense bf16 peak FLOP/s of the GPUs people train on (datasheets; H100/H200 SXM).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
@@ -28,6 +31,18 @@ def recipe_options(cfg: Config) -> list[str]:
     """The user's recipe choices that `bench train` and `bench kernels` measure on top of the
     koniq-swin-t recipe: the weight EMA and self-distillation from it."""
     return [f"train.ema_decay={cfg.train.ema_decay}", f"optim.distill_weight={cfg.optim.distill_weight}"]
+
+
+def koniq_step(cfg: Config, backbone: str, n_images: int, work: Path, device: torch.device, *extra: str):
+    """The koniq-swin-t recipe with `backbone` (BACKBONES), randomly initialised, on `n_images`
+    KonIQ-size sources in `work`, with the bench's recipe options: (config, training store on `device`)."""
+    name, kwargs, size = BACKBONES[backbone]
+    root = source_images(work / "koniq", n_images)
+    c = load_config("koniq-swin-t", [f"data.root={root}", "data.split=random", f"model.img_size={size}",
+                                     f"data.cache_dir={work / 'cache'}", f"model.backbone={name}", "model.pretrained=none",
+                                     *extra, *recipe_options(cfg)])
+    c = replace(c, model=replace(c.model, backbone_kwargs=kwargs))
+    return c, prepare(c, Console(quiet=True)).image_store("train").to(device)
 
 
 def source_images(folder: Path, n: int) -> Path:

@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from ..config import Config, load_config
+from ..config import Config
 from ..data.augment import Augmenter
-from ..data.cache import prepare
 from ..data.store import ImageStore
+from ..training.graph import GraphedStep
 from .audit import StepAudit, capture_blockers
-from .inputs import BACKBONES, recipe_options, source_images
+from .inputs import koniq_step
 from .rig import AnchorRig, StepRig
 
 
@@ -40,13 +40,7 @@ def bench_kernels(cfg: Config, backbone: str, compiled: bool, n_images: int, bat
                   device: torch.device, work: Path, console: Console) -> dict:
     """The kernel budget of the koniq-swin-t step with `backbone` (counted at batch 2: the counts do
     not depend on the batch), and on a GPU `steps` real steps at `batch` under the sync check."""
-    name, kwargs, size = BACKBONES[backbone]
-    root = source_images(work / "koniq", n_images)
-    c = load_config("koniq-swin-t", [f"data.root={root}", "data.split=random", f"model.img_size={size}",
-                                     f"data.cache_dir={work / 'cache'}", f"model.backbone={name}", "model.pretrained=none",
-                                     f"train.compile={str(compiled).lower()}", *recipe_options(cfg)])
-    c = replace(c, model=replace(c.model, backbone_kwargs=kwargs))
-    store = prepare(c, Console(quiet=True)).image_store("train")
+    c, store = koniq_step(cfg, backbone, n_images, work, device, f"train.compile={str(compiled).lower()}")
     console.print(f"kernels: {backbone}, compile={compiled}: counting A, B and C", highlight=False)
     out = step_budget(c, store, 2, device, precision="fp32" if device.type == "cpu" else "bf16")
     out["backbone"] = backbone
@@ -110,8 +104,6 @@ def graphed_body(cfg: Config, store: ImageStore, batch: int, device: torch.devic
     """G: the body train.cuda_graph captures (`GraphedStep.body`: augmentation, keyed noise, the
     step, the latched guard), counted and traced over `steps` steps after two warm-up steps, its
     numbers written before each (outside the graph, as a replay has them)."""
-    from ..training.graph import GraphedStep
-
     rig = StepRig.build(cfg, store, precision, batch, device)
     g = GraphedStep(rig.trainer, rig.batches, 0, capture=False)
     for _ in range(2):

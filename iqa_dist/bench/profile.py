@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from ..config import Config, load_config
-from ..data.cache import prepare
+from ..config import Config
 from ..training.graph import GraphedStep
-from .inputs import BACKBONES, recipe_options, source_images
+from .inputs import koniq_step
 from .rig import StepRig
 
 PARTS = ("host", "noise", "augment", "forward", "teacher", "loss", "backward", "clip", "guard", "optimizer", "ema")
@@ -31,13 +30,7 @@ PARTS = ("host", "noise", "augment", "forward", "teacher", "loss", "backward", "
 
 def bench_profile(cfg: Config, backbone: str, precision: str, batch: int, compiles: list[bool], n_images: int,
                   steps: int, device: torch.device, work: Path, console: Console) -> list[dict]:
-    name, kwargs, size = BACKBONES[backbone]
-    root = source_images(work / "koniq", n_images)
-    c = load_config("koniq-swin-t", [f"data.root={root}", "data.split=random", f"model.img_size={size}",
-                                     f"data.cache_dir={work / 'cache'}", f"model.backbone={name}", "model.pretrained=none",
-                                     *recipe_options(cfg)])
-    c = replace(c, model=replace(c.model, backbone_kwargs=kwargs))
-    store = prepare(c, Console(quiet=True)).image_store("train").to(device)
+    c, store = koniq_step(cfg, backbone, n_images, work, device)
     out = []
     modes = ["compiled" if compiled else "eager" for compiled in compiles] + (["graphed"] if device.type == "cuda" else [])
     for mode in modes:

@@ -11,7 +11,7 @@ NAME = "bench"
 # bench.run.BENCHES (imported only when a bench runs: it loads torch), then the two that are not benches
 WHAT = ("augment", "data", "train", "eval", "scaling", "kernels", "predict", "graph", "profile", "summary",
         "all")
-USAGE = f"iqa-dist bench {{{','.join(WHAT)}}} [options] [--SECTION.FIELD=VALUE ...]"
+USAGE = "iqa-dist bench WHAT [options] [--SECTION.FIELD=VALUE ...]"
 HELP = "measure the data pipeline, training and evaluation throughput"
 DESCRIPTION = """\
 Throughput figures measured side by side in one run, printed as tables and written to a JSON file
@@ -32,8 +32,9 @@ examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=WHAT,
-                   help="which figures (summary: one JSON and a markdown table from a launch/gpu_bench.sh folder)")
+    p.add_argument("what", choices=WHAT, metavar="WHAT",
+                   help=f"which figures: {', '.join(WHAT)} (summary: one JSON and a markdown table from a "
+                   "launch/gpu_bench.sh folder)")
     p.add_argument("--images", type=int, default=24, help="data, predict: KonIQ-size source JPEGs [24]")
     p.add_argument("--batch", default="32", help="patches per batch; train takes a comma list [32; use 96 on a GPU]")
     p.add_argument("--steps", type=int, default=6, help="timed batches per figure, after warm-up, in 3 blocks whose "
