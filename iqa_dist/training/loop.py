@@ -45,7 +45,7 @@ from .optim import allreduce_bytes, group_sizes
 from .preemption import PreemptionFlag
 from .resume import choose
 from .selection import Selection, Validation, combine
-from .trainer import Trainer
+from .trainer import EagerStep, Trainer
 
 
 class NonFiniteLoss(UserError):
@@ -71,6 +71,7 @@ class Run:
     acc: Accelerator
     trainer: Trainer  # model, optimizer, schedule, guard, EMA, the loop's counters and loss window
     batches: Batches  # step -> this process's share of the global batch, augmented on the device
+    stepper: EagerStep | GraphedStep  # runs the next step (train.cuda_graph: one replayed CUDA graph)
     data: Data
     selection: Selection  # validation, model selection and export; the selected model's test split
     dir: RunDir
@@ -80,7 +81,6 @@ class Run:
     eval_every: int  # optimizer steps between evaluations
     checkpoint_every: int
     counts: dict[str, int]  # parameters: backbone, hyper, total
-    graphed: GraphedStep | None = None  # train.cuda_graph: the step as one replayed CUDA graph
     window: tuple[float, int] = (0.0, 0)  # (time, step) at which the current evaluation window began
 
 
@@ -92,10 +92,7 @@ def train(cfg: Config, resume: str = "", extend: bool = False) -> Path:
         begin(r)
         try:
             while state.step < r.total_steps and not state.stopped_early:
-                if r.graphed is not None:
-                    r.graphed.step()
-                else:
-                    t.step(r.batches.get(state.step))
+                r.stepper.step()
                 r.display.step(state.step)
                 if r.display.wants_line(state.step):
                     progress_line(r)
@@ -155,11 +152,12 @@ def build(cfg: Config, acc: Accelerator, target: Target, preempt: PreemptionFlag
                       legacy_data=data.legacy_fingerprint())
     batches = Batches(store=data.train, plan=data.plan, augmenter=augmenter, shares=shares, device=acc.device,
                       rank_weight=cfg.optim.rank_weight, noise=NoiseSource(cfg.train.seed, model.noise_width, acc.device))
-    graphed = GraphedStep(trainer, batches, cfg.train.seed, capture=True) if cfg.train.cuda_graph else None
+    stepper = (GraphedStep(trainer, batches, cfg.train.seed, capture=True) if cfg.train.cuda_graph
+               else EagerStep(trainer, batches))
     selection = Selection(cfg=cfg, acc=acc, trainer=trainer, data=data, card=card, augmenter=augmenter, run=run,
                           batch=cfg.train.eval_batch_size or 2 * math.ceil(shares.per_process / shares.accum),
                           console=console)
-    return Run(cfg=cfg, acc=acc, trainer=trainer, batches=batches, graphed=graphed, data=data, selection=selection,
+    return Run(cfg=cfg, acc=acc, trainer=trainer, batches=batches, stepper=stepper, data=data, selection=selection,
                dir=run,
                target=target, display=Display(console, total_steps, steps_per_epoch, cfg.train.log_every),
                total_steps=total_steps, eval_every=eval_every,

@@ -39,7 +39,7 @@ from ..data.augment import Augmenter
 from ..distributed.gather import gather_global
 from ..distributed.shards import Shares
 from ..parts import part
-from .batches import Batch
+from .batches import Batch, Batches
 from .compile import compile_model, compile_step
 from .guard import BadStep, StepGuard
 from .losses import sample_losses
@@ -217,3 +217,15 @@ class Trainer:
         """The counters back to before the bad step (none of its update was applied)."""
         self.state.loss.n -= (self.state.step - bad.step) * self.patches
         self.state.step = bad.step
+
+
+@dataclass
+class EagerStep:
+    """`train`'s step without train.cuda_graph (`graph.GraphedStep` with it): this process's share
+    of the next global batch, then `Trainer.step`."""
+
+    trainer: Trainer
+    batches: Batches
+
+    def step(self) -> None:
+        self.trainer.step(self.batches.get(self.trainer.state.step))
