@@ -60,14 +60,14 @@ WORK=(--images $IMAGES --work-dir "$OUT/work")
 LOOP_ARGS=(--preset koniq-swin-t --data.root "$OUT/work/koniq" --data.split random --data.cache_dir "$OUT/work/cache"
            --model.pretrained none --train.max_steps $LOOP --train.eval_every $((LOOP / 2)) --train.log_every 50)
 
-step graph 200 $PY -m iqa_dist bench graph --backbones $BACKBONE --precisions $PREC --batch $BATCHES --steps $STEPS_N \
+step graph 200 env CUBLAS_WORKSPACE_CONFIG=:4096:8 $PY -m iqa_dist bench graph --backbones $BACKBONE --precisions $PREC --batch $BATCHES --steps $STEPS_N \
     --check-steps 50 "${WORK[@]}" --output "$OUT/graph.json"
 step kernels 150 $PY -m iqa_dist bench kernels --backbones swin-t --batch $SYNC_BATCH --steps 20 "${WORK[@]}" \
     --output "$OUT/kernels.json"
 step real-eager 150 $PY -m iqa_dist train "${LOOP_ARGS[@]}" --run.root "$OUT/runs-eager" "${TINY[@]}"
 step real-graphed 150 $PY -m iqa_dist train "${LOOP_ARGS[@]}" --train.cuda_graph true --run.root "$OUT/runs-graphed" \
     "${TINY[@]}"
-step gpu-tests 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_graph.py -k gpu_
+step gpu-tests 120 env CUBLAS_WORKSPACE_CONFIG=:4096:8 $PY -m pytest -q -rs -p no:cacheprovider tests/test_graph.py -k gpu_
 step profile 240 env TORCH_LOGS=recompiles,graph_breaks,cudagraphs $PY -m iqa_dist bench profile --backbones $BACKBONE \
     --precisions $PREC --batch $BATCH --steps 5 --compile "${WORK[@]}" --output "$OUT/profile.json"
 step real-compiled 330 $PY -m iqa_dist train "${LOOP_ARGS[@]}" --train.compile true --run.root "$OUT/runs-compiled" \

@@ -167,6 +167,7 @@ def test_the_equality_check_of_bench_graph_on_the_cpu():
     cfg = tiny_recipe()
     out = equality(cfg, store(), "fp32", 4, 3, CPU)
     assert out["steps"] == 3 and out["loss_max_rel"] == 0 and out["weights_rel"] == 0 and not out["captured"]
+    assert out["floor_loss_max_rel"] == 0 and out["first_losses"][0] > 0
     assert math.isfinite(out["last_loss"])
 
 
@@ -260,7 +261,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 def test_gpu_graphed_steps_equal_eager_steps():
     """50 steps captured once and replayed against the same 50 steps eager, from the same start."""
     out = equality(tiny_recipe(), store().to(torch.device("cuda")), "bf16", 8, 50, torch.device("cuda"))
-    assert out["captured"] and out["loss_max_rel"] < 1e-5 and out["weights_rel"] < 1e-5, out
+    assert out["captured"], out  # no further from eager than eager is from itself (deterministic kernels: 0)
+    assert out["loss_max_rel"] <= max(1e-6, 10 * out["floor_loss_max_rel"]), out
+    assert out["weights_rel"] <= max(1e-6, 10 * out["floor_weights_rel"]), out
 
 
 @cuda
@@ -273,12 +276,13 @@ def test_gpu_graph_replays_one_launch_per_step():
     for _ in range(g.warmup + 2):
         g.step()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]  # CUPTI: the runtime calls
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(5):
             g.step()
         torch.cuda.synchronize()
-    launches = [e for e in prof.events() if e.name in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel")]
-    replays = [e for e in prof.events() if e.name == "cudaGraphLaunch"]
+    launches = [e for e in prof.events() if e.name.startswith(("cudaLaunchKernel", "cuLaunchKernel"))]
+    replays = [e for e in prof.events() if e.name.startswith("cudaGraphLaunch")]
     assert len(replays) == 5 and len(launches) <= 5 * 12, (len(replays), len(launches))
 
 

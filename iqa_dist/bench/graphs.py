@@ -93,25 +93,39 @@ def _rates(c: Config, store, precision: str, batch: int, steps: int, device: tor
 
 def equality(c: Config, store, precision: str, batch: int, steps: int, device: torch.device) -> dict:
     """`steps` steps captured and replayed (on CUDA) against the same steps run eagerly, from the
-    same start: the largest relative difference of a step's loss, and of the weights after."""
-    runs = []
-    for capture in (device.type == "cuda", False):
-        rig = StepRig.build(c, store, precision, batch, device)
-        g = GraphedStep(rig.trainer, rig.batches, 0, capture=capture)
-        losses = []
-        for _ in range(steps):
-            g.step()
-            losses.append(rig.trainer.state.loss.pending.clone())  # the running sum: no host read
-        rig.trainer.settle()
-        sums = torch.stack(losses).double().cpu()
-        weights = torch.cat([p.detach().double().flatten() for p in rig.trainer.bare.parameters()]).cpu()
-        runs.append((torch.diff(sums, prepend=torch.zeros(1)), weights))
-    (la, wa), (lb, wb) = runs
-    loss_rel = ((la - lb).abs() / lb.abs().clamp(min=1e-12)).max().item()
-    weight_rel = ((wa - wb).norm() / wb.norm()).item()
+    same start: the largest relative difference of a step's loss, and of the weights after; and the
+    same between two eager runs, the noise floor of the kernels themselves (cuDNN's convolutions
+    are pinned to deterministic ones for the check)."""
+    deterministic, benchmark = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        runs = [_run(c, store, precision, batch, steps, device, capture) for capture in
+                (device.type == "cuda", False, False)]
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, benchmark
+    (lg, wg), (le, we), (lf, wf) = runs
+
+    def rel(a, b, wa, wb):
+        return ((a - b).abs() / b.abs().clamp(min=1e-12)).max().item(), ((wa - wb).norm() / wb.norm()).item()
+
+    loss_rel, weight_rel = rel(lg, le, wg, we)
+    floor_loss, floor_weights = rel(lf, le, wf, we)
     return {"steps": steps, "batch": batch, "captured": device.type == "cuda", "loss_max_rel": loss_rel,
-            "weights_rel": weight_rel, "first_losses": la[:3].tolist(), "last_loss": la[-1].item(),
-            "last_loss_eager": lb[-1].item()}
+            "weights_rel": weight_rel, "floor_loss_max_rel": floor_loss, "floor_weights_rel": floor_weights,
+            "first_losses": lg[:3].tolist(), "last_loss": lg[-1].item(), "last_loss_eager": le[-1].item()}
+
+
+def _run(c: Config, store, precision: str, batch: int, steps: int, device: torch.device, capture: bool):
+    """(per-step losses, flat weights after) of `steps` GraphedSteps from a fresh rig, on the host."""
+    rig = StepRig.build(c, store, precision, batch, device)
+    g = GraphedStep(rig.trainer, rig.batches, 0, capture=capture)
+    losses = []
+    for _ in range(steps):
+        g.step()
+        losses.append(g.last.clone())  # read before the next replay overwrites it; no host read
+    rig.trainer.settle()
+    weights = torch.cat([p.detach().double().flatten() for p in rig.trainer.bare.parameters()]).cpu()
+    return torch.stack(losses).double().cpu(), weights
 
 
 def _sync(device: torch.device) -> None:

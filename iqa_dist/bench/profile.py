@@ -63,10 +63,14 @@ def profile_steps(step, steps: int, device: torch.device, trace: Path | None = N
         wall = time.perf_counter() - t0
     if trace is not None:
         prof.export_chrome_trace(str(trace))
+    # key_averages groups by (name, device type, annotation): a part is its CPU range (whose device
+    # time is the kernels launched inside it); the device's busy time is its kernels and copies alone
     events = prof.key_averages()
+    cpu, gpu = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
     parts = {e.key: {"host_ms": e.cpu_time_total / 1e3 / steps, "device_ms": _device_us(e, total=True) / 1e3 / steps}
-             for e in events if e.key in PARTS}
-    busy = sum(_device_us(e, total=False) for e in events if e.key not in PARTS) / 1e3 / steps
+             for e in events if e.key in PARTS and e.device_type == cpu}
+    busy = sum(_device_us(e, total=False) for e in events
+               if e.device_type == gpu and not getattr(e, "is_user_annotation", False)) / 1e3 / steps
     wall_ms = 1e3 * wall / steps
     return {"steps": steps, "parts": parts, "wall_ms": wall_ms, "device_busy_ms": busy,
             "device_idle_ms": max(0.0, wall_ms - busy) if device.type == "cuda" else None,

@@ -235,7 +235,8 @@ def show_graph(out, g: dict, where: str) -> None:
     ch = g["check"]
     out.print(f"equality: {ch['steps']} steps at batch {ch['batch']}, {'graphed' if ch['captured'] else 'eager'} vs "
               f"eager from the same start: largest relative loss difference {ch['loss_max_rel']:.3g}, weights "
-              f"{ch['weights_rel']:.3g} (last loss {ch['last_loss']:.6g} vs {ch['last_loss_eager']:.6g})",
+              f"{ch['weights_rel']:.3g} (two eager runs: {ch['floor_loss_max_rel']:.3g}, "
+              f"{ch['floor_weights_rel']:.3g}; last loss {ch['last_loss']:.6g} vs {ch['last_loss_eager']:.6g})",
               highlight=False)
 
 

@@ -101,7 +101,8 @@ def markdown(out: dict) -> str:
         lines += ["`train.cuda_graph` (`bench graph`), patches/s end to end" + ("" if g["captured"] else
                   " (NOT captured: no CUDA)") + ":", "", markdown_table(header, cells, "r" * len(header)), "",
                   f"- equality: {ch['steps']} steps at batch {ch['batch']}, largest relative loss difference "
-                  f"{ch['loss_max_rel']:.3g}, weights {ch['weights_rel']:.3g}", ""]
+                  f"{ch['loss_max_rel']:.3g}, weights {ch['weights_rel']:.3g} (two eager runs: "
+                  f"{ch['floor_loss_max_rel']:.3g}, {ch['floor_weights_rel']:.3g})", ""]
     else:
         lines.append(f"- `train.cuda_graph` (`bench graph`): {na}")
     k = (out["kernels"] or {}).get("kernels", [None])[0]

@@ -76,6 +76,7 @@ class GraphedStep:
         self.side = torch.cuda.Stream(device) if capture else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last: torch.Tensor | None = None
 
     def _device_lr(self) -> None:
         """The update reads its learning rate from device memory that the schedule fills in place,
@@ -99,19 +100,21 @@ class GraphedStep:
         warming = self.capture and self.graph is None
         if warming:  # the side stream sees what the default stream queued (set-up, a resume's copies)
             self.side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.side) if warming else contextlib.nullcontext():
-            self.write(s)
-            if self.graph is not None:
-                self.graph.replay()
-                loss, norm = self.outputs
-            else:
-                loss, norm = self.body()
-            self.finish(s, loss, norm)
+        try:
+            with torch.cuda.stream(self.side) if warming else contextlib.nullcontext():
+                self.write(s)
+                if self.graph is not None:
+                    self.graph.replay()
+                    loss, norm = self.outputs
+                else:
+                    loss, norm = self.body()
+                self.finish(s, loss, norm)
+        finally:  # ... and the default stream what the side stream did (the loss window, the weights),
+            if warming:  # also when a bad step stops the run and its weights are saved
+                torch.cuda.current_stream().wait_stream(self.side)
         self.ran += 1
-        if warming:  # ... and the default stream what the side stream did (the loss window, the weights)
-            torch.cuda.current_stream().wait_stream(self.side)
-            if self.ran >= self.warmup:
-                self._capture()
+        if warming and self.ran >= self.warmup:
+            self._capture()
 
     def write(self, s: int) -> None:
         """Step s's numbers into its pinned buffer (the two alternate: the one written now was last
@@ -132,13 +135,11 @@ class GraphedStep:
         stepped (it fills the learning-rate tensors for step s + 1), the counters and loss window."""
         t = self.trainer
         t.norm = norm
+        self.last = loss  # this step's summed loss (a graph output: read it before the next replay)
         try:
             t.guard.replayed(s)
-        except BadStep as bad:  # the schedule back to the bad step too (it was stepped for the steps after it)
+        except BadStep as bad:  # counters and schedule back to the bad step
             t._rewind(bad)
-            schedule = getattr(t.scheduler, "scheduler", t.scheduler)
-            schedule.last_epoch = bad.step - 1
-            schedule.step()
             raise
         t.scheduler.step()
         t.state.step += 1

@@ -67,7 +67,7 @@ class StepGuard:
         self.host.copy_(flags, non_blocking=True)
         event = None
         if flags.device.type == "cuda":
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=True)  # the host sleeps on it: its CPU time is its own work
             event.record()
         self.pending = (step, flags, loss, event)  # flags: the copy's source stays alive until it is read
         return flags[0]
@@ -135,7 +135,7 @@ class LatchedGuard(StepGuard):
         self.flush()
         event = None
         if self.latch.device.type == "cuda":
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=True)
             event.record()
         self.pending = (step, self.latch, self.latch, event)
 

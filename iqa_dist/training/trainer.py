@@ -214,9 +214,14 @@ class Trainer:
         return float(self.scheduler.get_last_lr()[0])  # a device tensor under train.cuda_graph: read at log points
 
     def _rewind(self, bad: BadStep) -> None:
-        """The counters back to before the bad step (none of its update was applied)."""
+        """The counters and the schedule back to before the bad step (none of its update was
+        applied). Eager, the schedule was stepped for the applied steps only, so this sets what it
+        holds; graphed (GraphedStep), it was stepped after every replay and goes back."""
         self.state.loss.n -= (self.state.step - bad.step) * self.patches
         self.state.step = bad.step
+        schedule = getattr(self.scheduler, "scheduler", self.scheduler)
+        schedule.last_epoch = bad.step - 1
+        schedule.step()
 
 
 @dataclass
