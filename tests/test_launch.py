@@ -484,8 +484,12 @@ def test_a_killed_sweep_takes_its_running_member_with_it(tiny_overrides, tmp_pat
     sweep.kill()
     sweep.wait()
     _until(lambda: lock.holder(run) is None, timeout=90, what="the member to exit")
-    log = (run.parent / "seed=0.log").read_text()
-    assert "preempted at step" in log, log[-2000:]  # it checkpointed on the way out
+    # the lock goes back when the run directory is closed; the exit's message is printed after that
+    log_file = run.parent / "seed=0.log"
+    try:
+        _until(lambda: "preempted at step" in log_file.read_text(), timeout=30, what="the member's exit message")
+    except AssertionError:
+        raise AssertionError(log_file.read_text()[-2000:]) from None  # it checkpointed on the way out
     assert not list(run.parent.glob("*-seed=1"))  # and nothing else was started after the sweep died
 
 
