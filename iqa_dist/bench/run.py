@@ -54,6 +54,15 @@ class BenchSettings:
     def cpu(self) -> bool:
         return self.device.type == "cpu"
 
+    @property
+    def backbone(self) -> str:
+        """The one backbone of the benches that measure one (scaling, graph, profile)."""
+        return (self.backbones or ["tiny" if self.cpu else "swin-t"])[0]
+
+    @property
+    def precision(self) -> str:
+        return (self.precisions or ["fp32" if self.cpu else "bf16"])[0]
+
 
 def _augment(cfg: Config, s: BenchSettings, console) -> dict:
     return {"augment": bench_augment(cfg, s.images, s.batches[0], s.steps, s.workers, s.device, s.work, console)}
@@ -71,9 +80,7 @@ def _train(cfg: Config, s: BenchSettings, console) -> dict:
 
 
 def _scaling(cfg: Config, s: BenchSettings, console) -> dict:
-    backbone = (s.backbones or ["tiny" if s.cpu else "swin-t"])[0]
-    precision = (s.precisions or ["fp32" if s.cpu else "bf16"])[0]
-    return {"scaling": bench_scaling(cfg, backbone, precision, s.batches, s.images, s.steps, s.device, s.work, console,
+    return {"scaling": bench_scaling(cfg, s.backbone, s.precision, s.batches, s.images, s.steps, s.device, s.work, console,
                                      s.global_batch, s.intra_gbps, s.inter_gbps)}
 
 
@@ -92,23 +99,18 @@ def _eval(cfg: Config, s: BenchSettings, console) -> dict:
 
 
 def _graph(cfg: Config, s: BenchSettings, console) -> dict:
-    backbone = (s.backbones or ["tiny" if s.cpu else "swin-t"])[0]
-    precision = (s.precisions or ["fp32" if s.cpu else "bf16"])[0]
-    return {"graph": bench_graph(cfg, backbone, precision, s.batches, s.images, s.steps, s.device, s.work, console,
+    return {"graph": bench_graph(cfg, s.backbone, s.precision, s.batches, s.images, s.steps, s.device, s.work, console,
                                  s.check_steps)}
 
 
 def _profile(cfg: Config, s: BenchSettings, console) -> dict:
-    backbone = (s.backbones or ["tiny" if s.cpu else "swin-t"])[0]
-    precision = (s.precisions or ["fp32" if s.cpu else "bf16"])[0]
-    return {"profile": bench_profile(cfg, backbone, precision, s.batches[0], s.compiles, s.images, s.steps, s.device,
+    return {"profile": bench_profile(cfg, s.backbone, s.precision, s.batches[0], s.compiles, s.images, s.steps, s.device,
                                      s.work, console)}
 
 
 # what `iqa-dist bench WHAT` measures, in the order `all` runs its share of them
 BENCHES = {"augment": _augment, "data": _data, "train": _train, "eval": _eval, "scaling": _scaling,
-           "kernels": _kernels, "predict": _predict, "graph": _graph,
-           "profile": _profile}
+           "kernels": _kernels, "predict": _predict, "graph": _graph, "profile": _profile}
 ALL = ("augment", "data", "train", "eval")
 
 

@@ -38,8 +38,8 @@ from ..models.weights import provenance
 from ..output import console_for
 from ..scoring.metrics import METRIC_KEYS
 from .batches import Batches, NoiseSource
-from .graph import GraphedStep, refusal
 from .display import Display
+from .graph import GraphedStep, refusal
 from .guard import BadStep
 from .optim import allreduce_bytes, group_sizes
 from .preemption import PreemptionFlag
@@ -158,8 +158,7 @@ def build(cfg: Config, acc: Accelerator, target: Target, preempt: PreemptionFlag
                           batch=cfg.train.eval_batch_size or 2 * math.ceil(shares.per_process / shares.accum),
                           console=console)
     return Run(cfg=cfg, acc=acc, trainer=trainer, batches=batches, stepper=stepper, data=data, selection=selection,
-               dir=run,
-               target=target, display=Display(console, total_steps, steps_per_epoch, cfg.train.log_every),
+               dir=run, target=target, display=Display(console, total_steps, steps_per_epoch, cfg.train.log_every),
                total_steps=total_steps, eval_every=eval_every,
                checkpoint_every=cfg.train.checkpoint_every or eval_every, counts=parameter_counts(model))
 
