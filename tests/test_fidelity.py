@@ -18,7 +18,7 @@ from iqa_dist.config import load_config
 from iqa_dist.errors import UserError
 from iqa_dist.models.hyperiqa import build_model
 from iqa_dist.training.losses import sample_losses
-from iqa_dist.training.optim import build_optimizer, build_schedule, group_sizes
+from iqa_dist.training.optim import Schedule, build_optimizer, group_sizes
 
 from .conftest import RUN, cli, here, metrics, only_run, run_train, train_here
 
@@ -141,14 +141,8 @@ def test_koniq_resnet50_is_the_original_solver_but_for_one_stated_departure():
 
 def test_freeze_hyper_after_restores_the_originals_frozen_hyper_network():
     cfg = load_config("koniq-resnet50", ["model.pretrained=none", "optim.freeze_hyper_after=1"])
-    model = build_model(cfg.model)
-    opt = build_optimizer(model, cfg, fused=False)
-    schedule = build_schedule(opt, cfg, total_steps=30, steps_per_epoch=10)
-    lrs = []
-    for _ in range(25):
-        lrs.append([g["lr"] for g in opt.param_groups])
-        opt.step()
-        schedule.step()
+    schedule = Schedule.of(cfg, total_steps=30, steps_per_epoch=10)
+    lrs = [schedule.lrs(step) for step in range(25)]
     assert lrs[0] == [2e-5, 2e-4] and lrs[9] == [2e-5, 2e-4]
     assert lrs[10] == [2e-5, 0.0] and lrs[24] == [2e-5, 0.0]  # epoch 2 on: head frozen, backbone constant
 

@@ -86,13 +86,13 @@ def test_ema_after_k_steps_is_the_closed_form():
         with torch.no_grad():
             model.weight.add_(torch.randn_like(model.weight))
         history.append(model.weight.detach().clone())
-        ema.update()
+        ema.update(torch.zeros(()))  # the guard's flag of an applied step
     d = 0.9  # ema_k = d^k w_0 + (1 - d) sum_i d^(k - i) w_i
     expected = d ** 5 * start + sum((1 - d) * d ** (5 - i) * w for i, w in enumerate(history, 1))
     torch.testing.assert_close(ema.model.weight, expected)
     restored = WeightEMA(torch.nn.Linear(3, 2), decay=0.9)
     restored.load_state_dict(ema.state_dict())
-    assert torch.equal(restored.model.weight, ema.model.weight) and restored.updates == 5
+    assert torch.equal(restored.model.weight, ema.model.weight)
 
 
 # ---------------------------------------------------------------- a joint run end to end
@@ -239,6 +239,5 @@ def test_ema_resumes_bit_exact(tiny_overrides, tmp_path):
         return torch.load(run / "checkpoints" / "step-00000006" / "custom_checkpoint_2.pkl", weights_only=False)
 
     ours, theirs = ema(run_b), ema(only_run(tmp_path / "a"))
-    assert ours["updates"] == theirs["updates"] == 6
     for key, value in theirs["model"].items():
         assert torch.equal(ours["model"][key], value), key

@@ -20,7 +20,7 @@ from iqa_dist.models.hyperiqa import build_model
 from iqa_dist.scoring.predictions import predict_images
 from iqa_dist.training.batches import Batch, MicroBatch
 from iqa_dist.training.guard import BadStep, StepGuard
-from iqa_dist.training.optim import WeightEMA, build_optimizer, build_schedule
+from iqa_dist.training.optim import Schedule, WeightEMA, build_optimizer
 from iqa_dist.training.preemption import PreemptionFlag
 from iqa_dist.training.selection import update_best
 from iqa_dist.training.trainer import TrainState, Trainer
@@ -43,11 +43,10 @@ def setup(cfg, seed: int = 0, scaler: torch.amp.GradScaler | None = None, ema: b
     torch.manual_seed(seed)
     model = build_model(cfg.model)
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_schedule(optimizer, cfg, 100, 10)
-    average = WeightEMA(model, 0.5, in_step=distill > 0) if ema or distill else None
-    prepared, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    return Trainer(acc=acc, model=prepared, forward=prepared, bare=model, optimizer=optimizer, scheduler=scheduler,
-                   guard=StepGuard(acc, optimizer, PreemptionFlag(), scheduler=scheduler, ema=average), ema=average,
+    average = WeightEMA(model, 0.5) if ema or distill else None
+    prepared, optimizer = acc.prepare(model, optimizer)
+    return Trainer(acc=acc, model=prepared, forward=prepared, bare=model, optimizer=optimizer,
+                   schedule=Schedule.of(cfg, 100, 10), guard=StepGuard(acc, optimizer, PreemptionFlag()), ema=average,
                    teacher=average.model if distill else None, state=TrainState(), per_process=8.0, patches=8,
                    rank_weight=0.0, distill_weight=distill, grad_clip=1.0)
 
@@ -81,7 +80,7 @@ def test_bench_times_the_training_step_itself():
         t.settle()
     for (k, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(x, y), k
-    assert a.lr() == b.lr() and a.ema.updates == 3 and a.state.step == 3 and a.state.loss.n == 24
+    assert a.lr() == b.lr() and a.state.step == 3 and a.state.loss.n == 24
     torch.testing.assert_close(a.ema.model.state_dict(), b.ema.model.state_dict(), rtol=0, atol=0)
     assert a.state.loss.total == b.state.loss.total > 0
 
@@ -110,12 +109,12 @@ def _snapshot(t: Trainer) -> dict:
     """Everything a skipped step must leave as it was."""
     return {"weights": {k: v.clone() for k, v in t.model.state_dict().items()},
             "moments": {k: v.clone() for k, v in t.optimizer.state_dict()["state"][0].items()},
-            "schedule": (t.scheduler.scheduler.last_epoch, list(t.scheduler.get_last_lr())),
+            "step": t.state.step,
             "ema": {k: v.clone() for k, v in t.ema.model.state_dict().items()}}
 
 
 def _assert_same(a: dict, b: dict) -> None:
-    assert a["schedule"] == b["schedule"]
+    assert a["step"] == b["step"]
     for part in ("weights", "moments", "ema"):
         for k, v in a[part].items():
             assert torch.equal(v, b[part][k]), (part, k)
@@ -123,29 +122,31 @@ def _assert_same(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("distill", [0.0, 0.5], ids=["ema", "distilled"])
 def test_a_skipped_step_changes_nothing_and_the_debug_state_is_from_before_it(distill):
-    """bf16/fp32: the step with a non-finite loss leaves weights, moments, step count, schedule and
-    EMA as they were (the guard settles a step, schedule and EMA included, only once its flag
-    says it was applied; a teacher EMA, updated inside the step, is held by the device flag), and
-    BadStep names it at the next check, before that step's update."""
+    """bf16/fp32: the step with a non-finite loss leaves weights, moments, the step counter (so the
+    learning rate, a function of it) and the EMA as they were (the EMA, updated inside the step, is
+    held by the guard's device flag, teacher or not), and BadStep names it at the next check,
+    before that step's update."""
     t = setup(tiny_cfg(), ema=True, distill=distill)
     t.step(batch(seed=1))
-    t.guard.flush()  # step 0 settled: its schedule step and EMA update applied
-    assert t.scheduler.scheduler.last_epoch == 1 and t.guard.ema.updates == 1
+    t.guard.flush()
+    ema0 = {k: v.clone() for k, v in t.ema.model.state_dict().items()}
+    assert any(not torch.equal(v, t.model.state_dict()[k]) for k, v in ema0.items())  # an average, not a copy
     before = _snapshot(t)
     t.step(batch(seed=2, bad=True))
     with pytest.raises(BadStep) as bad:
         t.step(batch(seed=3))
     assert bad.value.step == 1 and bad.value.what == "loss"
     _assert_same(before, _snapshot(t))
-    assert t.guard.ema.updates == 1
+    assert t.lr() == t.schedule.lrs(1)[0]
 
 
 @pytest.mark.parametrize("distill", [0.0, 0.5], ids=["ema", "distilled"])
 def test_an_fp16_overflow_is_skipped_without_a_host_read_and_training_goes_on(distill):
     """fp16 with a fused optimizer: an overflowing step (non-finite scaled gradients, finite loss)
-    is skipped on the device by the loss scaler, and the guard, reading its flag one step late
-    like any other, steps neither the schedule nor the EMA for it (nor the teacher EMA, which the
-    step updates under the same flag); training continues."""
+    is skipped on the device by the loss scaler, the EMA (teacher or not) held by the guard's flag,
+    and the guard, reading its flag one step late like any other, lets training continue; the step
+    counts (the learning rate follows the step counter, as torch's GradScaler recipes step their
+    schedule)."""
     scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
     t = setup(tiny_cfg(), scaler=scaler, ema=True, distill=distill)
     assert t.guard.fp16 and t.guard.deferred
@@ -156,11 +157,11 @@ def test_an_fp16_overflow_is_skipped_without_a_host_read_and_training_goes_on(di
     t.step(batch(seed=2))
     t.guard.flush()  # no BadStep: an overflow is not fatal
     assert t.guard.skipped == 1
-    _assert_same(before, _snapshot(t))
+    _assert_same({**before, "step": 2}, _snapshot(t))
     scaler.update(new_scale=1.0)
     t.step(batch(seed=3))
     t.guard.flush()
-    assert t.scheduler.scheduler.last_epoch == 2 and t.guard.ema.updates == 2  # applied steps only
+    assert t.state.step == 3 and t.lr() == t.schedule.lrs(3)[0]
     assert not torch.equal(t.model.state_dict()["hyper.last_weight.weight"], before["weights"]["hyper.last_weight.weight"])
     bad_loss = batch(seed=4, bad=True)
     t.step(bad_loss)
@@ -188,7 +189,7 @@ def test_a_bad_step_rewinds_the_trainers_counters_and_checkpoints_keep_their_for
     assert bad.value.step == 1 and t.state.step == 1 and t.state.loss.n == 8
     saved = t.state.state_dict()  # what a debug state holds: the host totals (nothing settled yet)
     assert set(saved) == {"step", "best_srcc", "best_step", "bad_evals", "stopped_early", "train_seconds",
-                          "world_size", "window_loss", "window_n"}
+                          "world_size", "noise_stream", "window_loss", "window_n"}
     assert saved["window_n"] == 8 and saved["window_loss"] == 0.0
     saved["window_loss"] = 12.5
     again = TrainState()
@@ -211,19 +212,39 @@ def test_update_best_selects_and_stops_on_patience():
 
 
 def test_schedule_warms_up_then_follows_the_cosine():
-    cfg = tiny_cfg("optim.warmup_steps=4", "optim.min_lr_ratio=0.1", "optim.lr=1.0", "optim.lr_ratio=2")
-    model = build_model(cfg.model)
-    opt = build_optimizer(model, cfg, fused=False)
-    schedule = build_schedule(opt, cfg, total_steps=24, steps_per_epoch=8)
-    lrs = []
-    for _ in range(24):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        schedule.step()
-    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    """The learning rate is a function of the step: warmup, cosine to the floor, the head at
+    lr_ratio and frozen after freeze_hyper_after epochs; written into the groups as numbers, or in
+    place into a graphed step's device tensors. The same floats as the LambdaLR it replaced, which
+    runs were trained with (so a resumed run continues on the rates it had)."""
+    cfg = tiny_cfg("optim.warmup_steps=4", "optim.min_lr_ratio=0.1", "optim.lr=1.0", "optim.lr_ratio=2",
+                   "optim.freeze_hyper_after=2")
+    schedule = Schedule.of(cfg, total_steps=24, steps_per_epoch=8)
+    lrs = [schedule.lrs(step) for step in range(24)]
+    assert [b for b, _ in lrs[:4]] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     t = (14 - 4) / 20
-    assert lrs[14] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-    assert opt.param_groups[1]["lr"] == pytest.approx(2 * schedule.get_last_lr()[0])  # lr_ratio
+    assert lrs[14][0] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    assert [h for _, h in lrs[:16]] == pytest.approx([2 * b for b, _ in lrs[:16]])  # lr_ratio
+    assert [h for _, h in lrs[16:]] == [0.0] * 8  # frozen after 2 epochs of 8 steps
+
+    opt = build_optimizer(build_model(cfg.model), cfg, fused=False)
+    o = cfg.optim
+
+    def factor(step):  # the LambdaLR the trainer stepped before (optim.py at e2a7ab0)
+        if step < 4:
+            return (step + 1) / 4
+        t = (step - 4) / max(1, 24 - 4)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    before = torch.optim.lr_scheduler.LambdaLR(opt, [factor, lambda step: 0.0 if step >= 16 else factor(step)])
+    for step in range(24):
+        assert [g["lr"] for g in opt.param_groups] == lrs[step], step  # bit for bit
+        opt.step()
+        before.step()
+    graphed = [torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)]
+    for group, lr in zip(opt.param_groups, graphed):
+        group["lr"] = lr
+    schedule.apply(opt, 5)
+    assert [g["lr"] for g in opt.param_groups] == graphed and [float(x) for x in graphed] == lrs[5]
 
 
 def test_augmentation_is_batched_with_one_upload_and_equals_torchvision_per_sample():

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
@@ -305,7 +306,8 @@ class RunDir:
         except Exception as e:  # noqa: BLE001 (told apart below: a full disk is one line, the rest re-raised)
             failed = e
         if acc.num_processes > 1:  # every process learns whether any save failed (instead of a barrier that hangs)
-            flags = acc.reduce(torch.tensor([float(failed is not None)], device=acc.device), "max")
+            flags = torch.tensor([float(failed is not None)], device=acc.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # torch.distributed's own MAX (accelerate 1.0's reduce sums)
             if flags.item() and failed is None:
                 raise UserError("") from None  # another process failed and says why
         if failed is not None:

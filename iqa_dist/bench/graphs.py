@@ -68,7 +68,7 @@ def _rates(c: Config, store, precision: str, batch: int, steps: int, device: tor
     for mode in ("eager", "graphed"):
         rig = StepRig.build(c, store, precision, batch, device)
         if mode == "graphed":
-            g = GraphedStep(rig.trainer, rig.batches, 0, capture=device.type == "cuda")
+            g = GraphedStep(rig.trainer, rig.batches, capture=device.type == "cuda")
             fn = g.step
             t0 = time.perf_counter()
             for _ in range(g.warmup + 1):  # warm-up steps, the capture, the first replay
@@ -92,15 +92,16 @@ def _rates(c: Config, store, precision: str, batch: int, steps: int, device: tor
 
 
 def equality(c: Config, store, precision: str, batch: int, steps: int, device: torch.device) -> dict:
-    """`steps` steps captured and replayed (on CUDA) against the same steps run eagerly, from the
-    same start: the largest relative difference of a step's loss, and of the weights after; and the
+    """`steps` steps captured and replayed (on CUDA; without it the graphed body run eagerly)
+    against the same steps of the eager step (`EagerStep`, what `train` runs without
+    train.cuda_graph), from the same start, dropout and drop path on (both read the same keyed
+    noise): the largest relative difference of a step's loss, and of the weights after; and the
     same between two eager runs, the noise floor of the kernels themselves (cuDNN's convolutions
     are pinned to deterministic ones for the check)."""
     deterministic, benchmark = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
-        runs = [_run(c, store, precision, batch, steps, device, capture) for capture in
-                (device.type == "cuda", False, False)]
+        runs = [_run(c, store, precision, batch, steps, device, graphed) for graphed in (True, False, False)]
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, benchmark
     (lg, wg), (le, we), (lf, wf) = runs
@@ -112,17 +113,19 @@ def equality(c: Config, store, precision: str, batch: int, steps: int, device: t
     floor_loss, floor_weights = rel(lf, le, wf, we)
     return {"steps": steps, "batch": batch, "captured": device.type == "cuda", "loss_max_rel": loss_rel,
             "weights_rel": weight_rel, "floor_loss_max_rel": floor_loss, "floor_weights_rel": floor_weights,
+            "dropout": c.model.dropout, "drop_path": c.model.drop_path,
             "first_losses": lg[:3].tolist(), "last_loss": lg[-1].item(), "last_loss_eager": le[-1].item()}
 
 
-def _run(c: Config, store, precision: str, batch: int, steps: int, device: torch.device, capture: bool):
-    """(per-step losses, flat weights after) of `steps` GraphedSteps from a fresh rig, on the host."""
+def _run(c: Config, store, precision: str, batch: int, steps: int, device: torch.device, graphed: bool):
+    """(per-step losses, flat weights after) of `steps` graphed steps (captured on CUDA) or eager
+    steps from a fresh rig, on the host."""
     rig = StepRig.build(c, store, precision, batch, device)
-    g = GraphedStep(rig.trainer, rig.batches, 0, capture=capture)
+    step = GraphedStep(rig.trainer, rig.batches, capture=device.type == "cuda").step if graphed else rig.end_to_end
     losses = []
     for _ in range(steps):
-        g.step()
-        losses.append(g.last.clone())  # read before the next replay overwrites it; no host read
+        step()
+        losses.append(rig.trainer.last.clone())  # read before the next replay overwrites it; no host read
     rig.trainer.settle()
     weights = torch.cat([p.detach().double().flatten() for p in rig.trainer.bare.parameters()]).cpu()
     return torch.stack(losses).double().cpu(), weights

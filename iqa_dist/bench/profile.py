@@ -37,7 +37,7 @@ def bench_profile(cfg: Config, backbone: str, precision: str, batch: int, compil
         console.print(f"profile: {backbone} {precision} batch {batch} {mode}", highlight=False)
         c_run = replace(c, train=replace(c.train, compile=mode == "compiled"))
         rig = StepRig.build(c_run, store, precision, batch, device)
-        step = GraphedStep(rig.trainer, rig.batches, 0, capture=True).step if mode == "graphed" else rig.end_to_end
+        step = GraphedStep(rig.trainer, rig.batches, capture=True).step if mode == "graphed" else rig.end_to_end
         for _ in range(5):  # warm-up (compiled: the compilation; graphed: the capture)
             step()
         rig.trainer.settle()

@@ -27,7 +27,7 @@ from ..distributed.accelerators import fresh_accelerator
 from ..distributed.shards import Shares
 from ..models.hyperiqa import build_model
 from ..parts import part
-from ..training.batches import Batch, Batches, MicroBatch, NoiseSource
+from ..training.batches import Batch, Batches, KeyedNoise, MicroBatch
 from ..training.preemption import PreemptionFlag
 from ..training.trainer import Trainer
 
@@ -52,9 +52,9 @@ class StepRig:
         trainer = Trainer.build(cfg, model, acc, shares=shares, total_steps=10**6, steps_per_epoch=10**6,
                                 augmenter=augmenter, preempt=PreemptionFlag(), console=Console(quiet=True))
         trainer.rank_weight = 0.0  # the fixed batch carries no global targets
-        noise = NoiseSource(seed, model.noise_width, device)
+        noise = KeyedNoise(seed, model.noise_width, batch, device)
         size = cfg.model.img_size
-        u = noise.draw(0, batch, device)
+        u = noise.draw(0)
         fixed = Batch([MicroBatch(torch.randn(sl.stop - sl.start, 3, size, size, device=device),
                                   torch.rand(sl.stop - sl.start, device=device) * 100, sl.start,
                                   None if u is None else u[sl]) for sl in shares.slices()])
@@ -71,19 +71,20 @@ class StepRig:
         self.trainer.step(self.fixed)
 
     def end_to_end(self) -> None:
-        """`Batches.get` + `Trainer.step`: what one step of `iqa-dist train` runs."""
+        """`EagerStep.step` (`Batches.get` + `Trainer.step`): what one step of `iqa-dist train` runs."""
         self.trainer.step(self.augment())
 
     def augment(self) -> Batch:
         """`Batches.get` alone: the input path of the next step."""
-        return self.batches.get(self.trainer.state.step % self.batches.plan.steps_per_epoch)
+        return self.batches.get(self.trainer.state.step)
 
     def device_tensors(self) -> list[torch.Tensor]:
         """What lives on the device before a step: weights, optimizer state, EMA, resident pixels."""
         t, aug = self.trainer, self.batches.augmenter
         fixed = [t for mb in self.fixed.micro for t in (mb.x, mb.target, mb.noise) if t is not None]
+        noise = [self.batches.noise.base] if isinstance(self.batches.noise, KeyedNoise) else []
         return device_tensors(t.model, t.optimizer, t.ema.model if t.ema else None,
-                              [self.batches.store.pixels, *fixed, aug.mean, aug.std, aug.gray])
+                              [self.batches.store.pixels, *fixed, *noise, aug.mean, aug.std, aug.gray])
 
 
 class AnchorRig:

@@ -33,7 +33,6 @@ def build_accelerator(cfg: Config, run_root: Path) -> Accelerator:
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=precision,
-        step_scheduler_with_optimizer=False,  # the guard steps the schedule once per applied step (training.guard.StepGuard)
         log_with=cfg.run.log_with or None,
         project_dir=str(run_root),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s)),

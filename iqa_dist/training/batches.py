@@ -20,7 +20,7 @@ class MicroBatch:
     x: torch.Tensor  # (b, 3, S, S) normalised patches on the device
     target: torch.Tensor  # (b,) training targets on the device
     offset: int  # index of its first sample in the global batch
-    noise: torch.Tensor | None = None  # (b, noise_width) uniforms keying the regularisers (NoiseSource)
+    noise: torch.Tensor | None = None  # (b, noise_width) uniforms keying the regularisers (KeyedNoise)
 
 
 @dataclass
@@ -34,20 +34,20 @@ class Batch:
 
 
 class NoiseSource:
-    """The regularisers' uniforms of a global batch: (B, width), drawn on the device from a
-    generator seeded by (seed, step) alone. Every process draws the same matrix and takes its
-    samples' rows, so dropout and drop path are keyed by sample: 1 process or 64, micro-batched or
-    not, and resumed or not, sample i of step s is regularised the same way. Nothing to checkpoint."""
+    """The regularisers' uniforms of runs begun before `KeyedNoise` became the one stream: (B,
+    width) drawn on the device from a generator seeded by (seed, step) alone, every process the
+    same matrix. Kept so that such a run resumes with the numbers it began with (TrainState's
+    noise_stream); new runs never use it."""
 
-    def __init__(self, seed: int, width: int, device: torch.device) -> None:
-        self.seed, self.width = seed, width
+    def __init__(self, seed: int, width: int, batch: int, device: torch.device) -> None:
+        self.seed, self.width, self.batch, self.device = seed, width, batch, device
         self.generator = torch.Generator(device=device) if width else None
 
-    def draw(self, step: int, n: int, device: torch.device) -> torch.Tensor | None:
+    def draw(self, step: int) -> torch.Tensor | None:
         if not self.width:
             return None
         self.generator.manual_seed(step_seed(self.seed, step, NOISE))  # host state only: no sync
-        return torch.rand((n, self.width), generator=self.generator, device=device)
+        return torch.rand((self.batch, self.width), generator=self.generator, device=self.device)
 
 
 MASK32 = 0xFFFFFFFF
@@ -70,17 +70,27 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _mix32_int(x: int) -> int:
-    return int(mix32(torch.tensor(x & MASK32, dtype=torch.int64)))
+    """mix32 of one word in Python integers: the host half of a key, no tensor made."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
 
 
 class KeyedNoise:
-    """The regularisers' uniforms as a counter-based hash, for a step with no host number in it
-    (train.cuda_graph): u[i, j] of step s = mix32(base[i, j] ^ mix32(s ^ k)), where base hashes
-    (seed, sample i of the global batch, column j) once at set-up and s is read from a device
-    tensor, so a replayed graph draws new uniforms every step. Integer ops on the device: the same
-    bits on a CPU and a GPU, for any number of processes or micro-batches (rows are global sample
-    indices), resumed or not. Top 24 bits -> float32 in [0, 1 - 2^-24]. Another stream than
-    NoiseSource's generator: the same distribution, not the same numbers."""
+    """The regularisers' uniforms of a global batch, (B, width): dropout and drop path keyed by
+    sample, for the eager and the graphed step alike. A counter-based hash: u[i, j] of step s =
+    mix32(base[i, j] ^ mix32(s ^ k)), where base hashes (seed, sample i of the global batch,
+    column j) once at set-up. Every process computes the same matrix and takes its samples' rows,
+    so sample i of step s is regularised the same way on 1 process or 64, micro-batched or not,
+    resumed or not, with nothing to checkpoint. Integer ops only: the same bits on a CPU and a GPU.
+
+    The step comes as a host int (the eager step: its key is mixed on the host, and the kernels
+    read it as a scalar) or as a 0-d int64 device tensor (a graphed step, which reads it from its
+    input buffer, so a replay draws new uniforms); both give the same bits. Top 24 bits -> float32
+    in [0, 1 - 2^-24]."""
 
     def __init__(self, seed: int, width: int, batch: int, device: torch.device) -> None:
         self.width = width
@@ -89,11 +99,15 @@ class KeyedNoise:
         counter = torch.arange(batch * max(width, 1), dtype=torch.int64, device=device).view(batch, -1)
         self.base = mix32(counter ^ k_seed)  # (B, width) int64, made once
 
-    def draw(self, step: torch.Tensor) -> torch.Tensor | None:
-        """(B, width) float32 uniforms of the step in `step` (a 0-d int64 device tensor)."""
+    def draw(self, step: int | torch.Tensor) -> torch.Tensor | None:
+        """(B, width) float32 uniforms of step `step`."""
         if not self.width:
             return None
-        h = mix32(self.base ^ mix32((step & MASK32) ^ self.k_step))
+        if isinstance(step, torch.Tensor):
+            key = mix32((step & MASK32) ^ self.k_step)
+        else:
+            key = _mix32_int((step & MASK32) ^ self.k_step)
+        h = mix32(self.base ^ key)
         return (h >> 8).float().mul_(2.0 ** -24)
 
 
@@ -109,7 +123,7 @@ class Batches:
     shares: Shares
     device: torch.device
     rank_weight: float = 0.0  # > 0: every process also gets the global batch's targets and datasets
-    noise: NoiseSource | None = None
+    noise: KeyedNoise | NoiseSource | None = None  # the regularisers' uniforms (NoiseSource: older runs only)
 
     def numbers(self, step: int) -> tuple[list[tuple[int, torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
         """The host half of `get`: per micro-batch (offset in the global batch, pixels on the device,
@@ -142,7 +156,7 @@ class Batches:
             uploads = [(start, pixels, _upload(packed, device)) for start, pixels, packed in micro_numbers]
             every = [_upload(t, device) for t in every]
         with part("noise"):
-            u = self.noise.draw(step, self.shares.batch_size, device) if self.noise is not None else None
+            u = self.noise.draw(step) if self.noise is not None else None
         micro = []
         with part("augment"):
             for start, pixels, packed in uploads:

@@ -8,8 +8,9 @@ changes per step reaches the kernels as device memory written in place:
   by the host into one pinned buffer (two, alternating, so the host never overwrites one the
   device is still copying from) and copied into ONE static device buffer before each replay;
   the pixels are the store's one resident buffer;
-- the regularisers' uniforms are `KeyedNoise`, a hash of the step read from that buffer;
-- the learning rate is a device tensor per parameter group that the schedule fills in place;
+- the regularisers' uniforms are the eager step's `KeyedNoise`, a hash of the step read from that
+  buffer (so a graphed and an eager run of one seed train the same numbers);
+- the learning rate is a device tensor per parameter group that `Trainer.set_lr` fills in place;
 - the guard's flag latches on the device (`LatchedGuard`), and its one download goes to a pinned
   buffer made once.
 `bench kernels` proves on the CPU that the graphed body is capturable (the same buffers every step,
@@ -30,7 +31,7 @@ import torch
 from ..data.store import same_device
 from ..errors import UserError
 from ..parts import part
-from .batches import Batch, Batches, KeyedNoise, MicroBatch
+from .batches import Batch, Batches, MicroBatch
 from .guard import BadStep, LatchedGuard
 from .trainer import Trainer, train_step
 
@@ -49,7 +50,7 @@ def refusal(*, processes: int, device: torch.device) -> str:
 class GraphedStep:
     """`Trainer.step(batches.get(step))` as one replayed graph: `step()` runs the trainer's next step."""
 
-    def __init__(self, trainer: Trainer, batches: Batches, seed: int, capture: bool, warmup: int = 3) -> None:
+    def __init__(self, trainer: Trainer, batches: Batches, capture: bool, warmup: int = 3) -> None:
         t, device = trainer, trainer.acc.device
         self.trainer, self.batches, self.warmup = t, batches, warmup
         micro, every = batches.numbers(0)  # the shapes, the same every step
@@ -66,22 +67,18 @@ class GraphedStep:
         self.every = views[len(micro):-1]
         self.step_number = views[-1].view(())
         self.sizes = sizes
-        self.noise = KeyedNoise(seed, t.bare.noise_width, batches.shares.batch_size, device)
-        if t.ema is not None:
-            t.ema.in_step = True  # updated inside the step, with the latched flag
-        t.guard = LatchedGuard(t.acc, t.optimizer, t.guard.preempt, t.ema, self.step_number)
+        t.guard = LatchedGuard(t.acc, t.optimizer, t.guard.preempt, self.step_number)
         self.capture = capture
         self.ran = 0  # steps this object has run (a resumed run warms up again before its capture)
         self.lr_ready = False
         self.side = torch.cuda.Stream(device) if capture else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.last: torch.Tensor | None = None
 
     def _device_lr(self) -> None:
-        """The update reads its learning rate from device memory that the schedule fills in place,
-        made at the first step: after a resume has loaded the groups (a checkpoint's tensor comes
-        back on the CPU, and a CPU lr would be read once at capture and frozen). float32 on CUDA,
+        """The update reads its learning rate from device memory that `Trainer.set_lr` fills in
+        place, made at the first step: after a resume has loaded the groups (a checkpoint's tensor
+        comes back on the CPU, and a CPU lr would be read once at capture and frozen). float32 on CUDA,
         the fused kernel's type; float64 on the CPU, whose kernel reads a double, so its updates
         equal eager ones."""
         device = self.trainer.acc.device
@@ -97,6 +94,9 @@ class GraphedStep:
         up or without capture, the body run eagerly), then the host's bookkeeping."""
         t = self.trainer
         s = t.state.step
+        if not self.lr_ready:
+            self._device_lr()
+        t.set_lr()  # into the device tensors the update reads (queued before this step's copy and replay)
         warming = self.capture and self.graph is None
         if warming:  # the side stream sees what the default stream queued (set-up, a resume's copies)
             self.side.wait_stream(torch.cuda.current_stream())
@@ -120,8 +120,6 @@ class GraphedStep:
         """Step s's numbers into its pinned buffer (the two alternate: the one written now was last
         copied two steps ago, and the host has read the step after that one since), then one copy
         into the graph's input."""
-        if not self.lr_ready:
-            self._device_lr()
         with part("host"):
             micro, every = self.batches.numbers(s)
             buf = self.host[s % 2]
@@ -131,26 +129,22 @@ class GraphedStep:
         self.numbers.copy_(buf, non_blocking=True)
 
     def finish(self, s: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
-        """After step s ran: the previous step's flags read (BadStep for a bad one), the schedule
-        stepped (it fills the learning-rate tensors for step s + 1), the counters and loss window."""
+        """After step s ran: the previous step's flags read (BadStep for a bad one), the counters
+        and loss window."""
         t = self.trainer
         t.norm = norm
-        self.last = loss  # this step's summed loss (a graph output: read it before the next replay)
         try:
             t.guard.replayed(s)
-        except BadStep as bad:  # counters and schedule back to the bad step
+        except BadStep as bad:  # the counters back to the bad step
             t._rewind(bad)
             raise
-        t.scheduler.step()
-        t.state.step += 1
-        with part("loss"):
-            t.state.loss.add(loss, t.patches)
+        t.count(loss)
 
     def body(self) -> tuple[torch.Tensor, torch.Tensor]:
         """What the graph holds: device work only, on the static buffers."""
         t, aug = self.trainer, self.batches.augmenter
         with part("noise"):
-            u = self.noise.draw(self.step_number.long())
+            u = self.batches.noise.draw(self.step_number.long())
         micro = []
         with part("augment"):
             for start, pixels, packed in self.inputs:
@@ -169,7 +163,7 @@ class GraphedStep:
         inner = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)
         lrs = [g["lr"] for g in inner.param_groups if torch.is_tensor(g["lr"])]
         return [self.numbers, *(packed for _, _, packed in self.inputs), *self.every, self.step_number,
-                self.noise.base, self.trainer.guard.latch, *lrs]
+                self.batches.noise.base, self.trainer.guard.latch, *lrs]
 
     def _capture(self) -> None:
         torch.cuda.current_stream().wait_stream(self.side)

@@ -1,40 +1,38 @@
-"""The guard: whether each step was applied, decided for every process together without
-waiting for the device, and what follows from it (the schedule step, the EMA update).
+"""The guard: whether each step is applied and whether the run goes on, decided for every process
+together without waiting for the device. It detects and decides, and nothing else: the learning
+rate is a function of the step (optim.Schedule) and the EMA is updated in the step with the
+guard's flag (optim.WeightEMA), so nothing here changes when or whether the host reads.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 
-from ..parts import part
-from .optim import WeightEMA
 from .preemption import PreemptionFlag
 
 
 class StepGuard:
-    """Decides, for every process together and without waiting for the device, whether each step
-    was applied, and applies what follows from it: the schedule step and the EMA update.
+    """The flag: 1 when the loss or the gradient norm is non-finite (three kernels: a sum, times
+    zero, NaN to one), else 0. With several processes [skipped, loss non-finite, stop requested]
+    travel in one all-reduce by MAX (torch.distributed's own, so each flag stays exactly 0 or 1
+    whatever the world size: the fused kernel skips an update only when found_inf is 1.0, and a
+    sum would make a 2 of it and apply the step), so every process skips the same steps and stops
+    at the same step naming the same cause; a stop request rides along because it too must be
+    agreed by all, and this is the step's one collective besides the gradients'.
 
-    The flag: 1 when the loss or the gradient norm is non-finite (three kernels: a sum, times
-    zero, NaN to one), else 0, so exactly {0, 1} (all-reduced by max with several processes). With
-    a fused optimizer the update skips itself on the device when it is 1 (the optimizer's
-    `found_inf`; under fp16 the loss scaler passes its own overflow flag instead), and the flag
-    reaches the host one step late through a pinned, non-blocking copy: `check` at step s reads
-    step s-1's flag before step s's update. Only then does step s-1 count: an applied step steps
-    the schedule and updates the EMA (the weights have not moved since: step s's update comes
-    after), a skipped one changes nothing, so the schedule is a function of applied updates. A
-    non-finite loss (or, except under fp16, gradient) stops the run with BadStep, leaving the
-    weights, moments, schedule and EMA from before the bad step; under fp16 a non-finite gradient
-    with a finite loss is the loss scaler's overflow: skipped, and training goes on.
+    With a fused optimizer the update skips itself on the device when the flag is 1 (the
+    optimizer's `found_inf`; under fp16 the loss scaler passes its own overflow flag instead), and
+    the flag reaches the host one step late through a pinned, non-blocking copy: `check` at step s
+    reads step s-1's flag before step s's update. A non-finite loss (or, except under fp16,
+    gradient) stops the run with BadStep, the weights, moments and EMA from before the bad step
+    kept (nothing of it was applied); under fp16 a non-finite gradient with a finite loss is the
+    loss scaler's overflow: skipped, and training goes on. Without a fused optimizer the flag is
+    read at once (a host sync)."""
 
-    Without a fused optimizer the flag is read at once (a host sync). With one process a stop
-    request is the host's own flag; with several, [skipped, loss non-finite, stop requested]
-    travel in one all-reduce, so every process stops at the same step and names the same cause."""
-
-    def __init__(self, acc: Accelerator, optimizer: torch.optim.Optimizer, preempt: "PreemptionFlag",
-                 scheduler=None, ema: WeightEMA | None = None) -> None:
-        self.acc, self.preempt, self.scheduler, self.ema = acc, preempt, scheduler, ema
+    def __init__(self, acc: Accelerator, optimizer: torch.optim.Optimizer, preempt: PreemptionFlag) -> None:
+        self.acc, self.preempt = acc, preempt
         self.inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
         self.fp16 = acc.scaler is not None  # a loss scaler: overflows are skipped, not fatal
         self.deferred = bool(self.inner.defaults.get("fused"))
@@ -57,7 +55,8 @@ class StepGuard:
             flags = torch.cat([skipped, torch.nan_to_num(loss * 0.0, nan=1.0).view(1)])
         if self.shared:
             stop = torch.full((1,), float(self.preempt.requested()), device=flags.device)
-            flags = self.acc.reduce(torch.cat([flags, stop]), "max")
+            flags = torch.cat([flags, stop])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if not self.deferred:
             self._read(step, flags.cpu().numpy(), loss)
             return flags[0]
@@ -91,12 +90,6 @@ class StepGuard:
             if loss_bad or not self.fp16:
                 raise BadStep(step, "loss" if loss_bad else "gradient")
             self.skipped += 1  # an fp16 overflow: the scaler skipped the update and lowered its scale
-            return
-        if self.scheduler is not None:
-            self.scheduler.step()
-        if self.ema is not None:
-            with part("ema"):
-                self.ema.applied()
 
 
 class LatchedGuard(StepGuard):
@@ -106,13 +99,11 @@ class LatchedGuard(StepGuard):
     kernel skips every later update and the weights, moments and EMA stay from before it, whenever
     the host reads. The graph copies the latch to one pinned host buffer; after each replay the
     host records an event, reads the previous step's latch (`replayed`: that step is done), and
-    raises BadStep naming the first bad step. The schedule is the host's (stepped after every
-    replay: with the latch, no applied step follows a bad one), and the EMA is updated inside the
-    step (WeightEMA in_step), so the guard only counts."""
+    raises BadStep naming the first bad step."""
 
-    def __init__(self, acc: Accelerator, optimizer: torch.optim.Optimizer, preempt: "PreemptionFlag",
-                 ema: WeightEMA | None, step: torch.Tensor) -> None:
-        super().__init__(acc, optimizer, preempt, scheduler=None, ema=ema)
+    def __init__(self, acc: Accelerator, optimizer: torch.optim.Optimizer, preempt: PreemptionFlag,
+                 step: torch.Tensor) -> None:
+        super().__init__(acc, optimizer, preempt)
         self.step_number = step  # 0-d float64 on the device: the step being run (written before each replay)
         self.latch = torch.zeros(3, dtype=torch.float64, device=acc.device)
         self.host = torch.zeros(3, dtype=torch.float64, pin_memory=acc.device.type == "cuda")
@@ -143,8 +134,6 @@ class LatchedGuard(StepGuard):
         self.preempted = self.preempted or self.preempt.requested()
         if flags[0]:
             raise BadStep(int(flags[1]), "loss" if flags[2] else "gradient")
-        if self.ema is not None:
-            self.ema.applied()
 
 
 class BadStep(Exception):

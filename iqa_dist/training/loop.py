@@ -37,7 +37,7 @@ from ..models.hyperiqa import HyperIQA, build_model, parameter_counts
 from ..models.weights import provenance
 from ..output import console_for
 from ..scoring.metrics import METRIC_KEYS
-from .batches import Batches, NoiseSource
+from .batches import Batches, KeyedNoise, NoiseSource
 from .display import Display
 from .graph import GraphedStep, refusal
 from .guard import BadStep
@@ -145,15 +145,18 @@ def build(cfg: Config, acc: Accelerator, target: Target, preempt: PreemptionFlag
     augmenter = Augmenter(cfg.augment, cfg.model.img_size, model.mean, model.std, cfg.train.seed).to(acc.device)
     trainer = Trainer.build(cfg, model, acc, shares=shares, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                             augmenter=augmenter, preempt=preempt, console=console)
+    batches = Batches(store=data.train, plan=data.plan, augmenter=augmenter, shares=shares, device=acc.device,
+                      rank_weight=cfg.optim.rank_weight,
+                      noise=KeyedNoise(cfg.train.seed, model.noise_width, shares.batch_size, acc.device))
+    # before the run directory, as every refusal that can be decided now (GraphedStep refuses a
+    # training set that is not resident on the GPU)
+    stepper = (GraphedStep(trainer, batches, capture=True) if cfg.train.cuda_graph
+               else EagerStep(trainer, batches))
     weights, groups = provenance(cfg.model), group_sizes(trainer.optimizer)
     card = model_card(cfg, data, model, weights, groups)
     run = RunDir.open(cfg, target, acc, {"weights": weights, "parameter_groups": groups, "data": data.fingerprint(),
                                          "effective_lr": {**cfg.group_lrs(), "warmup_steps": cfg.effective_warmup()}},
                       legacy_data=data.legacy_fingerprint())
-    batches = Batches(store=data.train, plan=data.plan, augmenter=augmenter, shares=shares, device=acc.device,
-                      rank_weight=cfg.optim.rank_weight, noise=NoiseSource(cfg.train.seed, model.noise_width, acc.device))
-    stepper = (GraphedStep(trainer, batches, cfg.train.seed, capture=True) if cfg.train.cuda_graph
-               else EagerStep(trainer, batches))
     selection = Selection(cfg=cfg, acc=acc, trainer=trainer, data=data, card=card, augmenter=augmenter, run=run,
                           batch=cfg.train.eval_batch_size or 2 * math.ceil(shares.per_process / shares.accum),
                           console=console)
@@ -171,7 +174,7 @@ def begin(r: Run) -> None:
     # state any more (its draws are functions of the step) but keeps its slot, so the EMA stays
     # custom_checkpoint_2 and the checkpoints of earlier runs still load
     acc.register_for_checkpointing(t.state, r.batches.augmenter, *([t.ema] if t.ema else []))
-    # dropout and drop path draw from NoiseSource, keyed by sample; only a layer it does not
+    # dropout and drop path draw from KeyedNoise, keyed by sample; only a layer it does not
     # reach (none in the presets) would draw from torch's generator, seeded per process
     set_seed(cfg.train.seed, device_specific=True)
     if r.target.resuming:
@@ -213,8 +216,16 @@ def restore(r: Run) -> None:
         state.loss.reset()
     if target.extended:
         state.stopped_early = False  # a longer schedule (or patience) continues past the old end
-    run.truncate_metrics(state.step)
     notes = list(target.extended)
+    if state.noise_stream == "generator":  # begun before the keyed stream: it keeps its own numbers
+        if r.cfg.train.cuda_graph:
+            raise UserError(f"--resume {run.path}: this run began before dropout and drop path were keyed for "
+                            "train.cuda_graph (it draws them from a generator): continue it without "
+                            "train.cuda_graph")
+        r.batches.noise = NoiseSource(r.cfg.train.seed, r.trainer.bare.noise_width, r.batches.shares.batch_size,
+                                      acc.device)
+        notes.append("dropout and drop path from the generator stream it began with")
+    run.truncate_metrics(state.step)
     if state.world_size and state.world_size != acc.num_processes:  # nothing the run needs is per process
         notes.append(f"on {acc.num_processes} process(es) instead of {state.world_size}: the same global batches, "
                      "augmentations and regularisers, so the run continues as it would have")

@@ -1,11 +1,12 @@
-"""The optimization recipe: optimizer and parameter groups, the learning-rate schedule, the
-weight EMA. Nothing here knows about processes: Accelerate wraps the optimizer from outside.
+"""The optimization recipe: optimizer and parameter groups, the learning-rate schedule (a
+function of the step), the weight EMA. Nothing here knows about processes: Accelerate wraps the optimizer from outside.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -37,85 +38,97 @@ def allreduce_bytes(parameters: int, cfg: Config) -> int:
     return parameters * (2 if cfg.train.grad_compression == "bf16" else 4)
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int, steps_per_epoch: int):
-    """Linear warmup (optimizer steps, scaled with the batch by Config.effective_warmup) then cosine
-    to min_lr_ratio (or constant), per optimizer step; the head group
-    drops to 0 after optim.freeze_hyper_after epochs (the original code's frozen hyper network)."""
-    o, warmup = cfg.optim, cfg.effective_warmup()
+@dataclass(frozen=True)
+class Schedule:
+    """Each parameter group's learning rate as a function of the optimizer step and of nothing
+    else (nanoGPT's `get_lr(it)`): linear warmup (optimizer steps, scaled with the batch by
+    Config.effective_warmup), then cosine to min_lr_ratio (or constant); the head group drops to 0
+    after optim.freeze_hyper_after epochs (the original code's frozen hyper network). A skipped, a
+    rewound, a graphed or a resumed step can never put it out of step, and nothing of it is
+    checkpointed: `Trainer.set_lr` writes `lrs(step)` into the groups before each step."""
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if o.schedule == "constant":
+    peaks: tuple[float, ...]  # each group's peak lr, in the optimizer's group order (backbone, head)
+    warmup: int  # optimizer steps of linear warmup
+    total: int  # optimizer steps of the whole run (the cosine's length; --extend stretches it)
+    min_ratio: float  # the cosine's floor, a fraction of the peak
+    constant: bool  # optim.schedule=constant: no decay after the warmup
+    head_stops: int  # the step from which the head group's lr is 0 (0: never)
+
+    @classmethod
+    def of(cls, cfg: Config, total_steps: int, steps_per_epoch: int) -> "Schedule":
+        o, lrs = cfg.optim, cfg.group_lrs()
+        return cls(peaks=(lrs["backbone"], lrs["head"]), warmup=cfg.effective_warmup(), total=total_steps,
+                   min_ratio=o.min_lr_ratio, constant=o.schedule == "constant",
+                   head_stops=o.freeze_hyper_after * steps_per_epoch)
+
+    def factor(self, step: int) -> float:
+        """The peak's multiplier at `step` (0-based: the step about to be taken)."""
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.constant:
             return 1.0
-        t = (step - warmup) / max(1, total_steps - warmup)
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        t = (step - self.warmup) / max(1, self.total - self.warmup)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
-    def head(step: int) -> float:
-        frozen = o.freeze_hyper_after and step >= o.freeze_hyper_after * steps_per_epoch
-        return 0.0 if frozen else factor(step)
+    def lrs(self, step: int) -> list[float]:
+        """Every group's learning rate at `step`."""
+        f = self.factor(step)
+        frozen = 0 < self.head_stops <= step
+        return [self.peaks[0] * f, 0.0 if frozen else self.peaks[1] * f]
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor, head])
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Writes `lrs(step)` into the groups: a number, or in place into the device tensor a graphed
+        step reads (train.cuda_graph), so a replay sees it without a host read."""
+        inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
+        for group, lr in zip(inner.param_groups, self.lrs(step)):
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
 
 
 class WeightEMA:
-    """An exponential moving average of a model's weights, kept in fp32 on the model's device:
-    after each optimizer step, ema += (1 - decay) * (weights - ema), one foreach kernel, no host
-    sync. `model` is a full copy whose parameters ARE the average (evaluate or export it as
-    is). Running statistics (BatchNorm's) are copied, not averaged, in one more foreach copy;
-    constant buffers (Swin's position indices and attention masks) are never copied. The live
-    weights are the ones given here: optimizers and Accelerate update them in place, so the EMA
-    needs no unwrapping of a DDP or compiled model per step. Checkpointed with the run
-    (state_dict / load_state_dict, registered with Accelerate), so a resume continues it exactly.
+    """An exponential moving average of a model's weights, kept in fp32 on the model's device.
+    `model` is a full copy whose parameters ARE the average (evaluate or export it as is); the
+    live weights are the ones given here: optimizers and Accelerate update them in place, so the
+    EMA needs no unwrapping of a DDP or compiled model per step. Running statistics (BatchNorm's)
+    are copied, not averaged; constant buffers (Swin's position indices and attention masks) are
+    never copied. Checkpointed with the run (state_dict / load_state_dict, registered with
+    Accelerate), so a resume continues it exactly.
 
-    Two ways to be updated. Normally the guard calls `applied` once it has read that a step was
-    applied: one step late, or at a log, evaluation or checkpoint point (when depends on where the
-    host reads). A teacher (self-distillation) must be the same average at every step whatever
-    the host reads, so with `in_step` the step itself updates it on the device right after the
-    update (`update(skipped)`, the guard's flag holding it still for a skipped step), and
-    `applied` only counts."""
+    Updated in one place, the step itself (`train_step`), right after the optimizer, with the
+    guard's device flag: an applied step moves it by (1 - decay), a skipped one (the flag is 1)
+    moves nothing. So step s's EMA (a self-distillation teacher included) is the average of steps
+    1..s whatever and whenever the host reads, eager or graphed, on any number of processes."""
 
-    def __init__(self, model: nn.Module, decay: float, in_step: bool = False) -> None:
-        self.decay, self.in_step = decay, in_step
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
-        self.updates = 0
         self.pairs = (list(self.model.parameters()), list(model.parameters()))
         running = [(copy_m, m) for copy_m, m in zip(self.model.modules(), model.modules())
                    if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
-        self.stats = ([b for c, _ in running for b in c.buffers(recurse=False)],
-                      [b for _, m in running for b in m.buffers(recurse=False)])
+        self.stats = [(c, m) for c, m in zip([b for c, _ in running for b in c.buffers(recurse=False)],
+                                             [b for _, m in running for b in m.buffers(recurse=False)])
+                      if c.is_floating_point()]  # num_batches_tracked (an integer count) is never read in eval
         if any(p.dtype != torch.float32 for p in self.pairs[1]):
             raise ValueError("WeightEMA averages fp32 weights (mixed precision keeps them fp32)")  # a bug, never input
 
     @torch.no_grad()
-    def update(self, skipped: torch.Tensor | None = None) -> None:
-        """One step of the average: on the host's word (`skipped` None; counted here), or inside
-        the step with the guard's device flag (`skipped` 1: nothing moves; counted by `applied`)."""
+    def update(self, skipped: torch.Tensor) -> None:
+        """One step of the average, held still by `skipped` (0-d or (1,) device flag, 1: the step's
+        update was skipped). Four foreach kernels and no host read: torch has no foreach lerp by a
+        device scalar, so the rate goes in through a multiply."""
         ema, live = self.pairs
-        if skipped is None:
-            torch._foreach_lerp_(ema, live, 1.0 - self.decay)
-            if self.stats[0]:
-                torch._foreach_copy_(*self.stats)
-            self.updates += 1
-            return
         flag, rate = skipped.reshape(()), 1.0 - self.decay  # 0-d: one device number scales every tensor
         moved = torch._foreach_sub(live, ema)
         torch._foreach_mul_(moved, (flag * -rate).add_(rate))  # 1 - decay when applied, 0 when skipped
         torch._foreach_add_(ema, moved)
-        floats = [(c, m) for c, m in zip(*self.stats) if c.is_floating_point()]
-        if floats:  # running statistics: copied after an applied step (a lerp by 1), kept after a skipped one
-            torch._foreach_lerp_([c for c, _ in floats], [m for _, m in floats], [1.0 - flag] * len(floats))
-
-    def applied(self) -> None:
-        """The guard's word that a step was applied: the update, unless the step made it already."""
-        if self.in_step:
-            self.updates += 1
-        else:
-            self.update()
+        if self.stats:  # running statistics: copied after an applied step (a lerp by 1), kept after a skipped one
+            torch._foreach_lerp_([c for c, _ in self.stats], [m for _, m in self.stats],
+                                 [1.0 - flag] * len(self.stats))
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "updates": self.updates}
+        return {"model": self.model.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.updates = state["updates"]
+        self.model.load_state_dict(state["model"])  # older checkpoints also hold an update count: not needed

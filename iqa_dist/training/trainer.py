@@ -2,8 +2,14 @@
 
 A step is this process's share of the global batch (`Batches.get`: plan -> one upload -> device
 augmentation), forward and backward per micro-batch, the per-sample losses reduced once, gradient
-clipping, the guard, the update, the schedule and the weight EMA (`train_step`), and its
-bookkeeping (`Trainer.step`: the step counter and the loss window).
+clipping, the guard, the update and the weight EMA (`train_step`), and its bookkeeping
+(`Trainer.step`: the learning rate of the step written in, the step counter and the loss window).
+
+One owner for each piece of per-step state: the learning rate is `optim.Schedule`'s function of
+the step, written into the groups by `Trainer.set_lr` only; the EMA is updated in `train_step`
+only, with the guard's device flag; the guard (guard.py) only detects and decides; the regularisers'
+uniforms are `batches.KeyedNoise`'s function of (seed, step, sample). The eager step (`EagerStep`)
+and the graphed one (graph.GraphedStep) share all four, so they train the same numbers.
 
 World-size invariance: train.batch_size is GLOBAL. Step s draws its B samples (and their
 augmentation) identically on every process; process r takes chunk (micro * world + r) of them.
@@ -43,16 +49,16 @@ from .batches import Batch, Batches
 from .compile import compile_model, compile_step
 from .guard import BadStep, StepGuard
 from .losses import sample_losses
-from .optim import WeightEMA, build_optimizer, build_schedule
+from .optim import Schedule, WeightEMA, build_optimizer
 from .preemption import PreemptionFlag
 
 
 def train_step(t: "Trainer", batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward of each micro-batch (gradients synced on the last one only), clipping,
-    the guard (which settles the previous step: its schedule step and EMA update), the update.
-    With self-distillation the EMA teacher predicts each micro-batch's patches too, and is updated
-    right after the update, so that step s's teacher is always the average of steps 1..s-1.
-    Returns (summed loss, gradient norm), both on the device."""
+    the guard (which also settles the previous step: BadStep for a bad one), the update, the EMA.
+    With self-distillation the EMA teacher predicts each micro-batch's patches too: step s's
+    teacher is the average of steps 1..s-1. Returns (summed loss, gradient norm), both on the
+    device."""
     total = None
     for m, mb in enumerate(batch.micro):
         with t.acc.no_sync(t.model) if m < len(batch.micro) - 1 else contextlib.nullcontext():
@@ -76,7 +82,7 @@ def train_step(t: "Trainer", batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     with part("optimizer"):
         t.optimizer.step()
         t.optimizer.zero_grad(set_to_none=True)
-    if t.ema is not None and t.ema.in_step:  # the next step's teacher (or a graphed step's EMA): averaged in now
+    if t.ema is not None:  # held still by the flag when the update was skipped
         with part("ema"):
             t.ema.update(skipped)
     return total, norm
@@ -132,6 +138,9 @@ class TrainState:
     stopped_early: bool = False
     train_seconds: float = 0.0
     world_size: int = 0  # processes that wrote the checkpoint (0: a checkpoint from before it was recorded)
+    # the regularisers' uniforms: keyed (batches.KeyedNoise) since it became the one stream; a run
+    # begun before keeps its generator (NoiseSource), so its resume stays exact
+    noise_stream: str = "keyed"
     loss: LossMeter = field(default_factory=LossMeter)  # the window's loss; its host totals are checkpointed
 
     def state_dict(self) -> dict:
@@ -142,6 +151,7 @@ class TrainState:
         state = dict(state)
         self.loss.reset()
         self.loss.total, self.loss.n = state.pop("window_loss", 0.0), state.pop("window_n", 0)
+        state.setdefault("noise_stream", "generator")  # a checkpoint from before the keyed stream
         self.__dict__.update(state)
 
 
@@ -155,7 +165,7 @@ class Trainer:
     forward: nn.Module  # what the step calls: the prepared model, compiled under train.compile
     bare: nn.Module  # the model itself: what the optimizer updates, evaluation reads and export writes
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    schedule: Schedule  # step -> each group's learning rate; `set_lr` writes it in before each step
     guard: StepGuard
     ema: WeightEMA | None  # the weights' moving average (train.ema_decay > 0)
     teacher: nn.Module | None  # self-distillation (optim.distill_weight > 0): the EMA's model, compiled as the step
@@ -166,6 +176,7 @@ class Trainer:
     distill_weight: float
     grad_clip: float
     norm: torch.Tensor | None = None  # the last step's gradient norm, on the device
+    last: torch.Tensor | None = None  # the last step's summed loss, on the device (graphed: read it before the next replay)
     settled: int = -1  # the step whose results the host last read
 
     @classmethod
@@ -174,27 +185,36 @@ class Trainer:
         """The model on the accelerator's device with its optimizer, schedule and EMA, prepared by
         Accelerate, and the step's function compiled as train.compile says."""
         optimizer = build_optimizer(model.to(acc.device), cfg)
-        scheduler = build_schedule(optimizer, cfg, total_steps, steps_per_epoch)
-        distill = cfg.optim.distill_weight > 0
-        ema = WeightEMA(model, cfg.train.ema_decay, in_step=distill) if cfg.train.ema_decay else None
-        prepared, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-        teacher = compile_model(ema.model, cfg, console, "teacher") if distill else None
+        ema = WeightEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        prepared, optimizer = acc.prepare(model, optimizer)
+        teacher = compile_model(ema.model, cfg, console, "teacher") if cfg.optim.distill_weight > 0 else None
         return cls(acc=acc, model=prepared, forward=compile_step(prepared, augmenter, cfg, console), bare=model,
-                   optimizer=optimizer, scheduler=scheduler, ema=ema, teacher=teacher, state=TrainState(),
-                   guard=StepGuard(acc, optimizer, preempt, scheduler=scheduler, ema=ema),
+                   optimizer=optimizer, schedule=Schedule.of(cfg, total_steps, steps_per_epoch), ema=ema,
+                   teacher=teacher, state=TrainState(), guard=StepGuard(acc, optimizer, preempt),
                    per_process=shares.per_process, patches=sum(sl.stop - sl.start for sl in shares.slices()),
                    rank_weight=cfg.optim.rank_weight, distill_weight=cfg.optim.distill_weight,
                    grad_clip=cfg.optim.grad_clip)
 
     def step(self, batch: Batch) -> None:
         """One optimizer step on this process's share of a global batch, and its bookkeeping."""
+        self.set_lr()
         try:
             loss, self.norm = train_step(self, batch)
         except BadStep as bad:  # found at the next step's check (deferred): undo the counting since
             self._rewind(bad)
             raise
+        self.count(loss)
+
+    def set_lr(self) -> None:
+        """The learning rate of the step about to be taken, written into the groups: the one place it
+        is set, for the eager and the graphed step alike."""
+        self.schedule.apply(self.optimizer, self.state.step)
+
+    def count(self, loss: torch.Tensor) -> None:
+        """A step taken: the counter and the loss window (one add on the device)."""
+        self.last = loss
         self.state.step += 1
-        with part("loss"):  # the loss window: one add on the device
+        with part("loss"):
             self.state.loss.add(loss, self.patches)
 
     def settle(self) -> None:
@@ -211,17 +231,14 @@ class Trainer:
         self.settled = self.state.step
 
     def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])  # a device tensor under train.cuda_graph: read at log points
+        """The backbone group's learning rate for the next step."""
+        return self.schedule.lrs(self.state.step)[0]
 
     def _rewind(self, bad: BadStep) -> None:
-        """The counters and the schedule back to before the bad step (none of its update was
-        applied). Eager, the schedule was stepped for the applied steps only, so this sets what it
-        holds; graphed (GraphedStep), it was stepped after every replay and goes back."""
+        """The counters back to before the bad step (none of its update was applied; the learning
+        rate follows the step counter)."""
         self.state.loss.n -= (self.state.step - bad.step) * self.patches
         self.state.step = bad.step
-        schedule = getattr(self.scheduler, "scheduler", self.scheduler)
-        schedule.last_epoch = bad.step - 1
-        schedule.step()
 
 
 @dataclass
