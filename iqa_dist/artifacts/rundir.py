@@ -6,6 +6,7 @@ runs/<YYYYmmdd-HHMMSS>-<name>/
   model/           the selected model (artifacts/card.py): what `predict` and `evaluate` load
   checkpoints/     step-XXXXXXXX/ (Accelerate save_state), written to a temporary name and
                    renamed when complete, so a kill during a save never leaves one that loads half
+  debug-step-N/    the state from before a non-finite step     failure-rankR.txt  a raised error's traceback
 This class owns those names, reads them, and writes them (only the main process writes). A
 directory is created only once training can start (weights and data are ready), so a failed
 start leaves nothing behind; which directory a launch writes to is training/resume.py's choice.
@@ -24,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import accelerate
 import torch
 import torch.distributed as dist
 import yaml
@@ -42,6 +44,7 @@ from .card import RUN_MODEL_DIR, WEIGHTS_FILE, ModelCard
 RUN_FILE = "IQA_DIST_RUN_FILE"
 CHECKPOINT_PREFIX = "step-"
 DEBUG_PREFIX = "debug-step-"  # the state kept when a step was non-finite (save_debug)
+FAILURE_PREFIX = "failure-rank"  # the traceback of a process that raised (training.failures)
 
 
 def git_sha() -> str:
@@ -142,6 +145,15 @@ class RunDir:
                 meta["launches"][-1]["ended"] = how
                 (self.path / self.META).write_text(json.dumps(meta, indent=1))
 
+    def has_results(self) -> bool:
+        """Whether anything in the run is worth keeping: a checkpoint, a debug state, a traceback."""
+        return (self.latest_checkpoint() is not None or any(self.path.glob(f"{DEBUG_PREFIX}*"))
+                or any(self.path.glob(f"{FAILURE_PREFIX}*")))
+
+    def failure_file(self, rank: int) -> Path:
+        """Where a process that raised writes its traceback (its one-line error names the file)."""
+        return self.path / f"{FAILURE_PREFIX}{rank}.txt"
+
     def latest_checkpoint(self) -> Path | None:
         done = sorted(p for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
         return done[-1] if done else None
@@ -213,12 +225,12 @@ class RunDir:
     @contextlib.contextmanager
     def discard_if_unstarted(self, created: bool):
         """Removes the directory again when this launch created it and fails before its first
-        checkpoint (nothing to resume, nothing to look at); a kept debug state counts as a result."""
+        checkpoint (nothing to resume, nothing to look at); a kept debug state or a traceback counts
+        as a result."""
         try:
             yield
         except BaseException:
-            if (created and self.accelerator.is_main_process and self.latest_checkpoint() is None
-                    and not any(self.path.glob(f"{DEBUG_PREFIX}*"))):
+            if created and self.accelerator.is_main_process and not self.has_results():
                 shutil.rmtree(self.path, ignore_errors=True)
             raise
 
@@ -235,7 +247,7 @@ class RunDir:
             "world_size": acc.num_processes, "num_machines": int(os.environ.get("GROUP_WORLD_SIZE", "1")),  # torchrun
             "device": str(acc.device), "mixed_precision": acc.mixed_precision,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "iqa_dist": __version__, "git_sha": sha,
+            "torch": torch.__version__, "accelerate": accelerate.__version__, "iqa_dist": __version__, "git_sha": sha,
         })
         (self.path / self.META).write_text(json.dumps(meta, indent=1))
 

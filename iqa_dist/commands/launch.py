@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Collection
+from typing import Callable, Collection
 
 from ..errors import UserError
 from .options import LAUNCHED
@@ -29,10 +30,13 @@ second Ctrl-C (a second or more later) stops everything at once (exit 130). Plai
 launch` passes SIGTERM to the processes too, but torchrun then reports its own SignalException
 with a traceback and exit status 1.
 
-When a process of a training dies (the OOM killer, a bad node: the launch ends with exit status 1
-or a signal), the whole group is started again and continues the same run from its last
-checkpoint, at most --restarts times (default 3); then the launch ends with the last exit
-status. A bad option or bad data (exit 2) or a non-finite loss (exit 3) is never retried.
+When a process of a training is lost (killed by the OOM killer, a bad node, hung: the others
+name it and exit with status 4), the whole group is started again and continues the same run
+from its last checkpoint, or from step 0 when it had none yet, at most --restarts times (default
+3); then the launch ends with the last exit status. Nothing that would happen again is
+retried: an error a process raised (exit 1, e.g. out of memory), a bad option or bad data
+(exit 2), a non-finite loss (exit 3). One line per attempt says what happened; the processes'
+own lines say why, without torchrun's traceback.
 
 The options before COMMAND (train, demo, sweep, evaluate, ...) go to `accelerate launch`, the
 rest to the command.
@@ -40,8 +44,9 @@ rest to the command.
 examples:
   iqa-dist launch --multi_gpu --num_processes 8 train --preset koniq-swin-t --data.root /data/koniq10k
   iqa-dist launch --config_file accelerate_configs/multi_gpu.yaml train --preset koniq-swin-t --resume auto"""
-RESTARTS = 3  # how often a training whose process died is started again
-FINAL = (0, 2, 3, 124, 130)  # exit statuses that are answers, not a lost process (4, or torchrun's 1): kept
+RESTARTS = 3  # how often a training whose process was lost is started again
+ENDINGS = {1: "a process raised an error, named above", 2: "bad options or data, named above",
+           3: "a non-finite loss, named above", 130: "interrupted"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,25 +103,16 @@ def run(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, handle)
+    def attempt(attempt_command: list[str]) -> int:
+        # its own session: the terminal's Ctrl-C reaches only this process, which decides what it means;
+        # the launcher module ends with the workers' own exit status, without torchrun's traceback
+        children.append(subprocess.Popen([sys.executable, "-m", "iqa_dist.distributed.launcher", *accelerate_args,
+                                          "-m", "iqa_dist", *attempt_command], env=env, start_new_session=True))
+        code = children[-1].wait()  # a signal runs `handle` and the wait goes on (PEP 475)
+        return 124 if done.exists() and code == 0 else code
+
     try:
-        for attempt in range(restarts + 1):
-            # its own session: the terminal's Ctrl-C reaches only this process, which decides what it means
-            children.append(subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *accelerate_args,
-                                              "-m", "iqa_dist", *again(command, created, attempt)], env=env,
-                                             start_new_session=True))
-            code = children[-1].wait()  # a signal runs `handle` and the wait goes on (PEP 475)
-            if done.exists() and code == 0:
-                return 124
-            if code in FINAL or first or command[0] != "train":
-                return code
-            if attempt < restarts:
-                print(f"iqa-dist launch: the training ended with exit status {code} (a process died); starting "
-                      f"the group again from its last checkpoint (restart {attempt + 1} of {restarts})",
-                      file=sys.stderr, flush=True)
-        times = "once" if restarts == 0 else f"{restarts + 1} times"
-        print(f"iqa-dist launch: the training died {times}; giving up (last exit status {code}; its error is above)",
-              file=sys.stderr, flush=True)
-        return code
+        return attempts(command, attempt, restarts, created, stopping=lambda: bool(first))
     finally:
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
@@ -125,9 +121,51 @@ def run(args: argparse.Namespace) -> int:
         folder.rmdir()
 
 
-def again(command: list[str], created: Path, attempt: int) -> list[str]:
-    """The command for this attempt: after a death, a training that was not resuming already
-    continues the run the first attempt created (when it got as far as creating one)."""
-    if attempt == 0 or any(a == "--resume" or a.startswith("--resume=") for a in command) or not created.is_file():
-        return command
-    return [*command, "--resume", created.read_text().strip()]
+def attempts(command: list[str], attempt: Callable[[list[str]], int], restarts: int, created: Path,
+             stopping: Callable[[], bool]) -> int:
+    """Runs `attempt` (one `accelerate launch` of the command; its exit status) until it ends with
+    anything but a lost process (exit 4) of a training, at most `restarts` times more, one line per
+    attempt that did not simply succeed; a lost process while stopping on request is not restarted.
+    Returns the last exit status."""
+    from ..distributed.launcher import LOST
+
+    attempt_command = command
+    for n in range(restarts + 1):
+        code = attempt(attempt_command)
+        if code != LOST or stopping() or command[0] != "train":
+            if code in ENDINGS:
+                say(f"the {command[0]} ended with exit status {code} ({ENDINGS[code]}); not restarted: it "
+                    "would end the same way")
+            return code
+        if n == restarts:
+            break
+        attempt_command, resumed = again(command, created)
+        say(f"a process of the training was lost (exit status {LOST}); starting the group again "
+            + (f"from its last checkpoint (restart {n + 1} of {restarts})" if resumed else
+               f"from step 0, in a new run folder: it was lost before its first checkpoint (restart {n + 1} of "
+               f"{restarts})"))
+    times = "once" if restarts == 0 else f"{restarts + 1} times"
+    say(f"a process of the training was lost {times}; giving up (exit status {LOST})")
+    return LOST
+
+
+def say(line: str) -> None:
+    print(f"iqa-dist launch: {line}", file=sys.stderr, flush=True)
+
+
+def again(command: list[str], created: Path) -> tuple[list[str], bool]:
+    """(the command for the next attempt after a lost process, whether it resumes): a training that
+    was not resuming already continues the run an attempt created, when that run has a checkpoint
+    to continue from; else it starts afresh from step 0 (a run folder without a checkpoint, left
+    when the main process itself was lost, is removed first: nothing in it can be resumed)."""
+    from ..artifacts.rundir import RunDir
+
+    if any(a == "--resume" or a.startswith("--resume=") for a in command):
+        return command, True
+    path = Path(created.read_text().strip()) if created.is_file() else None
+    if path is not None and RunDir.is_run(path) and RunDir(path).latest_checkpoint() is not None:
+        return [*command, "--resume", str(path)], True
+    if path is not None and RunDir.is_run(path) and not RunDir(path).has_results():
+        shutil.rmtree(path, ignore_errors=True)
+    created.unlink(missing_ok=True)
+    return command, False

@@ -30,13 +30,13 @@ from ..config import Config, flatten
 from ..data.augment import Augmenter
 from ..data.load import Data, load_data
 from ..distributed.accelerators import build_accelerator
-from ..distributed.liveness import silent_ranks
 from ..distributed.shards import Shares
 from ..errors import UserError, first_line
 from ..models.hyperiqa import HyperIQA, build_model, parameter_counts
 from ..models.weights import provenance
 from ..output import console_for
 from ..scoring.metrics import METRIC_KEYS
+from . import failures
 from .batches import Batches, KeyedNoise, NoiseSource
 from .display import Display
 from .graph import GraphedStep, refusal
@@ -46,17 +46,6 @@ from .preemption import PreemptionFlag
 from .resume import choose
 from .selection import Selection, Validation, combine
 from .trainer import EagerStep, Trainer
-
-
-class NonFiniteLoss(UserError):
-    exit_code = 3
-
-
-class LostProcess(UserError):
-    """Another process of the run stopped answering; exit status 4, which `iqa-dist launch` answers by
-    starting the group again from the last checkpoint."""
-
-    exit_code = 4
 
 
 class Preempted(Exception):
@@ -86,11 +75,17 @@ class Run:
 
 def train(cfg: Config, resume: str = "", extend: bool = False) -> Path:
     """Trains `cfg`; returns the run directory. Call under `accelerate launch` for many processes."""
-    r = start(cfg, resume, extend)
+    try:
+        r = start(cfg, resume, extend)
+    except Exception as e:  # noqa: BLE001 (named by failures.failed: a lost process, a peer's error, or ours)
+        stop = failures.failed(None, cfg, None, e)
+        if stop is e:  # this process's own error, before the run folder exists: as it is
+            raise
+        raise stop from None
     t, state = r.trainer, r.trainer.state
     with r.dir.holding(), r.dir.discard_if_unstarted(created=not r.target.resuming):  # no directory from a failed start
-        begin(r)
         try:
+            begin(r)
             while state.step < r.total_steps and not state.stopped_early:
                 r.stepper.step()
                 r.display.step(state.step)
@@ -101,12 +96,14 @@ def train(cfg: Config, resume: str = "", extend: bool = False) -> Path:
                 if state.step % r.checkpoint_every == 0 or state.stopped_early or state.step == r.total_steps \
                         or t.guard.preempted:
                     checkpoint(r)
+            r.display.close()
+            finish(r)
         except BadStep as bad:
-            stop_non_finite(r, bad)
-        except RuntimeError as e:  # a collective failed: was it another process?
-            stop_lost_process(r, e)
-        r.display.close()
-        finish(r)
+            raise failures.non_finite(r.dir, bad) from None
+        except Preempted:
+            raise
+        except Exception as e:  # noqa: BLE001 (named by failures.failed: a lost process, a peer's error, or ours)
+            raise failures.failed(r.dir, r.cfg, r.trainer.state.step, e) from None
     return r.dir.path
 
 
@@ -299,34 +296,6 @@ def checkpoint(r: Run) -> None:
         r.display.close()
         r.dir.record_end(f"stopped: preempted at step {state.step}")
         raise Preempted(f"preempted at step {state.step}: checkpoint saved in {r.dir.path}; relaunch to resume")
-
-
-def stop_non_finite(r: Run, bad: BadStep) -> None:
-    """Every process stops before any update from the bad step; the state from before it (weights,
-    moments, schedule, EMA: the guard applied nothing of it; the trainer rolled its counters back)
-    is kept for debugging."""
-    debug = r.dir.save_debug(bad.step)
-    r.dir.record_end(f"failed: non-finite {bad.what} at step {bad.step}")
-    raise NonFiniteLoss(f"non-finite {bad.what} at step {bad.step}; no optimizer step was taken from it and "
-                        f"training stopped; the weights and optimizer state from before it are kept in {debug}")
-
-
-def stop_lost_process(r: Run, error: RuntimeError) -> None:
-    """One line naming the process that stopped answering (killed, stopped, or on a dead node),
-    printed by the lowest surviving rank (the others exit quietly) instead of every process's
-    traceback; any other error as it is."""
-    silent = silent_ranks() if r.acc.num_processes > 1 else []
-    if not silent:
-        raise error
-    alive = [k for k in range(r.acc.num_processes) if k not in silent]
-    checkpoint = r.dir.latest_checkpoint()
-    if r.acc.process_index == alive[0]:
-        r.dir.record_end(f"stopped: rank {', '.join(map(str, silent))} stopped answering at step {r.trainer.state.step}")
-    raise LostProcess("" if r.acc.process_index != alive[0] else
-                      f"rank {', '.join(map(str, silent))} of {r.acc.num_processes} stopped answering at step "
-                      f"{r.trainer.state.step} (killed, stopped, or its node is gone; a collective waits at most "
-                      f"train.timeout_s={r.cfg.train.timeout_s} s); the last checkpoint is "
-                      f"{checkpoint.name if checkpoint else 'none'}") from None
 
 
 def finish(r: Run) -> None:
