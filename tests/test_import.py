@@ -39,13 +39,19 @@ def published(tmp_path_factory):
     return folder, state, files
 
 
-def test_an_ssl92_import_computes_the_original_forward_and_its_card_says_how_it_was_scored(published):
-    folder, state, files = published
-    scorer = load_model(folder / "ssl92", "cpu")
+@pytest.fixture(scope="module")
+def ssl92(published):
+    """The SSL92 import loaded, and the original network on the file's own tensors."""
+    folder, state, _ = published
+    return load_model(folder / "ssl92", "cpu"), ssl92_modules(state)
+
+
+def test_an_ssl92_import_computes_the_original_forward_and_its_card_says_how_it_was_scored(published, ssl92):
+    folder, _, files = published
+    scorer, original = ssl92
     img = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        torch.testing.assert_close(scorer.model(img), original_hypernet(ssl92_modules(state), img), rtol=1e-5,
-                                   atol=1e-4)
+        torch.testing.assert_close(scorer.model(img), original_hypernet(original, img), rtol=1e-5, atol=1e-4)
     card = ModelCard.read(folder / "ssl92")
     assert card.weights["sha256"] == sha256(files["ssl92"]) and card.weights["name"] == "koniq_pretrained.pkl"
     koniq = card.datasets["koniq10k"]
@@ -69,11 +75,11 @@ def test_a_pyiqa_import_holds_the_same_weights_under_pyiqas_protocol(published):
         [0.0, 1.0], "none", "grid")
 
 
-def test_predict_scores_an_image_as_the_original_pipeline(published, tmp_path):
+def test_predict_scores_an_image_as_the_original_pipeline(ssl92, tmp_path):
     """SSL92's demo: every image resized to 384 wide x 512 high whatever its orientation (PIL
     bilinear, as torchvision's Resize((512, 384))), 224-px crops, ImageNet normalisation, the mean
     of the crops' outputs on 0-100. Two crops (the protocol's first two) keep it cheap."""
-    folder, state, _ = published
+    scorer, network = ssl92
     path = tmp_path / "landscape.png"
     fixtures.image(path, (400, 300), seed=3)
     squashed = np.asarray(Image.open(path).convert("RGB").resize((384, 512), Image.BILINEAR))
@@ -81,8 +87,8 @@ def test_predict_scores_an_image_as_the_original_pipeline(published, tmp_path):
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     crops = np.stack([(squashed[y:y + 224, x:x + 224] / 255.0 - mean) / std for y, x in origins])
     with torch.no_grad():
-        original = original_hypernet(ssl92_modules(state), torch.from_numpy(crops).permute(0, 3, 1, 2).float().contiguous())
-    scored = load_model(folder / "ssl92", "cpu").score(path, crops=2)
+        original = original_hypernet(network, torch.from_numpy(crops).permute(0, 3, 1, 2).float().contiguous())
+    scored = scorer.score(path, crops=2)
     assert float(scored[0]) == pytest.approx(float(original.mean()), rel=1e-4)
 
 

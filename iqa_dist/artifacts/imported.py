@@ -13,6 +13,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -33,13 +34,14 @@ def import_published(file: Path, out: Path, forced: str | None = None) -> ModelC
     if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / WEIGHTS_FILE).is_file()):
         raise UserError(f"--out {out}: exists and is not a model directory: give a new folder")
     fmt, file_state = read_published(file, forced)
-    model = build_model(fmt.model_config())
-    model.load_state_dict(to_state_dict(fmt, file_state, model.state_dict(), file))  # strict: every weight set
+    with torch.device("meta"):  # the names, shapes and dtypes of every weight, without allocating or initialising
+        expected = build_model(fmt.model_config()).state_dict()
+    state = to_state_dict(fmt, file_state, expected, file)  # every key used, every weight there, every shape right
     card = published_card(fmt, file)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS_FILE)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHTS_FILE)
     card.write(tmp, {})
     shutil.rmtree(out, ignore_errors=True)  # an earlier import's folder, or an empty one
     os.replace(tmp, out)

@@ -121,8 +121,9 @@ def read_published(path: Path, forced: str | None = None) -> tuple[Published, di
 
 def to_state_dict(fmt: Published, file_state: dict[str, Tensor], expected: dict[str, Tensor], path: Path
                   ) -> dict[str, Tensor]:
-    """The file's tensors under this model's names, each key used and each shape checked against
-    `expected` (the model's state dict); anything else is one UserError naming what is wrong."""
+    """The file's tensors under this model's names, in its order, each key used and each shape
+    checked against `expected` (the model's state dict: its tensors may be on the meta device);
+    anything else is one UserError naming what is wrong."""
     out: dict[str, Tensor] = {}
     unknown = []
     for key, value in file_state.items():
@@ -143,8 +144,9 @@ def to_state_dict(fmt: Published, file_state: dict[str, Tensor], expected: dict[
             said.append(f"no value for {len(missing)} of its weights (e.g. {', '.join(missing[:3])})")
         raise UserError(f"{path}: not the {fmt.name} HyperIQA format: it has {' and '.join(said)}"
                         + ("" if len(out) else f"; another format? (--format {' | '.join(FORMATS)})"))
-    # BatchNorm step counters no forward reads: the file's where saved, else the model's own
-    return {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked")}, **out}
+    # BatchNorm step counters no forward reads: the file's where saved, else 0
+    counters = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in expected.items() if k.endswith("num_batches_tracked")}
+    return {k: out[k] if k in out else counters[k] for k in expected}
 
 
 def _rename(rules: tuple[Rule, ...], key: str) -> str | None:
