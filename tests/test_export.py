@@ -48,9 +48,10 @@ def test_the_hub_folder_is_a_model_repo_with_a_model_card(hub_folder, single_run
     assert data.base_model is None  # trained from random weights (model.pretrained=none)
     summary = json.loads((single_run / "summary.json").read_text())
     figures = {(r.dataset_type, r.dataset_split, r.metric_type): r.metric_value for r in data.eval_results}
-    assert figures == {("synthetic", "test", "spearmanr"): round(summary["test"]["srcc"], 4),
-                       ("synthetic", "test", "pearsonr"): round(summary["test"]["plcc"], 4)}
-    assert "iqa-dist predict tiny-iqa photos/" in card.text and "Licence: not set" in card.text
+    assert figures[("synthetic", "test", "spearmanr")] == round(summary["test"]["srcc"], 4)
+    assert figures[("synthetic", "test", "pearsonr")] == round(summary["test"]["plcc"], 4)
+    assert {metric for *_, metric in figures} == {"spearmanr", "pearsonr"}  # (evaluate's reports may add splits)
+    assert "iqa-dist predict ORG/tiny-iqa photos/" in card.text and "Licence: not set" in card.text
 
 
 @pytest.fixture()
@@ -82,6 +83,8 @@ def test_a_hub_repo_id_scores_as_its_run_offline(hub_cache, single_run, tmp_path
                        f"--data.cache_dir={cache_root}")
     assert code == 0, err
     assert json.loads((tmp_path / "eval-test-org--tiny-iqa-synthetic-test.json").read_text())["metrics"]["n"] > 10
+    code, _, err = cli("export", "test-org/tiny-iqa", "--push", "test-org/tiny-iqa")
+    assert code == 2 and "give --hub DIR too" in err  # (the upload itself needs the Hub: not tested here)
     code, _, err = cli("predict", "test-org/not-there", str(image))
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "not a Hugging Face repo in the hub cache" in err and "HF_HUB_OFFLINE is set" in err
@@ -140,3 +143,20 @@ def test_a_graph_that_scores_otherwise_is_refused(scale_model):
     with pytest.raises(UserError, match=r"onnxruntime's scores of the same 3 patches differ from torch's by .* "
                                         r"the graph computes something else; not written"):
         check(onnx, deployed, 64)
+
+
+def test_bench_predict_measures_torch_and_onnxruntime_on_the_same_patches(scale_model, tmp_path):
+    """The figures `iqa-dist bench predict` prints side by side: positive and finite (never a speed
+    threshold)."""
+    import math
+
+    from iqa_dist.bench.scoring import onnx_rates
+    from iqa_dist.data.store import EvalSet, ImageStore
+
+    folder, onnx = scale_model
+    scorer = load_model(folder, "cpu")
+    fixtures.image(tmp_path / "a.png", (120, 90), seed=6)
+    images = EvalSet.of(ImageStore.of_images([scorer.prepare(tmp_path / "a.png")]), "random", 3, 64)
+    found = onnx_rates(folder, onnx, [images], repeats=1)
+    assert all(math.isfinite(found[k]) and found[k] > 0 for k in ("torch_cpu", "onnxruntime_cpu", "speedup"))
+

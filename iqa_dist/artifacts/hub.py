@@ -119,6 +119,8 @@ def base_model(card: ModelCard) -> str | None:
         return weights["repo"]
     if weights.get("source") in (None, "none"):
         return None
+    if weights.get("source") == "import" and "." not in weights.get("tag", ""):
+        return None  # its backbone's weights tag is not known (pyiqa's timm default of its day)
     from ..models.weights import hub_repo
 
     try:

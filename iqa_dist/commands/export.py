@@ -45,10 +45,10 @@ def run(args: argparse.Namespace) -> int:
 
     from .options import writable
 
-    if not args.hub and not args.onnx:
-        raise UserError("export: give --hub DIR, --onnx FILE, or both")
     if args.push and not args.hub:
         raise UserError("--push uploads the folder --hub writes: give --hub DIR too")
+    if not args.hub and not args.onnx:
+        raise UserError("export: give --hub DIR, --onnx FILE, or both")
     from ..artifacts.card import model_dir
     from ..artifacts.hub import is_repo_id
 
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
         hub = Path(args.hub)
         results = test_results(folder)
-        write_hub_folder(folder, hub, args.push or hub.name, results)
+        write_hub_folder(folder, hub, args.push or f"ORG/{hub.name}", results)  # the repo id its README shows
         out.print(f"wrote {hub}: model.safetensors, config.json, train_images.json, README.md ({len(results)} test "
                   "result(s) in its model-index)", highlight=False)
         if args.push:

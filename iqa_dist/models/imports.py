@@ -167,7 +167,11 @@ def _load(path: Path) -> dict:
         raise UserError(f"{path}: no such file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # what weights_only raises for anything but tensors and containers
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):  # a damaged pickle, not a refused one
+            raise UserError(f"{path}: cannot be read as a torch weights file (UnpicklingError: {first_line(e, 160)}); "
+                            "a download cut short? fetch it again") from None
+        # weights_only's refusal of anything but tensors and plain containers
         raise UserError(f"{path}: refused: unpickling it would run code it names ({first_line(e, 120)}); "
                         "published HyperIQA weights are plain tensors, read without running anything") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:  # a cut zip archive, a cut pickle, another file
