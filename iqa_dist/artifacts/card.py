@@ -4,8 +4,8 @@ A model directory is `model.safetensors` + `config.json` (this card) + `train_im
 names, content groups and file contents (sha256) it trained on, per dataset, so that evaluating
 it on its own training images is caught, under any path or name). `ModelCard.write` and
 `ModelCard.read` are the only writer and reader. Imported weights (imported.py) list no training
-images: their card says why (`unknown_training`). The same folder, with a README.md
-model card, is a Hugging Face Hub model repo (hub.py).
+images: their card says why (`unknown_training`). The same folder, with a README.md model card,
+is a Hugging Face Hub model repo (hub.py).
 
 Scores: the model outputs training targets. For each dataset it trained on, the card holds the
 affine map between that dataset's scores and the targets (`Scale`, fitted on its training split),

@@ -61,10 +61,9 @@ def evaluate_model(path, dataset: str, split: str = "test", overrides: Sequence[
     under the model's own test protocol. Refuses images the model trained on (or that share a
     content group with them) unless allow_train_overlap; a model whose training images are not all
     recorded (imported weights) is scored, and the report says that overlap cannot be checked.
-    Scores are reported on `scale` (a
-    dataset the model trained on, or "normalized"); by default on the evaluated dataset's own when
-    the model trained on it, else on the only training dataset's (a jointly trained model needs a
-    choice). Runs under `accelerate launch` too: the images are spread over the processes.
+    Scores are reported on `scale` (a dataset the model trained on, or "normalized"); by default on
+    the evaluated dataset's own when the model trained on it, else on the only training dataset's
+    (a jointly trained model needs a choice). Runs under `accelerate launch` too: the images are spread over the processes.
     Returns the report (metrics, settings, per-image predictions)."""
     from ..data.cache import describe, prepare
     from .predict import load_model

@@ -153,7 +153,7 @@ def build(cfg: Config, acc: Accelerator, target: Target, preempt: PreemptionFlag
     augmenter = Augmenter(cfg.augment, cfg.model.img_size, model.mean, model.std, cfg.train.seed).to(acc.device)
     trainer = Trainer.build(cfg, model, acc, shares=shares, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                             augmenter=augmenter, preempt=preempt, console=console)
-    weights, groups = start.provenance() if start else provenance(cfg.model), group_sizes(trainer.optimizer)
+    weights, groups = (start.provenance() if start else provenance(cfg.model)), group_sizes(trainer.optimizer)
     card = model_card(cfg, data, model, weights, groups)
     if start is not None:
         card = replace(card, unknown_training=start.unknown_training())
