@@ -19,7 +19,7 @@ from .conftest import only_run, train_here
 # family -> (timm name, tiny random kwargs); at 64 px every one is a few hundred thousand to 4M parameters
 FAMILIES = {
     "convnext": ("convnext_atto", {"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]}),
-    "efficientnet": ("efficientnet_b0", {}),
+    "efficientnet": ("tinynet_e", {}),  # timm's EfficientNet-B0 at TinyNet's smallest scaling (0.5M parameters)
     "regnet": ("regnetx_002", {}),
     # a ViT: timm's features_only takes its last four blocks through forward_intermediates
     "vit": ("vit_tiny_patch16_224", {"patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2}),

@@ -75,7 +75,7 @@ def write_hub_folder(model: Path, out: Path, name: str, results: list[dict]) -> 
     return card
 
 
-def test_results(model: Path) -> list[dict]:
+def held_out_results(model: Path) -> list[dict]:
     """The test figures of the model in directory `model`: its training run's summary.json (per
     dataset for a joint run) and the `evaluate` reports beside it that scored this model on held-out
     images, as [{"dataset", "split", "metrics"}], one per dataset and split (the summary's first)."""
@@ -90,8 +90,9 @@ def test_results(model: Path) -> list[dict]:
     for file in sorted(run.glob("eval-*.json")):
         report = json.loads(file.read_text())
         overlap = report.get("train_overlap", {})
-        if Path(report.get("model", "")) != model or overlap.get("images") or overlap.get("same_content"):
-            continue  # another model's report, or one that scored training images
+        if Path(report.get("model", "")).resolve() != model.resolve() or overlap.get("images") \
+                or overlap.get("same_content") or overlap.get("checkable") is False:
+            continue  # another model's report, or one that scored (or may have scored) training images
         found.setdefault((report["dataset"], report["split"]), report["metrics"])
     return [{"dataset": d, "split": split, "metrics": m} for (d, split), m in found.items()]
 
@@ -133,16 +134,19 @@ def readme_body(card: ModelCard, name: str, results: list[dict]) -> str:
     """What the model is, how it scores, its figures, and how to load it."""
     m, weights = card.model, card.weights or {}
     lines = [f"# {name}", "",
-             f"HyperIQA (blind image quality assessment) on a timm `{m['backbone']}` backbone, trained and exported "
-             "with iqa-dist. A score is the mean prediction over "
+             f"HyperIQA (blind image quality assessment) on a timm `{m['backbone']}` backbone, an iqa-dist model "
+             "directory. A score is the mean prediction over "
              f"{card.test_patch_num} {m['img_size']}-px patches ({card.protocol} protocol) of the image, resized as "
              "its training images were.", "", "| dataset | scores on | resize | test protocol |", "|---|---|---|---|"]
     for d, t in card.datasets.items():
         lines.append(f"| {d} | {t.score_range[0]:g}-{t.score_range[1]:g} | {t.resize} | "
                      f"{card.test_patch_num} x {card.protocol} |")
-    start = weights.get("about") or f"{weights.get('source', 'none')} `{weights.get('tag', m['backbone'])}`"
-    lines += ["", f"Weights: step {card.step}, started from {start}"
-              + (f" (sha256 `{weights['sha256'][:16]}`...)" if weights.get("sha256") else "") + "."]
+    sha = f" (sha256 `{weights['sha256'][:16]}`...)" if weights.get("sha256") else ""
+    if weights.get("source") == "import":
+        lines += ["", f"Weights: imported from `{weights['name']}`{sha}: {weights['about']}."]
+    else:
+        start = weights.get("about") or f"{weights.get('source', 'none')} `{weights.get('tag', m['backbone'])}`"
+        lines += ["", f"Weights: step {card.step} of a run that started from {start}{sha}."]
     if card.unknown_training:
         lines += ["", f"Training images: {card.unknown_training}."]
     if results:

@@ -59,10 +59,10 @@ def run(args: argparse.Namespace) -> int:
     folder = model_dir(args.model)
     out = console()
     if args.hub:
-        from ..artifacts.hub import push, test_results, write_hub_folder
+        from ..artifacts.hub import held_out_results, push, write_hub_folder
 
         hub = Path(args.hub)
-        results = test_results(folder)
+        results = held_out_results(folder)
         write_hub_folder(folder, hub, args.push or f"ORG/{hub.name}", results)  # the repo id its README shows
         out.print(f"wrote {hub}: model.safetensors, config.json, train_images.json, README.md ({len(results)} test "
                   "result(s) in its model-index)", highlight=False)
