@@ -2,7 +2,10 @@
 
 A model directory is `model.safetensors` + `config.json` (this card) + `train_images.json` (the
 names, content groups and file contents (sha256) it trained on, per dataset, so that evaluating
-it on its own training images is caught, under any path or name). `ModelCard.write` and `ModelCard.read` are the only writer and reader.
+it on its own training images is caught, under any path or name). `ModelCard.write` and
+`ModelCard.read` are the only writer and reader. Imported weights (imported.py) list no training
+images: their card says why (`unknown_training`). The same folder, with a README.md model card,
+is a Hugging Face Hub model repo (hub.py).
 
 Scores: the model outputs training targets. For each dataset it trained on, the card holds the
 affine map between that dataset's scores and the targets (`Scale`, fitted on its training split),
@@ -59,6 +62,10 @@ class ModelCard:
     # the precision every score of this model was and is computed in: training-time evaluation,
     # `evaluate` and `predict` alike, whatever the training precision (fp32 matmuls, no autocast)
     eval_precision: str = "fp32"
+    # why some of its training images are not in train_images.json ("" when every one is): weights
+    # imported from a file, or a run started from such weights; `evaluate` then says that overlap
+    # with its training images cannot be checked
+    unknown_training: str = ""
 
     @property
     def dataset(self) -> str:
@@ -70,7 +77,8 @@ class ModelCard:
         return int(self.model["img_size"])
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(**{**self.model, "pretrained": "none"})
+        """The architecture to build before loading model.safetensors (which holds every weight)."""
+        return ModelConfig(**{**self.model, "pretrained": "none", "init_from": ""})
 
     # ------------------------------------------------------------ scores
 
@@ -129,6 +137,12 @@ class ModelCard:
         return cls(**{**{k: v for k, v in raw.items() if k in known}, "datasets": datasets})
 
     @staticmethod
+    def recorded_images(folder: Path) -> dict[str, dict[str, list[str]]]:
+        """train_images.json as written: dataset -> {"names", "groups", "sha256"}; {} when absent."""
+        path = folder / TRAIN_IMAGES_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    @staticmethod
     def train_images(folder: Path, dataset: str) -> tuple[set[str], set[str], set[str]]:
         """(names and content groups of `dataset`, file contents of every dataset) the model trained
         on; empty when none (cards from before contents were recorded have no sha256)."""
@@ -142,8 +156,15 @@ class ModelCard:
 
 
 def model_dir(path: str | Path) -> Path:
-    """A model directory, or a run directory holding one in model/."""
+    """A model directory, a run directory holding one in model/, or a Hugging Face Hub repo id
+    (org/name, @revision optional) of one, found in or fetched into the hub cache (hub.py)."""
+    given = str(path)
     path = Path(path)
+    if not path.exists():
+        from .hub import is_repo_id, resolve
+
+        if is_repo_id(given):
+            path = resolve(given)
     if (path / RUN_MODEL_DIR / WEIGHTS_FILE).is_file():
         path = path / RUN_MODEL_DIR
     if not (path / WEIGHTS_FILE).is_file() or not (path / CARD_FILE).is_file():

@@ -61,7 +61,8 @@ def bench_predict(cfg: Config, n_images: int, workers: int, batch_images: int, d
     `score_arrays`); (b) `scoring.predict.score_files`, decoding in `workers` DataLoader workers
     (JPEGs on the GPU where that changes no score); both score through `predict_images`. And their
     parts: decoding alone in the main thread and in the workers, the upload, the model alone on
-    images already decoded on the device. The tiny model on a CPU, Swin-T on a GPU."""
+    images already decoded on the device; and the model alone on the CPU, torch against
+    onnxruntime (`bench_onnx`). The tiny model on a CPU, Swin-T on a GPU."""
     from ..artifacts.card import ModelCard, TrainedOn
     from ..data.feed import batches
     from ..scoring.predict import Scorer, score_files
@@ -116,4 +117,56 @@ def bench_predict(cfg: Config, n_images: int, workers: int, batch_images: int, d
                                         warmup=1)
         row["speedup"] = row["b_score_files"] / row["a_before"]
         out["rows"].append(row)
+    out["onnx"] = bench_onnx(scorer, [b.images for b in decoded], work, console, repeats)
+    return out
+
+
+def bench_onnx(scorer, images: list, work: Path, console: Console, repeats: int) -> dict:
+    """Images/s of the model alone on the CPU, torch against onnxruntime, on the same decoded
+    images and patches (the test protocol's, cut and normalised by the same augmenter): the model
+    exported as `iqa-dist export --onnx` writes it (checked against torch there). On a GPU machine
+    both still run on the CPU: onnxruntime's CPU provider is what is installed."""
+    import importlib.util
+    import time
+
+    from safetensors.torch import save_file
+
+    from ..artifacts.card import WEIGHTS_FILE
+    from ..scoring.onnx import export_onnx
+
+    missing = [m for m in ("onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:  # the [onnx] extra is optional: the report says why these figures are absent
+        console.print(f"predict: no onnxruntime figures: {', '.join(missing)} not installed (pip install "
+                      "'iqa-dist[onnx]')", highlight=False)
+        return {"skipped": f"{', '.join(missing)} not installed"}
+    folder = work / "onnx-model"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in scorer.model.state_dict().items()}, folder / WEIGHTS_FILE)
+    scorer.card.write(folder, {})
+    start = time.perf_counter()
+    found = export_onnx(folder, work / "model.onnx")  # a graph that scores otherwise fails the bench
+    exported = time.perf_counter() - start
+    return {**onnx_rates(folder, work / "model.onnx", images, repeats), "export_s": round(exported, 1),
+            "max_rel_diff": found["max_rel_diff"]}
+
+
+def onnx_rates(folder: Path, onnx_file: Path, images: list, repeats: int) -> dict:
+    """Images/s of model directory `folder` in torch and of its ONNX file in onnxruntime, both on
+    the CPU, through the one scoring path (`predict_images`) on the same EvalSets."""
+    from ..scoring.onnx import OnnxForward
+    from ..scoring.predict import load_model
+    from ..scoring.predictions import predict_images
+
+    cpu = torch.device("cpu")
+    torch_cpu = load_model(folder, cpu)
+    onnx = OnnxForward(onnx_file)
+    on_cpu = [replace(im, store=im.store.to(cpu)) for im in images]
+    n = sum(len(im) for im in on_cpu)
+
+    def run(model):
+        return lambda: [predict_images(model, im, torch_cpu.augmenter, 256, cpu) for im in on_cpu]
+
+    out = {"torch_cpu": measure(run(torch_cpu.model), n, repeats, cpu, warmup=1),
+           "onnxruntime_cpu": measure(run(onnx), n, repeats, cpu, warmup=1), "threads": torch.get_num_threads()}
+    out["speedup"] = out["onnxruntime_cpu"] / out["torch_cpu"]
     return out

@@ -102,6 +102,11 @@ def show_predict(out, p: dict, where: str) -> None:
     for r in p["rows"]:
         if "b_decode_gpu" in r:
             out.print(f"(b) with --decode gpu ({r['patches']} patches): {fr(r['b_decode_gpu'])} images/s", highlight=False)
+    onnx = p.get("onnx", {})
+    if "torch_cpu" in onnx:
+        out.print(f"the model alone on the CPU, the same patches: torch {fr(onnx['torch_cpu'])} images/s, onnxruntime "
+                  f"{fr(onnx['onnxruntime_cpu'])} ({fmt(onnx['speedup'])}x torch; the export took {onnx['export_s']} s "
+                  f"and agreed with torch to {onnx['max_rel_diff']:.1e})", highlight=False)
     out.print(f"decode + resize alone: {fr(p['decode_main_thread'])} images/s in the main thread, "
               f"{fr(p['decode_workers'])} in {p['workers']} worker(s). Where the device is the CPU itself, the model "
               "already uses every core: decoding beside it can only take its turn on them.", highlight=False)

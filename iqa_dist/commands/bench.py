@@ -27,7 +27,7 @@ examples:
   iqa-dist bench kernels --backbones swin-t   # kernels and host syncs per step (+ the sync check on a GPU)
   iqa-dist bench graph --batch 12,24,48,96,192   # train.cuda_graph vs eager, and 50 steps' equality
   iqa-dist bench profile --batch 96 --steps 5 --compile   # per part host and device ms, device idle, eager vs compiled
-  iqa-dist bench predict --images 48 --workers 2   # predict before/after decoding in workers, side by side
+  iqa-dist bench predict --images 48 --workers 2   # predict before/after decoding in workers; torch vs onnxruntime
   iqa-dist bench summary --work-dir runs/gpu-bench   # gpu_bench.sh's figures as one JSON and a markdown table"""
 
 

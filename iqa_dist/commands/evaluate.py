@@ -13,7 +13,8 @@ from ..scoring.metrics import metrics_table
 from .options import add_config_arguments, overrides, writable
 
 NAME = "evaluate"
-USAGE = "iqa-dist evaluate (--run RUN_DIR | --weights MODEL_DIR) --dataset NAME [--root DIR] [--split test|val|all] [options]"
+USAGE = ("iqa-dist evaluate (--run RUN_DIR | --weights MODEL_DIR|ORG/NAME) --dataset NAME [--root DIR] "
+         "[--split test|val|all] [options]")
 HELP = "evaluate a trained model on a dataset (its own test split, or cross-dataset)"
 DESCRIPTION = """\
 Score a trained model on a dataset with the model's own test protocol. On the dataset it trained
@@ -36,7 +37,8 @@ KEYS = ["data.root", "data.cache_dir", "data.score_column", "data.csv_file", "da
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", default="", help="a run directory (its selected model)")
-    p.add_argument("--weights", default="", help="a model directory (model.safetensors + config.json)")
+    p.add_argument("--weights", default="", help="a model directory (model.safetensors + config.json), or a "
+                                                 "Hugging Face Hub repo id of one (org/name[@revision])")
     p.add_argument("--dataset", required=True, choices=DATASETS, metavar="NAME", help=" | ".join(DATASETS))
     p.add_argument("--root", default="", help="its folder [default: the training run's, on its own dataset]")
     p.add_argument("--split", default="test", choices=["val", "test", "all"],
@@ -71,13 +73,19 @@ def run(args: argparse.Namespace) -> int:
     trained_on = report["trained_on"].split("+")
     usual = report["dataset"] if report["dataset"] in trained_on else trained_on[0]  # the scale without --scale
     suffix = f"-{report['scale']}" if report["scale"] != usual else ""  # another scale: another file
-    target = Path(args.output) if args.output else folder.parent / f"eval-{report['dataset']}-{args.split}{suffix}.json"
+    given = args.run or args.weights
+    # beside the model; a Hub model's folder is the hub cache's: the report then goes to the current folder
+    beside = folder.parent if Path(given).exists() else Path(".")
+    prefix = "" if Path(given).exists() else given.replace("/", "--").replace("@", "-") + "-"
+    target = Path(args.output) if args.output else beside / f"eval-{prefix}{report['dataset']}-{args.split}{suffix}.json"
     target.write_text(json.dumps(report, indent=1))
     predictions = target.with_suffix(".predictions.csv")
     write_predictions(predictions, per_image["names"], per_image["targets"], per_image["preds"])
     overlap = report["train_overlap"]
     note = (f"; INCLUDES {overlap['images']} TRAINING IMAGES and {overlap['same_content']} of their content "
             "(--allow-train-overlap)") if overlap["images"] or overlap["same_content"] else ""
+    if not overlap["checkable"]:
+        note += f"; OVERLAP WITH ITS TRAINING IMAGES CANNOT BE CHECKED ({overlap['unknown']})"
     print_table(console(), f"{folder} on {report['dataset']} ({args.split}, {report['protocol']} protocol, "
                            f"{report['patches']} patches, scores on the {report['scale']} scale){note}",
                 metrics_table({args.split: report["metrics"]}))

@@ -39,7 +39,8 @@ LOG_EVERY_S = 30.0  # a progress line this often when stderr is not a terminal
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a model directory or a run directory")
+    p.add_argument("model", help="a model directory, a run directory, or a Hugging Face Hub repo id of a model "
+                                 "(org/name[@revision])")
     p.add_argument("paths", nargs="*", help="image files, folders (searched recursively) or globs")
     p.add_argument("--list", default="", metavar="FILE",
                    help="a text file of image paths, one a line (no shell globbing: millions of files)")

@@ -20,7 +20,8 @@ examples:
   iqa-dist train --preset koniq-swin-t --data.root /data/koniq10k
   accelerate launch --multi_gpu --num_processes 8 -m iqa_dist train --preset koniq-swin-t --data.root /data/koniq10k
   iqa-dist train --preset koniq-swin-t --data.root /data/koniq10k --resume auto     # continue after a stop
-  iqa-dist train --resume runs/RUN --extend --train.epochs 40   # a finished run longer (its own config + this)"""
+  iqa-dist train --resume runs/RUN --extend --train.epochs 40   # a finished run longer (its own config + this)
+  iqa-dist train --preset koniq-resnet50 --init-from models/hyperiqa-ssl92 --data.dataset spaq --data.root /data/spaq"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,11 +31,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extend", action="store_true",
                    help="with --resume: allow a longer schedule (train.epochs, train.max_steps, train.patience), "
                         "recorded in the run's meta.json")
+    p.add_argument("--init-from", dest="model.init_from", default=argparse.SUPPRESS, metavar="MODEL",
+                   help="start from a trained model's weights: a model or run folder, an imported model, or a Hub "
+                        "repo id (org/name[@rev]); the preset gives the recipe, the model its architecture (the same "
+                        "as --model.init_from)")
     add_config_arguments(p, common=COMMON)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = resumed_config(args) or config_from(args)  # a bad value is reported before torch loads (seconds)
+    if cfg.model.init_from:
+        from ..config import parse_override
+        from ..training.initial import with_start_architecture
+
+        cfg = with_start_architecture(cfg, {parse_override(o)[0] for o in overrides(args)})
     from ..training.loop import Preempted, train
 
     try:

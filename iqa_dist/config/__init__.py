@@ -4,10 +4,10 @@ config is read (`loading.py`: presets, `section.field=value` overrides, a run's 
 
 from .loading import (build_config, config_from_yaml, flatten, load_config, load_config_for, parse_override,
                       preset_names, with_overrides)
-from .schema import (DATASETS, DATASET_FIELDS, ENVIRONMENT, PROTOCOLS, SECTIONS, AugmentConfig, Config, DataConfig,
-                     ModelConfig, OptimConfig, RunConfig, TrainConfig, all_keys, field_docs)
+from .schema import (ARCHITECTURE, DATASETS, DATASET_FIELDS, ENVIRONMENT, PROTOCOLS, SECTIONS, AugmentConfig, Config,
+                     DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, all_keys, field_docs)
 
-__all__ = ["AugmentConfig", "Config", "DataConfig", "DATASET_FIELDS", "DATASETS", "ENVIRONMENT", "ModelConfig",
-           "OptimConfig", "PROTOCOLS", "RunConfig", "SECTIONS", "TrainConfig", "all_keys", "build_config",
+__all__ = ["ARCHITECTURE", "AugmentConfig", "Config", "DataConfig", "DATASET_FIELDS", "DATASETS", "ENVIRONMENT",
+           "ModelConfig", "OptimConfig", "PROTOCOLS", "RunConfig", "SECTIONS", "TrainConfig", "all_keys", "build_config",
            "config_from_yaml", "field_docs", "flatten", "load_config", "load_config_for", "parse_override",
            "preset_names", "with_overrides"]

@@ -43,7 +43,7 @@ class DataConfig:
     csv_file: str = ""  # csv source: annotation file, relative to root; "" = the only *.csv in root
     image_column: str = ""  # csv source: column with image paths; "" = the first of image, name, image_name, dist_name, dist_img, path, filename, file
     image_dir: str = ""  # folder of images relative to root; "" = the source's default
-    resize: str = "auto"  # auto (the source's literature default) | none | WxH (e.g. 512x384) | short:N
+    resize: str = "auto"  # auto (the source's literature default) | none | WxH (e.g. 512x384, turned with the photo) | WxH! (exactly W wide, H high) | short:N
     exif: bool = True  # apply a photo's EXIF orientation tag (upright, as a viewer shows it); false: pixels as stored
     split: str = "random"  # random | official | all (evaluation only) | split file(s), comma-separated (CSV, JSON or .txt)
     split_seed: int = 0  # seed of random splits and of the held-out validation part
@@ -68,8 +68,9 @@ class DataConfig:
         _choice("data.score_norm", self.score_norm, ("none", "range", "zscore"))
         _choice("data.resident", self.resident, ("auto", "device", "host"))
         _choice("data.test_protocol", self.test_protocol, PROTOCOLS)
-        if not re.fullmatch(r"auto|none|[1-9]\d*x[1-9]\d*|short:[1-9]\d*", self.resize):
-            raise UserError(f"data.resize={self.resize!r}: expected auto, none, WxH (e.g. 512x384) or short:N, sizes above 0")
+        if not re.fullmatch(r"auto|none|[1-9]\d*x[1-9]\d*!?|short:[1-9]\d*", self.resize):
+            raise UserError(f"data.resize={self.resize!r}: expected auto, none, WxH (e.g. 512x384), WxH! (exactly that, "
+                            "whatever the orientation) or short:N, sizes above 0")
         for name in ("test_fraction", "val_fraction"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise UserError(f"data.{name}={getattr(self, name)}: must lie strictly between 0 and 1")
@@ -129,6 +130,7 @@ class ModelConfig:
 
     backbone: str = "swin_tiny_patch4_window7_224.ms_in1k"  # timm model name with its weights tag (any Swin, resnet50.tv_in1k, ...)
     pretrained: str = "hub"  # hub (the tag's weights from the HF hub cache) | none (random init) | path to .safetensors/.pth
+    init_from: str = ""  # start from a trained model's weights (model or run folder, or Hub repo id org/name[@rev]); its architecture, not pretrained
     backbone_kwargs: dict = field(default_factory=dict)  # extra timm kwargs, e.g. tiny Swins: embed_dim, depths, num_heads
     img_size: int = 224  # patch side in px: the backbone's input and the crop size
     fusion: str = "concat"  # hyper-network input: concat (all 4 stages, phase one) | attention | last (stage 4 only)
@@ -159,6 +161,11 @@ class ModelConfig:
         for name in ("dropout", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"model.{name}={getattr(self, name)}: must lie in [0, 1)")
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that decide the weights' names and shapes (ARCHITECTURE): two configs that
+        agree on them load each other's weights."""
+        return {name: getattr(self, name) for name in ARCHITECTURE}
 
 
 @dataclass
@@ -360,6 +367,11 @@ def field_docs(section_cls: type) -> dict[str, str]:
 def all_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
+
+# ModelConfig fields that decide the weights' names and shapes; the rest (pretrained, init_from,
+# dropout, drop_path) are how a run starts or regularises, not what it holds.
+ARCHITECTURE = ("backbone", "backbone_kwargs", "img_size", "fusion", "hyper_hidden", "hyper_in", "lda_out", "target_in",
+                "target_hidden", "feature_size")
 
 # Fields that describe one dataset's files: they do not carry over to another dataset.
 DATASET_FIELDS = ("score_column", "csv_file", "image_column", "image_dir", "resize", "split")

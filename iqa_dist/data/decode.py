@@ -55,15 +55,18 @@ def too_small(width: int, height: int, resize: str, min_side: int) -> str:
 
 
 def target_size(width: int, height: int, resize: str) -> tuple[int, int]:
-    """(W, H) after the resize policy: none | short:N | WxH. A fixed WxH follows the image's
-    orientation (512x384 makes a portrait photo 384x512), so no image is squashed."""
+    """(W, H) after the resize policy: none | short:N | WxH | WxH!. A fixed WxH follows the image's
+    orientation (512x384 makes a portrait photo 384x512), so no image is squashed; WxH! is exactly
+    W x H whatever the orientation (the original HyperIQA's 384 wide x 512 high squash of KonIQ)."""
     if resize == "none":
         return width, height
     if resize.startswith("short:"):
         n = int(resize[6:])
         scale = n / min(width, height)
         return max(n, round(width * scale)), max(n, round(height * scale))
-    w, h = (int(v) for v in resize.split("x"))
+    w, h = (int(v) for v in resize.removesuffix("!").split("x"))
+    if resize.endswith("!"):
+        return w, h
     return (h, w) if (width < height) != (w < h) else (w, h)
 
 

@@ -185,7 +185,8 @@ class HyperIQA(nn.Module):
         self.channels_last_features = str(getattr(backbone, "output_fmt", "NCHW")).endswith("NHWC")
         channels = backbone.feature_info.channels()
         if len(channels) != 4:
-            raise UserError(f"model.backbone={cfg.backbone!r}: HyperIQA needs 4 feature stages, got {len(channels)}")
+            raise UserError(f"model.backbone={cfg.backbone!r}: cannot serve as a HyperIQA backbone: it needs 4 feature "
+                            f"stages, timm gives {len(channels)}")
         self.mean = tuple(backbone.pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN))
         self.std = tuple(backbone.pretrained_cfg.get("std", IMAGENET_DEFAULT_STD))
         stage4_out = cfg.target_in - 3 * cfg.lda_out
@@ -275,9 +276,16 @@ class HyperIQA(nn.Module):
 
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:
-    """timm backbone returning its last four stages; weights from the hub, a local file, or none."""
+    """timm backbone returning its last four stages; weights from the hub, a local file, or none.
+
+    Any timm model whose `features_only` gives four stages serves: CNNs (ResNet, ConvNeXt,
+    EfficientNet, RegNet: one stage per resolution) through timm's feature wrappers, and ViTs
+    (every block at one resolution) through their `forward_intermediates`, whose last four blocks
+    are the four stages. Models built for one input size (Swin, ViT: `fixed_input_size` in their
+    timm config) are built for model.img_size."""
     kwargs = dict(features_only=True, out_indices=(-4, -3, -2, -1), drop_path_rate=cfg.drop_path, **cfg.backbone_kwargs)
-    if "swin" in cfg.backbone:
+    known = timm.models.get_pretrained_cfg(cfg.backbone) if timm.is_model(cfg.backbone.split(".")[0]) else None
+    if known is not None and known.fixed_input_size:
         kwargs.setdefault("img_size", cfg.img_size)
     if cfg.pretrained == "none":
         kwargs["pretrained"] = False
@@ -297,6 +305,15 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     except Exception as e:
         if isinstance(e, RuntimeError) and "Unknown model" in str(e):
             raise UserError(f"model.backbone={cfg.backbone!r}: {e}") from None
+        if isinstance(e, (AssertionError, IndexError)) or "features_only" in str(e) or "feature_info" in str(e):
+            # timm's feature wrappers assert on out_indices past the model's stages, and models
+            # without feature extraction reject features_only or lack feature_info
+            raise UserError(f"model.backbone={cfg.backbone!r}: cannot serve as a HyperIQA backbone: timm cannot give "
+                            f"its last four feature stages with features_only ({type(e).__name__}: "
+                            f"{first_line(e) or 'timm gives no reason'})") from None
+        if isinstance(e, TypeError) and "unexpected keyword" in str(e):
+            raise UserError(f"model.backbone={cfg.backbone!r} with model.backbone_kwargs={cfg.backbone_kwargs}: timm's "
+                            f"model does not take these settings ({first_line(e)})") from None
         if cfg.pretrained == "hub" and isinstance(e, (LocalEntryNotFoundError, OSError)):
             raise missing_hub_weights(cfg.backbone, e) from None
         if cfg.pretrained not in ("hub", "none"):  # a user's file: damaged, or weights of another model

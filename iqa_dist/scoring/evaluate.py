@@ -59,10 +59,11 @@ def evaluate_model(path, dataset: str, split: str = "test", overrides: Sequence[
                    console: Console | None = None) -> dict:
     """An exported model (a run or model directory) on a dataset's split ("test", "val" or "all"),
     under the model's own test protocol. Refuses images the model trained on (or that share a
-    content group with them) unless allow_train_overlap. Scores are reported on `scale` (a
-    dataset the model trained on, or "normalized"); by default on the evaluated dataset's own when
-    the model trained on it, else on the only training dataset's (a jointly trained model needs a
-    choice). Runs under `accelerate launch` too: the images are spread over the processes.
+    content group with them) unless allow_train_overlap; a model whose training images are not all
+    recorded (imported weights) is scored, and the report says that overlap cannot be checked.
+    Scores are reported on `scale` (a dataset the model trained on, or "normalized"); by default on
+    the evaluated dataset's own when the model trained on it, else on the only training dataset's
+    (a jointly trained model needs a choice). Runs under `accelerate launch` too: the images are spread over the processes.
     Returns the report (metrics, settings, per-image predictions)."""
     from ..data.cache import describe, prepare
     from .predict import load_model
@@ -96,7 +97,11 @@ def evaluate_model(path, dataset: str, split: str = "test", overrides: Sequence[
             "data_split": cfg.data.split, "split_seed": cfg.data.split_seed, "protocol": card.protocol,
             "patches": card.test_patch_num, "score_scale": view.image_meta["score_range"],
             "trained_on": "+".join(card.datasets), "scale": scale or card.dataset,
-            "train_overlap": {"images": same, "same_content": related, "allowed": bool(allow_train_overlap)},
+            "train_overlap": {"images": same, "same_content": related, "allowed": bool(allow_train_overlap),
+                              # imported weights (or a run started from them): images it trained on that no
+                              # file lists, so the counts above cannot be complete
+                              "checkable": not card.unknown_training,
+                              **({"unknown": card.unknown_training} if card.unknown_training else {})},
             "metrics": {k: result[k] for k in METRIC_KEYS},
             "per_image": {"names": view.names(result["ids"]), "targets": result["targets"].tolist(),
                           "preds": result["preds"].tolist()}}

@@ -127,7 +127,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def load_model(path: str | Path, device: str | torch.device | None = None, scale: str | None = None,
                resize_as: str | None = None) -> Scorer:
-    """A model directory (or a run directory) as a Scorer; `scale`: the dataset (of those it
+    """A model directory (or a run directory, or a Hugging Face Hub repo id `org/name[@rev]` of
+    one, from the hub cache) as a Scorer; `scale`: the dataset (of those it
     trained on) whose scale scores are on, or "normalized"; a one-dataset model's by default;
     `resize_as`: the dataset whose resize policy new images get [default: the scale's]."""
     folder = model_dir(path)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ from .batches import Batches, KeyedNoise, NoiseSource
 from .display import Display
 from .graph import GraphedStep, refusal
 from .guard import BadStep
+from .initial import StartModel
 from .optim import allreduce_bytes, group_sizes
 from .preemption import PreemptionFlag
 from .resume import choose
@@ -130,7 +131,14 @@ def build(cfg: Config, acc: Accelerator, target: Target, preempt: PreemptionFlag
     if cfg.train.cuda_graph and (why := refusal(processes=acc.num_processes, device=acc.device)):
         raise UserError(why)  # before anything is built
     set_seed(cfg.train.seed)  # identical initial weights on every process
-    model = build_model(cfg.model)  # before the data: a missing weight file fails in seconds
+    start = StartModel.find(cfg.model.init_from) if cfg.model.init_from else None
+    if start is not None:  # every weight comes from the start model: no pretrained download
+        start.check(cfg.model)
+        model = build_model(replace(cfg.model, pretrained="none"))
+        if not target.resuming:  # a resumed run's checkpoint holds its weights
+            start.load_into(model)
+    else:
+        model = build_model(cfg.model)  # before the data: a missing weight file fails in seconds
     data = load_data(cfg, acc, console)
     shares = Shares.split(cfg.train.batch_size, cfg.train.micro_batch_size, acc.num_processes, acc.process_index)
     if cfg.optim.rank_weight > 0 and shares.accum > 1:
@@ -149,14 +157,16 @@ def build(cfg: Config, acc: Accelerator, target: Target, preempt: PreemptionFlag
     # training set that is not resident on the GPU)
     stepper = (GraphedStep(trainer, batches, capture=True) if cfg.train.cuda_graph
                else EagerStep(trainer, batches))
-    weights, groups = provenance(cfg.model), group_sizes(trainer.optimizer)
+    weights, groups = (start.provenance() if start else provenance(cfg.model)), group_sizes(trainer.optimizer)
     card = model_card(cfg, data, model, weights, groups)
+    if start is not None:
+        card = replace(card, unknown_training=start.unknown_training())
     run = RunDir.open(cfg, target, acc, {"weights": weights, "parameter_groups": groups, "data": data.fingerprint(),
                                          "effective_lr": {**cfg.group_lrs(), "warmup_steps": cfg.effective_warmup()}},
                       legacy_data=data.legacy_fingerprint())
     selection = Selection(cfg=cfg, acc=acc, trainer=trainer, data=data, card=card, augmenter=augmenter, run=run,
                           batch=cfg.train.eval_batch_size or 2 * math.ceil(shares.per_process / shares.accum),
-                          console=console)
+                          console=console, inherited_images=start.train_images() if start else {})
     return Run(cfg=cfg, acc=acc, trainer=trainer, batches=batches, stepper=stepper, data=data, selection=selection,
                dir=run, target=target, display=Display(console, total_steps, steps_per_epoch, cfg.train.log_every),
                total_steps=total_steps, eval_every=eval_every,
@@ -190,7 +200,7 @@ def model_card(cfg: Config, data: Data, model: HyperIQA, weights: dict, groups: 
     trained_on = {name: TrainedOn(asdict(m), list(data.views[name].image_meta["score_range"]),
                                   data.views[name].image_meta["resize"], data.scales[name], w)
                   for name, m, w in zip(data.names, cfg.data.members(), data.weights)}
-    return ModelCard(model={**asdict(cfg.model), "pretrained": "none"}, datasets=trained_on,
+    return ModelCard(model={**asdict(cfg.model), "pretrained": "none", "init_from": ""}, datasets=trained_on,
                      protocol=cfg.data.test_protocol, test_patch_num=cfg.data.test_patch_num,
                      mean=list(model.mean), std=list(model.std), weights=weights, groups=groups)
 

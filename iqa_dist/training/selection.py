@@ -28,6 +28,7 @@ from ..data.store import EvalSet
 from ..scoring.metrics import METRIC_KEYS
 from ..scoring.predictions import evaluate_split
 from .compile import compile_model
+from .initial import merge_images
 from .trainer import TrainState, Trainer
 
 
@@ -71,8 +72,10 @@ class Selection:
     """Scores the trainer's weights and EMA on the run's splits; exports each new best to `run`."""
 
     def __init__(self, *, cfg: Config, acc: Accelerator, trainer: Trainer, data: Data, card: ModelCard,
-                 augmenter: Augmenter, batch: int, run: RunDir, console: Console) -> None:
+                 augmenter: Augmenter, batch: int, run: RunDir, console: Console,
+                 inherited_images: dict | None = None) -> None:
         self.cfg, self.acc, self.trainer, self.data, self.card, self.run = cfg, acc, trainer, data, card, run
+        self.inherited_images = inherited_images or {}  # model.init_from: what the start model trained on
         self.augmenter, self.batch = augmenter, batch
         self.model = compile_model(OwnForward(trainer.bare), cfg, console, "evaluation")
 
@@ -93,7 +96,7 @@ class Selection:
             train_images = {name: {"names": view.names(view.ids("train")), "groups": view.groups(view.ids("train")),
                                    "sha256": view.file_hashes(view.ids("train"))}
                             for name, view in self.data.views.items()} if self.acc.is_main_process else {}
-            self.run.export_model(chosen_model.state_dict(), exported, train_images)
+            self.run.export_model(chosen_model.state_dict(), exported, merge_images(train_images, self.inherited_images))
         return v
 
     def track_test(self, v: Validation) -> dict[str, dict] | None:
