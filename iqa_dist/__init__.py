@@ -10,7 +10,12 @@ study this project continues: the README's "Reproducing the papers" defines it a
 table. Importing the package is cheap: torch loads on first use.
 """
 
+import os
+
 __version__ = "0.1.0"
+# The user's inductor cache folder, read before anything imports timm: importing it imports torch's
+# compiler, which sets the variable to torch's own default (training.compile.inductor_cache)
+USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
 __all__ = ["load_config", "build_model", "load_model", "__version__"]
 
 
@@ -18,7 +23,7 @@ _LAZY = {"load_config": "config", "build_model": "models.hyperiqa", "load_model"
 
 
 def __getattr__(name: str):
-    # lazy, so that `import iqa_dist.decode` (in decode worker processes) does not import torch
+    # lazy, so that `import iqa_dist.data.decode` (in decode worker processes) does not import torch
     if name not in _LAZY:
         raise AttributeError(f"module 'iqa_dist' has no attribute {name!r}")
     import importlib

@@ -303,10 +303,8 @@ def test_compile_holds_for_training_and_evaluation(monkeypatch, tmp_path):
     cache)."""
     from torch._dynamo.utils import counters
 
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    # what importing torch's compiler leaves in the environment: its own default, not a user's choice
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    # what importing timm (torch's compiler) leaves in the environment: torch's default, not the user's choice
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torchinductor_someone"))
     seen = []
     real = torch.compile
 
@@ -360,7 +358,12 @@ def test_bench_compiles_what_train_compiles(tiny_overrides, tmp_path):
 
 
 def test_a_users_inductor_cache_is_honoured(monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    """The variable as the user set it before iqa_dist was imported (read then: importing timm sets
+    torch's default), else beside the data cache, whatever the variable holds by now."""
+    from iqa_dist.training import compile as compile_module
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torchinductor_someone"))
+    monkeypatch.setattr(compile_module, "USER_INDUCTOR_CACHE", str(tmp_path / "mine"))
     assert inductor_cache(tiny_recipe(f"data.cache_dir={tmp_path}")) == tmp_path / "mine"
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setattr(compile_module, "USER_INDUCTOR_CACHE", "")
     assert inductor_cache(tiny_recipe(f"data.cache_dir={tmp_path}")) == tmp_path / "inductor"

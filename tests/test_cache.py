@@ -297,3 +297,32 @@ def test_images_far_larger_than_the_patches_need_are_warned_about(tmp_path):
     assert "warning: 1 of 4 csv images are over 8x the 112-px patch on their shorter side (the largest 1000x950" in err
     assert "--data.resize short:224" in err
     assert "over 8x" not in " ".join(here(*args, "--data.resize=short:224").stderr.split())
+
+
+def test_a_read_only_cache_is_used_as_it_is_and_a_missing_level_is_one_line(tmp_path, tiny_overrides):
+    """A cache built once, then mounted read-only (as shared cluster caches often are): prepare
+    and train read it without a lock; a level it lacks (another split) is one line naming the folder."""
+    fixtures.koniq(tmp_path / "k", n=12, sets=False)
+    cache = tmp_path / "cache"
+    args = ["--preset", "demo", "--dataset", "koniq10k", "--root", str(tmp_path / "k"), "--data.split=random",
+            "--data.resize=none", *[f"--{o}" for o in TINY]]
+    assert here("prepare", *args, "--cache-dir", str(cache)).returncode == 0
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "--bind", "-o", "ro", str(cache), str(ro)]).returncode:
+        pytest.skip("needs root to mount a read-only copy")
+    try:
+        out = here("prepare", *args, "--cache-dir", str(ro))
+        assert out.returncode == 0 and "up to date" in out.stderr, out.stderr
+        overrides = [o for o in tiny_overrides if not o.startswith(("data.cache_dir", "data.synthetic_size"))]
+        trained = here("train", "--preset", "demo", *[f"--{o}" for o in overrides], "--data.dataset=koniq10k",
+                       f"--data.root={tmp_path / 'k'}", "--data.resize=none", "--data.split=random",
+                       *[f"--{o}" for o in TINY], "--train.batch_size=8", "--train.max_steps=2",
+                       f"--data.cache_dir={ro}", f"--run.root={tmp_path / 'runs'}")
+        assert trained.returncode == 0, trained.stderr[-2000:]
+        missing = here("prepare", *args, "--data.split_seed=7", "--cache-dir", str(ro))
+        [line] = missing.stderr.strip().splitlines()[-1:]
+        assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr
+        assert line.startswith("error: view random split: ") and "is not built, and" in line and "read-only" in line
+    finally:
+        subprocess.run(["umount", str(ro)])

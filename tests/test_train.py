@@ -313,3 +313,25 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_a_resume_after_freeing_spac
         assert_same_training(metrics(single_run), metrics(run))
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+def test_deterministic_runs_on_torchs_deterministic_algorithms(tiny_overrides, tmp_path, monkeypatch):
+    """train.deterministic does what it says: the run trains with torch.use_deterministic_algorithms
+    on (an op without a deterministic implementation would fail naming itself), and cuBLAS gets the
+    workspace setting its deterministic mode needs."""
+    from iqa_dist.training import trainer as trainer_module
+
+    seen, step = [], trainer_module.Trainer.step
+
+    def recording(self, batch):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        step(self, batch)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", recording)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        out = train_here([*tiny_overrides, "train.max_steps=2", "train.deterministic=true", f"run.root={tmp_path}"])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert seen == [True, True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"

@@ -17,6 +17,9 @@ from pathlib import Path
 
 from ..errors import UserError
 
+# Not filelock (which the data cache uses): it truncates the lock file as it opens it, so the
+# holder's line could not live in it, and on a file system without flock it raises where this
+# falls back to the recorded host and pid.
 LOCK_FILE = ".lock"
 _held: dict[str, int] = {}  # run directory -> the open, locked file of this process
 

@@ -155,7 +155,7 @@ def step_budget(cfg: Config, store: ImageStore, batch: int, device: torch.device
 def augmentation_kernels(rig: StepRig) -> int:
     """The kernels inductor generates for the training augmentation under train.compile, compiled
     here on its own (afresh: a cached graph would generate none), the model left eager."""
-    from torch._inductor import config, metrics
+    from torch._inductor import config, metrics  # inductor counts the kernels it generates only there
 
     augmenter = Augmenter(rig.cfg.augment, rig.cfg.model.img_size, rig.batches.augmenter.mean.tolist(),
                           rig.batches.augmenter.std.tolist(), 0).to(rig.acc.device)

@@ -242,7 +242,7 @@ class TrainConfig:
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
     compile_backend: str = "inductor"  # torch.compile backend: inductor (fused kernels) | aot_eager (tracing only, for debugging)
     cuda_graph: bool = False  # capture the whole training step once as a CUDA graph and replay it (one GPU, bf16 or fp32, no compile); see the README
-    deterministic: bool = False  # deterministic kernels (for exact resume/parity checks; slower)
+    deterministic: bool = False  # torch's deterministic algorithms only (an op without one fails naming itself); slower
     timeout_s: int = 600  # collective timeout: a failed rank brings the others down after this long
 
     def __post_init__(self) -> None:
@@ -353,7 +353,9 @@ def _non_negative(key: str, value: float) -> None:
         raise UserError(f"{key}={value}: must not be negative")
 
 
-@functools.cache  # reading a class's source costs milliseconds; the CLI asks once per option
+# The trailing comment is the field's one documentation, read where it stands (field metadata would
+# say it a second time, in a string, in every field's default); reading it costs milliseconds, once.
+@functools.cache
 def field_docs(section_cls: type) -> dict[str, str]:
     """The trailing comment of each field in the class source: its documentation."""
     docs = {}

@@ -25,7 +25,6 @@ from typing import Iterator
 
 import datasets
 import numpy as np
-from filelock import FileLock
 from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -35,7 +34,7 @@ from ..errors import UserError, no_space, out_of_space
 from ..sources.readers import read_source, source_root
 from ..sources.records import Problem, SourceData
 from .decode import decode_job, target_size
-from .identity import file_hashes
+from .identity import file_hashes, writer_lock
 from .splits import assign_splits
 from .store import HASHES, META, BinaryColumn, View, open_images
 
@@ -74,12 +73,19 @@ def _atomic_build(final: Path, build, console: Console, what: str, need=lambda: 
     success only, so an interrupted build never leaves a directory that passes for complete. A
     damaged one (a file cut short or gone since it was built) is said and built again; a full disk
     is one line (`need()`: the bytes the build would take). True if it built."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final) + ".lock"):
+    if (final / META).is_file() and not damaged(final):  # read without a lock: a read-only cache is used as it is
+        console.print(f"[green]{what}: up to date[/] ({final}); nothing to do", highlight=False)
+        return False
+    with writer_lock(final) as writable:
+        if not writable:
+            state = "is damaged" if (final / META).is_file() else "is not built"
+            raise UserError(f"{what}: {final} {state}, and {final.parent} cannot be written (a read-only cache): "
+                            "build it where the cache can be written (iqa-dist prepare with the same options), or "
+                            "give a writable --data.cache_dir")
         _remove_stale_partials(final)
         if (final / META).is_file():
             damage = damaged(final)
-            if not damage:
+            if not damage:  # another process built it while this one waited
                 console.print(f"[green]{what}: up to date[/] ({final}); nothing to do", highlight=False)
                 return False
             console.print(f"[yellow]{what}: {final} is damaged ({damage}): building it again[/]", highlight=False)
@@ -393,9 +399,9 @@ def _adopt(legacy: Path, final: Path, fingerprint: dict, data: SourceData, hashe
     """A cache built before files were identified by content, from these very files (their names,
     sizes and mtimes are the ones it was keyed by): renamed to its new key instead of decoded
     again. Its views name the old folder, so they go; a split costs no decoding."""
-    with FileLock(str(final) + ".lock"):
-        if (final / META).is_file() or not (legacy / META).is_file():
-            return  # another process adopted it meanwhile
+    with writer_lock(final) as writable:
+        if not writable or (final / META).is_file() or not (legacy / META).is_file():
+            return  # another process adopted it meanwhile (or the cache is read-only: built anew elsewhere)
         meta = json.loads((legacy / META).read_text())
         meta.update({k: v for k, v in fingerprint.items() if k != "files"})
         (legacy / HASHES).write_text(json.dumps({r.name: h for r, h in zip(data.records, hashes)}))

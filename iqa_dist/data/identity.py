@@ -9,11 +9,16 @@ remembered (size, mtime) only saves a read; it is never taken as the file's iden
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
+
+from filelock import FileLock
 
 KNOWN = "file-hashes"  # under the cache root: <sha of the folder's path>.json, path -> [size, mtime_ns, sha256]
 
@@ -31,6 +36,12 @@ def file_hashes(paths: list[Path], root: Path, cache_root: Path, workers: int) -
     mtime match what was remembered for `root` are not read; the others are hashed by `workers`
     threads (hashlib releases the GIL), and the memory is updated atomically."""
     memo = cache_root / KNOWN / f"{hashlib.sha256(str(root).encode()).hexdigest()[:16]}.json"
+    # under a lock: the first process of a node hashes and remembers, the others wait and read the memory
+    with writer_lock(memo):
+        return _hashes(paths, memo, workers)
+
+
+def _hashes(paths: list[Path], memo: Path, workers: int) -> list[str]:
     try:
         known = json.loads(memo.read_text())
     except (OSError, ValueError):
@@ -58,3 +69,23 @@ def file_hashes(paths: list[Path], root: Path, cache_root: Path, workers: int) -
         except OSError:
             pass  # only a shortcut: without it the next prepare reads the files again
     return out
+
+
+@contextlib.contextmanager
+def writer_lock(path: Path) -> Iterator[bool]:
+    """Holds a file lock beside `path` (`path`.lock, its folder made) and yields True; where the
+    folder cannot be written (a cache mounted read-only, as shared cluster caches often are) yields
+    False without a lock: a reader needs none, and nothing can be written there anyway."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock")
+        lock.acquire()
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()

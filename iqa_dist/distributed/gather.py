@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 
+# Not torch.distributed.nn.functional.all_gather, which does this: torch 2.14 deprecates it (a
+# FutureWarning per call) for the private torch.distributed._functional_collectives.
 class _GatherGlobal(torch.autograd.Function):
     """Every process's predictions, concatenated in rank order (the global batch order), with the
     gradient flowing back to each process's own slice: all processes' losses use every prediction,

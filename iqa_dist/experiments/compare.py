@@ -30,11 +30,13 @@ def summary(values: list[float]) -> dict | None:
 
 
 def bootstrap_median(diffs: list[float], seed: int, level: float = 0.95) -> tuple[float, float]:
-    """The `level` percentile interval of the median difference, over BOOTSTRAP resamples of the pairs."""
-    rng = np.random.default_rng(seed)
-    samples = rng.choice(np.asarray(diffs, dtype=np.float64), size=(BOOTSTRAP, len(diffs)), replace=True)
-    low, high = np.quantile(np.median(samples, axis=1), [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(low), float(high)
+    """The `level` percentile interval of the median difference, over BOOTSTRAP resamples of the
+    pairs (scipy's bootstrap, seeded: the same group gives the same interval); one pair is its own."""
+    if len(diffs) < 2:  # scipy resamples two or more
+        return float(diffs[0]), float(diffs[0])
+    result = scipy_stats.bootstrap((np.asarray(diffs, dtype=np.float64),), np.median, confidence_level=level,
+                                   n_resamples=BOOTSTRAP, method="percentile", rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def wilcoxon(diffs: list[float]) -> float:

@@ -132,6 +132,8 @@ def build(folder: Path, crops: int = DEFAULT_CROPS, side: int = DEFAULT_SIDE) ->
 
     marker = folder / "complete.json"
     spec = {"version": VERSION, "crops": crops, "side": side}
+    if marker.is_file() and json.loads(marker.read_text()) == spec:  # complete: read without a lock (a read-only cache)
+        return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         if marker.is_file() and json.loads(marker.read_text()) == spec:

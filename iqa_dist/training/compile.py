@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from .. import USER_INDUCTOR_CACHE
 from ..config import Config
 from ..data.augment import Augmenter
 from ..data.cache import cache_root
@@ -24,17 +25,9 @@ def inductor_cache(cfg: Config) -> Path:
     """Where compiled kernels are cached: $TORCHINDUCTOR_CACHE_DIR when the user set it, else beside
     the data cache (a shared file system on a cluster), so a second run or a resumed one reuses them
     instead of compiling again. Set before every torch.compile call: inductor reads it when it
-    compiles. Importing torch's compiler already sets the variable to torch's own default (a
-    per-user temp folder), so that value counts as unset."""
-    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    try:
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-        torch_default = default_cache_dir()
-    except ImportError:  # another torch layout: take the variable as given
-        torch_default = None
-    if not given or given == torch_default:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root(cfg) / "inductor")
+    compiles. The user's value is the one iqa_dist saw when it was imported: by now importing
+    timm has set the variable to torch's own default (a per-user temp folder)."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = USER_INDUCTOR_CACHE or str(cache_root(cfg) / "inductor")
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 

@@ -14,6 +14,7 @@ model is selected on their weight-averaged val SRCC (or one named dataset's).
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -130,7 +131,10 @@ def build(cfg: Config, acc: Accelerator, target: Target, preempt: PreemptionFlag
     """start's second half: the model and its weights, the data, the trainer, the run directory."""
     if cfg.train.cuda_graph and (why := refusal(processes=acc.num_processes, device=acc.device)):
         raise UserError(why)  # before anything is built
-    set_seed(cfg.train.seed)  # identical initial weights on every process
+    if cfg.train.deterministic:  # cuBLAS reads it when it makes its handle: before the first matmul
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # identical initial weights on every process; train.deterministic: torch.use_deterministic_algorithms
+    set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
     start = StartModel.find(cfg.model.init_from) if cfg.model.init_from else None
     if start is not None:  # every weight comes from the start model: no pretrained download
         start.check(cfg.model)
