@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,37 @@ def train_here(overrides: list[str], resume: str = "") -> subprocess.CompletedPr
     return here(*train_cmd(overrides, resume=resume)[3:])
 
 
+def launch_function(function, *args, nproc: int = 2, timeout: float = 300) -> int:
+    """`function(*args)` on `nproc` processes forked from this one by accelerate's `notebook_launcher`
+    (see `launch_here`), each on one thread; the launch's exit status (0, or the workers')."""
+    from accelerate import notebook_launcher
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from iqa_dist.distributed.accelerators import reset_accelerate_state
+    from iqa_dist.distributed.launcher import exit_status
+
+    reset_accelerate_state()  # notebook_launcher refuses to fork a process that holds an Accelerator's state
+    done = threading.Event()
+    threading.Thread(target=_kill_children_after, args=(timeout, done), daemon=True).start()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        notebook_launcher(_one_thread, (function, *args), num_processes=nproc, use_port=str(free_port()))
+        return 0
+    except ChildFailedError as e:
+        return exit_status([f.exitcode for _, f in sorted(e.failures.items())])
+    finally:
+        done.set()
+        for sig, handler in handlers.items():  # torchrun's agent installs its own
+            signal.signal(sig, handler)
+
+
+def _one_thread(function, *args) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # OpenMP's pool does not survive a fork: more threads would hang
+    function(*args)
+
+
 def launch_here(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes N -m iqa_dist ARGS` with its workers forked
     from this process: accelerate's `notebook_launcher` runs torchrun's agent here (its rendezvous,
@@ -87,41 +119,18 @@ def launch_here(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.
     in rank order; returncode is the launch's, as `iqa-dist launch` takes it from the workers'
     (distributed.launcher.exit_status). A worker still running after `timeout` s is killed."""
     import tempfile
-    import threading
-
-    from accelerate import notebook_launcher
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    from iqa_dist.distributed.accelerators import reset_accelerate_state
-    from iqa_dist.distributed.launcher import exit_status
 
     out = Path(tempfile.mkdtemp(prefix="launch-here-"))
-    reset_accelerate_state()  # notebook_launcher refuses to fork a process that holds an Accelerator's state
-    done = threading.Event()
-    watchdog = threading.Thread(target=_kill_children_after, args=(timeout, done), daemon=True)
-    watchdog.start()
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
-    try:
-        notebook_launcher(_worker, (list(args), str(out)), num_processes=nproc, use_port=str(free_port()))
-        code = 0
-    except ChildFailedError as e:
-        code = exit_status([f.exitcode for _, f in sorted(e.failures.items())])
-    finally:
-        done.set()
-        for sig, handler in handlers.items():  # torchrun's agent installs its own
-            signal.signal(sig, handler)
+    code = launch_function(_worker, list(args), str(out), nproc=nproc, timeout=timeout)
     read = lambda name: "".join((out / f"{name}-{r}").read_text() for r in range(nproc)  # noqa: E731
                                 if (out / f"{name}-{r}").exists())
     return subprocess.CompletedProcess(list(args), code, read("stdout"), read("stderr"))
 
 
 def _worker(args: list[str], out: str) -> None:
-    import torch
-
     from iqa_dist.cli import main
     from iqa_dist.distributed.accelerators import reset_accelerate_state
 
-    torch.set_num_threads(1)
     rank = os.environ["RANK"]
     for fd, name in ((1, "stdout"), (2, "stderr")):
         f = open(Path(out) / f"{name}-{rank}", "w", buffering=1)
@@ -166,9 +175,11 @@ def train_cmd(overrides: list[str], nproc: int = 1, resume: str = "") -> list[st
             "--main_process_port", str(free_port()), *args]
 
 
-def run_train(overrides: list[str], nproc: int = 1, resume: str = "", timeout: int = 400) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, 2 // nproc))}
-    return subprocess.run(train_cmd(overrides, nproc, resume), capture_output=True, text=True, timeout=timeout, env=env)
+def run_train(overrides: list[str], nproc: int = 1, resume: str = "") -> subprocess.CompletedProcess:
+    """`iqa-dist train --preset demo` on `nproc` processes: `train_here` for one, `launch_here` for more."""
+    if nproc == 1:
+        return train_here(overrides, resume=resume)
+    return launch_here(*train_cmd(overrides, resume=resume)[3:], nproc=nproc)
 
 
 def only_run(root: Path) -> Path:

@@ -1,13 +1,13 @@
-"""Run by tests/test_train.py under `accelerate launch` with 2 CPU processes: the real step of the
+"""Run by tests/test_train.py on 2 CPU processes (conftest.launch_function): the real step of the
 koniq-swin-t recipe on a tiny Swin (micro-batched, compiled with aot_eager, weight EMA on) for 3
 optimizer steps, counting the gradient all-reduce rounds DDP makes (a comm hook sees each bucket;
-the last bucket closes a round). Rank 0 prints {"rounds", "steps", "micro"} as JSON."""
+the last bucket closes a round). Rank 0 writes {"rounds", "steps", "micro"} as JSON."""
 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from iqa_dist.data.store import ImageStore
 STEPS = 3
 
 
-def main(overrides: list[str]) -> None:
+def count_rounds(overrides: list[str], out: str) -> None:
     cfg = load_config("koniq-swin-t", overrides)
     acc = Accelerator(cpu=True)
     rng = np.random.default_rng(0)
@@ -41,8 +41,4 @@ def main(overrides: list[str]) -> None:
         rig.end_to_end()
     rig.trainer.settle()
     if dist.get_rank() == 0:
-        print(json.dumps({"rounds": rounds[0], "steps": STEPS, "micro": len(rig.batches.shares.slices())}))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+        Path(out).write_text(json.dumps({"rounds": rounds[0], "steps": STEPS, "micro": len(rig.batches.shares.slices())}))

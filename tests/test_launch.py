@@ -20,7 +20,7 @@ from iqa_dist.config import load_config
 from iqa_dist.errors import UserError
 from iqa_dist.experiments.grid import members
 
-from .conftest import RUN, assert_same_training, free_port, here, metrics, only_run, run_train, train_cmd, train_here
+from .conftest import RUN, assert_same_training, free_port, here, metrics, only_run, run_train, train_here
 from .test_slurm import _slurm_answers
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"
@@ -160,9 +160,10 @@ def test_accelerate_configs_load_as_accelerate_reads_them():
 
 @pytest.mark.skipif(_slurm_answers(), reason="a SLURM runs here: tests/test_slurm.py submits the script for real")
 def test_two_simulated_nodes_of_two_processes_match_one_process(single_run, tiny_overrides, tmp_path):
-    """launch/slurm_multinode.sbatch for 2 nodes x 2 "GPUs" (4 gloo processes on 127.0.0.1), with
-    srun and scontrol stand-ins that start both nodes at once: the same training as one process.
-    Where no SLURM runs; with one, tests/test_slurm.py submits the same script with sbatch."""
+    """launch/slurm_multinode.sbatch for 2 nodes x 1 "GPU" (2 gloo processes on 127.0.0.1, each its
+    node's launcher; more per node adds interpreters, not paths), with srun and scontrol stand-ins
+    that start both nodes at once: the same training as one process. Where no SLURM runs; with
+    one, tests/test_slurm.py submits the same script with sbatch."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/bash\n[ \"$1 $2\" = 'show hostnames' ] && echo 127.0.0.1\n")
@@ -173,7 +174,7 @@ def test_two_simulated_nodes_of_two_processes_match_one_process(single_run, tiny
         f.chmod(0o755)
     port = free_port()
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": str(port - 20000),
-           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_GPUS_ON_NODE": "2",
+           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_GPUS_ON_NODE": "1",
            "IQA_DIST": f"{sys.executable} -m iqa_dist", "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1", "IQA_DIST_STOP_FILE": str(tmp_path / "stop")}
     out = subprocess.run(["bash", str(LAUNCH / "slurm_multinode.sbatch"), "demo",
@@ -182,7 +183,7 @@ def test_two_simulated_nodes_of_two_processes_match_one_process(single_run, tiny
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run = only_run(tmp_path / "runs")
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["world_size"] == 4
+    assert summary["world_size"] == 2
     assert json.loads((run / "meta.json").read_text())["launches"][0]["num_machines"] == 2
     assert_same_training(metrics(single_run), metrics(run))
 
@@ -391,20 +392,27 @@ def test_ctrl_c_checkpoints_and_a_second_one_a_second_later_quits(monkeypatch):
             signal.signal(sig, h)
 
 
-def test_stop_file_checkpoints_and_exits(tiny_overrides, tmp_path):
-    """The SLURM scripts' time-limit path: the stop file appears, the run checkpoints and exits 124."""
+def test_stop_file_checkpoints_and_exits(tiny_overrides, tmp_path, monkeypatch):
+    """The SLURM scripts' time-limit path: the stop file appears (here: after step 2), the run
+    checkpoints at the end of the next step (the request travels with the guard's flags, read one
+    step late) and exits 124."""
+    from iqa_dist.training import trainer as trainer_module
+
     stop = tmp_path / "stop"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "IQA_DIST_STOP_FILE": str(stop)}
-    proc = subprocess.Popen(train_cmd([*tiny_overrides, "train.max_steps=1000", "train.eval_every=1000",
-                                       f"run.root={tmp_path / 'runs'}"]), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
-    _wait_for(proc, "parameters:")
-    stop.touch()
-    out = _finish(proc, 120)
-    assert proc.returncode == 124, out[-2000:]
-    assert "preempted at step" in out
+    monkeypatch.setenv("IQA_DIST_STOP_FILE", str(stop))
+    step = trainer_module.Trainer.step
+
+    def stop_after_two(self, batch):
+        step(self, batch)
+        if self.state.step == 2:
+            stop.touch()
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", stop_after_two)
+    out = train_here([*tiny_overrides, "train.max_steps=1000", "train.eval_every=1000", f"run.root={tmp_path / 'runs'}"])
+    assert out.returncode == 124, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "preempted at step 3" in out.stderr
     [checkpoint] = list((only_run(tmp_path / "runs") / "checkpoints").iterdir())
-    assert 0 < int(checkpoint.name[5:]) < 1000
+    assert checkpoint.name == "step-00000003"
 
 
 @pytest.mark.slow

@@ -270,17 +270,17 @@ def test_predict_resumes_an_output_cut_short(single_run, jpeg_list, tmp_path):
     assert code == 2 and "bad.csv: row 2 is not a predict result row" in err and "Traceback" not in err
 
 
-def test_predict_on_two_processes_killed_and_resumed_equals_one_process(single_run, jpeg_list, tmp_path):
-    """The newcomer's case: a list of JPEGs scored by two CPU processes, the launch killed while it
-    writes, relaunched with --resume: the CSV of an uninterrupted single-process run (scores to 1e-4
-    of the score range), the bad file reported in it and in the exit status, no part files left."""
+def test_predict_on_two_processes_killed_and_resumed_equals_one_process(single_run, jpeg_list, tmp_path, monkeypatch):
+    """The newcomer's case: a list of JPEGs scored by two CPU processes, both killed while they
+    write (SIGKILL after 4 rows each), relaunched with --resume: the CSV of an uninterrupted
+    single-process run (scores to 1e-4 of the score range), the bad file reported in it and in the
+    exit status, no part files left."""
     import os
     import signal
-    import subprocess
-    import sys
-    import time
 
-    from .conftest import free_port
+    from iqa_dist.commands import predict as predict_command
+
+    from .conftest import launch_here
 
     listing, paths = jpeg_list
     one = tmp_path / "one.csv"
@@ -288,25 +288,22 @@ def test_predict_on_two_processes_killed_and_resumed_equals_one_process(single_r
                "--workers", "0")
     assert out.returncode == 1, out.stderr
     two = tmp_path / "two.csv"
+    args = ["predict", str(single_run), "--list", str(listing), "--format", "csv", "--output", str(two), "--workers",
+            "1", "--batch-images", "1"]
+    line = predict_command.Output._line
 
-    def launch(*extra: str) -> list[str]:
-        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", str(free_port()), "-m",
-                "iqa_dist", "predict", str(single_run), "--list", str(listing), "--format", "csv", "--output",
-                str(two), "--workers", "1", "--batch-images", "1", *extra]
+    def killed_after_four_rows(self, *row):
+        self.lines = getattr(self, "lines", 0) + 1
+        if self.lines > 4:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return line(self, *row)
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    job = subprocess.Popen(launch(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
-    written = 0
-    deadline = time.time() + 120
-    while time.time() < deadline and job.poll() is None and written < 8:
-        time.sleep(0.05)
-        written = sum(len(p.read_text().splitlines()) for p in tmp_path.glob("two.csv.part-*"))
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
-    assert 8 <= written < len(paths), f"the job was not killed while it wrote ({written} rows)"
-    resumed = subprocess.run(launch("--resume"), env=env, capture_output=True, text=True, timeout=300)
+    monkeypatch.setattr(predict_command.Output, "_line", killed_after_four_rows)
+    killed = launch_here(*args)
+    written = sum(len(p.read_text().splitlines()) for p in tmp_path.glob("two.csv.part-*"))
+    assert killed.returncode == 4 and written == 8, (killed.returncode, written, killed.stderr[-2000:])
+    monkeypatch.setattr(predict_command.Output, "_line", line)
+    resumed = launch_here(*args, "--resume")
     assert resumed.returncode == 1 and "1 file(s) could not be scored; 40 scored" in resumed.stderr, resumed.stderr
     assert "--resume:" in resumed.stderr and not list(tmp_path.glob("two.csv.part-*"))
     a, b = _scores(one), _scores(two)

@@ -11,8 +11,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,8 +23,8 @@ from iqa_dist.data.plan import BatchPlan
 from iqa_dist.distributed.shards import Shares, shard
 from iqa_dist.scoring.metrics import correlation_metrics
 
-from .conftest import (RUN, TINY_SWIN_KWARGS, assert_same_training, cli, free_port, metrics, only_run, run_train,
-                       train_cmd, train_here)
+from .conftest import (RUN, TINY_SWIN_KWARGS, assert_same_training, cli, launch_function, metrics, only_run,
+                       run_train, train_here)
 
 # ---------------------------------------------------------------- units
 
@@ -146,40 +144,44 @@ def test_accumulation_on_two_processes_still_syncs_gradients(single_run, tiny_ov
     assert_same_training(metrics(single_run), metrics(only_run(tmp_path)))
 
 
-def test_accumulation_all_reduces_once_per_step_compiled_with_an_ema():
+def test_accumulation_all_reduces_once_per_step_compiled_with_an_ema(tmp_path):
     """2 processes, 2 micro-batches each, train.compile (aot_eager) and a weight EMA: DDP all-reduces
     the gradients once per optimizer step (no_sync holds on the compiled DDP module: nothing
     unwraps it per step), counted by a comm hook (tests/ddp_rounds.py)."""
+    from .ddp_rounds import count_rounds
+
     overrides = ["model.pretrained=none", f"model.backbone_kwargs={json.dumps(TINY_SWIN_KWARGS)}", "model.img_size=112",
                  "train.ema_decay=0.9", "train.micro_batch_size=4", "train.compile=true",
                  "train.compile_backend=aot_eager"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(free_port()), str(Path(__file__).parent / "ddp_rounds.py"), *overrides]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = tmp_path / "rounds.json"
+    assert launch_function(count_rounds, overrides, str(result)) == 0
+    result = json.loads(result.read_text())
     assert result["micro"] == 2 and result["rounds"] == result["steps"] == 3
 
 
-def test_preempted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path):
-    """SIGUSR1 (SLURM's warning) -> checkpoint and exit 124; relaunching continues mid-epoch and
-    ends exactly where an uninterrupted run ends (dropout, drop path and jitter on: every RNG)."""
+def test_preempted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path, monkeypatch):
+    """SIGUSR1 (SLURM's warning) after step 2 -> checkpoint after step 3, exit 124; relaunching continues
+    mid-epoch and ends exactly where an uninterrupted run ends (dropout, drop path and jitter on:
+    every RNG)."""
+    from iqa_dist.training import trainer as trainer_module
+
     overrides = [*tiny_overrides, *RUN, "train.max_steps=8", "train.checkpoint_every=100", "model.dropout=0.2",
                  "model.drop_path=0.1", "augment.brightness=0.2", "augment.hue=0.05"]
     ref_root, cut_root = tmp_path / "ref", tmp_path / "cut"
     ref = train_here([*overrides, f"run.root={ref_root}"])
     assert ref.returncode == 0, ref.stderr
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(train_cmd([*overrides, f"run.root={cut_root}"]), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
-    for line in proc.stdout:
-        if line.startswith("step 1/") or "parameters:" in line:
-            proc.send_signal(signal.SIGUSR1)
-            break
-    rest = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 124, rest
+    step = trainer_module.Trainer.step
+
+    def warned_after_two(self, batch):
+        step(self, batch)
+        if self.state.step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", warned_after_two)
+    cut = train_here([*overrides, f"run.root={cut_root}"])
+    assert cut.returncode == 124, cut.stdout[-2000:] + cut.stderr[-2000:]
+    assert "preempted at step 3" in cut.stderr  # the request is read with the next step's flags
+    monkeypatch.setattr(trainer_module.Trainer, "step", step)
     run = only_run(cut_root)
     saved = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert len(saved) == 1 and int(saved[0][5:]) < 8 and not (run / "summary.json").exists()
