@@ -203,6 +203,30 @@ def test_weights_fetch_and_a_missing_file_fails_before_the_data(offline_hub, tmp
     assert not (tmp_path / "runs").exists()  # and nothing was created
 
 
+def test_an_unreachable_hub_fails_in_seconds_in_one_line_that_says_what_to_do(tmp_path, monkeypatch):
+    """No cached weights and a hub that does not answer (a compute node; here an endpoint that
+    refuses): `train` and `weights fetch` each stop at once (huggingface_hub would retry for most of a
+    minute first), in one line with the ways out, never telling `weights fetch` to run itself."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
+    t0 = time.monotonic()
+    train = here("train", "--preset", "koniq-swin-t", "--data.root", str(tmp_path), "--run.root", str(tmp_path / "runs"))
+    fetch = here("weights", "fetch", "--preset", "koniq-swin-t")
+    assert time.monotonic() - t0 < 20
+    [line] = train.stderr.strip().splitlines()
+    assert train.returncode == 2 and "127.0.0.1 cannot be reached from here" in line, train.stderr
+    assert "HF_HUB_OFFLINE=1" in line and "--model.pretrained=FILE" in line and "iqa-dist weights fetch" in line
+    [line] = fetch.stderr.strip().splitlines()
+    assert fetch.returncode == 2 and "run it on a machine with internet" in line and "--model.pretrained=FILE" in line
+    assert "iqa-dist weights fetch" not in line
+    assert not (tmp_path / "runs").exists()
+
+
 def test_run_and_card_record_weights_and_groups(single_run):
     meta = json.loads((single_run / "meta.json").read_text())
     card = json.loads((single_run / "model" / "config.json").read_text())

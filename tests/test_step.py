@@ -188,8 +188,8 @@ def test_a_bad_step_rewinds_the_trainers_counters_and_checkpoints_keep_their_for
         t.step(batch(seed=3))
     assert bad.value.step == 1 and t.state.step == 1 and t.state.loss.n == 8
     saved = t.state.state_dict()  # what a debug state holds: the host totals (nothing settled yet)
-    assert set(saved) == {"step", "best_srcc", "best_step", "bad_evals", "stopped_early", "train_seconds",
-                          "world_size", "noise_stream", "window_loss", "window_n"}
+    assert set(saved) == {"step", "best_srcc", "best_plcc", "best_rmse", "best_step", "bad_evals", "stopped_early",
+                          "train_seconds", "world_size", "noise_stream", "window_loss", "window_n"}
     assert saved["window_n"] == 8 and saved["window_loss"] == 0.0
     saved["window_loss"] = 12.5
     again = TrainState()
@@ -209,6 +209,24 @@ def test_update_best_selects_and_stops_on_patience():
     assert update_best(fresh, {"srcc": math.nan}, patience=0) and fresh.best_step == 1  # the first always exports
     fresh.step = 2
     assert update_best(fresh, {"srcc": 0.1}, patience=0) and not fresh.stopped_early  # NaN never counts as a best
+
+
+def test_a_tie_in_val_srcc_is_broken_by_plcc_then_rmse():
+    """A small validation set saturates SRCC (1.0 at step 100 and at step 400): the tie goes to the
+    higher PLCC, then the lower RMSE, not to the earliest step; an equal or worse one is no best."""
+    state = TrainState()
+    seen = []
+    for step, val in [(100, {"srcc": 1.0, "plcc": 0.90, "rmse": 15.1}), (200, {"srcc": 1.0, "plcc": 0.95, "rmse": 20.0}),
+                      (300, {"srcc": 1.0, "plcc": 0.95, "rmse": 1.6}), (400, {"srcc": 1.0, "plcc": 0.95, "rmse": 1.6}),
+                      (500, {"srcc": 0.99, "plcc": 1.0, "rmse": 0.1})]:
+        state.step = step
+        seen.append(update_best(state, val, patience=0))
+    assert seen == [True, True, True, False, False] and state.best_step == 300
+    joint = TrainState()  # a joint run's combination has no RMSE: PLCC alone breaks the tie
+    joint.step = 1
+    update_best(joint, {"srcc": 0.5, "plcc": 0.5, "rmse": None}, patience=0)
+    joint.step = 2
+    assert update_best(joint, {"srcc": 0.5, "plcc": 0.6, "rmse": None}, patience=0) and joint.best_step == 2
 
 
 def test_schedule_warms_up_then_follows_the_cosine():

@@ -343,8 +343,14 @@ def _build_view(partial: Path, image_path: Path, cfg: Config, spec: dict, splits
     (partial / META).write_text(json.dumps(meta))
 
 
-def prepare(cfg: Config, console: Console | None = None) -> View:
-    """Builds (or finds) the image cache and the view for `cfg`; safe when every rank calls it."""
+class DataChanged(UserError):
+    """A resumed run's data are not the ones it began on."""
+
+
+def prepare(cfg: Config, console: Console | None = None, expect: str = "") -> View:
+    """Builds (or finds) the image cache and the view for `cfg`; safe when every rank calls it.
+    `expect`: the cache key a resumed run recorded (View.cache_key): data whose image cache would
+    be another are refused before anything is built."""
     console = console or Console(stderr=True)
     if cfg.data.dataset == "synthetic" and cfg.data.root:
         console.print(f"[yellow]warning:[/] data.root={cfg.data.root} is ignored: the synthetic dataset is "
@@ -355,6 +361,10 @@ def prepare(cfg: Config, console: Console | None = None) -> View:
     fingerprint = image_fingerprint(cfg, data, hashes, root)
     image_path = cache_root(cfg) / f"{cfg.data.dataset}-{_hash(fingerprint)}"
     legacy = cache_root(cfg) / f"{cfg.data.dataset}-{_hash(legacy_fingerprint(cfg, data))}"
+    if expect and expect.split("/")[0] not in (image_path.name, legacy.name):
+        raise DataChanged(f"the data differ from the run's (images, scores or annotations changed since it started; "
+                        f"cache {cfg.data.dataset}: {expect} -> {image_path.name}); nothing was built. Restore them, "
+                        "or start a new run")
     if (legacy / META).is_file() and not (image_path / META).is_file():
         _adopt(legacy, image_path, fingerprint, data, hashes, console)
     built = _atomic_build(image_path, lambda p: _build_images(p, cfg, data, root, fingerprint, hashes, console),

@@ -61,16 +61,17 @@ def resident_device(cfg: Config, nbytes: int, device: torch.device) -> torch.dev
     return device if nbytes < free // 2 else torch.device("cpu")
 
 
-def load_data(cfg: Config, acc: Accelerator, console: Console) -> Data:
+def load_data(cfg: Config, acc: Accelerator, console: Console, recorded: dict[str, str] | None = None) -> Data:
     """Every dataset trained on: prepared (cached, split), its training rows joined into one store
-    with their normalised targets, its validation images sharded over the processes."""
+    with their normalised targets, its validation images sharded over the processes. `recorded`:
+    a resumed run's cache keys (Data.fingerprint): changed data are refused before any cache is built."""
     # every process calls prepare: a file lock lets one build while the others wait (no
     # collective, whose timeout a first build of a large dataset could exceed)
     members = cfg.data.members()
     views, stores, targets, val, scales = {}, [], [], {}, {}
     cached = cfg.data.train_patches == "cached"
     for m in members:
-        view = prepare(replace(cfg, data=m), console)
+        view = prepare(replace(cfg, data=m), console, expect=(recorded or {}).get(m.dataset, ""))
         acc.print(describe(view))
         if not len(view.ids("train")):
             raise UserError(f"{m.dataset}: data.split=all keeps every image for evaluation; training needs a train split")

@@ -30,7 +30,7 @@ def build_accelerator(cfg: Config, run_root: Path) -> Accelerator:
         raise UserError(f"run.log_with={cfg.run.log_with}: the {cfg.run.log_with} package is not installed "
                         f"(pip install {cfg.run.log_with}); without it the run would log nothing there")
     hook = DDPCommunicationHookType.BF16 if cfg.train.grad_compression == "bf16" else DDPCommunicationHookType.NO
-    return Accelerator(
+    acc = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=precision,
         log_with=cfg.run.log_with or None,
@@ -39,6 +39,10 @@ def build_accelerator(cfg: Config, run_root: Path) -> Accelerator:
                          DistributedDataParallelKwargs(gradient_as_bucket_view=True, static_graph=static_graph(cfg),
                                                        comm_hook=hook)],
     )
+    if acc.mixed_precision == "fp16" and acc.device.type == "cpu":  # the preset's, or accelerate launch's
+        raise UserError("train.mixed_precision=fp16 on the CPU: Accelerate has no fp16 autocast or loss scaler there "
+                        "and would train in fp32 while the run records fp16; use bf16 (the CPU's autocast) or no")
+    return acc
 
 
 def static_graph(cfg: Config) -> bool:

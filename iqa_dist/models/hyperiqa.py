@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..errors import UserError, first_line
-from .weights import missing_hub_weights
+from .weights import ensure_hub_weights, missing_hub_weights
 
 
 class LocalDistortionAware(nn.Module):
@@ -290,6 +290,7 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     if cfg.pretrained == "none":
         kwargs["pretrained"] = False
     elif cfg.pretrained == "hub":
+        ensure_hub_weights(cfg.backbone)  # in seconds, where a download would retry for most of a minute
         kwargs["pretrained"] = True
     else:
         path = Path(cfg.pretrained).expanduser()
@@ -315,7 +316,7 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
             raise UserError(f"model.backbone={cfg.backbone!r} with model.backbone_kwargs={cfg.backbone_kwargs}: timm's "
                             f"model does not take these settings ({first_line(e)})") from None
         if cfg.pretrained == "hub" and isinstance(e, (LocalEntryNotFoundError, OSError)):
-            raise missing_hub_weights(cfg.backbone, e) from None
+            raise missing_hub_weights(cfg.backbone, type(e).__name__) from None
         if cfg.pretrained not in ("hub", "none"):  # a user's file: damaged, or weights of another model
             first = first_line(e)
             raise UserError(f"model.pretrained={cfg.pretrained!r}: timm cannot load it as {cfg.backbone} weights "

@@ -10,6 +10,7 @@ login node with `iqa-dist weights fetch`, then train with HF_HUB_OFFLINE=1.
 from __future__ import annotations
 
 import hashlib
+import socket
 from pathlib import Path
 
 import timm
@@ -70,23 +71,55 @@ def provenance(cfg: ModelConfig) -> dict:
     return {"source": "file", "tag": cfg.backbone, "file": str(path.resolve()), "sha256": sha256(path)}
 
 
-def missing_hub_weights(backbone: str, error: Exception) -> UserError:
-    """The start-up error when the tag's file is neither cached nor downloadable."""
+def hub_unreachable() -> str:
+    """Why the Hugging Face hub cannot be reached from here ("" when it can): HF_HUB_OFFLINE, or no
+    connection to its endpoint within seconds. Asked before a download, because huggingface_hub
+    retries an unreachable hub with backoff for most of a minute before it gives up."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError as e:
+        return f"{url.hostname} cannot be reached from here ({e.strerror or type(e).__name__})"
+    return ""
+
+
+def missing_hub_weights(backbone: str, why: str) -> UserError:
+    """The start-up error when the tag's file is neither cached nor downloadable, with the ways out."""
+    from huggingface_hub import constants
+
     return UserError(f"model.backbone={backbone!r}: its pretrained weights ({hub_repo(backbone)}) are not in the "
-                     f"Hugging Face cache and could not be downloaded ({type(error).__name__}). On a machine with "
-                     f"internet and the same HF_HOME, run: iqa-dist weights fetch --model.backbone {backbone}")
+                     f"Hugging Face cache ({constants.HF_HUB_CACHE}) and cannot be downloaded ({why}). Fetch them "
+                     f"on a machine with internet that shares HF_HOME (iqa-dist weights fetch --model.backbone "
+                     f"{backbone}) and train with HF_HUB_OFFLINE=1, or give the file: --model.pretrained=FILE")
+
+
+def ensure_hub_weights(backbone: str) -> None:
+    """Fails at once, in one line, when the tag's weights are neither cached nor downloadable."""
+    if cached_hub_file(backbone) is None and (why := hub_unreachable()):
+        raise missing_hub_weights(backbone, why)
 
 
 def fetch(cfg: ModelConfig) -> dict:
     """Downloads the tag's weights into the Hugging Face cache (no-op when cached); returns provenance."""
     if cfg.pretrained != "hub":
         raise UserError(f"weights fetch: model.pretrained={cfg.pretrained!r}; only hub weights are fetched")
+    from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    if cached_hub_file(cfg.backbone) is None and (why := hub_unreachable()):
+        raise UserError(f"weights fetch: {why}, so {hub_repo(cfg.backbone)} cannot be downloaded: run it on a "
+                        f"machine with internet that shares HF_HOME ({constants.HF_HOME}), e.g. a login node, or copy "
+                        "the weights file over and train with --model.pretrained=FILE")
     try:
         timm.create_model(cfg.backbone, pretrained=True)
     except (LocalEntryNotFoundError, OSError) as e:
-        raise missing_hub_weights(cfg.backbone, e) from None
+        raise missing_hub_weights(cfg.backbone, type(e).__name__) from None
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise UserError(f"model.backbone={cfg.backbone!r}: {e}") from None

@@ -29,6 +29,7 @@ from ..artifacts.card import ModelCard, TrainedOn
 from ..artifacts.rundir import RunDir, Target
 from ..config import Config, flatten
 from ..data.augment import Augmenter
+from ..data.cache import DataChanged
 from ..data.load import Data, load_data
 from ..distributed.accelerators import build_accelerator
 from ..distributed.shards import Shares
@@ -48,6 +49,9 @@ from .preemption import PreemptionFlag
 from .resume import choose
 from .selection import Selection, Validation, combine
 from .trainer import EagerStep, Trainer
+
+
+SMALL_VAL = 30  # fewer validation images than this rank models coarsely: said at start-up
 
 
 class Preempted(Exception):
@@ -143,7 +147,10 @@ def build(cfg: Config, acc: Accelerator, target: Target, preempt: PreemptionFlag
             start.load_into(model)
     else:
         model = build_model(cfg.model)  # before the data: a missing weight file fails in seconds
-    data = load_data(cfg, acc, console)
+    try:  # a resumed run's data must be the ones it began on: refused before a new cache is built
+        data = load_data(cfg, acc, console, RunDir(target.path).meta().get("data") if target.resuming else None)
+    except DataChanged as e:
+        raise UserError(f"--resume {target.path}: {e}") from None
     shares = Shares.split(cfg.train.batch_size, cfg.train.micro_batch_size, acc.num_processes, acc.process_index)
     if cfg.optim.rank_weight > 0 and shares.accum > 1:
         raise UserError("optim.rank_weight > 0 pairs predictions across the whole global batch, which needs each "
@@ -270,6 +277,11 @@ def print_start(r: Run) -> None:
               f"{cfg.train.batch_size} patches per step = {acc.num_processes} process(es) x {shares.accum} "
               f"micro-batch(es) x {per:.3g} patches{scaled}; {r.total_steps} steps ({data.plan.steps_per_epoch} per epoch); "
               f"run {r.dir.path}")
+    n_val = sum(v.meta["counts"]["val"] for v in data.views.values())
+    if n_val < SMALL_VAL:
+        acc.print(f"warning: {n_val} validation images: SRCC over so few takes few values and ties often (selection "
+                  f"then takes the higher val PLCC, then the lower RMSE); data.val_fraction (now "
+                  f"{cfg.data.val_fraction}) holds out more")
     if acc.num_processes > 1:
         acc.print(f"all-reduce: {allreduce_bytes(counts['total'], cfg) / 1e6:.1f} MB of gradients per optimizer step "
                   f"({'bf16' if cfg.train.grad_compression == 'bf16' else 'fp32'}), once per step whatever the "

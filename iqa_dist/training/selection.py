@@ -89,7 +89,7 @@ class Selection:
         if t.ema is not None:  # never prepared: its forward is its own, as the weights' evaluation is
             v.ema_per_dataset = self._metrics(t.ema.model, self.data.val)
             v.ema_val = self._combine(v.ema_per_dataset)
-            if selection_srcc(v.ema_val) > selection_srcc(v.val):
+            if selection_key(v.ema_val) > selection_key(v.val):
                 v.chosen, chosen_val, chosen_model = "ema", v.ema_val, t.ema.model
         if update_best(t.state, chosen_val, self.cfg.train.patience):
             exported = replace(self.card, step=t.state.step, val=chosen_val, averaged=v.chosen)
@@ -126,17 +126,29 @@ class Selection:
 
 
 def selection_srcc(metrics: dict) -> float:
-    """What selection compares: the val SRCC, a non-finite one (a constant prediction) counting as -inf."""
+    """What selection compares first: the val SRCC, a non-finite one (a constant prediction) counting as -inf."""
     return metrics["srcc"] if math.isfinite(metrics["srcc"]) else -math.inf
+
+
+def selection_key(metrics: dict) -> tuple[float, float, float]:
+    """What selection compares, in order: val SRCC, then PLCC, then lower RMSE (a small validation
+    set saturates SRCC, so equal SRCCs are common: the better fit breaks the tie); non-finite or
+    absent figures (a joint run has no common RMSE) count as the worst."""
+    def finite(x, worst: float) -> float:
+        return x if x is not None and math.isfinite(x) else worst
+
+    return selection_srcc(metrics), finite(metrics.get("plcc"), -math.inf), -finite(metrics.get("rmse"), math.inf)
 
 
 def update_best(state: TrainState, val: dict, patience: int) -> bool:
     """Model selection and early stopping after an evaluation at state.step: True when this is a
-    new best (to export). The first evaluation always is; a non-finite SRCC never improves."""
-    srcc = selection_srcc(val)
-    best = srcc > state.best_srcc or state.best_step == 0
+    new best (to export), by `selection_key`. The first evaluation always is; a non-finite SRCC never
+    improves."""
+    key = selection_key(val)
+    best = key > (state.best_srcc, state.best_plcc, -state.best_rmse) or state.best_step == 0
     if best:
-        state.best_srcc, state.best_step, state.bad_evals = srcc, state.step, 0
+        state.best_srcc, state.best_plcc, state.best_rmse = key[0], key[1], -key[2]
+        state.best_step, state.bad_evals = state.step, 0
     else:
         state.bad_evals += 1
     state.stopped_early = 0 < patience <= state.bad_evals

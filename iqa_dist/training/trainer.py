@@ -133,6 +133,8 @@ class TrainState:
 
     step: int = 0  # optimizer steps taken
     best_srcc: float = -math.inf
+    best_plcc: float = -math.inf  # ties in val SRCC are broken by PLCC, then by lower RMSE (selection.selection_key)
+    best_rmse: float = math.inf
     best_step: int = 0
     bad_evals: int = 0
     stopped_early: bool = False
