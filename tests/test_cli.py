@@ -17,7 +17,7 @@ from iqa_dist.output import console
 from iqa_dist.training.display import Display
 
 from . import fixtures
-from .conftest import RUN, cli, metrics, only_run, train_here
+from .conftest import RUN, cli, here, metrics, only_run, train_here
 
 
 def one_line_error(code: int, err: str, *expected: str) -> None:
