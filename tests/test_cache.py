@@ -326,3 +326,24 @@ def test_a_read_only_cache_is_used_as_it_is_and_a_missing_level_is_one_line(tmp_
         assert line.startswith("error: view random split: ") and "is not built, and" in line and "read-only" in line
     finally:
         subprocess.run(["umount", str(ro)])
+
+
+def test_a_large_photo_decodes_without_a_raw_warning_and_a_bomb_is_a_row_problem(tmp_path, monkeypatch):
+    """PIL warns (a raw line per file) above its MAX_IMAGE_PIXELS and refuses twice that: a
+    dataset's own large photo decodes quietly; a decompression bomb is a row problem with PIL's
+    reason (the limit lowered here so that small files stand in for 100-Mpx photos)."""
+    import warnings
+
+    from PIL import Image
+
+    from iqa_dist.data.decode import decode
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    fixtures.image(tmp_path / "large.png", (90, 80), seed=1)  # 7,200 pixels: above the limit, below twice it
+    fixtures.image(tmp_path / "bomb.png", (120, 100), seed=2)  # 12,000: above twice it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixels, h, w, why = decode(str(tmp_path / "large.png"), "none", 32)
+        assert (h, w, why) == (80, 90, "") and len(pixels) == 80 * 90 * 3
+        _, _, _, why = decode(str(tmp_path / "bomb.png"), "none", 32)
+    assert why.startswith("unreadable image: DecompressionBombError: Image size (12000 pixels) exceeds limit"), why

@@ -388,10 +388,13 @@ def test_rows_that_used_to_pass_unnoticed(tmp_path):
     one_line_error(code, err, "meta.csv row 9: split 'tset' is not train/val/test")
 
 
-def test_synthetic_root_is_warned_about(tmp_path):
-    code, _, err = cli("prepare", "--dataset", "synthetic", "--root", str(tmp_path / "mine"),
-                       "--cache-dir", str(tmp_path / "c"), "--data.synthetic_size=1")
-    assert code == 0 and "warning:" in err and "is ignored" in err
+def test_a_root_for_the_synthetic_dataset_is_refused(tmp_path):
+    """`train --preset demo --data.root MINE` without --data.dataset trained on the synthetic set
+    after one warning line: refused in one line that names the option, before any work."""
+    for command in (["train", "--preset", "demo", "--run.root", str(tmp_path / "r")], ["prepare", "--dataset", "synthetic"]):
+        code, _, err = cli(*command, "--data.root", str(tmp_path / "mine"), "--data.cache_dir", str(tmp_path / "c"))
+        one_line_error(code, err, "with data.dataset=synthetic", "give --data.dataset too (csv for a CSV")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()
 
 
 def test_unknown_options_suggest_the_full_key():
@@ -596,3 +599,17 @@ def test_fp16_on_the_cpu_is_refused_in_one_line_instead_of_training_fp32_recorde
     code, _, err = cli("train", "--preset", "demo", "--train.mixed_precision", "launcher", f"--run.root={tmp_path}")
     one_line_error(code, err, "train.mixed_precision=fp16 on the CPU", "use bf16")
     assert not any(tmp_path.iterdir())
+
+
+def test_constant_scores_are_refused_in_one_line(tiny_overrides, tmp_path):
+    """Every training image with one score (a wrong score column, an unfilled annotation): nothing
+    to learn or rank; it trained silently with "-" metrics."""
+    fixtures.generic_csv(tmp_path / "d", n=12)
+    meta = tmp_path / "d" / "meta.csv"
+    lines = meta.read_text().splitlines()
+    meta.write_text("\n".join([lines[0], *[",".join([r.split(",")[0], "3.5", "0.1"]) for r in lines[1:]]]) + "\n")
+    overrides = [f"--{o}" for o in tiny_overrides if "synthetic" not in o]
+    code, _, err = cli("train", "--preset", "demo", *overrides, "--data.dataset=csv", f"--data.root={tmp_path / 'd'}",
+                       "--train.max_steps=1", f"--run.root={tmp_path / 'r'}")
+    one_line_error(code, err, "csv: every training image scores 3.5: nothing to learn or rank")
+    assert not (tmp_path / "r").exists()

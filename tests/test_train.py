@@ -113,6 +113,8 @@ def test_run_directory_holds_everything(single_run):
     config = json.loads((run / "model" / "config.json").read_text())
     assert any(k.startswith("backbone.") for k in model) and config["model"]["img_size"] == 112
     assert config["step"] == summary["best_step"] and config["datasets"]["synthetic"]["score_range"] == [0.0, 100.0]
+    # the weights are as readable as the files beside them (safetensors writes 0600 of its own)
+    assert (run / "model" / "model.safetensors").stat().st_mode & 0o777 == (run / "model" / "config.json").stat().st_mode & 0o777
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert checkpoints == ["step-00000003", "step-00000006"]
     assert {"model.safetensors", "optimizer.bin"} <= {p.name for p in (run / "checkpoints" / checkpoints[-1]).iterdir()}

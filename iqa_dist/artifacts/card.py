@@ -155,6 +155,20 @@ class ModelCard:
                 {h for d in every.values() for h in d.get("sha256", []) if h})
 
 
+def write_weights(state: dict, path: Path) -> None:
+    """A model's weights as safetensors, readable as the files written beside them are: safetensors
+    writes its file 0600 (a private temporary file, renamed), which a model shared on a cluster
+    folder must not be."""
+    import os
+
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path)
+    umask = os.umask(0)  # read it: only os.umask can, by setting it
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def model_dir(path: str | Path) -> Path:
     """A model directory, a run directory holding one in model/, or a Hugging Face Hub repo id
     (org/name, @revision optional) of one, found in or fetched into the hub cache (hub.py)."""

@@ -14,7 +14,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..config import DataConfig
@@ -23,7 +22,7 @@ from ..errors import UserError
 from ..models.hyperiqa import build_model
 from ..models.imports import Published, read_published, to_state_dict
 from ..models.weights import sha256
-from .card import WEIGHTS_FILE, ModelCard, TrainedOn
+from .card import WEIGHTS_FILE, ModelCard, TrainedOn, write_weights
 
 DATASET = "koniq10k"  # both published models trained on KonIQ-10k
 
@@ -41,7 +40,7 @@ def import_published(file: Path, out: Path, forced: str | None = None) -> ModelC
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHTS_FILE)
+    write_weights(state, tmp / WEIGHTS_FILE)
     card.write(tmp, {})
     shutil.rmtree(out, ignore_errors=True)  # an earlier import's folder, or an empty one
     os.replace(tmp, out)

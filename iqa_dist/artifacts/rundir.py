@@ -31,13 +31,12 @@ import torch.distributed as dist
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
-from safetensors.torch import save_file
 
 from .. import __version__
 from ..config import Config, config_from_yaml
 from ..errors import UserError, no_space, out_of_space
 from . import lock
-from .card import RUN_MODEL_DIR, WEIGHTS_FILE, ModelCard
+from .card import RUN_MODEL_DIR, WEIGHTS_FILE, ModelCard, write_weights
 
 # Set by `iqa-dist launch`: the main process writes the path of a run directory it creates there, so
 # that a group restarted after a process died continues that run (commands/launch.py)
@@ -277,7 +276,7 @@ class RunDir:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir()
-            save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp / WEIGHTS_FILE)
+            write_weights(state_dict, tmp / WEIGHTS_FILE)
             card.write(tmp, train_images)
         except (OSError, RuntimeError) as e:
             if not out_of_space(e, self.path):

@@ -129,9 +129,7 @@ def bench_onnx(scorer, images: list, work: Path, console: Console, repeats: int)
     import importlib.util
     import time
 
-    from safetensors.torch import save_file
-
-    from ..artifacts.card import WEIGHTS_FILE
+    from ..artifacts.card import WEIGHTS_FILE, write_weights
     from ..scoring.onnx import export_onnx
 
     missing = [m for m in ("onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
@@ -141,7 +139,7 @@ def bench_onnx(scorer, images: list, work: Path, console: Console, repeats: int)
         return {"skipped": f"{', '.join(missing)} not installed"}
     folder = work / "onnx-model"
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in scorer.model.state_dict().items()}, folder / WEIGHTS_FILE)
+    write_weights(scorer.model.state_dict(), folder / WEIGHTS_FILE)
     scorer.card.write(folder, {})
     start = time.perf_counter()
     found = export_onnx(folder, work / "model.onnx")  # a graph that scores otherwise fails the bench

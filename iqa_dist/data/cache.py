@@ -352,9 +352,10 @@ def prepare(cfg: Config, console: Console | None = None, expect: str = "") -> Vi
     `expect`: the cache key a resumed run recorded (View.cache_key): data whose image cache would
     be another are refused before anything is built."""
     console = console or Console(stderr=True)
-    if cfg.data.dataset == "synthetic" and cfg.data.root:
-        console.print(f"[yellow]warning:[/] data.root={cfg.data.root} is ignored: the synthetic dataset is "
-                      f"generated into the cache ({cache_root(cfg)})", highlight=False)
+    if cfg.data.dataset == "synthetic" and cfg.data.root:  # it trained on the synthetic set after a warning line
+        raise UserError(f"data.root={cfg.data.root} with data.dataset=synthetic (the demo preset's), which reads no "
+                        "folder: for your own images give --data.dataset too (csv for a CSV of image paths and scores; "
+                        "koniq10k, spaq, kadid10k, agiqa3k, livec for those datasets' own files)")
     root = source_root(cfg.data, cache_root(cfg))
     data = read_source(cfg.data, root)
     hashes = file_hashes([r.path for r in data.records], root, cache_root(cfg), cfg.data.workers or min(8, os.cpu_count() or 1))

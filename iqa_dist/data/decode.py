@@ -6,6 +6,8 @@ in a fraction of a second (they never import torch).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -15,9 +17,13 @@ def decode(path: str, resize: str, min_side: int, exif: bool = True) -> tuple[by
     a photo's EXIF orientation tag is applied (a phone's portrait photo stored sideways comes out
     upright, as a viewer shows it)."""
     try:
-        with Image.open(path) as im:
-            im.load()  # truncated files fail here, not later
-            im = to_rgb(upright(im) if exif else im)
+        with warnings.catch_warnings():
+            # a dataset's own large photo (PIL warns above 89 Mpx, printing a raw warning per file) is
+            # decoded; above twice that PIL refuses it as a decompression bomb: a row problem below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()  # truncated files fail here, not later
+                im = to_rgb(upright(im) if exif else im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return b"", 0, 0, f"unreadable image: {type(e).__name__}: {e}"
     im, problem = fit(im, resize, min_side)

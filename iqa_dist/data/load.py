@@ -76,7 +76,11 @@ def load_data(cfg: Config, acc: Accelerator, console: Console, recorded: dict[st
         if not len(view.ids("train")):
             raise UserError(f"{m.dataset}: data.split=all keeps every image for evaluation; training needs a train split")
         store = view.patch_store() if cached else view.image_store("train")
-        scales[m.dataset] = Scale.fit(cfg.data.score_norm, view.scores()[view.ids("train")])
+        train_scores = view.scores()[view.ids("train")]
+        if float(train_scores.max()) == float(train_scores.min()):  # SRCC and PLCC would be undefined ("-")
+            raise UserError(f"{m.dataset}: every training image scores {float(train_scores.min()):g}: nothing to learn "
+                            f"or rank (is data.score_column={m.score_column or 'the default'} the score?)")
+        scales[m.dataset] = Scale.fit(cfg.data.score_norm, train_scores)
         stores.append(store)
         targets.append(scales[m.dataset].to_target(store.scores))
         val[m.dataset] = view.eval_set("val", m.test_protocol, m.test_patch_num, cfg.model.img_size,
