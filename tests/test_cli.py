@@ -613,3 +613,37 @@ def test_constant_scores_are_refused_in_one_line(tiny_overrides, tmp_path):
                        "--train.max_steps=1", f"--run.root={tmp_path / 'r'}")
     one_line_error(code, err, "csv: every training image scores 3.5: nothing to learn or rank")
     assert not (tmp_path / "r").exists()
+
+
+def test_the_readmes_own_csv_dataset_commands_run_as_written(tiny_overrides, tmp_path, monkeypatch):
+    """The README's "Your own dataset" commands, as written there, on a small CSV dataset laid out as
+    it shows (image, mos, content), each with only the tiny model's options added."""
+    import glob
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- test:csv.*?-->\n```bash\n(.*?)```", readme, re.S).group(1)
+    commands = [shlex.split(line.split("  #")[0]) for line in block.strip().splitlines()]
+    assert [c[1] for c in commands] == ["prepare", "train", "evaluate", "predict"]
+    root = tmp_path / "mine"
+    fixtures.generic_csv(root, n=24)
+    rows = (root / "meta.csv").read_text().splitlines()  # name,mos,std -> image,mos,content (4 contents)
+    (root / "meta.csv").unlink()
+    (root / "scores.csv").write_text("image,mos,content\n" + "".join(
+        f"{r.split(',')[0]},{float(r.split(',')[1]) * 100},scene{i % 4}\n" for i, r in enumerate(rows[1:])))
+    (tmp_path / "new").mkdir()
+    shutil.copy(root / "img" / "000.png", tmp_path / "new" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    model = [o for o in tiny_overrides if o.startswith("model.")]
+    extra = {"prepare": ["model.img_size=112"], "train": [*model, "train.max_steps=2", "data.test_fraction=0.25",
+                                         "data.val_fraction=0.34", "train.batch_size=8"], "evaluate": [], "predict": []}
+    for command in commands:
+        args = [a.replace("/data/mine", str(root)).replace("/data/new-photos", str(tmp_path / "new")) for a in command[1:]]
+        args = [glob.glob(a)[0] if "*" in a else a for a in args]
+        if args[0] == "prepare":
+            args += ["--data.test_fraction=0.25", "--data.val_fraction=0.34"]
+        out = here(*args, *[f"--{o}" for o in extra[args[0]]])
+        assert out.returncode == 0, (args, out.stderr[-2000:])
+    scored = (tmp_path / "scores.csv").read_text().splitlines()
+    assert scored[0].startswith("path,score") and scored[1].startswith(str(tmp_path / "new" / "a.png")), scored
