@@ -42,7 +42,7 @@ def store(n: int = 6, h: int = 130, w: int = 150, seed: int = 0) -> ImageStore:
 def tiny_recipe(*extra: str):
     """koniq-swin-t's recipe (jitter, dropout, drop path, two groups, clipping) on a tiny Swin, EMA on."""
     return load_config("koniq-swin-t", ["model.pretrained=none", f"model.backbone_kwargs={json.dumps(TINY_SWIN)}",
-                                        "model.img_size=112", "train.ema_decay=0.9", *extra])
+                                        "model.img_size=64", "train.ema_decay=0.9", *extra])
 
 
 def findings(fn, device: list[torch.Tensor]) -> list[str]:
@@ -150,7 +150,7 @@ def test_evaluation_batches_never_wait_for_the_device():
     cfg = tiny_recipe()
     model = build_model(cfg.model).eval()
     images = EvalSet(store(5), torch.from_numpy(np.random.default_rng(1).integers(0, 18, (5, 3, 2))))
-    aug = Augmenter.evaluation(112, model.mean, model.std).to(CPU)
+    aug = Augmenter.evaluation(64, model.mean, model.std).to(CPU)
     predict_images(model, images, aug, batch_patches=6, device=CPU, fixed_shapes=True)
     device = device_tensors(model, torch.optim.SGD(model.parameters()), None,
                             [images.store.pixels, aug.mean, aug.std, aug.gray])

@@ -636,7 +636,7 @@ def test_the_readmes_own_csv_dataset_commands_run_as_written(tiny_overrides, tmp
     shutil.copy(root / "img" / "000.png", tmp_path / "new" / "a.png")
     monkeypatch.chdir(tmp_path)
     model = [o for o in tiny_overrides if o.startswith("model.")]
-    extra = {"prepare": ["model.img_size=112"], "train": [*model, "train.max_steps=2", "data.test_fraction=0.25",
+    extra = {"prepare": ["model.img_size=64"], "train": [*model, "train.max_steps=2", "data.test_fraction=0.25",
                                          "data.val_fraction=0.34", "train.batch_size=8"], "evaluate": [], "predict": []}
     for command in commands:
         args = [a.replace("/data/mine", str(root)).replace("/data/new-photos", str(tmp_path / "new")) for a in command[1:]]

@@ -101,7 +101,7 @@ def test_keyed_noise_gives_every_process_the_rows_of_one_process():
 
 
 def _tiny(*extra: str) -> list[str]:
-    return ["model.pretrained=none", f"model.backbone_kwargs={json.dumps(TINY_SWIN)}", "model.img_size=112",
+    return ["model.pretrained=none", f"model.backbone_kwargs={json.dumps(TINY_SWIN)}", "model.img_size=64",
             "train.ema_decay=0.9", *extra]
 
 

@@ -153,7 +153,7 @@ def fine_tuned(single_run, tiny_overrides, tmp_path_factory):
 def test_init_from_starts_from_the_models_weights_and_records_it(fine_tuned, single_run):
     start, run, _ = fine_tuned
     cfg = yaml_model(run)
-    assert cfg["img_size"] == 112 and cfg["hyper_hidden"] == [64, 32] and cfg["pretrained"] == "none"
+    assert cfg["img_size"] == 64 and cfg["hyper_hidden"] == [64, 32] and cfg["pretrained"] == "none"
     before, after = load_file(start / "model.safetensors"), load_file(run / "model" / "model.safetensors")
     moved = max(float((after[k].float() - before[k].float()).abs().max()) for k in before)
     # two Adam steps at the warmup's lr (demo: 5e-4 x step/100) move a weight by ~1e-5; a fresh init is ~0.1 away
@@ -183,9 +183,9 @@ def test_evaluate_says_overlap_cannot_be_checked(fine_tuned, cache_root):
 def test_init_from_refuses_another_architecture_in_one_line(fine_tuned, tmp_path):
     start, _, recipe = fine_tuned
     out = here("train", "--preset", "demo", *[f"--{o}" for o in recipe], "--init-from", str(start),
-               "--model.img_size=64", f"--run.root={tmp_path}")
+               "--model.img_size=96", f"--run.root={tmp_path}")
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "--model.img_size=64 asks for another architecture than the start model's (img_size=112)" in \
+    assert "--model.img_size=96 asks for another architecture than the start model's (img_size=64)" in \
            " ".join(out.stderr.split())
     missing = here("train", "--preset", "demo", "--init-from", str(tmp_path / "nothing"), f"--run.root={tmp_path}")
     assert missing.returncode == 2 and "model.init_from=" in missing.stderr and "Traceback" not in missing.stderr

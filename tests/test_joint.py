@@ -131,7 +131,8 @@ def test_joint_card_scales_come_from_each_training_split(joint_run):
     card = ModelCard.read(run / "model")
     assert list(card.datasets) == ["synthetic", "kadid10k"]
     for name in card.datasets:
-        view = prepare(dataclasses.replace(load_config("demo", ["model.img_size=112"]), data=DataConfig(**card.datasets[name].data)))
+        view = prepare(dataclasses.replace(load_config("demo", [f"model.img_size={card.size}"]),
+                                           data=DataConfig(**card.datasets[name].data)))
         train = view.scores()[view.ids("train")]
         assert card.datasets[name].scale.shift == pytest.approx(float(train.mean()))
         assert card.datasets[name].scale.scale == pytest.approx(float(train.std()))

@@ -104,7 +104,7 @@ def test_scorer_matches_the_model_and_tta_with_one_crop_is_plain(single_run, ima
     # would clip it to white), and one smaller than a patch is refused with its size
     gray16 = Image.fromarray(np.full((150, 200), 40 * 256, np.uint16))
     assert (scorer.prepare(gray16) == 40).all()
-    with pytest.raises(UserError, match="is 60x50 after resize .* smaller than the 112-px patch"):
+    with pytest.raises(UserError, match="is 60x50 after resize .* smaller than the 64-px patch"):
         scorer.prepare(Image.new("RGB", (60, 50)))
 
 

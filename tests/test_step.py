@@ -66,7 +66,7 @@ def test_bench_times_the_training_step_itself():
     from iqa_dist.bench.rig import StepRig
 
     cfg = load_config("koniq-swin-t", ["model.pretrained=none", f"model.backbone_kwargs={json.dumps(TINY_SWIN)}",
-                                       "model.img_size=112", "train.ema_decay=0.9"])
+                                       "model.img_size=64", "train.ema_decay=0.9"])
     rng = np.random.default_rng(0)
     store = replace(ImageStore.of_images(list(rng.integers(0, 256, (4, 130, 150, 3), dtype=np.uint8))),
                     scores=torch.rand(4) * 100)

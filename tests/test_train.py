@@ -111,7 +111,7 @@ def test_run_directory_holds_everything(single_run):
     assert summary["val"]["srcc"] == max(r["val_srcc"] for r in lines)
     model = load_file(run / "model" / "model.safetensors")
     config = json.loads((run / "model" / "config.json").read_text())
-    assert any(k.startswith("backbone.") for k in model) and config["model"]["img_size"] == 112
+    assert any(k.startswith("backbone.") for k in model) and config["model"]["img_size"] == 64
     assert config["step"] == summary["best_step"] and config["datasets"]["synthetic"]["score_range"] == [0.0, 100.0]
     # the weights are as readable as the files beside them (safetensors writes 0600 of its own)
     assert (run / "model" / "model.safetensors").stat().st_mode & 0o777 == (run / "model" / "config.json").stat().st_mode & 0o777
@@ -152,7 +152,7 @@ def test_accumulation_all_reduces_once_per_step_compiled_with_an_ema(tmp_path):
     unwraps it per step), counted by a comm hook (tests/ddp_rounds.py)."""
     from .ddp_rounds import count_rounds
 
-    overrides = ["model.pretrained=none", f"model.backbone_kwargs={json.dumps(TINY_SWIN_KWARGS)}", "model.img_size=112",
+    overrides = ["model.pretrained=none", f"model.backbone_kwargs={json.dumps(TINY_SWIN_KWARGS)}", "model.img_size=64",
                  "train.ema_decay=0.9", "train.micro_batch_size=4", "train.compile=true",
                  "train.compile_backend=aot_eager"]
     result = tmp_path / "rounds.json"
@@ -265,14 +265,18 @@ def test_accumulation_and_stored_patches_train_end_to_end(tiny_overrides, tmp_pa
 
 
 def test_non_finite_loss_stops_before_the_step(tiny_overrides, tmp_path):
+    """Steps are counted from 1 in every line, as the progress lines count them: the bad step is
+    step bad+1, the state kept is after step bad (debug-step-<bad>), and no progress line of
+    the bad step's number came before (its number once named the step before it)."""
     out = train_here([*tiny_overrides, "optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0",
-                      "train.max_steps=20", f"run.root={tmp_path}"])
+                      "train.max_steps=20", "train.log_every=1", f"run.root={tmp_path}"])
     assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
     assert "non-finite" in out.stderr and "at step" in out.stderr and "Traceback" not in out.stderr
     run = only_run(tmp_path)
     [debug] = list(run.glob("debug-step-*"))
     bad = int(debug.name.rsplit("-", 1)[1])
-    assert f"at step {bad}" in out.stderr
+    assert f"at step {bad + 1}; " in out.stderr and f"(after step {bad})" in out.stderr, out.stderr
+    assert f"step {bad + 1}/20" not in out.stderr and (bad == 0 or f"step {bad}/20" in out.stderr), out.stderr
     # the state from before the bad step: the loop's step counter rolled back (the learning rate is
     # a function of it), the optimizer's step count that of the applied steps
     state = torch.load(debug / "custom_checkpoint_0.pkl", weights_only=False)
@@ -280,7 +284,7 @@ def test_non_finite_loss_stops_before_the_step(tiny_overrides, tmp_path):
     assert state["step"] == bad and int(optimizer["state"][0]["step"]) == bad
     # report finds it (no metrics line was ever written) and says what happened to it
     report = cli("report", str(tmp_path))
-    assert report[0] == 0 and f"failed: non-finite loss at step {bad}" in " ".join(report[1].split()), report
+    assert report[0] == 0 and f"failed: non-finite loss at step {bad + 1}" in " ".join(report[1].split()), report
 
 
 def test_leftover_partial_checkpoint_is_ignored(single_run, tmp_path):
