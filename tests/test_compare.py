@@ -176,8 +176,8 @@ def test_cross_with_two_datasets_of_one_kind_keeps_both(single_run, cache_root, 
     assert out.returncode == 0, out.stderr[-3000:]
     [group] = list((tmp_path / "runs").iterdir())
     results = json.loads((group / "results.json").read_text())
-    assert [(m["dataset"], m["kind"], m["n"]) for m in results["members"]] == [("csv-livefb", "csv", 4),
-                                                                              ("csv-mine", "csv", 5)]
+    assert [(m["dataset"], m.get("kind"), m["n"]) for m in results["members"]] == [("csv-livefb", "csv", 4),
+                                                                                  ("csv-mine", "csv", 5)]
     for label, n in (("csv-livefb", 4), ("csv-mine", 5)):
         assert json.loads((group / f"{label}.json").read_text())["metrics"]["n"] == n
         assert len((group / f"{label}.predictions.csv").read_text().splitlines()) == n + 1

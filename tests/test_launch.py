@@ -507,7 +507,7 @@ def test_a_member_stopped_as_it_starts_is_stopped_not_failed(tmp_path, capsys):
     sweep's lines, its status and the group's table, not "failed (exit -15)"; the member not yet
     started is not started. Any other signal (the OOM killer's SIGKILL) is a failure, named."""
     from iqa_dist.experiments.collect import member_result
-    from iqa_dist.experiments.group import exit_state, read_status
+    from iqa_dist.experiments.group import read_status
     from iqa_dist.experiments.sweep import Stopped, run_members
 
     group_term = tmp_path / "group-term.sh"  # the same signal to the sweep (this process) and to the member
@@ -521,6 +521,8 @@ def test_a_member_stopped_as_it_starts_is_stopped_not_failed(tmp_path, capsys):
     assert read_status(tmp_path) == {"a": -15} and (tmp_path / "a.log").read_text() == ""
     assert member_result(tmp_path, members[0], read_status(tmp_path))["state"] == "stopped by SIGTERM (resumable)"
     assert member_result(tmp_path, members[1], read_status(tmp_path))["state"] == "not finished"
+    from iqa_dist.experiments.group import exit_state
+
     (tmp_path / "c.log").write_text("error: out of memory\n")
     assert exit_state(-9, tmp_path / "c.log") == "failed (killed by SIGKILL): out of memory"
     assert exit_state(124, tmp_path / "c.log") == "stopped (resumable)"
