@@ -104,7 +104,7 @@ def fitted_table(header: list[str], rows: list[list[str]], width: int | None, dr
         return max(len(line) for line in text.split("\n"))
 
     columns = [[r[i] for r in rows] for i in range(len(header))]
-    least = [max(longest_word(header[i]), *map(longest_word, columns[i])) for i in range(len(header))]
+    least = [max([longest_word(header[i]), *map(longest_word, columns[i])]) for i in range(len(header))]
     cells = [max([least[i], *map(longest_line, columns[i])]) for i in range(len(header))]
     whole = [max(cells[i], longest_line(header[i])) for i in range(len(header))]
     kept, dropped, order = list(range(len(header))), [], [header.index(h) for h in drop if h in header]

@@ -278,6 +278,24 @@ def test_a_table_fits_the_terminal_it_is_printed_on(tmp_path):
     assert {f"{m['test_srcc']:.4f}" for m in table["members"]} <= _cells(text)
 
 
+def test_fitted_table_keeps_words_whole_and_leaves_out_columns_in_order():
+    import io
+
+    from rich.console import Console
+
+    from iqa_dist.output import fitted_table
+
+    header, rows = ["run", "val SRCC", "train s"], [["20261206-042543-demo-lr", "0.3810", "2.5"]]
+    table, dropped = fitted_table(header, rows, 36, drop=["train s", "val SRCC"])
+    assert dropped == ["train s"]  # 23 + 6 + 5 + 10 of rules and padding > 36: the least important goes
+    out = Console(file=io.StringIO(), width=36, color_system=None)
+    out.print(table)
+    assert max(map(len, out.file.getvalue().splitlines())) == 36
+    assert "20261206-042543-demo-lr" in out.file.getvalue() and "0.3810" in out.file.getvalue()
+    assert fitted_table(header, rows, 35, drop=["train s", "val SRCC"])[1] == ["train s", "val SRCC"]
+    assert fitted_table(header, [], 80)[1] == []  # a group without members: its headers alone
+
+
 def test_the_paired_plot_says_what_the_pairs_share(tmp_path, monkeypatch):
     """A --splits group's pairs share a split, a --seeds group's a training seed: the y-label says which."""
     from matplotlib.axes import Axes

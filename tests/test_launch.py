@@ -541,6 +541,40 @@ def test_a_multi_gpu_member_starts_under_the_launcher_that_keeps_the_workers_exi
     assert member_command(member, "", 1, 29610)[:4] == [sys.executable, "-m", "iqa_dist", "train"]
 
 
+def test_a_launch_sent_sigterm_ends_124_when_its_workers_checkpointed(monkeypatch):
+    """distributed.launcher itself signalled (a sweep stopping a multi-GPU member, a scheduler's
+    group SIGTERM): torchrun's agent stops the workers and reports only its signal (accelerate
+    exits 128 + 15; older versions let torchrun's SignalException out). When the workers stopped
+    on request (they leave the LAUNCHED marker), the launch ends 124, as one process does; when
+    they did not, the signal's status stays. Under `iqa-dist launch` (LAUNCHED already set) the
+    marker is that launcher's to read."""
+    import accelerate.commands.launch as accelerate_launch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from iqa_dist.distributed.launcher import LAUNCHED, main
+
+    def signalled(checkpointed: bool, how: str):
+        def launch_command(args):
+            if checkpointed:
+                Path(os.environ[LAUNCHED]).write_text("preempted at step 3")  # what the main worker writes
+            if how == "exit":
+                sys.exit(128 + signal.SIGTERM)
+            raise SignalException("got signal: 15", sigval=signal.SIGTERM)
+        return launch_command
+
+    argv = ["--num_processes", "1", "-m", "iqa_dist", "train"]
+    monkeypatch.delenv(LAUNCHED, raising=False)
+    for how in ("exit", "exception"):
+        monkeypatch.setattr(accelerate_launch, "launch_command", signalled(True, how))
+        assert main(argv) == 124, how
+        monkeypatch.setattr(accelerate_launch, "launch_command", signalled(False, how))
+        assert main(argv) == 143, how
+    assert LAUNCHED not in os.environ
+    monkeypatch.setenv(LAUNCHED, str(Path(os.devnull)))  # iqa-dist launch's own marker: not this launcher's
+    monkeypatch.setattr(accelerate_launch, "launch_command", signalled(False, "exit"))
+    assert main(argv) == 143
+
+
 @pytest.mark.slow
 def test_a_killed_sweep_takes_its_running_member_with_it(tiny_overrides, tmp_path):
     """SIGKILL of a running sweep (nothing it can catch): its member gets SIGTERM from the kernel
