@@ -21,7 +21,7 @@ from iqa_dist.errors import UserError
 from iqa_dist.experiments.grid import members
 
 from .conftest import RUN, assert_same_training, free_port, here, metrics, only_run, run_train, train_here
-from .test_slurm import _slurm_answers
+from .test_slurm import local_slurm_conf
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"
 CONFIGS = Path(__file__).resolve().parent.parent / "accelerate_configs"
@@ -158,7 +158,8 @@ def test_accelerate_configs_load_as_accelerate_reads_them():
         assert (c.num_processes > 1) == (c.distributed_type != "NO"), path.name
 
 
-@pytest.mark.skipif(_slurm_answers(), reason="a SLURM runs here: tests/test_slurm.py submits the script for real")
+@pytest.mark.skipif(local_slurm_conf() is not None,
+                    reason="the project's local SLURM runs: tests/test_slurm.py submits the script to it for real")
 def test_two_simulated_nodes_of_two_processes_match_one_process(single_run, tiny_overrides, tmp_path):
     """launch/slurm_multinode.sbatch for 2 nodes x 1 "GPU" (2 gloo processes on 127.0.0.1, each its
     node's launcher; more per node adds interpreters, not paths), with srun and scontrol stand-ins
@@ -497,6 +498,81 @@ def test_a_sweep_never_starts_a_member_that_is_still_running(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_member_stopped_as_it_starts_is_stopped_not_failed(tmp_path, capsys):
+    """SIGTERM to a sweep's whole process group (a scheduler's preemption, `kill -TERM -PGID`) just
+    after a member started: the member dies of the signal before it could set its handler (exit
+    -15, an empty log), the sweep stops. The member is "stopped by SIGTERM (resumable)" in the
+    sweep's lines, its status and the group's table, not "failed (exit -15)"; the member not yet
+    started is not started. Any other signal (the OOM killer's SIGKILL) is a failure, named."""
+    from iqa_dist.experiments.collect import member_result
+    from iqa_dist.experiments.group import read_status
+    from iqa_dist.experiments.sweep import Stopped, run_members
+
+    group_term = tmp_path / "group-term.sh"  # the same signal to the sweep (this process) and to the member
+    group_term.write_text("#!/bin/sh\nkill -TERM $PPID\nkill -TERM $$\nsleep 30\n")
+    group_term.chmod(0o755)
+    members = [{"name": "a", "args": []}, {"name": "b", "args": []}]
+    with pytest.raises(Stopped):
+        run_members(tmp_path, members, str(group_term), 0, 1)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "a stopped by SIGTERM (resumable); log" in err and "failed" not in err and "started b" not in err, err
+    assert read_status(tmp_path) == {"a": -15} and (tmp_path / "a.log").read_text() == ""
+    assert member_result(tmp_path, members[0], read_status(tmp_path))["state"] == "stopped by SIGTERM (resumable)"
+    assert member_result(tmp_path, members[1], read_status(tmp_path))["state"] == "not finished"
+    from iqa_dist.experiments.group import exit_state
+
+    (tmp_path / "c.log").write_text("error: out of memory\n")
+    assert exit_state(-9, tmp_path / "c.log") == "failed (killed by SIGKILL): out of memory"
+    assert exit_state(124, tmp_path / "c.log") == "stopped (resumable)"
+
+
+def test_a_multi_gpu_member_starts_under_the_launcher_that_keeps_the_workers_exit_status():
+    """A member on several GPUs runs `accelerate launch` through distributed.launcher, whose exit
+    status is the workers' (124 when they stopped on request), not torchrun's 1 and traceback."""
+    from iqa_dist.experiments.sweep import member_command
+
+    member = {"name": "a", "args": ["--preset", "demo"]}
+    command = member_command(member, "", 4, 29610)
+    assert command[:3] == [sys.executable, "-m", "iqa_dist.distributed.launcher"]
+    assert command[3:9] == ["--multi_gpu", "--num_processes", "4", "--num_machines", "1", "--main_process_port"]
+    assert command[-7:] == ["-m", "iqa_dist", "train", "--preset", "demo", "--resume", "auto"]
+    assert member_command(member, "", 1, 29610)[:4] == [sys.executable, "-m", "iqa_dist", "train"]
+
+
+def test_a_launch_sent_sigterm_ends_124_when_its_workers_checkpointed(monkeypatch):
+    """distributed.launcher itself signalled (a sweep stopping a multi-GPU member, a scheduler's
+    group SIGTERM): torchrun's agent stops the workers and reports only its signal (accelerate
+    exits 128 + 15; older versions let torchrun's SignalException out). When the workers stopped
+    on request (they leave the LAUNCHED marker), the launch ends 124, as one process does; when
+    they did not, the signal's status stays. Under `iqa-dist launch` (LAUNCHED already set) the
+    marker is that launcher's to read."""
+    import accelerate.commands.launch as accelerate_launch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from iqa_dist.distributed.launcher import LAUNCHED, main
+
+    def signalled(checkpointed: bool, how: str):
+        def launch_command(args):
+            if checkpointed:
+                Path(os.environ[LAUNCHED]).write_text("preempted at step 3")  # what the main worker writes
+            if how == "exit":
+                sys.exit(128 + signal.SIGTERM)
+            raise SignalException("got signal: 15", sigval=signal.SIGTERM)
+        return launch_command
+
+    argv = ["--num_processes", "1", "-m", "iqa_dist", "train"]
+    monkeypatch.delenv(LAUNCHED, raising=False)
+    for how in ("exit", "exception"):
+        monkeypatch.setattr(accelerate_launch, "launch_command", signalled(True, how))
+        assert main(argv) == 124, how
+        monkeypatch.setattr(accelerate_launch, "launch_command", signalled(False, how))
+        assert main(argv) == 143, how
+    assert LAUNCHED not in os.environ
+    monkeypatch.setenv(LAUNCHED, str(Path(os.devnull)))  # iqa-dist launch's own marker: not this launcher's
+    monkeypatch.setattr(accelerate_launch, "launch_command", signalled(False, "exit"))
+    assert main(argv) == 143
 
 
 @pytest.mark.slow

@@ -1,10 +1,16 @@
 """The SLURM scripts and `sweep --slurm`, run for real: submitted with sbatch to the one-host
 SLURM that `launch/local_slurm.sh start` runs (two simulated nodes that declare 8 GPUs each; the
 jobs train on the CPU). Each script runs as the README gives it, with its own #SBATCH lines;
-GPUS / GPUS_PER_NODE pick one process per node, as on a GPU node with one GPU."""
+GPUS / GPUS_PER_NODE pick one process per node, as on a GPU node with one GPU.
+
+Only that SLURM is used: every client here (sbatch, squeue, scontrol, scancel, and the jobs' own
+srun and scontrol) finds it through SLURM_CONF, set by the `local_slurm` fixture; a machine's own
+SLURM (a cluster's login node) is never asked, and where the local one is not running the tests
+skip."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -18,20 +24,49 @@ import pytest
 from .conftest import RUN, assert_same_training, cli, metrics, only_run
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"
+START = "launch/local_slurm.sh start (as root; sudo if you are not)"
+# The environment of the shell that started pytest may hold another SLURM's settings (a login
+# node's SLURM_CONF, a job's SLURM_JOB_ID, SBATCH_PARTITION...): none of them reaches these clients.
+CLIENT_SETTINGS = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "SQUEUE_", "SINFO_", "SCONTROL_", "SCANCEL_")
 
 
-def _slurm_answers() -> bool:
-    return bool(shutil.which("sbatch")) and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+def _local_script(command: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(CLIENT_SETTINGS)}
+    return subprocess.run(["bash", str(LAUNCH / "local_slurm.sh"), command], capture_output=True, text=True, env=env)
 
 
-pytestmark = pytest.mark.skipif(not _slurm_answers(), reason="needs a running SLURM: sudo launch/local_slurm.sh start "
-                                                              "(the README's test section)")
+@functools.cache
+def local_slurm_conf() -> Path | None:
+    """The config of the project's own SLURM when it is running (`local_slurm.sh status`: its
+    slurm.conf, as that script wrote it, and its controller answering through it), else None.
+    Whatever else answers `sinfo` on this machine does not count."""
+    if not shutil.which("sbatch") or _local_script("status").returncode != 0:
+        return None
+    return Path(_local_script("conf").stdout.strip())
+
+
+# decided before any fixture trains: where the local SLURM is not running, nothing here runs
+pytestmark = pytest.mark.skipif(local_slurm_conf() is None, reason=f"needs the project's local SLURM: {START}")
 
 
 @pytest.fixture()
-def job_env(cache_root) -> dict:
+def local_slurm(monkeypatch) -> Path:
+    """SLURM_CONF set to the local SLURM's config for this test (and the jobs it submits, which
+    inherit it), other SLURM settings removed; a skip, saying how to start it, where it is not running."""
+    conf = local_slurm_conf()
+    if conf is None:
+        pytest.skip(f"needs the project's local SLURM: {START}")
+    for key in list(os.environ):
+        if key.startswith(CLIENT_SETTINGS):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    return conf
+
+
+@pytest.fixture()
+def job_env(cache_root, local_slurm) -> dict:
     """What a job inherits (sbatch exports the environment): this venv's iqa-dist first on PATH,
-    the tests' cache, one process per node and one thread each."""
+    the tests' cache, one process per node and one thread each, and the local SLURM's config."""
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "IQA_DIST_CACHE": str(cache_root),
             "GPUS": "1", "GPUS_PER_NODE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

@@ -283,7 +283,7 @@ def test_non_finite_loss_stops_before_the_step(tiny_overrides, tmp_path):
     optimizer = torch.load(debug / "optimizer.bin", weights_only=False)
     assert state["step"] == bad and int(optimizer["state"][0]["step"]) == bad
     # report finds it (no metrics line was ever written) and says what happened to it
-    report = cli("report", str(tmp_path))
+    report = cli("report", str(tmp_path), "--wide")  # its state on one line (a narrow table wraps it)
     assert report[0] == 0 and f"failed: non-finite loss at step {bad + 1}" in " ".join(report[1].split()), report
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..config import SECTIONS, all_keys, field_docs, load_config_for, preset_names
+# set by `iqa-dist launch` or distributed.launcher: a stop on request exits 0 and leaves this marker
+from ..distributed.launcher import LAUNCHED
 from ..errors import UserError
 
 
@@ -168,12 +170,6 @@ def writable(option: str, path: str, folder: bool = False) -> None:
 def positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise UserError(f"{name} {value}: must be at least 1")
-
-
-# Set by `iqa-dist launch` for the processes it starts: a stop on request then exits 0 (torchrun
-# reports a clean end instead of a worker failure) and leaves this marker, which the launcher turns
-# into exit status 124.
-LAUNCHED = "IQA_DIST_LAUNCHED"
 
 
 def stopped(message: str) -> int:

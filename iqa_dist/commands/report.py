@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from ..output import console, print_table
+from ..output import console, fitted_table, print_table, table_width
 from .options import writable
 
 NAME = "report"
@@ -27,8 +27,15 @@ examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", help="run directories or folders of runs [default: runs/]")
     p.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    p.add_argument("--wide", action="store_true", help="every column at its full width, however wide the terminal "
+                   "(for less -S); without it a table fits the terminal ($COLUMNS or 100 in files and pipes) and "
+                   "names the columns it left out")
     p.add_argument("--plot", default="", metavar="DIR", help="write the plots there: train_loss.png and val_srcc.png "
                    "for runs; test_srcc_by_config.png and paired_differences.png for a sweep group")
+
+
+# Columns a narrow terminal leaves out, the least important first
+DROP = ["patches/s", "train s", "best epoch", "val PLCC", "test PLCC", "val SRCC", "epochs"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,24 +49,24 @@ def run(args: argparse.Namespace) -> int:
 
         group = Path(args.runs[0])
         table = collect(group, show_table=False)
-        show(table, group, console(), markdown=args.markdown)
+        show(table, group, console(wide=args.wide), markdown=args.markdown, wide=args.wide)
         if args.plot and table.get("configs"):
             for path in plot_group(table, Path(args.plot)):
                 console(stderr=True).print(f"wrote {path}", highlight=False)
         return 0
     runs = [load_run(p) for p in find_runs(args.runs)]
     header, body = rows(runs, "; " if args.markdown else "\n")
-    out = console()
+    out = console(wide=args.wide)
     reference = koniq_only(runs)
     if args.markdown:
         out.print(markdown(header, body, reference), markup=False, highlight=False)
     else:
-        table = Table()
-        for h in header:
-            table.add_column(h, justify="left" if h in ("run", "differs") else "right", overflow="fold")
-        for r in body:
-            table.add_row(*r)
+        width = None if args.wide else table_width(out)
+        table, dropped = fitted_table(header, body, width, DROP, left=2 if "differs" in header else 1)
         print_table(out, f"{len(runs)} run(s)", table)
+        if dropped:
+            out.print(f"(left out to fit {width} columns: {', '.join(dropped)}; --wide or --markdown shows every "
+                      "column)", highlight=False, markup=False)
     if reference and not args.markdown:
         ref = Table()
         for h in ("config", "SRCC", "PLCC"):

@@ -59,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=10, help="splits: how many seeded random splits [10]")
     p.add_argument("--run", default="", help="cross: the trained run")
     p.add_argument("--dataset", action="append", default=[], metavar="NAME=ROOT",
-                   help="cross: a dataset to evaluate on (repeat)")
+                   help="cross: a dataset to evaluate on (repeat); a kind given twice is labelled by its folder "
+                        "(csv=/d/mine: csv-mine) and has its own row and files")
     p.add_argument("--scale", default="", metavar="DATASET|normalized",
                    help="cross: the scale scores are reported on [a jointly trained run: normalized]")
     p.add_argument("--launcher", default="", help="how to start members, e.g. 'accelerate launch --multi_gpu' "

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ..artifacts.rundir import RunDir
 from ..output import console, fmt, fmt_epoch, show_rows
-from .compare import compare, summary
-from .group import RESULTS, last_error, member_runs, read_info, read_members, read_status
+from .compare import compare, shared, summary
+from .group import RESULTS, exit_state, member_runs, read_info, read_members, read_status
 
 
 def collect(group: Path, show_table: bool = True) -> dict:
@@ -42,8 +42,7 @@ def member_result(group: Path, member: dict, status: dict[str, int]) -> dict:
     runs = member_runs(group, name)
     done = RunDir(runs[-1]).summary() if runs else None
     code = status.get(name)
-    state = ("finished" if done else "stopped (resumable)" if code == 124 else
-             f"failed (exit {code}): {last_error(group / f'{name}.log')}" if code else "not finished")
+    state = "finished" if done else exit_state(code, group / f"{name}.log") if code else "not finished"
     on_test = (done or {}).get("test_selected_on_test") or {}
     return {"member": name, "config": member.get("config", name), "repeat": member.get("repeat", ""),
             "run": runs[-1].name if runs else None, "finished": done is not None, "state": state,
@@ -51,9 +50,15 @@ def member_result(group: Path, member: dict, status: dict[str, int]) -> dict:
             "test_on_test_srcc": on_test.get("srcc"), "best_epoch": done and done["best_epoch"]}
 
 
-def show(table: dict, group: Path, out=None, markdown: bool = False) -> None:
+# Columns a narrow terminal leaves out, the least important first (`report GROUP --wide` shows them)
+MEMBER_DROP = ["best epoch", "test SRCC selected on test (optimistic)", "val plcc", "val srcc", "test plcc"]
+CONFIG_DROP = ["val SRCC median", "mean ± std", "n", "Wilcoxon p", "test SRCC median"]
+
+
+def show(table: dict, group: Path, out=None, markdown: bool = False, wide: bool = False) -> None:
     """The members' table, then (several configs) each config against the baseline."""
     out = out or console()
+    hint = f"iqa-dist report {group} --wide or --markdown shows every column"
     columns = ["member", "test_srcc", "test_plcc", "val_srcc", "val_plcc", "best_epoch"]
     if table["kind"] == "cross":
         columns = ["dataset", "test_srcc", "test_plcc", "n"]
@@ -74,7 +79,7 @@ def show(table: dict, group: Path, out=None, markdown: bool = False) -> None:
                 cells.append("" if not st else f"{st[key]:.4f}" + (f" ± {st['std']:.4f}" if key == "mean" else ""))
             rows.append([key, *cells])
     show_rows(out, f"sweep {table['kind']} ({group})", [labels.get(c, c.replace("_", " ")) for c in columns], rows,
-          markdown)
+              markdown, MEMBER_DROP, wide, hint)
     configs = table.get("configs") or {}
     if len(configs) > 1:
         header = ["config", "n", "test SRCC median", "mean ± std", "val SRCC median",
@@ -87,5 +92,6 @@ def show(table: dict, group: Path, out=None, markdown: bool = False) -> None:
             rows.append([name or "(base)", str(c["n"]), fmt(t and t["median"]),
                          "" if not t else f"{t['mean']:.4f} ± {t['std']:.4f}", fmt(v and v["median"]), delta,
                          "" if not d or not d.get("pairs") else f"{d['p']:.3g}", "" if d is None else d["verdict"]])
-        show_rows(out, f"configs against {table['baseline']}: paired by repeat (the same split or seed); verdict at 5% "
-                   "(Wilcoxon signed-rank)", header, rows, markdown)
+        pairs = shared((table.get("repeats") or {}).get("by", ""))
+        show_rows(out, f"configs against {table['baseline']}: paired by repeat ({pairs}); verdict at 5% "
+                   "(Wilcoxon signed-rank)", header, rows, markdown, CONFIG_DROP, wide, hint)

@@ -21,6 +21,12 @@ BOOTSTRAP = 10_000
 KEYS = ("test_srcc", "test_plcc", "val_srcc", "val_plcc", "test_on_test_srcc")
 
 
+def shared(by: str) -> str:
+    """What the two members of a pair share, by the sweep's repeats (its sweep.json "repeats"."by")."""
+    return {"splits": "the same split", "seeds": "the same training seed (and the preset's split)"}.get(
+        by, "the same repeat")
+
+
 def summary(values: list[float]) -> dict | None:
     """median, mean, std (sample), n of the values; None when there are none."""
     if not values:

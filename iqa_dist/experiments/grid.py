@@ -4,6 +4,7 @@ ablation) crossed with repeats (seeded splits or training seeds).
 
 from __future__ import annotations
 
+from ..config import ENVIRONMENT, flatten, load_config
 from ..errors import UserError
 
 # Phase one's regularisers, each as the overrides that switch it off.
@@ -60,12 +61,12 @@ def crossed(configs: list[tuple[str, list[str]]], reps: list[tuple[str, list[str
     for config, overrides in configs:
         for repeat, extra in reps:
             name = ",".join(x for x in (config, repeat) if x)
-            out.append({"name": _safe(name), "config": config, "repeat": repeat,
+            out.append({"name": safe_name(name), "config": config, "repeat": repeat,
                         "overrides": [*base_overrides, *overrides, *extra]})
     return out
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     """A member name as a run name (run.name's characters): anything else, e.g. a path's /, becomes _."""
     return "".join(c if c.isascii() and c.isalnum() or c in "._=,+-" else "_" for c in name)
 
@@ -83,3 +84,36 @@ def members(kind: str, base_overrides: list[str], n: int, axes: list[str] = (), 
             raise UserError("sweep grid: give at least one --set KEY=V1,V2 (e.g. --set optim.lr=1e-5,2e-5)")
         return crossed(grid_configs(list(axes)), repeats(by, n), base_overrides)
     raise UserError(f"sweep: unknown kind {kind!r} (grid, ablation, splits, cross, collect)")
+
+
+def equal_configs(preset: str, specs: list[dict]) -> dict[str, tuple[str, str]]:
+    """config -> (the earlier config it equals, why in words), for every config of `specs` whose
+    resolved config is an earlier one's: it would train the same runs again and its paired
+    difference would be 0 by construction (an ablation of regularisers the preset already has at
+    0, a grid value written twice). Each config is compared on its first repeat; the repeats add
+    the same overrides to every config."""
+    first = {}
+    for m in specs:
+        first.setdefault(m["config"], m)
+    resolved = {c: {k: v for k, v in flatten(load_config(preset, m["overrides"]).to_dict()).items() if k not in ENVIRONMENT}
+                for c, m in first.items()}
+    out = {}
+    for i, (config, flat) in enumerate(resolved.items()):
+        other = next((c for c in list(resolved)[:i] if c not in out and resolved[c] == flat), None)
+        if other is not None:
+            out[config] = (other, _why(first[config]["overrides"], first[other]["overrides"], flat))
+    return out
+
+
+def _why(mine: list[str], theirs: list[str], flat: dict) -> str:
+    """What the two configs were meant to differ in, and why they do not: "model.dropout=0.0 in both"."""
+    a, b = (dict(o.split("=", 1) for o in overrides) for overrides in (mine, theirs))
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+    return ", ".join(f"{k}={flat.get(k)}" for k in keys) + " in both" if keys else "the same overrides"
+
+
+def equal_hint(kind: str) -> str:
+    """What to do about configs that train the same."""
+    if kind == "ablation":
+        return "give the preset's regularisers values (e.g. --model.dropout=0.3) or use a preset that has them"
+    return "give --set values that differ"

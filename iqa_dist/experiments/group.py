@@ -8,6 +8,7 @@ exit status (status.json, by `sweep.run_members`), the combined table (results.j
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -19,6 +20,11 @@ INFO = "sweep.json"  # the kind, preset, overrides, configs, baseline and repeat
 STATUS = "status.json"  # member name -> exit status of its last launch
 RESULTS = "results.json"  # the combined table
 SLURM_JOB = "slurm_job"  # the id of the SLURM job that runs the group (sweep --slurm)
+STOPPED = 124  # a member's exit status when it stopped on request and checkpointed (training's own)
+# Signals that ask a process to stop: a member they ended (e.g. the SIGTERM a scheduler sends the
+# sweep's whole process group, which reaches a member still starting, before its handler is set)
+# is stopped, not failed; `sweep --resume` continues it. Others (SIGKILL, SIGSEGV) are failures.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def new_group(root: str, kind: str) -> Path:
@@ -62,6 +68,23 @@ def member_runs(group: Path, name: str) -> list[Path]:
 
 def finished(group: Path, name: str) -> bool:
     return any(RunDir(p).finished for p in member_runs(group, name))
+
+
+def exit_state(code: int, log: Path) -> str:
+    """What a member's exit status says: finished, stopped (resumable) or failed, and why."""
+    if code == 0:
+        return "finished"
+    if code == STOPPED:
+        return "stopped (resumable)"
+    if code < 0 and -code in STOP_SIGNALS:  # subprocess's negative status: ended by that signal
+        return f"stopped by {signal.Signals(-code).name} (resumable)"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"failed (killed by {name}): {last_error(log)}"
+    return f"failed (exit {code}): {last_error(log)}"
 
 
 def last_error(log: Path) -> str:

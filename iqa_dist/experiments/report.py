@@ -16,6 +16,7 @@ from ..artifacts.rundir import RunDir
 from ..config import ENVIRONMENT, flatten
 from ..errors import UserError
 from ..output import fmt, fmt_epoch, markdown_table
+from .compare import shared
 
 # Phase one on KonIQ-10k (Q-Align split, selection on test); the README's "Reproducing the papers".
 PHASE_ONE = [
@@ -159,7 +160,7 @@ def plot_group(table: dict, folder: Path) -> list[Path]:
         ax.set_xticks(range(len(others)), [c or "(base)" for c, _ in others], rotation=20, fontsize=7)
         ax.set_xlim(-0.6, len(others) - 0.4)  # room for the points and the interval beside them, at either end
         ax.margins(y=0.15)
-        ax.set_ylabel(f"test SRCC minus {table['baseline'] or '(base)'}'s, same split")
+        ax.set_ylabel(f"test SRCC minus {table['baseline'] or '(base)'}'s,\n{shared(table.get('repeats', {}).get('by', ''))}")
         ax.set_title("paired differences with the baseline:\neach pair, the median and its 95% bootstrap interval",
                      fontsize=10)
         fig.tight_layout()

@@ -23,13 +23,15 @@ import sys
 import time
 from pathlib import Path
 
+from rich.text import Text
+
 from ..artifacts import lock
 from ..config import load_config
 from ..errors import UserError
 from ..output import console
 from .collect import collect
-from .grid import members
-from .group import (INFO, MEMBERS, SLURM_JOB, finished, last_error, member_runs, new_group, read_members, read_status,
+from .grid import equal_configs, equal_hint, members
+from .group import (INFO, MEMBERS, SLURM_JOB, exit_state, finished, member_runs, new_group, read_members, read_status,
                     write_members, write_status)
 
 LAUNCH = Path(__file__).resolve().parents[2] / "launch"  # the source tree's launch/ (not installed with the package)
@@ -52,6 +54,20 @@ def run_sweep(kind: str, preset: str, base_overrides: list[str], n: int, launche
     configs = list(dict.fromkeys(m["config"] for m in specs))
     if baseline and baseline not in configs:
         raise UserError(f"sweep: --baseline {baseline!r} is not one of the configs: {', '.join(configs)}")
+    equal = equal_configs(preset, specs)
+    if equal and len(equal) == len(configs) - 1:
+        raise UserError(f"sweep {kind}: {', '.join(equal)} would train the same config as {configs[0]}: nothing to "
+                        f"compare; {equal_hint(kind)}")
+    err = console(stderr=True)
+    for config, (other, why) in equal.items():  # trained again, it would differ from `other` by 0 by construction
+        err.print(f"sweep {kind}: {config} skipped: it equals {other} ({why}); {equal_hint(kind)}", highlight=False,
+                  markup=False)
+    if baseline in equal:
+        err.print(f"sweep {kind}: the baseline is {equal[baseline][0]}, which --baseline {baseline} equals",
+                  highlight=False, markup=False)
+        baseline = equal[baseline][0]
+    specs = [m for m in specs if m["config"] not in equal]
+    configs = [c for c in configs if c not in equal]
     group = new_group(cfg.run.root, kind)
     lines = [{"name": m["name"], "config": m["config"], "repeat": m["repeat"],
               "args": ["--preset", preset, *[f"--{o}" for o in m["overrides"]], f"--run.root={group}",
@@ -120,11 +136,13 @@ def slots(gpus_per_member: int, parallel: int) -> list[dict[str, str]]:
 
 
 def member_command(member: dict, launcher: str, gpus: int, port: int) -> list[str]:
-    """How one member starts: the user's --launcher, `accelerate launch` over its GPUs, or this Python."""
+    """How one member starts: the user's --launcher, `accelerate launch` over its GPUs (through
+    distributed.launcher, so that its exit status is the workers': 124 when they stopped on
+    request, as a one-process member's), or this Python."""
     if launcher:
         prefix = shlex.split(launcher)
-    elif gpus > 1:
-        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
+    elif gpus > 1:  # accelerate launch in-process, ending with the workers' own exit status (not torchrun's 1)
+        prefix = [sys.executable, "-m", "iqa_dist.distributed.launcher", "--multi_gpu", "--num_processes", str(gpus),
                   "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no"]
     else:
         prefix = [sys.executable]
@@ -176,9 +194,9 @@ def run_members(group: Path, todo: list[dict], launcher: str, gpus_per_member: i
                 write_status(group, status)
                 free.append(slot)
                 del running[pid]
-                word = {0: "finished", 124: "[yellow]stopped (resumable)[/]"}.get(
-                    proc.returncode, f"[red]failed (exit {proc.returncode}): {last_error(Path(log.name))}[/]")
-                err.print(f"{member['name']} {word}; log {log.name}", highlight=False)
+                state = exit_state(proc.returncode, Path(log.name))
+                style = "" if proc.returncode == 0 else "red" if state.startswith("failed") else "yellow"
+                err.print(Text.assemble(member["name"] + " ", (state, style), f"; log {log.name}"), highlight=False)
             time.sleep(0.2)
     finally:
         for sig, handler in previous.items():
