@@ -264,6 +264,39 @@ def test_a_full_queue_answers_503_and_then_serves_on(single_run, images, monkeyp
     assert held_answers == [200, 200, 200]
 
 
+def test_the_worker_skips_requests_that_went_away_and_serves_on():
+    """A job whose future was cancelled before the worker took it (asyncio cancels it when its
+    client hangs up) is dropped, not scored and not answered; the jobs beside it are, grouped by
+    kind, and the worker goes on."""
+    from iqa_dist.serving.batcher import Batcher, Job
+
+    gate, calls = threading.Event(), []
+
+    def run(key: int, images: list[np.ndarray]) -> list[int]:
+        calls.append((key, [int(i[0, 0, 0]) for i in images]))
+        gate.wait(30)
+        return [10 * key + int(i[0, 0, 0]) for i in images]
+
+    def image(value: int) -> np.ndarray:
+        return np.full((1, 1, 3), value, np.uint8)
+
+    batcher = Batcher(run, max_batch=4, max_wait_s=0, max_queue=8)
+    batcher.start()
+    [first] = batcher.submit([Job(1, image(1))])
+    deadline = time.monotonic() + 30
+    while not calls:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    second, third, fourth = batcher.submit([Job(1, image(2)), Job(2, image(3)), Job(1, image(4))])
+    assert second.cancel()
+    gate.set()
+    assert (first.result(30), third.result(30), fourth.result(30)) == (11, 23, 14) and second.cancelled()
+    [fifth] = batcher.submit([Job(1, image(5))])
+    assert fifth.result(30) == 15
+    batcher.stop()
+    assert calls == [(1, [1]), (2, [3]), (1, [4]), (1, [5])]  # one call per kind, in the order they came
+
+
 def test_serve_options_and_a_taken_port_are_one_line(single_run, monkeypatch):
     code = here("serve")
     assert code.returncode == 2 and "nothing to serve" in code.stderr and "Traceback" not in code.stderr

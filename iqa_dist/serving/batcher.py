@@ -71,21 +71,26 @@ class Batcher:
             self.ready.notify()
         return [job.future for job in jobs]
 
-    def _next_batch(self) -> list[Job]:
-        """Waits for a first job, then up to max_wait_s for the batch to fill; [] when stopping."""
+    def _next_batch(self) -> list[Job] | None:
+        """Waits for a first job, then up to max_wait_s for the batch to fill; None when stopping
+        with nothing left. Jobs whose request went away (a cancelled future: the client hung up)
+        are dropped here, and the others marked running, so they can no longer be cancelled."""
         with self.ready:
             while not self.jobs and not self.stopping:
                 self.ready.wait()
+            if not self.jobs:
+                return None
             deadline = time.monotonic() + self.max_wait_s
             while len(self.jobs) < self.max_batch and not self.stopping:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self.ready.wait(left)
-            return [self.jobs.popleft() for _ in range(min(self.max_batch, len(self.jobs)))]
+            taken = [self.jobs.popleft() for _ in range(min(self.max_batch, len(self.jobs)))]
+        return [job for job in taken if job.future.set_running_or_notify_cancel()]
 
     def _work(self) -> None:
-        while batch := self._next_batch():
+        while (batch := self._next_batch()) is not None:
             groups: dict[Hashable, list[Job]] = {}
             for job in batch:
                 groups.setdefault(job.key, []).append(job)
@@ -98,4 +103,4 @@ class Batcher:
                     continue
                 for job, result in zip(group, results):
                     job.future.set_result(result)
-            self.batches += 1
+            self.batches += bool(batch)
