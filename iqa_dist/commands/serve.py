@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how long a batch waits to fill after its first image, ms [10]")
     p.add_argument("--max-queue", type=int, default=256,
                    help="images waiting at most; a request that would pass it gets 503 [256]")
+    p.add_argument("--decoders", type=int, default=None,
+                   help="uploads decoded at once [on the CPU 1: the model uses every core; on a GPU the cores, "
+                        "at most 8]")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit, MB (413 beyond) [64]")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="pixels of one image at most, from its header, before decoding (413 beyond: a decompression "
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     models = [*args.models, *args.model]
     if not models:
         raise UserError("nothing to serve: give a model or run directory (serve MODEL, or --model MODEL)")
-    for option in ("max_batch", "max_queue", "max_pixels", "map_crops"):
+    for option in ("max_batch", "max_queue", "max_pixels", "map_crops", "decoders"):
         positive(f"--{option.replace('_', '-')}", getattr(args, option))
     if args.max_wait_ms < 0 or args.max_body_mb <= 0:
         raise UserError(f"--max-wait-ms {args.max_wait_ms:g} / --max-body-mb {args.max_body_mb:g}: the wait must be "
@@ -78,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"serve needs FastAPI, uvicorn and python-multipart ({e.name} is missing): "
                         "pip install 'iqa-dist[serve]'") from None
     from ..artifacts.card import RUN_MODEL_DIR, model_dir
+    from ..data.feed import default_workers
     from ..output import console
     from ..scoring.maps import DEFAULT_CROPS
     from ..scoring.predict import load_model
@@ -95,13 +99,15 @@ def run(args: argparse.Namespace) -> int:
     defaults = ServeSettings()
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_body_mb=args.max_body_mb, max_pixels=args.max_pixels or defaults.max_pixels,
-                             map_crops=args.map_crops or DEFAULT_CROPS, token=token)
+                             map_crops=args.map_crops or DEFAULT_CROPS, token=token,
+                             decoders=args.decoders or max(1, default_workers(served[0].scorer.device)))
     out = console()
     url = address(sock)
     out.print(f"serving {', '.join(f'{s.id} ({Path(f)})' for s, f in zip(served, folders))} on "
               f"{served[0].scorer.device} at {url}/ (POST /score, GET /healthz, GET /card); "
               f"batches of up to {settings.max_batch} images, {settings.max_wait_ms:g} ms wait, queue "
-              f"{settings.max_queue}; {'token required' if token else 'no token'}", highlight=False)
+              f"{settings.max_queue}, {settings.decoders} decoder(s); {'token required' if token else 'no token'}",
+              highlight=False)
     if not token and args.host not in ("127.0.0.1", "localhost", "::1"):
         console(stderr=True).print(f"[yellow]warning:[/] listening on {args.host} without a token: anyone who "
                                    f"reaches this port can use the models (--token or ${TOKEN_ENV})", highlight=False)
