@@ -26,7 +26,7 @@ from ..artifacts.card import ModelCard, TrainedOn
 from ..config import Config
 from ..models.hyperiqa import build_model
 from .inputs import BACKBONES, source_images
-from .timing import measure
+from .timing import rate_of, sync
 
 START_TIMEOUT_S = 120.0  # the server's start: imports and the model's load
 
@@ -104,6 +104,15 @@ def client_round(url: str, files: list[tuple[str, bytes]], clients: int, latenci
         raise RuntimeError(f"{len(failures)} request(s) failed, e.g. {failures[0]}")
 
 
+def timed(fn, device: torch.device) -> float:
+    """Seconds fn() takes, the device's queued work included."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def bench_serve(cfg: Config, n_images: int, clients: list[int], max_batch: int, max_wait_ms: float,
                 device: torch.device, work: Path, console: Console, repeats: int) -> dict:
     """Images/s and latency (p50, p99) of `serve` at each number of concurrent clients, and
@@ -120,23 +129,32 @@ def bench_serve(cfg: Config, n_images: int, clients: list[int], max_batch: int, 
     console.print(f"serve: {len(files)} KonIQ-size JPEGs, {backbone} model at {scorer.size} px, "
                   f"{scorer.card.test_patch_num} {scorer.card.protocol} patches each; clients {clients}, batches of "
                   f"up to {max_batch}, {max_wait_ms:g} ms wait", highlight=False)
-    predict = measure(lambda: list(score_files(scorer, paths, list(range(len(paths))), workers=workers)), len(paths),
-                      repeats, device, warmup=1)
+    def predict() -> None:
+        list(score_files(scorer, paths, list(range(len(paths))), workers=workers))
+
     server = Server(folder, device, ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)])
-    rows = []
+    # Interleaved, a block each in turn (predict, then serve at each client count), so that a
+    # machine whose load drifts (other jobs on shared cores) weighs on both sides alike
+    blocks: dict = {"predict": [], **{n: [] for n in clients}}
+    latencies: dict[int, list[float]] = {n: [] for n in clients}
     try:
+        predict()  # warm-up: the model's first batches
         for n in clients:
-            latencies: list[float] = []
-            client_round(server.url, files, n, latencies)  # warm-up: connections, the first batches
-            latencies.clear()
-            rate = measure(lambda: client_round(server.url, files, n, latencies), len(files), repeats,
-                           torch.device("cpu"), warmup=0)
-            ms = sorted(1e3 * s for s in latencies)
-            rows.append({"clients": n, "images_per_s": rate, "p50_ms": statistics.median(ms),
-                         "p99_ms": ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))], "requests": len(ms),
-                         "vs_predict": rate / predict})
+            client_round(server.url, files, n, [])  # warm-up: connections, the first batches
+        for _ in range(repeats):
+            blocks["predict"].append(len(paths) / timed(predict, device))
+            for n in clients:
+                blocks[n].append(len(files) / timed(lambda: client_round(server.url, files, n, latencies[n]), device))
     finally:
         server.stop()
-    return {"predict": predict, "rows": rows, "images": len(files), "backbone": backbone, "img_size": scorer.size,
+    base = rate_of(blocks["predict"])
+    rows = []
+    for n in clients:
+        ms = sorted(1e3 * s for s in latencies[n])
+        rate = rate_of(blocks[n])
+        rows.append({"clients": n, "images_per_s": rate, "p50_ms": statistics.median(ms),
+                     "p99_ms": ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))], "requests": len(ms),
+                     "vs_predict": rate / base})
+    return {"predict": base, "blocks": len(blocks["predict"]), "rows": rows, "images": len(files), "backbone": backbone, "img_size": scorer.size,
             "protocol": scorer.card.protocol, "patches": scorer.card.test_patch_num, "predict_workers": workers,
             "max_batch": max_batch, "max_wait_ms": max_wait_ms}

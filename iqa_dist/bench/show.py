@@ -117,7 +117,8 @@ def show_serve(out, s: dict, where: str) -> None:
         t.add_row(str(r["clients"]), fr(r["images_per_s"]), fmt(r["vs_predict"]), fmt(r["p50_ms"]), fmt(r["p99_ms"]),
                   str(r["requests"]))
     print_table(out, f"serve (one request an image, batches of up to {s['max_batch']}, {s['max_wait_ms']:g} ms wait) "
-                     f"against predict ({fr(s['predict'])} images/s, {s['predict_workers']} decoding worker(s)) on the "
+                     f"against predict ({fr(s['predict'])} images/s, {s['predict_workers']} decoding worker(s)), "
+                     f"{s['blocks']} blocks of each interleaved, on the "
                      f"same {s['images']} KonIQ-size JPEGs -> 512x384, {s['patches']} {s['protocol']} patches of "
                      f"{s['img_size']} px, {s['backbone']} model - {where}", t)
 
