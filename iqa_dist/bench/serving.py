@@ -116,7 +116,8 @@ def timed(fn, device: torch.device) -> float:
 def bench_serve(cfg: Config, n_images: int, clients: list[int], max_batch: int, max_wait_ms: float,
                 device: torch.device, work: Path, console: Console, repeats: int) -> dict:
     """Images/s and latency (p50, p99) of `serve` at each number of concurrent clients, and
-    `predict`'s images/s on the same KonIQ-size JPEGs, same model, same device."""
+    `predict`'s images/s on the same KonIQ-size JPEGs, same model, same device; `vs_predict`: the
+    median over blocks of serve's rate over predict's in the block just before."""
     from ..data.feed import default_workers
     from ..scoring.predict import load_model, score_files
 
@@ -152,9 +153,11 @@ def bench_serve(cfg: Config, n_images: int, clients: list[int], max_batch: int, 
     for n in clients:
         ms = sorted(1e3 * s for s in latencies[n])
         rate = rate_of(blocks[n])
+        # the ratio of each block to predict's block just before it: a pair under the same load
+        paired = [b / a for a, b in zip(blocks["predict"], blocks[n])]
         rows.append({"clients": n, "images_per_s": rate, "p50_ms": statistics.median(ms),
                      "p99_ms": ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))], "requests": len(ms),
-                     "vs_predict": rate / base})
-    return {"predict": base, "blocks": len(blocks["predict"]), "rows": rows, "images": len(files), "backbone": backbone, "img_size": scorer.size,
+                     "vs_predict": statistics.median(paired), "vs_predict_blocks": paired, "blocks": blocks[n]})
+    return {"predict": base, "predict_blocks": blocks["predict"], "blocks": len(blocks["predict"]), "rows": rows, "images": len(files), "backbone": backbone, "img_size": scorer.size,
             "protocol": scorer.card.protocol, "patches": scorer.card.test_patch_num, "predict_workers": workers,
             "max_batch": max_batch, "max_wait_ms": max_wait_ms}

@@ -111,11 +111,12 @@ def show_predict(out, p: dict, where: str) -> None:
 
 def show_serve(out, s: dict, where: str) -> None:
     t = Table()
-    for c in ("clients", "serve images/s", "x predict", "p50 ms", "p99 ms", "requests timed"):
+    for c in ("clients", "serve images/s", "x predict (paired blocks)", "p50 ms", "p99 ms", "requests timed"):
         t.add_column(c, justify="right")
     for r in s["rows"]:
-        t.add_row(str(r["clients"]), fr(r["images_per_s"]), fmt(r["vs_predict"]), fmt(r["p50_ms"]), fmt(r["p99_ms"]),
-                  str(r["requests"]))
+        paired = " ".join(f"{v:.2f}" for v in r["vs_predict_blocks"])
+        t.add_row(str(r["clients"]), fr(r["images_per_s"]), f"{fmt(r['vs_predict'])} ({paired})", fmt(r["p50_ms"]),
+                  fmt(r["p99_ms"]), str(r["requests"]))
     print_table(out, f"serve (one request an image, batches of up to {s['max_batch']}, {s['max_wait_ms']:g} ms wait) "
                      f"against predict ({fr(s['predict'])} images/s, {s['predict_workers']} decoding worker(s)), "
                      f"{s['blocks']} blocks of each interleaved, on the "
