@@ -233,7 +233,8 @@ def test_sixteen_clients_get_their_own_scores_while_bad_input_is_refused(server,
 def test_a_full_queue_answers_503_and_then_serves_on(single_run, images, monkeypatch):
     """The worker held on its first image; two more fill the 2-image queue; the next request is
     refused with 503 and why, at once; released, the three held ones are answered and the
-    server takes new requests."""
+    server takes new requests. An error of the model itself (a GPU out of memory) is the one 500,
+    named, and the worker serves on."""
     scorer = iqa_dist.load_model(single_run, "cpu")
     entered, release = threading.Event(), threading.Event()
     score_arrays = scorer.score_arrays
@@ -243,7 +244,11 @@ def test_a_full_queue_answers_503_and_then_serves_on(single_run, images, monkeyp
         release.wait(30)
         return score_arrays(arrays, *args, **kwargs)
 
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\n(a second line)")
+
     monkeypatch.setattr(scorer, "score_arrays", held)
+    monkeypatch.setattr(scorer, "map_arrays", out_of_memory)
     app = create_app([Served("held", scorer)], ServeSettings(max_batch=1, max_wait_ms=0, max_queue=2))
     with running(app) as url, ThreadPoolExecutor(3) as pool:
         def post(path: Path) -> httpx.Response:
@@ -259,9 +264,14 @@ def test_a_full_queue_answers_503_and_then_serves_on(single_run, images, monkeyp
         full = post(images[3])
         release.set()
         held_answers = [f.result().status_code for f in (first, *queued)]
+        failed = httpx.post(f"{url}/score", files=upload(images[4]), data={"grid": "true"}, timeout=60)
+        after = post(images[5])
     assert full.status_code == 503 and full.headers["retry-after"] == "1"
     assert "2 image(s) are waiting to be scored and this request brings 1: the queue holds 2" in full.json()["detail"]
     assert held_answers == [200, 200, 200]
+    assert failed.status_code == 500
+    assert failed.json()["detail"] == "scoring failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert after.status_code == 200
 
 
 def test_the_worker_skips_requests_that_went_away_and_serves_on():

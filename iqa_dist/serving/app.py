@@ -59,8 +59,9 @@ class ServeSettings:
     max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485  # pixels of one image as its header declares (413)
     map_crops: int = DEFAULT_CROPS  # patches of a quality map when a request does not say
     # uploads decoded at once (threads). On the CPU 1: the model already runs on every core, and
-    # more decoders beside it only take turns with it (16 clients on 2 cores: 0.71x predict's
-    # images/s with a decoder per request, 0.91x with one); on a GPU the cores (`serve` sets it)
+    # more decoders beside it only take turns with it (bench serve, 16 clients on 2 busy cores, a
+    # run each: 0.71x predict's images/s with a decoder per request, 0.91x with one); on a GPU the
+    # cores (`serve` sets it, as predict's decoding workers)
     decoders: int = 1
     token: str = ""  # when set, every request needs it: `Authorization: Bearer TOKEN` (or as Basic's password)
 
