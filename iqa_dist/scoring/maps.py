@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..output import pyplot
 
 DEFAULT_CROPS = 48  # patches of a map unless told (--crops): a 6 x 8 grid on a 512x384 image
 COLOURS = "RdYlGn"  # red for the worse patches, green for the better ones; the page uses the same ramp
@@ -52,7 +52,7 @@ class QualityMap:
 def render(qmap: QualityMap, image: np.ndarray, path: Path, title: str, units: str) -> None:
     """`image` (the resized uint8 HWC image the map is of) with the map over it as a half-transparent
     heat map and a colour bar in the score's `units`, saved as a PNG at `path`."""
-    plt = _pyplot()
+    plt = pyplot("--map")
     fig, ax = plt.subplots(figsize=(7.0, 7.0 * qmap.height / qmap.width + 0.6), dpi=100)
     ax.imshow(image)
     values = qmap.pixels()
@@ -67,14 +67,3 @@ def render(qmap: QualityMap, image: np.ndarray, path: Path, title: str, units: s
     bar.solids.set_alpha(1)  # the bar in full colour: the overlay's transparency is not a score
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--map needs matplotlib: pip install 'iqa-dist[plot]'") from None
-    return plt
