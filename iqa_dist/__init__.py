@@ -2,10 +2,11 @@
 
 The package reads as the pipeline: sources/ (dataset files) -> data/ (decode, cache, store,
 splits, plan, device augmentation, test-time patches) -> models/ (HyperIQA) -> training/ (the
-step, the loop, selection) -> scoring/ (predictions, metrics, evaluate, predict) -> experiments/
-(sweeps, comparisons, reports), with distributed/ (processes) and artifacts/ (the model card and
-run directory that training writes and scoring reads) beside them, bench/ (measurement) and
-commands/ + cli.py (the CLI) on top, config/ underneath. "Phase one", named in comments, is the
+step, the loop, selection) -> scoring/ (predictions, metrics, evaluate, predict, quality maps) ->
+serving/ (`iqa-dist serve`: the HTTP API and its page) and experiments/ (sweeps, comparisons,
+reports), with distributed/ (processes) and artifacts/ (the model card and run directory that
+training writes and scoring reads) beside them, bench/ (measurement) and commands/ + cli.py (the
+CLI) on top, config/ underneath. "Phase one", named in comments, is the
 study this project continues: the README's "Reproducing the papers" defines it and gives its
 table. Importing the package is cheap: torch loads on first use.
 """

@@ -1,5 +1,5 @@
-"""`iqa-dist` (also `python -m iqa_dist`): prepare, train, evaluate, predict, report, bench, demo,
-sweep, weights, import, export, launch. Each subcommand lives in `iqa_dist/commands/`; this file parses and dispatches,
+"""`iqa-dist` (also `python -m iqa_dist`): prepare, train, evaluate, predict, serve, report, bench,
+demo, sweep, weights, import, export, launch. Each subcommand lives in `iqa_dist/commands/`; this file parses and dispatches,
 and turns every UserError into one line on stderr and its exit status (never a traceback).
 """
 
@@ -13,14 +13,14 @@ from typing import Sequence
 from rich.markup import escape
 
 from . import __version__
-from .commands import (bench, demo, evaluate, export, import_weights, launch, predict, prepare, report, sweep, train,
-                       weights)
+from .commands import (bench, demo, evaluate, export, import_weights, launch, predict, prepare, report, serve, sweep,
+                       train, weights)
 from .commands.options import Help, dict_overrides, reject_unknown
 from .errors import UserError
 from .output import console
 
 # name -> (one-line help, the command's module)
-COMMANDS = {m.NAME: (m.HELP, m) for m in (prepare, train, evaluate, predict, report, bench, sweep, demo, weights,
+COMMANDS = {m.NAME: (m.HELP, m) for m in (prepare, train, evaluate, predict, serve, report, bench, sweep, demo, weights,
                                            import_weights, export, launch)}
 
 

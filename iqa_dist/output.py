@@ -1,4 +1,4 @@
-"""How everything is shown: consoles, the one number format, tables (rich or markdown).
+"""How everything is shown: consoles, the one number format, tables (rich or markdown), plots.
 
 In a terminal: rich's tables at the terminal's width. In files and pipes (cluster logs): one
 message per line at any length (no hard wrap at 80 columns, no titles folded inside a table's
@@ -151,3 +151,18 @@ def show_rows(out: Console, title: str, header: list[str], rows: list[list[str]]
     print_table(out, title, table)
     if dropped:
         out.print(f"(left out to fit {width} columns: {', '.join(dropped)}; {hint})", highlight=False, markup=False)
+
+
+def pyplot(option: str):
+    """matplotlib's pyplot on the file-only Agg backend, imported when a plot is asked for (an
+    optional extra); without it, one line naming the `option` that needs it."""
+    from .errors import UserError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError(f"{option} needs matplotlib: pip install 'iqa-dist[plot]'") from None
+    return plt

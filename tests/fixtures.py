@@ -152,3 +152,16 @@ def qalign_split(path: Path, root_rows: list[tuple[str, float]], n_train: int) -
     train.write_text(json.dumps(entries[:n_train]))
     test.write_text(json.dumps(entries[n_train:]))
     return train, test
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels and holds none: what a decompression bomb shows
+    a decoder before it decodes (a real bomb is a few KB of zeros that inflate to gigabytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")

@@ -1,7 +1,7 @@
 """`iqa-dist bench`: throughput figures measured side by side in one run, with the machine.
 
 Each bench of BENCHES adds its part of the report (`augment`, `data`, `train` with its
-`projection`, `scaling`, `kernels`, `predict`, `eval`); `all` runs ALL. The report is written as
+`projection`, `scaling`, `kernels`, `predict`, `eval`, `serve`); `all` runs ALL. The report is written as
 JSON with the machine and the settings, and `show.py` prints it. Every measured figure is a
 `timing.Rate`; a non-positive or non-finite one fails the command rather than be reported.
 """
@@ -24,6 +24,7 @@ from .pipeline import bench_augment, bench_data
 from .profile import bench_profile
 from .scaling import INTER_GBPS, INTRA_GBPS, bench_scaling
 from .scoring import bench_eval, bench_predict
+from .serving import bench_serve
 from .timing import machine, rates, spreads
 from .training import bench_train, projection
 
@@ -45,6 +46,9 @@ class BenchSettings:
     intra_gbps: float = INTRA_GBPS  # scaling: all-reduce bus bandwidth per GPU within a node
     inter_gbps: float = INTER_GBPS  # ... and across nodes
     check_steps: int = 50  # graph: graphed steps compared with the same steps eager
+    clients: list[int] = field(default_factory=lambda: [1, 16])  # serve: concurrent clients, a figure each
+    max_batch: int = 16  # serve: the server's --max-batch
+    max_wait_ms: float = 10.0  # serve: the server's --max-wait-ms
 
     @property
     def compiles(self) -> list[bool]:
@@ -108,9 +112,14 @@ def _profile(cfg: Config, s: BenchSettings, console) -> dict:
                                      s.work, console)}
 
 
+def _serve(cfg: Config, s: BenchSettings, console) -> dict:
+    return {"serve": bench_serve(cfg, s.images, s.clients, s.max_batch, s.max_wait_ms, s.device, s.work, console,
+                                 max(1, s.steps // 2))}
+
+
 # what `iqa-dist bench WHAT` measures, in the order `all` runs its share of them
 BENCHES = {"augment": _augment, "data": _data, "train": _train, "eval": _eval, "scaling": _scaling,
-           "kernels": _kernels, "predict": _predict, "graph": _graph, "profile": _profile}
+           "kernels": _kernels, "predict": _predict, "graph": _graph, "profile": _profile, "serve": _serve}
 ALL = ("augment", "data", "train", "eval")
 
 

@@ -76,6 +76,8 @@ def show(report: dict) -> None:
         show_scaling(out, report["scaling"], where)
     if "predict" in report:
         show_predict(out, report["predict"], where)
+    if "serve" in report:
+        show_serve(out, report["serve"], where)
     for k in report.get("kernels", []):
         show_kernels(out, k, where)
     if "graph" in report:
@@ -110,6 +112,21 @@ def show_predict(out, p: dict, where: str) -> None:
     out.print(f"decode + resize alone: {fr(p['decode_main_thread'])} images/s in the main thread, "
               f"{fr(p['decode_workers'])} in {p['workers']} worker(s). Where the device is the CPU itself, the model "
               "already uses every core: decoding beside it can only take its turn on them.", highlight=False)
+
+
+def show_serve(out, s: dict, where: str) -> None:
+    t = Table()
+    for c in ("clients", "serve images/s", "x predict (paired blocks)", "p50 ms", "p99 ms", "requests timed"):
+        t.add_column(c, justify="right")
+    for r in s["rows"]:
+        paired = " ".join(f"{v:.2f}" for v in r["vs_predict_blocks"])
+        t.add_row(str(r["clients"]), fr(r["images_per_s"]), f"{fmt(r['vs_predict'])} ({paired})", fmt(r["p50_ms"]),
+                  fmt(r["p99_ms"]), str(r["requests"]))
+    print_table(out, f"serve (one request an image, batches of up to {s['max_batch']}, {s['max_wait_ms']:g} ms wait) "
+                     f"against predict ({fr(s['predict'])} images/s, {s['predict_workers']} decoding worker(s)), "
+                     f"{s['blocks']} blocks of each interleaved, on the "
+                     f"same {s['images']} KonIQ-size JPEGs -> 512x384, {s['patches']} {s['protocol']} patches of "
+                     f"{s['img_size']} px, {s['backbone']} model - {where}", t)
 
 
 def show_scaling(out, sc: dict, where: str) -> None:

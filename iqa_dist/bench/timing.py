@@ -28,7 +28,7 @@ def machine() -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda if gpu else None, "python": platform.python_version()}
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -52,15 +52,20 @@ def measure(fn, n_items: int, repeats: int, device: torch.device, warmup: int = 
     blocks = [repeats // BLOCKS + (b < repeats % BLOCKS) for b in range(min(BLOCKS, repeats))]
     rates = []
     for calls in blocks:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
-        _sync(device)
+        sync(device)
         rates.append(n_items * calls / (time.perf_counter() - t0))
-    median = statistics.median(rates)
+    return rate_of(rates)
+
+
+def rate_of(blocks: list[float]) -> Rate:
+    """The Rate of timed blocks' rates: their median, and their spread."""
+    median = statistics.median(blocks)
     rate = Rate(median)
-    rate.spread = (max(rates) - min(rates)) / median if median > 0 else math.nan
+    rate.spread = (max(blocks) - min(blocks)) / median if median > 0 else math.nan
     return rate
 
 

@@ -9,8 +9,8 @@ from .options import add_config_arguments, add_preset, config_from, positive
 
 NAME = "bench"
 # bench.run.BENCHES (imported only when a bench runs: it loads torch), then the two that are not benches
-WHAT = ("augment", "data", "train", "eval", "scaling", "kernels", "predict", "graph", "profile", "summary",
-        "all")
+WHAT = ("augment", "data", "train", "eval", "scaling", "kernels", "predict", "graph", "profile", "serve",
+        "summary", "all")
 USAGE = "iqa-dist bench WHAT [options] [--SECTION.FIELD=VALUE ...]"
 HELP = "measure the data pipeline, training and evaluation throughput"
 DESCRIPTION = """\
@@ -28,6 +28,7 @@ examples:
   iqa-dist bench graph --batch 12,24,48,96,192   # train.cuda_graph vs eager, and 50 steps' equality
   iqa-dist bench profile --batch 96 --steps 5 --compile   # per part host and device ms, device idle, eager vs compiled
   iqa-dist bench predict --images 48 --workers 2   # predict before/after decoding in workers; torch vs onnxruntime
+  iqa-dist bench serve --images 48 --clients 1,16   # serve's images/s, p50/p99 latency vs predict's images/s
   iqa-dist bench summary --work-dir runs/gpu-bench   # gpu_bench.sh's figures as one JSON and a markdown table"""
 
 
@@ -52,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="scaling: all-reduce bus bandwidth per GPU across nodes, GB/s [45: a 400 Gb/s NIC per GPU]")
     p.add_argument("--check-steps", type=int, default=50, help="graph: graphed steps compared with the same steps "
                    "run eagerly [50]")
+    p.add_argument("--clients", default="1,16", help="serve: concurrent clients, comma list, a figure each [1,16]")
+    p.add_argument("--max-batch", type=int, default=16, help="serve: the server's --max-batch [16]")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="serve: the server's --max-wait-ms [10]")
     p.add_argument("--output", default="", help="JSON file [default runs/bench-WHAT-TIME.json]")
     p.add_argument("--work-dir", default="", help="where source JPEGs and caches go [a temporary folder]")
     add_preset(p, "koniq-swin-t")
@@ -82,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
         unknown = [x for x in given.split(",") if x not in known] if given else []
         if unknown:
             raise UserError(f"{option}: {unknown[0]!r} is not one of {', '.join(known)}")
+    clients = [c.strip() for c in str(args.clients).split(",")]
+    if not all(c.isdigit() and int(c) > 0 for c in clients):
+        raise UserError(f"--clients {args.clients}: expected positive whole numbers, comma-separated (e.g. 1,16)")
+    positive("--max-batch", args.max_batch)
+    if args.max_wait_ms < 0:
+        raise UserError(f"--max-wait-ms {args.max_wait_ms:g}: must be 0 or more")
     positive("--steps", args.steps)
     positive("--check-steps", args.check_steps)
     positive("--images", args.images)
@@ -104,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps, images=args.images, workers=args.workers, compile=args.compile,
         backbones=args.backbones.split(",") if args.backbones else [],
         precisions=args.precisions.split(",") if args.precisions else [],
-        check_steps=args.check_steps, global_batch=args.global_batch, intra_gbps=args.intra_gbps, inter_gbps=args.inter_gbps)
+        check_steps=args.check_steps, global_batch=args.global_batch, intra_gbps=args.intra_gbps, inter_gbps=args.inter_gbps,
+        clients=[int(c) for c in clients], max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
     report = run_bench(args.what, config_from(args), settings, Path(args.output) if args.output else None)
     show(report)
     warn_noisy(report, console(stderr=True))

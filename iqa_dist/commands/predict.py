@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -47,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crops", type=int, default=None,
                    help="patches per image, laid out by the model's test protocol [default: the model's count]")
     p.add_argument("--flip", action="store_true", help="also score the mirrored patches (test-time augmentation)")
+    p.add_argument("--map", default="", metavar="DIR",
+                   help="also draw each image's quality map into DIR (NAME.png): its patch scores on a regular grid "
+                        "of --crops patches [48 for the map], overlapping patches averaged per pixel, as a heat map "
+                        "over the image with a colour bar in score units")
     p.add_argument("--format", choices=["table", "csv", "jsonl"], default="table",
                    help="table: printed at the end; csv (path,score,error) or jsonl ({path, score, error}): rows streamed "
                         "as images are scored [table]")
@@ -105,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         err.print(f"--resume: {len(done)} image(s) already in {args.output}; {len(todo)} to score", highlight=False)
     rows = score_files(scorer, [path for _, path in mine], [p for p, _ in mine], crops=args.crops, flip=args.flip,
                        batch_images=args.batch_images, workers=workers, decoder=args.decode)
+    if args.map:
+        rows = _with_maps(rows, scorer, paths, Path(args.map), args.crops, args.flip, err)
     results = out.write(((paths[p], score, why) for p, score, why, _ in _progress(rows, len(mine), world, err)))
     acc.wait_for_everyone()
     if not main:
@@ -124,6 +131,7 @@ def _check(args: argparse.Namespace) -> None:
     if args.workers is not None and args.workers < 0:
         raise UserError(f"--workers {args.workers}: must be 0 (decode in the scoring process) or more")
     writable("--output", args.output)
+    writable("--map", args.map, folder=True)
     if not args.paths and not args.list:
         raise UserError("nothing to score: give image paths, folders or globs, or --list FILE")
     if args.resume and not args.output:
@@ -155,6 +163,30 @@ def _report(args: argparse.Namespace, final: dict, scored: int, unseen: list[str
     if failed:
         err.print(f"{len(failed)} file(s) could not be scored; {scored} scored", highlight=False)
     return 1 if failed else 0
+
+
+def _with_maps(rows, scorer, paths: list[str], folder: Path, crops: int | None, flip: bool, err):
+    """The rows, passed through; each scored image's quality map drawn into `folder` on the way
+    (decoded again: maps are for looking at, a few images at a time). Files of the same name in
+    different folders get their list position in the name, on every process alike."""
+    from ..scoring.maps import DEFAULT_CROPS, render
+
+    n = crops or DEFAULT_CROPS
+    stems = [Path(path).stem for path in paths]
+    twice = {s for s, k in Counter(stems).items() if k > 1}
+    for row in rows:
+        p, score, _, _ = row
+        if score is not None:
+            name = f"{stems[p]}-{p}.png" if stems[p] in twice else f"{stems[p]}.png"
+            try:
+                image = scorer.prepare(paths[p])
+            except UserError as e:  # it decoded a moment ago: changed since
+                err.print(f"[yellow]no map[/] for {paths[p]}: {e}", highlight=False)
+            else:
+                [qmap] = scorer.map_arrays([image], n, flip)
+                render(qmap, image, folder / name, f"{Path(paths[p]).name}: {score:.2f}; map of {n} grid patches, "
+                       f"mean {qmap.score:.2f}", scorer.units)
+        yield row
 
 
 def _progress(rows, total: int, world: int, err):

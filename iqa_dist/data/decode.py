@@ -7,15 +7,16 @@ in a fraction of a second (they never import torch).
 from __future__ import annotations
 
 import warnings
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
-def decode(path: str, resize: str, min_side: int, exif: bool = True) -> tuple[bytes, int, int, str]:
-    """File -> (uint8 HWC bytes, height, width, problem). Any mode becomes 8-bit RGB; with `exif`,
-    a photo's EXIF orientation tag is applied (a phone's portrait photo stored sideways comes out
-    upright, as a viewer shows it)."""
+def decode(path: str | IO[bytes], resize: str, min_side: int, exif: bool = True) -> tuple[bytes, int, int, str]:
+    """File (a path, or an open binary file: an upload) -> (uint8 HWC bytes, height, width,
+    problem). Any mode becomes 8-bit RGB; with `exif`, a photo's EXIF orientation tag is applied (a
+    phone's portrait photo stored sideways comes out upright, as a viewer shows it)."""
     try:
         with warnings.catch_warnings():
             # a dataset's own large photo (PIL warns above 89 Mpx, printing a raw warning per file) is

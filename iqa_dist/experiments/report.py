@@ -15,7 +15,7 @@ from pathlib import Path
 from ..artifacts.rundir import RunDir
 from ..config import ENVIRONMENT, flatten
 from ..errors import UserError
-from ..output import fmt, fmt_epoch, markdown_table
+from ..output import fmt, fmt_epoch, markdown_table, pyplot
 from .compare import shared
 
 # Phase one on KonIQ-10k (Q-Align split, selection on test); the README's "Reproducing the papers".
@@ -101,7 +101,7 @@ def markdown(header: list[str], body: list[list[str]], reference: bool = True) -
 
 
 def plot(runs: list[dict], folder: Path) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot("--plot")
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for key, label, name in [("train_loss", "training loss (L1)", "train_loss.png"),
@@ -126,7 +126,7 @@ def plot_group(table: dict, folder: Path) -> list[Path]:
     """A sweep group's picture: per config, every repeat's test SRCC (points over a box) with the
     baseline's median as a line; and the paired differences with the baseline, their median and
     95% interval."""
-    plt = _pyplot()
+    plt = pyplot("--plot")
     folder.mkdir(parents=True, exist_ok=True)
     configs = list(table["configs"])
     members = [m for m in table["members"] if m.get("finished") and m.get("test_srcc") is not None]
@@ -168,14 +168,3 @@ def plot_group(table: dict, folder: Path) -> list[Path]:
         fig.savefig(written[-1])
         plt.close(fig)
     return written
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'iqa-dist[plot]'") from None
-    return plt

@@ -25,7 +25,8 @@ from ..data.decode import decode, fit, to_rgb, upright
 from ..data.store import EvalSet, ImageStore
 from ..errors import UserError, first_line
 from ..models.hyperiqa import HyperIQA, build_model
-from .predictions import predict_images
+from .maps import DEFAULT_CROPS, QualityMap
+from .predictions import patch_predictions, predict_images
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
@@ -41,6 +42,7 @@ class Scorer:
         self.size = card.size
         self.augmenter = Augmenter.evaluation(card.size, card.mean, card.std).to(device)  # crop + normalise
         self.scale = card.scale(scale)  # which dataset's scale scores are on (a joint model needs a choice)
+        self.scale_name = scale or card.dataset  # that dataset's name, or "normalized"
         # new images are prepared as that dataset's were: its resize, its EXIF orientation choice
         self.resize, self.exif = card.image_policy(scale, resize_as)
 
@@ -79,10 +81,42 @@ class Scorer:
         """Scores (on the training dataset's scale) of image files, PIL images (any mode) or uint8
         arrays and tensors (HxW, or 1, 3 or 4 channels, HWC or CHW: `pixels_image`); one image, a
         list, or a 4-D batch."""
-        if isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor)) and not (
-                isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4):
-            images = [images]
-        return self.score_arrays([self.prepare(im) for im in images], crops, flip)
+        return self.score_arrays([self.prepare(im) for im in each(images)], crops, flip)
+
+    def quality_maps(self, images, crops: int = DEFAULT_CROPS, flip: bool = False) -> list[QualityMap]:
+        """Each image's patch scores on a regular grid of `crops` patches (scoring/maps.py), whatever
+        the card's protocol: a map's mean patch score is the image's score under the grid
+        protocol. Images in any form `score` takes."""
+        return self.map_arrays([self.prepare(im) for im in each(images)], crops, flip)
+
+    def map_arrays(self, arrays: Sequence[np.ndarray], crops: int = DEFAULT_CROPS, flip: bool = False,
+                   batch_patches: int = 256) -> list[QualityMap]:
+        """Quality maps of prepared HWC uint8 images (`prepare`)."""
+        images = EvalSet.of(ImageStore.of_images(list(arrays)), "grid", crops, self.size)
+        store = images.store.to(self.device)
+        preds = [p.cpu() for p in patch_predictions(self.model, replace(images, store=store), self.augmenter,
+                                                    batch_patches, self.device, flip=flip)]
+        raw = torch.cat(preds) if preds else torch.zeros(0, crops)  # (N, crops) model outputs
+        patch_scores = self.scale.to_score(raw.double().numpy())
+        scores = self.scale.to_score(raw.mean(1).double().numpy())  # as predict_images averages: the score itself
+        return [QualityMap(score=float(scores[i]), origins=images.origins[i].numpy(), scores=patch_scores[i],
+                           patch=self.size, height=a.shape[0], width=a.shape[1]) for i, a in enumerate(arrays)]
+
+    @property
+    def units(self) -> str:
+        """What a score is, for labels: 'score, koniq10k scale (1-100)'."""
+        trained = self.card.datasets.get(self.scale_name)
+        span = f" ({trained.score_range[0]:g}-{trained.score_range[1]:g})" if trained else ""
+        return f"score, {self.scale_name} scale{span}"
+
+
+def each(images) -> list:
+    """One image (a file, a PIL image, an array or tensor) as a list of one; a list, or a 4-D
+    batch, as it is."""
+    if isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor)) and not (
+            isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4):
+        return [images]
+    return images
 
 
 def pixels_image(image) -> Image.Image:
