@@ -23,6 +23,17 @@ TINY_SWIN = ["model.pretrained=none", f"model.backbone_kwargs={json.dumps(TINY_S
              f"model.img_size={TINY_SIZE}", "model.hyper_hidden=[64, 32]"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def autograd_before_any_compile() -> None:
+    """An eager backward before anything else: torch's autograd engine sets up its device threads at
+    a process's first backward, and when that one is torch.compile'd it also registers a fork
+    handler after which every forked child refuses autograd ("Autograd and Fork"); `launch_here`
+    forks training workers from this process, whichever test compiled first."""
+    import torch
+
+    torch.ones(1, requires_grad=True).sum().backward()
+
+
 REGULARISERS = ["model.dropout=0.3", "model.drop_path=0.2", "augment.brightness=0.1", "augment.contrast=0.1",
                 "augment.saturation=0.1", "augment.hue=0.05"]
 
@@ -77,6 +88,35 @@ def here(*args: str) -> subprocess.CompletedProcess:
 def train_here(overrides: list[str], resume: str = "") -> subprocess.CompletedProcess:
     """`run_train` for one process, in this process."""
     return here(*train_cmd(overrides, resume=resume)[3:])
+
+
+def fork_here(*args: str, out: Path):
+    """`iqa-dist ARGS` in a child forked from this process, started (`.join()`, `.exitcode`, `.pid`):
+    for a command that must be a process of its own (to be killed, or to run beside another) but
+    need not pay a fresh interpreter's imports. One thread (OpenMP's pool does not survive a
+    fork); stdout and stderr in out.stdout and out.stderr."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=_forked_cli, args=(list(args), str(out)))
+    child.start()
+    return child
+
+
+def _forked_cli(args: list[str], out: str) -> None:
+    import torch
+
+    from iqa_dist.cli import main
+    from iqa_dist.distributed.accelerators import reset_accelerate_state
+
+    torch.set_num_threads(1)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # the CLI's own, not pytest's
+        signal.signal(sig, signal.SIG_DFL)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        f = open(f"{out}.{name}", "w", buffering=1)
+        os.dup2(f.fileno(), fd)
+        setattr(sys, name, f)
+    reset_accelerate_state()
+    main(args)
 
 
 def launch_function(function, *args, nproc: int = 2, timeout: float = 300) -> int:

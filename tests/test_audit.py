@@ -120,14 +120,74 @@ def test_the_audit_would_fail_the_augmentation_as_it_landed_before():
 # ---------------------------------------------------------------- the real step, evaluation, the EMA
 
 
-@pytest.mark.parametrize("compiled,distilled", [(False, False), (True, False), (False, True), (True, True)],
-                         ids=["eager", "compiled", "distilled", "distilled-compiled"])
+def test_compile_holds_for_training_and_evaluation(monkeypatch, tmp_path):
+    # (first of the compiled tests: it compiles afresh; the others reuse what dynamo keeps)
+    """One compile path for `train` and bench (`compile_step`): the model and the training
+    augmentation; no graph break; after the first training step and the first evaluation,
+    further steps and evaluations compile nothing (no recompile); the compiled steps train the
+    eager ones' weights (aot_eager: the graph capture and autograd inductor builds on); every
+    torch.compile call happens with the inductor cache where the README says (beside the data
+    cache)."""
+    from torch._dynamo.utils import counters
+
+    # what importing timm (torch's compiler) leaves in the environment: torch's default, not the user's choice
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torchinductor_someone"))
+    seen = []
+    real = torch.compile
+
+    def recording(*args, **kwargs):
+        seen.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    torch._dynamo.reset()
+    cfg = tiny_recipe("train.compile=true", "train.compile_backend=aot_eager", f"data.cache_dir={tmp_path}")
+    r = StepRig.build(cfg, store(), "fp32", 8, CPU)
+    evaluator = compile_model(r.trainer.bare, cfg, Console(quiet=True), "evaluation")
+    images = EvalSet(store(5), torch.from_numpy(np.random.default_rng(1).integers(0, 18, (5, 3, 2))))
+    counters.clear()
+
+    def evaluate():
+        predict_images(evaluator, images, r.batches.augmenter, batch_patches=6, device=CPU, fixed_shapes=True)
+
+    r.end_to_end()
+    evaluate()
+    first = dict(counters["stats"])
+    for _ in range(2):
+        r.end_to_end()
+        r.end_to_end()
+        evaluate()
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == first["unique_graphs"]  # nothing compiled after the first ones
+    audit = StepAudit(r.device_tensors())  # and the compiled step never waits for the device
+    with audit:
+        for _ in range(2):
+            r.end_to_end()
+    report = audit.report(2)
+    assert [str(f) for f in report.syncs] == []
+    per = report.per_step()
+    assert per["uploads"] == 1 and per["downloads"] == 1 and per["host_ops"] == 0
+    assert r.batches.augmenter._compiled is not None and len(seen) == 3  # augmentation, training model, evaluation model
+    assert set(seen) == {str(tmp_path / "inductor")}
+    eager = StepRig.build(tiny_recipe(f"data.cache_dir={tmp_path}"), store(), "fp32", 8, CPU)
+    for _ in range(7):
+        eager.end_to_end()
+    for rig in (r, eager):
+        rig.trainer.settle()
+    for (name, a), b in zip(r.trainer.bare.state_dict().items(), eager.trainer.bare.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("compiled,distilled", [(False, False), (False, True), (True, True)],
+                         ids=["eager", "distilled", "distilled-compiled"])
 def test_the_training_step_never_waits_for_the_device(compiled, distilled):
     """`Batches.get` + `Trainer.step` of the koniq-swin-t recipe (jitter, dropout, drop path, EMA,
     clipping, the guard), and with self-distillation (the EMA teacher's forward, its update inside
     the step): no sync, one upload (the packed batch numbers) and one download (the guard's flag,
     non-blocking) per step, no host work outside the host part. Compiled with aot_eager:
-    inductor's graph capture and autograd, without its C++ build on 2 cores."""
+    inductor's graph capture and autograd, without its C++ build on 2 cores. (The compiled step
+    without distillation is audited by test_compile_holds_for_training_and_evaluation, which
+    compiles it anyway.)"""
     cfg = tiny_recipe(*(["train.compile=true", "train.compile_backend=aot_eager"] if compiled else []),
                       *(["optim.distill_weight=0.5"] if distilled else []))
     r = StepRig.build(cfg, store(), "fp32", 8, CPU)
@@ -191,11 +251,11 @@ def test_the_ema_is_updated_in_the_step_and_held_by_the_guards_flag():
 
 
 def test_the_kernel_budget_of_the_koniq_swin_t_step():
-    """Swin-T HyperIQA at 224 px (the counts do not depend on the batch: batch 2 counts what 96
+    """Swin-T HyperIQA at 224 px (the counts do not depend on the batch from 2 on: batch 2 counts what 96
     launches): the step adds almost nothing to the model, and the augmentation, guard and EMA
     stay in their budgets."""
     cfg = load_config("koniq-swin-t", ["model.pretrained=none"])
-    out = step_budget(cfg, store(4, 240, 320), batch=2, device=CPU)
+    out = step_budget(cfg, store(4, 240, 320), batch=2, device=CPU, traced=2)
     assert out["checks"] == {**{k: True for k in TARGETS}, "no_syncs": True}, out["checks"]
     assert out["A"]["parts"]["guard"] == 4 and out["A"]["parts"]["ema"] == 5 and out["A"]["parts"]["noise"] == 22
     assert out["A"]["uploads"] == 1 and out["B"]["uploads"] == 0
@@ -292,55 +352,6 @@ def test_capture_readiness_names_what_a_graph_would_freeze():
 
 
 # ---------------------------------------------------------------- compile that holds
-
-
-def test_compile_holds_for_training_and_evaluation(monkeypatch, tmp_path):
-    """One compile path for `train` and bench (`compile_step`): the model and the training
-    augmentation; no graph break; after the first training step and the first evaluation,
-    further steps and evaluations compile nothing (no recompile); the compiled steps train the
-    eager ones' weights (aot_eager: the graph capture and autograd inductor builds on); every
-    torch.compile call happens with the inductor cache where the README says (beside the data
-    cache)."""
-    from torch._dynamo.utils import counters
-
-    # what importing timm (torch's compiler) leaves in the environment: torch's default, not the user's choice
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torchinductor_someone"))
-    seen = []
-    real = torch.compile
-
-    def recording(*args, **kwargs):
-        seen.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "compile", recording)
-    torch._dynamo.reset()
-    cfg = tiny_recipe("train.compile=true", "train.compile_backend=aot_eager", f"data.cache_dir={tmp_path}")
-    r = StepRig.build(cfg, store(), "fp32", 8, CPU)
-    evaluator = compile_model(r.trainer.bare, cfg, Console(quiet=True), "evaluation")
-    images = EvalSet(store(5), torch.from_numpy(np.random.default_rng(1).integers(0, 18, (5, 3, 2))))
-    counters.clear()
-
-    def evaluate():
-        predict_images(evaluator, images, r.batches.augmenter, batch_patches=6, device=CPU, fixed_shapes=True)
-
-    r.end_to_end()
-    evaluate()
-    first = dict(counters["stats"])
-    for _ in range(2):
-        r.end_to_end()
-        r.end_to_end()
-        evaluate()
-    assert dict(counters["graph_break"]) == {}
-    assert counters["stats"]["unique_graphs"] == first["unique_graphs"]  # nothing compiled after the first ones
-    assert r.batches.augmenter._compiled is not None and len(seen) == 3  # augmentation, training model, evaluation model
-    assert set(seen) == {str(tmp_path / "inductor")}
-    eager = StepRig.build(tiny_recipe(f"data.cache_dir={tmp_path}"), store(), "fp32", 8, CPU)
-    for _ in range(5):
-        eager.end_to_end()
-    for rig in (r, eager):
-        rig.trainer.settle()
-    for (name, a), b in zip(r.trainer.bare.state_dict().items(), eager.trainer.bare.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_bench_compiles_what_train_compiles(tiny_overrides, tmp_path):

@@ -19,7 +19,7 @@ from iqa_dist.config import load_config
 from iqa_dist.data.cache import prepare
 
 from . import fixtures
-from .conftest import here
+from .conftest import fork_here, here
 
 TINY = ["model.img_size=112", "data.test_patch_num=3", "data.workers=2"]
 
@@ -175,36 +175,37 @@ def test_build_failure_leaves_no_complete_cache(tmp_path, monkeypatch):
     assert prepare(koniq_cfg(tmp_path / "k", tmp_path / "c")).image_meta["count"] == 4
 
 
-def _prepare_cmd(root: Path, cache: Path) -> list[str]:
-    return [sys.executable, "-m", "iqa_dist", "prepare", "--dataset", "koniq10k", "--root", str(root),
-            "--cache-dir", str(cache), "--data.workers=1", "--data.resize=1024x768", "--data.split=random"]
+def _prepare_args(root: Path, cache: Path) -> list[str]:
+    return ["prepare", "--dataset", "koniq10k", "--root", str(root), "--cache-dir", str(cache), "--data.workers=1",
+            "--data.resize=1024x768", "--data.split=random"]
 
 
 def test_killed_prepare_is_never_accepted(tmp_path):
     fixtures.koniq(tmp_path / "k", n=30, size=(1024, 768), sets=False)
-    proc = subprocess.Popen(_prepare_cmd(tmp_path / "k", tmp_path / "c"), stderr=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL)
+    proc = fork_here(*_prepare_args(tmp_path / "k", tmp_path / "c"), out=tmp_path / "killed")
+
     def writing() -> bool:  # decoded rows are reaching the Arrow file of the partial build
         return any(f.stat().st_size > 0 for f in (tmp_path / "c").glob(".*partial*/hf/**/*.arrow"))
 
     deadline = time.time() + 120
-    while time.time() < deadline and not writing() and proc.poll() is None:
+    while time.time() < deadline and not writing() and proc.is_alive():
         time.sleep(0.02)
-    assert proc.poll() is None and writing(), "prepare was not killed in the middle of writing the cache"
+    assert proc.is_alive() and writing(), "prepare was not killed in the middle of writing the cache"
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.join()
     assert not complete_caches(tmp_path / "c") and list((tmp_path / "c").glob(".*partial*"))
-    out = here(*_prepare_cmd(tmp_path / "k", tmp_path / "c")[3:])  # the rebuild needs no fresh interpreter
+    out = here(*_prepare_args(tmp_path / "k", tmp_path / "c"))
     assert out.returncode == 0 and "30 images cached" in " ".join(out.stderr.split())
     assert not list((tmp_path / "c").glob(".*partial*"))  # the killed build's leftovers are gone for good
 
 
 def test_two_processes_preparing_at_once_yield_one_cache(tmp_path):
     fixtures.koniq(tmp_path / "k", n=20, size=(512, 384), sets=False)
-    procs = [subprocess.Popen(_prepare_cmd(tmp_path / "k", tmp_path / "c"), stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    errs = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errs
+    procs = [fork_here(*_prepare_args(tmp_path / "k", tmp_path / "c"), out=tmp_path / f"p{i}") for i in range(2)]
+    for p in procs:
+        p.join(300)
+    errs = [(tmp_path / f"p{i}.stderr").read_text() for i in range(2)]
+    assert [p.exitcode for p in procs] == [0, 0], errs
     assert len(complete_caches(tmp_path / "c")) == 1
     assert sum("nothing to do" in " ".join(e.split()) and "image cache" in e for e in errs) == 1
 

@@ -60,12 +60,12 @@ def test_a_hung_rank_is_named_within_the_timeout_as_a_lost_process(tiny_override
 
     monkeypatch.setattr(trainer_module.Trainer, "step", hang_on_rank_1)
     t0 = time.monotonic()
-    out = launch_here("train", "--preset", "demo", *[f"--{o}" for o in [*tiny_overrides, *RUN, "train.timeout_s=10",
+    out = launch_here("train", "--preset", "demo", *[f"--{o}" for o in [*tiny_overrides, *RUN, "train.timeout_s=6",
                                                                           f"run.root={tmp_path}"]])
     assert out.returncode == 4, out.stdout[-3000:] + out.stderr[-3000:]
     [line] = [x for x in out.stderr.splitlines() if x.startswith("error:")]
     assert line == ("error: rank 1 of 2 stopped answering at step 5 (killed, stopped, or its node is gone; a "
-                    "collective waits at most train.timeout_s=10 s); the last checkpoint is step-00000003"), line
+                    "collective waits at most train.timeout_s=6 s); the last checkpoint is step-00000003"), line
     assert time.monotonic() - t0 < 60
     ended = json.loads((only_run(tmp_path) / "meta.json").read_text())["launches"][-1]["ended"]
     assert ended == "stopped: rank 1 of 2 stopped answering at step 5", ended

@@ -29,7 +29,7 @@ from iqa_dist.serving.app import ServeSettings, Served, create_app
 from iqa_dist.serving.server import address, listen
 
 from . import fixtures
-from .conftest import here
+from .conftest import TINY_SIZE, here
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -116,7 +116,7 @@ def test_score_answers_predicts_score_its_scale_and_the_map(server, single_run, 
         assert result["score"] == pytest.approx(expected[path.name], abs=ABS)
         qmap = result["grid"]
         with Image.open(path) as im:
-            assert (qmap["width"], qmap["height"], qmap["patch"]) == (*im.size, 112)
+            assert (qmap["width"], qmap["height"], qmap["patch"]) == (*im.size, TINY_SIZE)
         assert len(qmap["scores"]) == len(qmap["origins"]) == 6
         assert qmap["score"] == pytest.approx(on_grid, abs=ABS) and np.mean(qmap["scores"]) == pytest.approx(on_grid,
                                                                                                            abs=ABS)
@@ -223,7 +223,7 @@ def test_sixteen_clients_get_their_own_scores_while_bad_input_is_refused(server,
         detail = r.json()["detail"]
         assert reason in (detail if isinstance(detail, str) else json.dumps(detail)), (kind, detail)
     assert "cannot identify image file 'junk.jpg'" in bad["junk.jpg"].json()["detail"]  # named as uploaded
-    assert "smaller than the 112-px patch" in bad["small.png"].json()["detail"]
+    assert f"smaller than the {TINY_SIZE}-px patch" in bad["small.png"].json()["detail"]
     assert bad["no token"].headers["www-authenticate"].startswith("Basic")  # a browser asks for it
     again = httpx.post(f"{url}/score", files=upload(images[3]), headers=AUTH)
     assert again.status_code == 200 and again.json()["images"][0]["results"][0]["score"] == pytest.approx(

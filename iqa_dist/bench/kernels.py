@@ -125,17 +125,18 @@ def graphed_body(cfg: Config, store: ImageStore, batch: int, device: torch.devic
 
 
 def step_budget(cfg: Config, store: ImageStore, batch: int, device: torch.device, steps: int = 1,
-                precision: str = "fp32") -> dict:
-    """A, B and C of `cfg` (counted with its weight EMA on), their ratios and the targets' verdicts."""
+                precision: str = "fp32", traced: int = 3) -> dict:
+    """A, B and C of `cfg` (counted with its weight EMA on), their ratios and the targets' verdicts;
+    A's and G's capture readiness over `traced` steps (two show a per-step host number)."""
     compiled = cfg.train.compile and cfg.train.compile_backend == "inductor"
     # counted eager (inductor's kernels are opaque to the dispatcher), with an EMA to count
     cfg = replace(cfg, train=replace(cfg.train, ema_decay=cfg.train.ema_decay or 0.999, compile=False))
     rig = StepRig.build(cfg, store, precision, batch, device)
     generated = augmentation_kernels(rig) if compiled else None
     a = count(rig.end_to_end, rig.device_tensors, steps, warmup=2)
-    a["capture"] = capture_readiness(rig.end_to_end, rig.device_tensors)
+    a["capture"] = capture_readiness(rig.end_to_end, rig.device_tensors, traced)
     b = count(rig.model_only, rig.device_tensors, steps)
-    g = graphed_body(cfg, store, batch, device, precision)
+    g = graphed_body(cfg, store, batch, device, precision, traced)
     anchor = AnchorRig(cfg, precision, batch, device)
     c = count(anchor.step, anchor.device_tensors, steps)
     teacher = b["parts"].get("teacher", 0.0)  # self-distillation's teacher forward: its own figure, not the head's
