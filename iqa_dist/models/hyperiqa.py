@@ -32,18 +32,56 @@ from ..errors import UserError, first_line
 from .weights import ensure_hub_weights, missing_hub_weights
 
 
+def pooling_matrix(size_in: int, size_out: int) -> Tensor:
+    """(size_out, size_in): row i averages adaptive average pooling's window i, inputs
+    floor(i * in / out) to ceil((i + 1) * in / out), as torch's AdaptiveAvgPool2d does."""
+    m = torch.zeros(size_out, size_in)
+    for i in range(size_out):
+        start, end = (i * size_in) // size_out, -(-(i + 1) * size_in // size_out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+class AveragePool(nn.Module):
+    """Adaptive average pooling of a (B, C, H, W) map, of the size the model is built for, to
+    (B, C, out, out), as torch's AdaptiveAvgPool2d computes it, the cheapest way: nothing when the
+    sizes are equal (Swin-T's 7x7 last stage to the 7x7 hyper map), avg_pool2d when the size
+    divides (the same sums, bit for bit, in one kernel; at 224 px every pool of the presets), and
+    otherwise (the demo's 64-px patches: a 16x16 stage to 7x7, a 2x2 one up to 7x7) two small
+    matrix products with constant matrices made at set-up, the same windows and weights to ~1e-7:
+    torch's adaptive pooling backward on the CPU is slow on a channels-last view (Swin's stages)
+    and when it upsamples (16.5 -> 6.9 ms of the demo's 140-ms step). Another input size falls
+    back to torch's own."""
+
+    def __init__(self, size_in: int, size_out: int) -> None:
+        super().__init__()
+        self.size_in, self.size_out = size_in, size_out
+        odd = size_in % size_out != 0
+        self.register_buffer("matrix", pooling_matrix(size_in, size_out) if odd else None, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2:] != (self.size_in, self.size_in):
+            return F.adaptive_avg_pool2d(x, self.size_out)
+        if self.size_in == self.size_out:
+            return x
+        if self.matrix is None:
+            return F.avg_pool2d(x, self.size_in // self.size_out)
+        m = self.matrix.to(x.dtype)
+        return torch.einsum("ih,bchw,jw->bcij", m, x, m)
+
+
 class LocalDistortionAware(nn.Module):
     """One stage's feature map (B, C, H, W) -> (B, out) slice of the target-net input.
 
     Stages 1-3 (reduce > 0): 1x1 conv to `reduce` channels, average pool to pooled x pooled, FC.
     Stage 4 (reduce = 0): global average pool, FC. At 224 px the pools equal HyperIQA's
-    AvgPool2d(7) (56->8, 28->4, 14->2, 7->1); adaptive pooling keeps other input sizes working.
+    AvgPool2d(7) (56->8, 28->4, 14->2, 7->1); `size` is the stage map's side at the model's patch size.
     """
 
-    def __init__(self, channels: int, reduce: int, pooled: int, out: int) -> None:
+    def __init__(self, channels: int, reduce: int, pooled: int, out: int, size: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, reduce, 1, bias=False) if reduce else nn.Identity()
-        self.pool = nn.AdaptiveAvgPool2d(pooled)
+        self.pool = AveragePool(size, pooled)
         self.fc = nn.Linear((reduce or channels) * pooled * pooled, out)
 
     def forward(self, x: Tensor, nhwc: bool = False) -> Tensor:
@@ -190,10 +228,13 @@ class HyperIQA(nn.Module):
         self.mean = tuple(backbone.pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN))
         self.std = tuple(backbone.pretrained_cfg.get("std", IMAGENET_DEFAULT_STD))
         stage4_out = cfg.target_in - 3 * cfg.lda_out
+        sizes = [cfg.img_size // r for r in backbone.feature_info.reduction()]  # each stage map's side
         self.lda = nn.ModuleList(
-            [LocalDistortionAware(c, cfg.lda_out * 2**i, 8 >> i, cfg.lda_out) for i, c in enumerate(channels[:3])]
-            + [LocalDistortionAware(channels[3], 0, 1, stage4_out)]
+            [LocalDistortionAware(c, cfg.lda_out * 2**i, 8 >> i, cfg.lda_out, n)
+             for i, (c, n) in enumerate(zip(channels[:3], sizes))]
+            + [LocalDistortionAware(channels[3], 0, 1, stage4_out, sizes[3])]
         )
+        self.fuse_pools = nn.ModuleList(AveragePool(n, cfg.feature_size) for n in sizes)  # to the hyper map's grid
         self.attention = StageAttention(channels) if cfg.fusion == "attention" else None
         fused = channels[3] if cfg.fusion == "last" else sum(channels)
         self.hyper = HyperNetwork(fused, cfg)
@@ -233,10 +274,9 @@ class HyperIQA(nn.Module):
 
     def fuse(self, feats: list[Tensor]) -> Tensor:
         """Stage features -> hyper-network input (B, C_fused, f, f)."""
-        size = self.cfg.feature_size
         if self.cfg.fusion == "last":
-            return F.adaptive_avg_pool2d(feats[3], size).contiguous()
-        pooled = [F.adaptive_avg_pool2d(f, size) for f in feats]  # 56/28/14 -> 7 at 224 px
+            return self.fuse_pools[3](feats[3]).contiguous()
+        pooled = [pool(f) for pool, f in zip(self.fuse_pools, feats)]  # 56/28/14 -> 7 at 224 px
         if self.attention is not None:
             pooled = self.attention(pooled)
         # contiguous here, on the small 7x7 maps: the hyper network's conv weight gradients then
