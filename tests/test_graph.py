@@ -233,6 +233,52 @@ def test_the_graphed_loop_trains_stops_and_resumes_like_an_uninterrupted_run(tin
     assert (run / "summary.json").is_file()
 
 
+def test_a_run_begun_on_the_generator_stream_resumes_on_it_exactly(tiny_overrides, tmp_path, monkeypatch):
+    """A run begun before KeyedNoise became the one stream (drawing dropout and drop path from the
+    generator, its checkpoint's TrainState without noise_stream) resumes with the stream it began
+    with: stopped at its first step and resumed by today's code, it ends where an uninterrupted run
+    on that stream ends, to the bit; the keyed stream trains other numbers, so the check can tell."""
+    from iqa_dist.training import loop
+    from iqa_dist.training.batches import NoiseSource
+
+    from .conftest import RUN, metrics, only_run, train_here
+
+    overrides = [*tiny_overrides, *RUN, "model.dropout=0.3", "model.drop_path=0.2"]
+    build = loop.build
+
+    def begun_before(*args, **kwargs):  # what train did then: the generator's uniforms from the first step
+        r = build(*args, **kwargs)
+        r.batches.noise = NoiseSource(r.cfg.train.seed, r.trainer.bare.noise_width, r.batches.shares.batch_size,
+                                      r.acc.device)
+        r.trainer.state.noise_stream = "generator"
+        return r
+
+    keyed = train_here([*overrides, f"run.root={tmp_path / 'keyed'}"])
+    assert keyed.returncode == 0, keyed.stderr[-2000:]
+    with monkeypatch.context() as m:
+        m.setattr(loop, "build", begun_before)
+        ref = train_here([*overrides, f"run.root={tmp_path / 'ref'}"])
+        assert ref.returncode == 0, ref.stderr[-2000:]
+        stop = tmp_path / "stop"
+        stop.touch()
+        m.setenv("IQA_DIST_STOP_FILE", str(stop))
+        first = train_here([*overrides, f"run.root={tmp_path / 'cut'}"])
+        assert first.returncode != 0 and "preempted at step" in first.stdout + first.stderr
+    run = only_run(tmp_path / "cut")
+    [checkpoint] = (run / "checkpoints").iterdir()
+    state = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
+    del state["noise_stream"]  # as a checkpoint written before the field existed
+    torch.save(state, checkpoint / "custom_checkpoint_0.pkl")
+    again = train_here(overrides, resume=str(run))  # today's code, unpatched
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "dropout and drop path from the generator stream it began with" in again.stdout + again.stderr
+    a, b, k = metrics(only_run(tmp_path / "ref")), metrics(run), metrics(only_run(tmp_path / "keyed"))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [3, 6]
+    assert [r["train_loss"] for r in b] == [r["train_loss"] for r in a]
+    assert [r["val_srcc"] for r in b] == [r["val_srcc"] for r in a]
+    assert [r["train_loss"] for r in k] != [r["train_loss"] for r in a]  # the other stream: other numbers
+
+
 # ---------------------------------------------------------------- what it refuses
 
 
