@@ -174,8 +174,17 @@ def test_compile_holds_for_training_and_evaluation(monkeypatch, tmp_path):
         eager.end_to_end()
     for rig in (r, eager):
         rig.trainer.settle()
+    # AdamW moves a weight by about its lr per step whatever its gradient's size, so where a gradient
+    # is ~0 the last-bit differences of two op orders (compiled vs eager; CPU kernels' threads) can
+    # flip an update's sign: a few weights may differ by up to 2 x lr a step, the rest must agree
+    bound = 2 * 7 * cfg.optim.lr * max(1.0, cfg.optim.lr_ratio) + 1e-5  # the head's peak lr
     for (name, a), b in zip(r.trainer.bare.state_dict().items(), eager.trainer.bare.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+        if not a.is_floating_point():
+            assert torch.equal(a, b), name
+            continue
+        off = (a - b).abs() > 1e-4 * b.abs() + 1e-5
+        assert off.float().mean() < 1e-3 and (a - b).abs().max() <= bound, \
+            f"{name}: {int(off.sum())} of {a.numel()} differ, by up to {(a - b).abs().max():.3g} (bound {bound:.3g})"
 
 
 @pytest.mark.parametrize("compiled,distilled", [(False, False), (False, True), (True, True)],
