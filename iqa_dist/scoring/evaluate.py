@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 from accelerate import Accelerator
 from rich.console import Console
 
@@ -18,7 +19,7 @@ from ..data.augment import Augmenter
 from ..distributed.accelerators import scoring_accelerator
 from ..distributed.shards import shard
 from ..errors import UserError
-from .metrics import METRIC_KEYS
+from .metrics import METRIC_KEYS, correlation_metrics
 from .predictions import evaluate_split
 
 
@@ -64,47 +65,120 @@ def evaluate_model(path, dataset: str, split: str = "test", overrides: Sequence[
     Scores are reported on `scale` (a dataset the model trained on, or "normalized"); by default on
     the evaluated dataset's own when the model trained on it, else on the only training dataset's
     (a jointly trained model needs a choice). Runs under `accelerate launch` too: the images are spread over the processes.
+    `path` may be a list of models: an ensemble (`evaluate_ensemble`).
     Returns the report (metrics, settings, per-image predictions)."""
-    from ..data.cache import describe, prepare
-    from .predict import load_model
-
-    folder = model_dir(path)
-    card = ModelCard.read(folder)
-    scale = scale or (dataset if dataset in card.datasets else None)
-    to_score = card.scale(scale).to_score  # a jointly trained model without a choice fails here, before any work
-    acc = accelerator or scoring_accelerator()
-    console = console or Console(stderr=True, quiet=not acc.is_main_process)
-    cfg = evaluation_config(card, dataset, split, overrides, preset, run_cache_dir(folder, console))
-    view = prepare(cfg, console)
-    console.print(describe(view), highlight=False)
-    which = "test" if split == "all" else split
-    ids = view.ids(which)
-    same, related = overlap(folder, cfg.data.dataset, view.names(ids), view.groups(ids), view.file_hashes(ids))
-    if (same or related) and not allow_train_overlap:
-        raise UserError(
-            f"{folder}: {same} of the {len(ids)} {cfg.data.dataset} images to score are images this model trained on"
-            + (f", and {related} more show the same content as a training image" if related else "")
-            + f" (the evaluation split is data.split={cfg.data.split} seed {cfg.data.split_seed}). Scores on them "
-            "are not held-out results. Evaluate the run's own test split (the default: no --preset, no split "
-            "overrides), or pass --allow-train-overlap to score them anyway (recorded in the report).")
-    scorer = load_model(folder, acc.device, scale)
-    images = view.eval_set(which, card.protocol, card.test_patch_num, card.size,
-                           shard(len(ids), acc.num_processes, acc.process_index))
-    augmenter = Augmenter.evaluation(card.size, card.mean, card.std).to(acc.device)
-    batch = cfg.train.eval_batch_size or 256
-    result = evaluate_split(scorer.model, images, augmenter, batch, acc, to_score)
-    return {"model": str(folder), "dataset": cfg.data.dataset, "root": cfg.data.root, "split": split,
-            "data_split": cfg.data.split, "split_seed": cfg.data.split_seed, "protocol": card.protocol,
-            "patches": card.test_patch_num, "score_scale": view.image_meta["score_range"],
-            "trained_on": "+".join(card.datasets), "scale": scale or card.dataset,
-            "train_overlap": {"images": same, "same_content": related, "allowed": bool(allow_train_overlap),
-                              # imported weights (or a run started from them): images it trained on that no
-                              # file lists, so the counts above cannot be complete
-                              "checkable": not card.unknown_training,
-                              **({"unknown": card.unknown_training} if card.unknown_training else {})},
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if len(paths) > 1:
+        return evaluate_ensemble(paths, dataset, split, overrides, preset, allow_train_overlap, scale, accelerator,
+                                 console)
+    member, view, cfg, acc = _members(paths, dataset, split, overrides, preset, allow_train_overlap, scale, accelerator,
+                                      console)
+    [(folder, card, checked)] = member
+    result = _score(folder, card, view, split, scale, cfg, acc)
+    return {"model": str(folder), **_settings(cfg, split, card, view, scale), "train_overlap": checked,
             "metrics": {k: result[k] for k in METRIC_KEYS},
             "per_image": {"names": view.names(result["ids"]), "targets": result["targets"].tolist(),
                           "preds": result["preds"].tolist()}}
+
+
+def evaluate_ensemble(paths: Sequence, dataset: str, split: str = "test", overrides: Sequence[str] = (),
+                      preset: str | None = None, allow_train_overlap: bool = False, scale: str | None = None,
+                      accelerator: Accelerator | None = None, console: Console | None = None) -> dict:
+    """Several models as one: each image's prediction is the mean of the members' predictions on
+    one scale, every member scored with its own test protocol on the same images (the first
+    member's data settings decide which). The overlap check covers every member's training images:
+    members trained on other splits of the dataset (a `sweep splits` group) have trained on images
+    of this split, and are refused as any model is. The report holds each member's metrics and the
+    ensemble's."""
+    members, view, cfg, acc = _members(paths, dataset, split, overrides, preset, allow_train_overlap, scale,
+                                       accelerator, console)
+    results = [_score(folder, card, view, split, scale, cfg, acc) for folder, card, _ in members]
+    ids = results[0]["ids"]
+    if any(not np.array_equal(r["ids"], ids) for r in results):  # gathered sorted by id from one view
+        raise RuntimeError("ensemble members were scored on different images")  # a bug, never bad input
+    preds = np.mean([r["preds"] for r in results], axis=0)
+    targets = results[0]["targets"]
+    metrics = correlation_metrics(preds, targets)
+    first = members[0][1]
+    return {"model": "ensemble of " + ", ".join(str(f) for f, _, _ in members),
+            **_settings(cfg, split, first, view, scale),
+            "protocol": "+".join(sorted({c.protocol for _, c, _ in members})),
+            "patches": "+".join(str(n) for n in sorted({c.test_patch_num for _, c, _ in members})),
+            "members": [{"model": str(f), "protocol": c.protocol, "patches": c.test_patch_num,
+                         "train_overlap": checked, "metrics": {k: r[k] for k in METRIC_KEYS}}
+                        for (f, c, checked), r in zip(members, results)],
+            "train_overlap": {"images": sum(m[2]["images"] for m in members),
+                              "same_content": sum(m[2]["same_content"] for m in members),
+                              "allowed": bool(allow_train_overlap),
+                              "checkable": all(m[2]["checkable"] for m in members),
+                              **({"unknown": "; ".join(m[2]["unknown"] for m in members if "unknown" in m[2])}
+                                 if not all(m[2]["checkable"] for m in members) else {})},
+            "metrics": {k: metrics[k] for k in METRIC_KEYS},
+            "per_image": {"names": view.names(ids), "targets": targets.tolist(), "preds": preds.tolist(),
+                          "members": [r["preds"].tolist() for r in results]}}
+
+
+def _members(paths: Sequence, dataset: str, split: str, overrides: Sequence[str], preset: str | None,
+             allow_train_overlap: bool, scale: str | None, accelerator: Accelerator | None, console: Console | None):
+    """The models' (folder, card, overlap record) on the images to score, each refused when it
+    trained on them (unless allow_train_overlap); the view of those images (the first model's data
+    settings), the evaluation config, the accelerator."""
+    from ..data.cache import describe, prepare
+
+    folders = [model_dir(p) for p in paths]
+    cards = [ModelCard.read(f) for f in folders]
+    chosen = scale or (dataset if dataset in cards[0].datasets else None)
+    for folder, card in zip(folders, cards):  # a jointly trained model without a choice fails here, before any work
+        card.scale(chosen)
+    if len(folders) > 1:
+        scales = {chosen or card.dataset for card in cards}
+        if len(scales) > 1:
+            raise UserError(f"ensemble: its models score on different scales ({', '.join(sorted(scales))}): give "
+                            "--scale normalized (or a dataset every member trained on) so that their predictions "
+                            "can be averaged")
+    acc = accelerator or scoring_accelerator()
+    console = console or Console(stderr=True, quiet=not acc.is_main_process)
+    cfg = evaluation_config(cards[0], dataset, split, overrides, preset, run_cache_dir(folders[0], console))
+    view = prepare(cfg, console)
+    console.print(describe(view), highlight=False)
+    ids = view.ids("test" if split == "all" else split)
+    members = []
+    for folder, card in zip(folders, cards):
+        same, related = overlap(folder, cfg.data.dataset, view.names(ids), view.groups(ids), view.file_hashes(ids))
+        if (same or related) and not allow_train_overlap:
+            raise UserError(
+                f"{folder}: {same} of the {len(ids)} {cfg.data.dataset} images to score are images this model trained "
+                "on" + (f", and {related} more show the same content as a training image" if related else "")
+                + f" (the evaluation split is data.split={cfg.data.split} seed {cfg.data.split_seed}). Scores on them "
+                "are not held-out results. Evaluate the run's own test split (the default: no --preset, no split "
+                "overrides), or pass --allow-train-overlap to score them anyway (recorded in the report).")
+        members.append((folder, card, {"images": same, "same_content": related, "allowed": bool(allow_train_overlap),
+                                       # imported weights (or a run started from them): images it trained on that no
+                                       # file lists, so the counts above cannot be complete
+                                       "checkable": not card.unknown_training,
+                                       **({"unknown": card.unknown_training} if card.unknown_training else {})}))
+    return members, view, cfg, acc
+
+
+def _score(folder: Path, card: ModelCard, view, split: str, scale: str | None, cfg: Config, acc: Accelerator) -> dict:
+    """One model's predictions on this process's shard of the split, gathered: evaluate_split's result."""
+    from .predict import load_model
+
+    chosen = scale or (cfg.data.dataset if cfg.data.dataset in card.datasets else None)
+    scorer = load_model(folder, acc.device, chosen)
+    which = "test" if split == "all" else split
+    images = view.eval_set(which, card.protocol, card.test_patch_num, card.size,
+                           shard(len(view.ids(which)), acc.num_processes, acc.process_index))
+    augmenter = Augmenter.evaluation(card.size, card.mean, card.std).to(acc.device)
+    return evaluate_split(scorer.model, images, augmenter, cfg.train.eval_batch_size or 256, acc,
+                          card.scale(chosen).to_score)
+
+
+def _settings(cfg: Config, split: str, card: ModelCard, view, scale: str | None) -> dict:
+    return {"dataset": cfg.data.dataset, "root": cfg.data.root, "split": split, "data_split": cfg.data.split,
+            "split_seed": cfg.data.split_seed, "protocol": card.protocol, "patches": card.test_patch_num,
+            "score_scale": view.image_meta["score_range"], "trained_on": "+".join(card.datasets),
+            "scale": scale or (cfg.data.dataset if cfg.data.dataset in card.datasets else card.dataset)}
 
 
 def write_predictions(path, names, targets, preds) -> None:

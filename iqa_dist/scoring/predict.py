@@ -159,12 +159,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None, scale: str | None = None,
-               resize_as: str | None = None) -> Scorer:
+def load_model(path: str | Path | Sequence[str | Path], device: str | torch.device | None = None,
+               scale: str | None = None, resize_as: str | None = None) -> "Scorer | EnsembleScorer":
     """A model directory (or a run directory, or a Hugging Face Hub repo id `org/name[@rev]` of
     one, from the hub cache) as a Scorer; `scale`: the dataset (of those it
     trained on) whose scale scores are on, or "normalized"; a one-dataset model's by default;
-    `resize_as`: the dataset whose resize policy new images get [default: the scale's]."""
+    `resize_as`: the dataset whose resize policy new images get [default: the scale's].
+    A list of several models: an `EnsembleScorer` of them."""
+    if not isinstance(path, (str, Path)):
+        scorers = [load_model(p, device, scale, resize_as) for p in path]
+        if not scorers:
+            raise UserError("load_model: an empty list of models")
+        return scorers[0] if len(scorers) == 1 else EnsembleScorer(scorers)
     folder = model_dir(path)
     card = ModelCard.read(folder)
     torch.set_flush_denormal(True)  # trained weights make CPU math hit slow denormals (training/loop.py)
@@ -177,6 +183,36 @@ def load_model(path: str | Path, device: str | torch.device | None = None, scale
         raise UserError(f"{weights}: cannot be read as this model's weights ({type(e).__name__}: {first}); the file "
                         "is damaged (a copy cut short?) or belongs to another model: export or copy it again") from None
     return Scorer(model, card, resolve_device(device), scale, resize_as)
+
+
+class EnsembleScorer:
+    """Several trained models as one (`load_model([A, B, ...])`): an image's score is the mean of
+    the members' scores, each member preparing and scoring it as it does alone (its resize, patch
+    size, protocol and count), all on one scale."""
+
+    def __init__(self, members: Sequence[Scorer]) -> None:
+        scales = {m.scale_name for m in members}
+        if len(scales) > 1:
+            raise UserError(f"ensemble: its models score on different scales ({', '.join(sorted(scales))}): give "
+                            "scale='normalized' (or a dataset every member trained on) so that their scores can be "
+                            "averaged")
+        self.members = list(members)
+        self.scale_name = self.members[0].scale_name
+
+    def member_scores(self, images, crops: int | None = None, flip: bool = False) -> np.ndarray:
+        """(members, images): each member's scores of the images (any form `Scorer.score` takes)."""
+        images = each(images)
+        if not isinstance(images, (list, tuple, np.ndarray, torch.Tensor)):  # an iterator: read once, scored by all
+            images = list(images)
+        return np.stack([m.score(images, crops, flip) for m in self.members])
+
+    def score(self, images, crops: int | None = None, flip: bool = False) -> np.ndarray:
+        """The ensemble's scores: the members' mean per image."""
+        return self.member_scores(images, crops, flip).mean(0)
+
+    @property
+    def units(self) -> str:
+        return self.members[0].units
 
 
 def expand(paths: Iterable[str]) -> tuple[list[Path], list[tuple[str, str]]]:

@@ -1,0 +1,104 @@
+"""Ensembles: several trained models scored as one (`evaluate --run A --run B`, `load_model([A, B])`):
+each image's prediction is the mean of the members' on one scale, each member's metrics beside the
+ensemble's, and every member's training images checked against the images scored."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import iqa_dist
+from iqa_dist.errors import UserError
+from iqa_dist.scoring.evaluate import evaluate_model
+from iqa_dist.scoring.metrics import correlation_metrics
+
+from . import fixtures
+from .conftest import RUN, cli, only_run, train_here
+
+
+@pytest.fixture(scope="module")
+def second_run(tiny_overrides, tmp_path_factory):
+    """A second tiny model on the same split as `single_run` (another training seed)."""
+    root = tmp_path_factory.mktemp("runs-seed1")
+    out = train_here([*tiny_overrides, *RUN, "train.seed=1", f"run.root={root}"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    return only_run(root)
+
+
+def test_an_ensemble_scores_the_mean_of_its_members_with_each_members_metrics(single_run, second_run, cache_root,
+                                                                                tmp_path):
+    cache = [f"data.cache_dir={cache_root}"]
+    alone = [evaluate_model(run, "synthetic", "test", cache) for run in (single_run, second_run)]
+    both = evaluate_model([single_run, second_run], "synthetic", "test", cache)
+    assert both["per_image"]["names"] == alone[0]["per_image"]["names"] == alone[1]["per_image"]["names"]
+    for member, one in zip(both["members"], alone):  # each member as it scores alone
+        assert member["metrics"] == one["metrics"]
+    assert both["per_image"]["members"] == [one["per_image"]["preds"] for one in alone]
+    mean = np.mean([one["per_image"]["preds"] for one in alone], axis=0)
+    np.testing.assert_allclose(both["per_image"]["preds"], mean, rtol=0, atol=1e-12)
+    expected = correlation_metrics(mean, np.array(alone[0]["per_image"]["targets"]))
+    assert both["metrics"] == pytest.approx(expected)
+    assert both["train_overlap"]["images"] == 0 and both["train_overlap"]["checkable"]
+
+    out = tmp_path / "ens.json"
+    code, stdout, err = cli("evaluate", "--run", str(single_run), "--run", str(second_run), "--dataset", "synthetic",
+                            f"--data.cache_dir={cache_root}", "--output", str(out))
+    assert code == 0, err
+    assert "an ensemble of 2 models" in stdout and "ensemble (mean)" in stdout and "2: " in stdout, stdout
+    report = json.loads(out.read_text())
+    assert report["metrics"] == pytest.approx(both["metrics"]) and len(report["members"]) == 2
+    rows = out.with_suffix(".predictions.csv").read_text().splitlines()
+    assert rows[0] == "image,score,prediction" and len(rows) == 1 + len(mean)
+    assert float(rows[1].split(",")[-1]) == pytest.approx(mean[0], abs=1e-4)
+
+
+def test_every_members_training_images_are_checked(single_run, tiny_overrides, cache_root, tmp_path):
+    """A member trained on another split of the dataset (a `sweep splits` member) trained on images
+    of the first member's test split: the ensemble is refused naming that member, or scored with
+    --allow-train-overlap and the count recorded under it."""
+    root = tmp_path / "other-split"
+    out = train_here([*tiny_overrides, *RUN, "data.split_seed=1", f"run.root={root}"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    other = only_run(root)
+    args = ["evaluate", "--run", str(single_run), "--run", str(other), "--dataset", "synthetic",
+            f"--data.cache_dir={cache_root}", "--output", str(tmp_path / "ens.json")]
+    code, _, err = cli(*args)
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{other / 'model'}: " in err and "images this model trained on" in err, err
+    code, stdout, err = cli(*args, "--allow-train-overlap")
+    assert code == 0, err
+    report = json.loads((tmp_path / "ens.json").read_text())
+    first, second = (m["train_overlap"] for m in report["members"])
+    assert first["images"] == 0 and second["images"] > 0 and report["train_overlap"]["images"] == second["images"]
+    assert "TRAINING IMAGES" in stdout
+
+
+def test_load_model_of_several_models_scores_their_mean(single_run, second_run, tmp_path):
+    files = [tmp_path / f"{i}.png" for i in range(3)]
+    for i, f in enumerate(files):
+        fixtures.image(f, (180, 140), seed=i)
+    one, two = iqa_dist.load_model(single_run), iqa_dist.load_model(second_run)
+    ensemble = iqa_dist.load_model([single_run, second_run])
+    scores = ensemble.score([str(f) for f in files])
+    np.testing.assert_allclose(scores, (one.score([str(f) for f in files]) + two.score([str(f) for f in files])) / 2,
+                               rtol=1e-12)
+    assert ensemble.member_scores(str(files[0])).shape == (2, 1) and ensemble.units == one.units
+    assert type(iqa_dist.load_model([single_run])) is type(one)  # a list of one: that model
+
+
+def test_members_on_different_scales_are_refused_in_one_line(single_run, second_run, tmp_path):
+    """Predictions on two datasets' scales cannot be averaged: refused before any image is read,
+    saying what to give."""
+    other = tmp_path / "csv-model"
+    shutil.copytree(second_run / "model", other)
+    config = json.loads((other / "config.json").read_text())
+    config["datasets"] = {"csv": config["datasets"]["synthetic"]}  # as a model trained on a CSV dataset
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"different scales \(csv, synthetic\): give"):
+        iqa_dist.load_model([single_run, other])
+    code, _, err = cli("evaluate", "--run", str(single_run), "--weights", str(other), "--dataset", "csv",
+                       "--root", str(tmp_path), "--split", "all")
+    assert code == 2 and "different scales (csv, synthetic)" in err and "Traceback" not in err, err
