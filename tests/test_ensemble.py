@@ -102,3 +102,22 @@ def test_members_on_different_scales_are_refused_in_one_line(single_run, second_
     code, _, err = cli("evaluate", "--run", str(single_run), "--weights", str(other), "--dataset", "csv",
                        "--root", str(tmp_path), "--split", "all")
     assert code == 2 and "different scales (csv, synthetic)" in err and "Traceback" not in err, err
+
+
+def test_predict_with_an_ensemble_writes_the_members_mean(single_run, second_run, tmp_path):
+    folder = tmp_path / "imgs"
+    for i in range(3):
+        fixtures.image(folder / f"{i}.png", (180, 140), seed=i)
+    fixtures.image(folder / "tiny.png", (20, 20), seed=9)  # too small for a patch: a row with its reason
+    out = tmp_path / "scores.csv"
+    code, _, err = cli("predict", str(single_run), str(folder), "--ensemble", str(second_run), "--format", "csv",
+                       "--output", str(out))
+    assert code == 1 and "tiny.png" in err, err  # the one file that cannot be scored makes the status 1
+    rows = {r.split(",")[0]: r.split(",")[1] for r in out.read_text().splitlines()[1:]}
+    files = [str(folder / f"{i}.png") for i in range(3)]
+    expected = iqa_dist.load_model([single_run, second_run]).score(files)
+    assert [float(rows[f]) for f in files] == pytest.approx(expected, abs=1e-4)
+    assert rows[str(folder / "tiny.png")] == ""
+    code, _, err = cli("predict", str(single_run), str(folder), "--ensemble", str(second_run), "--map",
+                       str(tmp_path / "maps"))
+    assert code == 2 and "--map draws one model's patch scores" in err and "Traceback" not in err, err

@@ -33,6 +33,7 @@ its own decoding workers), and the output is the one a single process writes.
 examples:
   iqa-dist predict runs/my-run photos/ --format csv --output scores.csv
   iqa-dist predict runs/my-run --list paths.txt --format jsonl --output scores.jsonl --resume
+  iqa-dist predict runs/a photos/ --ensemble runs/b --ensemble runs/c   # the mean of three models
   accelerate launch --multi_gpu --num_processes 8 -m iqa_dist predict runs/my-run --list paths.txt \\
       --format csv --output scores.csv --resume"""
 HEADER = ["path", "score", "error"]  # --format csv; error: why a file could not be scored ("" when it was)
@@ -43,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a model directory, a run directory, or a Hugging Face Hub repo id of a model "
                                  "(org/name[@revision])")
     p.add_argument("paths", nargs="*", help="image files, folders (searched recursively) or globs")
+    p.add_argument("--ensemble", action="append", default=[], metavar="MODEL",
+                   help="another model (repeatable): each image's score is then the mean of every model's, on one "
+                        "scale, each model preparing and scoring it as it does alone")
     p.add_argument("--list", default="", metavar="FILE",
                    help="a text file of image paths, one a line (no shell globbing: millions of files)")
     p.add_argument("--crops", type=int, default=None,
@@ -78,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..distributed.accelerators import scoring_accelerator
     from ..data.feed import default_workers, read_list
-    from ..scoring.predict import expand, load_model, score_files
+    from ..scoring.predict import EnsembleScorer, expand, load_model, score_files, score_files_ensemble
     from ..distributed.shards import shard
 
     _check(args)
@@ -90,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--format table prints once at the end: use --format csv or jsonl to stream, resume, "
                         "or score on several processes")
     err = console(stderr=True, quiet=not main)
-    scorer = load_model(args.model, args.device or (acc.device if world > 1 else None), args.scale, args.resize_as)
+    models = [args.model, *args.ensemble]
+    scorer = load_model(models if len(models) > 1 else args.model, args.device or (acc.device if world > 1 else None),
+                        args.scale, args.resize_as)
     files, missing = expand(args.paths)
     given = [*map(str, files), *(read_list(args.list) if args.list else [])]
     paths = list(dict.fromkeys(given))  # one row a path
@@ -105,11 +111,14 @@ def run(args: argparse.Namespace) -> int:
     acc.wait_for_everyone()  # every process reads what is done before anything is rewritten
     todo = [(p, path) for p, path in enumerate(paths) if path not in done]
     mine = [todo[i] for i in shard(len(todo), world, acc.process_index)]
-    workers = args.workers if args.workers is not None else default_workers(scorer.device)
+    ensemble = isinstance(scorer, EnsembleScorer)
+    workers = args.workers if args.workers is not None else default_workers(
+        (scorer.members[0] if ensemble else scorer).device)
     if main and done:
         err.print(f"--resume: {len(done)} image(s) already in {args.output}; {len(todo)} to score", highlight=False)
-    rows = score_files(scorer, [path for _, path in mine], [p for p, _ in mine], crops=args.crops, flip=args.flip,
-                       batch_images=args.batch_images, workers=workers, decoder=args.decode)
+    rows = (score_files_ensemble if ensemble else score_files)(
+        scorer, [path for _, path in mine], [p for p, _ in mine], crops=args.crops, flip=args.flip,
+        batch_images=args.batch_images, workers=workers, decoder=args.decode)
     if args.map:
         rows = _with_maps(rows, scorer, paths, Path(args.map), args.crops, args.flip, err)
     results = out.write(((paths[p], score, why) for p, score, why, _ in _progress(rows, len(mine), world, err)))
@@ -136,6 +145,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError("nothing to score: give image paths, folders or globs, or --list FILE")
     if args.resume and not args.output:
         raise UserError("--resume continues an --output file: give --output")
+    if args.map and args.ensemble:
+        raise UserError("--map draws one model's patch scores: give it without --ensemble")
 
 
 def _report(args: argparse.Namespace, final: dict, scored: int, unseen: list[str], missing: list[tuple[str, str]],
@@ -156,8 +167,8 @@ def _report(args: argparse.Namespace, final: dict, scored: int, unseen: list[str
             if score is not None:
                 table.add_row(path, f"{score:.3f}")
         with open(args.output or os.devnull, "w") as f:
-            print_table(console(file=f) if args.output else console(), f"{scored} image(s) scored by "
-                        f"{model_dir(args.model)}", table)
+            by = (f"an ensemble of {1 + len(args.ensemble)} models" if args.ensemble else str(model_dir(args.model)))
+            print_table(console(file=f) if args.output else console(), f"{scored} image(s) scored by {by}", table)
     for path, why in failed:
         err.print(f"[red]skipped[/] {path}: {why}", highlight=False)
     if failed:

@@ -215,6 +215,20 @@ class EnsembleScorer:
         return self.members[0].units
 
 
+def score_files_ensemble(scorer: EnsembleScorer, paths: list[str], positions: list[int], **options
+                         ) -> Iterator[tuple[int, float | None, str, dict[str, float]]]:
+    """`score_files` for an ensemble: each member decodes and scores the files as it does alone
+    (its resize, patch size and protocol), and a file's score is the members' mean; a file one
+    member cannot score (too small for its patches) has no score, with that member's reason."""
+    streams = [score_files(m, paths, positions, **options) for m in scorer.members]
+    for rows in zip(*streams):
+        p = rows[0][0]
+        if any(r[0] != p for r in rows):  # one list, one batching: the same order for every member
+            raise RuntimeError("ensemble members scored the files in different orders")  # a bug, never bad input
+        why = next((r[2] for r in rows if r[1] is None), "")
+        yield p, None if why else float(np.mean([r[1] for r in rows])), why, rows[0][3]
+
+
 def expand(paths: Iterable[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Files, folders (recursively, image suffixes) and globs -> (files, [(path, problem)])."""
     files, missing = [], []
