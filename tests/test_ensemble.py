@@ -121,3 +121,29 @@ def test_predict_with_an_ensemble_writes_the_members_mean(single_run, second_run
     code, _, err = cli("predict", str(single_run), str(folder), "--ensemble", str(second_run), "--map",
                        str(tmp_path / "maps"))
     assert code == 2 and "--map draws one model's patch scores" in err and "Traceback" not in err, err
+
+
+def test_a_sweep_group_is_the_ensemble_of_its_finished_members(single_run, second_run, cache_root, tmp_path):
+    """A sweep group's folder (members.jsonl and each member's DATE-TIME-NAME run, as `sweep`
+    writes them) is the ensemble of its members' finished runs; a member without one is refused,
+    named."""
+    group = tmp_path / "20261206-000000-sweep-grid"
+    group.mkdir()
+    for name, run in (("seed=0", single_run), ("seed=1", second_run)):
+        shutil.copytree(run, group / f"20261206-000001-{name}")
+    (group / "members.jsonl").write_text("".join(json.dumps({"name": n, "config": n, "repeat": 0, "args": []}) + "\n"
+                                                 for n in ("seed=0", "seed=1")))
+    cache = [f"data.cache_dir={cache_root}"]
+    both = evaluate_model([single_run, second_run], "synthetic", "test", cache)
+    assert evaluate_model(group, "synthetic", "test", cache)["metrics"] == both["metrics"]
+    image = tmp_path / "a.png"
+    fixtures.image(image, (180, 140), seed=3)
+    assert iqa_dist.load_model(group).score(str(image)) == pytest.approx(
+        iqa_dist.load_model([single_run, second_run]).score(str(image)), rel=1e-12)
+
+    shutil.copytree(second_run, group / "20261206-000002-seed=2")
+    (group / "20261206-000002-seed=2" / "summary.json").unlink()  # a member that did not finish
+    with open(group / "members.jsonl", "a") as f:
+        f.write(json.dumps({"name": "seed=2", "config": "seed=2", "repeat": 0, "args": []}) + "\n")
+    code, _, err = cli("evaluate", "--run", str(group), "--dataset", "synthetic", f"--data.cache_dir={cache_root}")
+    assert code == 2 and "member seed=2 has no finished run" in err and "Traceback" not in err, err

@@ -22,8 +22,8 @@ on, the run's own data settings are used (split, seeds, resize), so `--split tes
 it held out; images it trained on are refused unless --allow-train-overlap. On another dataset
 (`--split all`: every image) it is a cross-dataset evaluation: the correlations compare the
 model's scores (on its training dataset's scale, or --scale) with that dataset's own scores.
-Runs under `accelerate launch` too. Several models (--run or --weights given more than once) are
-scored as an ensemble: each image's prediction is the mean of theirs, on one scale; the table and
+Runs under `accelerate launch` too. Several models (--run or --weights given more than once, or
+--run of a sweep group's folder: its members' finished runs) are scored as an ensemble: each image's prediction is the mean of theirs, on one scale; the table and
 the JSON give each member's metrics and the ensemble's, and every member's training images are
 checked against the images scored.
 
@@ -65,12 +65,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..scoring.evaluate import evaluate_model, write_predictions
 
-    models = [*args.run, *args.weights]
+    from ..experiments.group import models_of
+
+    models = models_of([*args.run, *args.weights])  # a sweep group: its members
     if not models:
         raise UserError("evaluate: give a model: --run RUN_DIR or --weights MODEL_DIR (several for an ensemble)")
     writable("--output", args.output)
     extra = [f"data.root={args.root}"] if args.root else []
-    report = evaluate_model(models if len(models) > 1 else models[0], args.dataset, args.split,
+    report = evaluate_model(models if len(models) > 1 else str(models[0]), args.dataset, args.split,
                             [*extra, *overrides(args)], args.preset, args.allow_train_overlap, args.scale,
                             console=console(stderr=True))
     from accelerate import PartialState
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         rows = {f"{i + 1}: {m['model']}": m["metrics"] for i, m in enumerate(report["members"])}
         rows["ensemble (mean)"] = report["metrics"]
     else:
-        folder, given = Path(report["model"]), models[0]
+        folder, given = Path(report["model"]), str(models[0])
         # beside the model; a Hub model's folder is the hub cache's: the report then goes to the current folder
         beside = folder.parent if Path(given).exists() else Path(".")
         prefix = "" if Path(given).exists() else given.replace("/", "--").replace("@", "-") + "-"

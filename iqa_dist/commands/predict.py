@@ -111,7 +111,10 @@ def run(args: argparse.Namespace) -> int:
     acc.wait_for_everyone()  # every process reads what is done before anything is rewritten
     todo = [(p, path) for p, path in enumerate(paths) if path not in done]
     mine = [todo[i] for i in shard(len(todo), world, acc.process_index)]
-    ensemble = isinstance(scorer, EnsembleScorer)
+    ensemble = isinstance(scorer, EnsembleScorer)  # --ensemble, or a sweep group's folder
+    if ensemble and args.map:
+        raise UserError("--map draws one model's patch scores: give one model, not an ensemble")
+    by = f"an ensemble of {len(scorer.members)} models" if ensemble else str(scorer.folder)
     workers = args.workers if args.workers is not None else default_workers(
         (scorer.members[0] if ensemble else scorer).device)
     if main and done:
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         scored, unseen = sum(score is not None for score, _ in final.values()), [p for p in paths if p not in final]
     else:  # one process, every row just written: the table's rows and the failures are all it kept
         final, scored, unseen = results, out.scored, []
-    return _report(args, final, scored, unseen, missing, err)
+    return _report(args, final, scored, unseen, missing, err, by)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -150,11 +153,9 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace, final: dict, scored: int, unseen: list[str], missing: list[tuple[str, str]],
-            err) -> int:
+            err, by: str) -> int:
     """The table (--format table), every file that could not be scored, the exit status. final:
     path -> (score or None, problem), the failed rows at least (every row for the table)."""
-    from ..artifacts.card import model_dir
-
     failed = [*missing, *((path, why) for path, (score, why) in final.items() if score is None)]
     if unseen:  # rows another process wrote where this one cannot read them: never a silent gap
         failed += [(path, f"no row: its process wrote {args.output}.part-R where the main process cannot see it "
@@ -167,7 +168,6 @@ def _report(args: argparse.Namespace, final: dict, scored: int, unseen: list[str
             if score is not None:
                 table.add_row(path, f"{score:.3f}")
         with open(args.output or os.devnull, "w") as f:
-            by = (f"an ensemble of {1 + len(args.ensemble)} models" if args.ensemble else str(model_dir(args.model)))
             print_table(console(file=f) if args.output else console(), f"{scored} image(s) scored by {by}", table)
     for path, why in failed:
         err.print(f"[red]skipped[/] {path}: {why}", highlight=False)

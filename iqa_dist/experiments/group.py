@@ -70,6 +70,24 @@ def finished(group: Path, name: str) -> bool:
     return any(RunDir(p).finished for p in member_runs(group, name))
 
 
+def models_of(paths) -> list:
+    """Models for an ensemble: each path as it is, a sweep group (a folder with members.jsonl) as
+    the finished run of each of its members, in order; a member without one is refused, named."""
+    out = []
+    for path in paths:
+        group = Path(path)
+        if not (isinstance(path, (str, Path)) and (group / MEMBERS).is_file()):
+            out.append(path)
+            continue
+        for member in read_members(group):
+            runs = [p for p in member_runs(group, member["name"]) if RunDir(p).finished]
+            if not runs:
+                raise UserError(f"{group}: member {member['name']} has no finished run (see {member['name']}.log; "
+                                "`iqa-dist sweep --resume` finishes it), so the group is not an ensemble yet")
+            out.append(runs[-1])
+    return out
+
+
 def exit_state(code: int, log: Path) -> str:
     """What a member's exit status says: finished, stopped (resumable) or failed, and why."""
     if code == 0:

@@ -65,9 +65,11 @@ def evaluate_model(path, dataset: str, split: str = "test", overrides: Sequence[
     Scores are reported on `scale` (a dataset the model trained on, or "normalized"); by default on
     the evaluated dataset's own when the model trained on it, else on the only training dataset's
     (a jointly trained model needs a choice). Runs under `accelerate launch` too: the images are spread over the processes.
-    `path` may be a list of models: an ensemble (`evaluate_ensemble`).
+    `path` may be a list of models or a sweep group's folder: an ensemble (`evaluate_ensemble`).
     Returns the report (metrics, settings, per-image predictions)."""
-    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    from ..experiments.group import models_of
+
+    paths = models_of([path] if isinstance(path, (str, Path)) else list(path))  # a sweep group: its members
     if len(paths) > 1:
         return evaluate_ensemble(paths, dataset, split, overrides, preset, allow_train_overlap, scale, accelerator,
                                  console)

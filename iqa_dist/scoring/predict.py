@@ -35,7 +35,8 @@ class Scorer:
     """A trained model that scores images on its training dataset's scale."""
 
     def __init__(self, model: HyperIQA, card: ModelCard, device: torch.device, scale: str | None = None,
-                 resize_as: str | None = None) -> None:
+                 resize_as: str | None = None, folder: Path | None = None) -> None:
+        self.folder = folder  # the model directory it was read from (None: built in memory)
         self.model = model.to(device).eval()
         self.card = card
         self.device = device
@@ -165,12 +166,16 @@ def load_model(path: str | Path | Sequence[str | Path], device: str | torch.devi
     one, from the hub cache) as a Scorer; `scale`: the dataset (of those it
     trained on) whose scale scores are on, or "normalized"; a one-dataset model's by default;
     `resize_as`: the dataset whose resize policy new images get [default: the scale's].
-    A list of several models: an `EnsembleScorer` of them."""
-    if not isinstance(path, (str, Path)):
-        scorers = [load_model(p, device, scale, resize_as) for p in path]
-        if not scorers:
+    A list of several models, or a sweep group's folder (its members' finished runs): an
+    `EnsembleScorer` of them."""
+    from ..experiments.group import models_of
+
+    paths = models_of([path] if isinstance(path, (str, Path)) else list(path))
+    if len(paths) != 1:
+        if not paths:
             raise UserError("load_model: an empty list of models")
-        return scorers[0] if len(scorers) == 1 else EnsembleScorer(scorers)
+        return EnsembleScorer([load_model(p, device, scale, resize_as) for p in paths])
+    path = paths[0]
     folder = model_dir(path)
     card = ModelCard.read(folder)
     torch.set_flush_denormal(True)  # trained weights make CPU math hit slow denormals (training/loop.py)
@@ -182,7 +187,7 @@ def load_model(path: str | Path | Sequence[str | Path], device: str | torch.devi
         first = first_line(e)
         raise UserError(f"{weights}: cannot be read as this model's weights ({type(e).__name__}: {first}); the file "
                         "is damaged (a copy cut short?) or belongs to another model: export or copy it again") from None
-    return Scorer(model, card, resolve_device(device), scale, resize_as)
+    return Scorer(model, card, resolve_device(device), scale, resize_as, folder)
 
 
 class EnsembleScorer:
