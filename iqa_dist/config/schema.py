@@ -186,6 +186,8 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping (the norm is still logged)
     rank_weight: float = 0.0  # weight of the pairwise ranking loss added to L1 (phase one tried 0.3); pairs over the global batch
     distill_weight: float = 0.0  # self-distillation: weight of the L1 to the EMA teacher's prediction of the same patch (needs train.ema_decay); 0 = off
+    teachers: list = field(default_factory=list)  # trained models that teach (model or run folders, Hub ids, a sweep group; several: their mean); train --teacher
+    teacher_weight: float = 0.0  # weight of the L1 to the teachers' prediction of the same patch, on the student's target scale; 0 = off
 
     def __post_init__(self) -> None:
         _choice("optim.optimizer", self.optimizer, ("adamw", "adam"))
@@ -196,7 +198,7 @@ class OptimConfig:
         _positive("optim.lr", self.lr)
         _positive("optim.lr_ratio", self.lr_ratio)
         for name in ("weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "rank_weight", "freeze_hyper_after",
-                     "distill_weight"):
+                     "distill_weight", "teacher_weight"):
             _non_negative(f"optim.{name}", getattr(self, name))
 
 
@@ -295,6 +297,16 @@ class Config:
         names = [m.dataset for m in self.data.members()]
         if self.train.select_on and self.train.select_on not in names:
             raise UserError(f"train.select_on={self.train.select_on!r}: not a dataset trained on ({', '.join(names)})")
+        o = self.optim
+        if bool(o.teachers) != (o.teacher_weight > 0):
+            raise UserError(f"optim.teacher_weight={o.teacher_weight} with {len(o.teachers)} teacher(s): a teacher needs "
+                            "a weight above 0 (e.g. 1.0) and a weight needs a teacher (train --teacher MODEL)")
+        if o.teachers and o.distill_weight > 0:
+            raise UserError("optim.distill_weight and a teacher (optim.teachers): one teacher per run, the weight EMA "
+                            "or trained models")
+        if o.teachers and len(names) > 1:
+            raise UserError(f"a teacher with joint training ({', '.join(names)}): each dataset has its own score scale; "
+                            "train a student on one dataset")
         if self.optim.distill_weight > 0 and not self.train.ema_decay:
             raise UserError(f"optim.distill_weight={self.optim.distill_weight}: the teacher is the weight EMA; set "
                             "train.ema_decay too (e.g. 0.99)")

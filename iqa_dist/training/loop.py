@@ -40,6 +40,7 @@ from ..output import console_for
 from ..scoring.metrics import METRIC_KEYS
 from . import failures
 from .batches import Batches, KeyedNoise, NoiseSource
+from .teacher import build_teacher
 from .display import Display
 from .graph import GraphedStep, refusal
 from .guard import BadStep
@@ -159,8 +160,9 @@ def build(cfg: Config, acc: Accelerator, target: Target, preempt: PreemptionFlag
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     eval_every = cfg.train.eval_every or steps_per_epoch
     augmenter = Augmenter(cfg.augment, cfg.model.img_size, model.mean, model.std, cfg.train.seed).to(acc.device)
+    teacher = build_teacher(cfg, data.names[0], data.scales[data.names[0]], model.mean, model.std, acc.device)
     trainer = Trainer.build(cfg, model, acc, shares=shares, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                            augmenter=augmenter, preempt=preempt, console=console)
+                            augmenter=augmenter, preempt=preempt, console=console, teacher=teacher)
     batches = Batches(store=data.train, plan=data.plan, augmenter=augmenter, shares=shares, device=acc.device,
                       rank_weight=cfg.optim.rank_weight,
                       noise=KeyedNoise(cfg.train.seed, model.noise_width, shares.batch_size, acc.device))
@@ -173,7 +175,8 @@ def build(cfg: Config, acc: Accelerator, target: Target, preempt: PreemptionFlag
     if start is not None:
         card = replace(card, unknown_training=start.unknown_training())
     run = RunDir.open(cfg, target, acc, {"weights": weights, "parameter_groups": groups, "data": data.fingerprint(),
-                                         "effective_lr": {**cfg.group_lrs(), "warmup_steps": cfg.effective_warmup()}},
+                                         "effective_lr": {**cfg.group_lrs(), "warmup_steps": cfg.effective_warmup()},
+                                         **({"teachers": [str(t) for t in cfg.optim.teachers]} if teacher else {})},
                       legacy_data=data.legacy_fingerprint())
     selection = Selection(cfg=cfg, acc=acc, trainer=trainer, data=data, card=card, augmenter=augmenter, run=run,
                           batch=cfg.train.eval_batch_size or 2 * math.ceil(shares.per_process / shares.accum),
@@ -262,7 +265,9 @@ def print_start(r: Run) -> None:
     acc.print(f"optimizer: {cfg.optim.optimizer}; groups: " + ", ".join(
         f"{name} {n / 1e6:.2f}M at lr {lrs[name]:.2e}" for name, n in groups.items())
         + f" (LDA with the {cfg.optim.lda_group})" + (f"; weight EMA {cfg.train.ema_decay}" if cfg.train.ema_decay else "")
-        + (f"; self-distillation from it, weight {cfg.optim.distill_weight}" if cfg.optim.distill_weight else ""))
+        + (f"; self-distillation from it, weight {cfg.optim.distill_weight}" if cfg.optim.distill_weight else "")
+        + (f"; taught by {', '.join(map(str, cfg.optim.teachers))}, weight {cfg.optim.teacher_weight}"
+           if cfg.optim.teachers else ""))
     if len(data.names) > 1:
         share = [w / sum(data.weights) for w in data.weights]
         acc.print("joint training: " + ", ".join(

@@ -56,8 +56,9 @@ from .preemption import PreemptionFlag
 def train_step(t: "Trainer", batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward of each micro-batch (gradients synced on the last one only), clipping,
     the guard (which also settles the previous step: BadStep for a bad one), the update, the EMA.
-    With self-distillation the EMA teacher predicts each micro-batch's patches too: step s's
-    teacher is the average of steps 1..s-1. Returns (summed loss, gradient norm), both on the
+    With a teacher, it predicts each micro-batch's patches too: trained models (optim.teachers,
+    training/teacher.py), or under self-distillation the EMA (step s's teacher is the average of
+    steps 1..s-1). Returns (summed loss, gradient norm), both on the
     device."""
     total = None
     for m, mb in enumerate(batch.micro):
@@ -65,7 +66,7 @@ def train_step(t: "Trainer", batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
             with part("forward"):
                 pred = t.forward(mb.x, mb.noise).float()
             taught = None
-            if t.teacher is not None:  # the EMA in eval mode (no dropout, no drop path): the same patch, no gradient
+            if t.teacher is not None:  # eval mode (no dropout, no drop path): the same patch, no gradient
                 with part("teacher"), torch.no_grad(), t.acc.autocast():
                     taught = t.teacher(mb.x).float()
             with part("loss"):
@@ -170,12 +171,13 @@ class Trainer:
     schedule: Schedule  # step -> each group's learning rate; `set_lr` writes it in before each step
     guard: StepGuard
     ema: WeightEMA | None  # the weights' moving average (train.ema_decay > 0)
-    teacher: nn.Module | None  # self-distillation (optim.distill_weight > 0): the EMA's model, compiled as the step
+    # trained models (optim.teachers), or the EMA's model (optim.distill_weight); compiled as the step
+    teacher: nn.Module | None
     state: TrainState
     per_process: float  # global batch / processes: the step's loss divisor (uneven shares allowed)
     patches: int  # this process's patches per step
     rank_weight: float
-    distill_weight: float
+    distill_weight: float  # the teacher's L1 weight: optim.distill_weight or optim.teacher_weight
     grad_clip: float
     norm: torch.Tensor | None = None  # the last step's gradient norm, on the device
     last: torch.Tensor | None = None  # the last step's summed loss, on the device (graphed: read it before the next replay)
@@ -183,18 +185,24 @@ class Trainer:
 
     @classmethod
     def build(cls, cfg: Config, model: nn.Module, acc: Accelerator, *, shares: Shares, total_steps: int,
-              steps_per_epoch: int, augmenter: Augmenter, preempt: "PreemptionFlag", console: Console) -> "Trainer":
+              steps_per_epoch: int, augmenter: Augmenter, preempt: "PreemptionFlag", console: Console,
+              teacher: nn.Module | None = None) -> "Trainer":
         """The model on the accelerator's device with its optimizer, schedule and EMA, prepared by
-        Accelerate, and the step's function compiled as train.compile says."""
+        Accelerate, and the step's function compiled as train.compile says. `teacher`: trained
+        models that teach (training/teacher.py; optim.teacher_weight), else the EMA with
+        self-distillation (optim.distill_weight), else none."""
         optimizer = build_optimizer(model.to(acc.device), cfg)
         ema = WeightEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         prepared, optimizer = acc.prepare(model, optimizer)
-        teacher = compile_model(ema.model, cfg, console, "teacher") if cfg.optim.distill_weight > 0 else None
+        if cfg.optim.distill_weight > 0:
+            teacher = ema.model
+        teacher = compile_model(teacher, cfg, console, "teacher") if teacher is not None else None
         return cls(acc=acc, model=prepared, forward=compile_step(prepared, augmenter, cfg, console), bare=model,
                    optimizer=optimizer, schedule=Schedule.of(cfg, total_steps, steps_per_epoch), ema=ema,
                    teacher=teacher, state=TrainState(), guard=StepGuard(acc, optimizer, preempt),
                    per_process=shares.per_process, patches=sum(sl.stop - sl.start for sl in shares.slices()),
-                   rank_weight=cfg.optim.rank_weight, distill_weight=cfg.optim.distill_weight,
+                   rank_weight=cfg.optim.rank_weight,
+                   distill_weight=cfg.optim.distill_weight or cfg.optim.teacher_weight,
                    grad_clip=cfg.optim.grad_clip)
 
     def step(self, batch: Batch) -> None:
