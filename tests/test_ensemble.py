@@ -43,13 +43,14 @@ def test_an_ensemble_scores_the_mean_of_its_members_with_each_members_metrics(si
     assert both["metrics"] == pytest.approx(expected)
     assert both["train_overlap"]["images"] == 0 and both["train_overlap"]["checkable"]
 
-    out = tmp_path / "ens.json"
-    code, stdout, err = cli("evaluate", "--run", str(single_run), "--run", str(second_run), "--dataset", "synthetic",
-                            f"--data.cache_dir={cache_root}", "--output", str(out))
+    out = tmp_path / "ens.json"  # --weights first, then --run: members in the order given
+    code, stdout, err = cli("evaluate", "--weights", str(second_run / "model"), "--run", str(single_run), "--dataset",
+                            "synthetic", f"--data.cache_dir={cache_root}", "--output", str(out))
     assert code == 0, err
     assert "an ensemble of 2 models" in stdout and "ensemble (mean)" in stdout and "2: " in stdout, stdout
     report = json.loads(out.read_text())
-    assert report["metrics"] == pytest.approx(both["metrics"]) and len(report["members"]) == 2
+    assert [m["model"] for m in report["members"]] == [str(second_run / "model"), str(single_run / "model")]
+    assert report["metrics"] == pytest.approx(both["metrics"])
     rows = out.with_suffix(".predictions.csv").read_text().splitlines()
     assert rows[0] == "image,score,prediction" and len(rows) == 1 + len(mean)
     assert float(rows[1].split(",")[-1]) == pytest.approx(mean[0], abs=1e-4)
@@ -102,6 +103,15 @@ def test_members_on_different_scales_are_refused_in_one_line(single_run, second_
     code, _, err = cli("evaluate", "--run", str(single_run), "--weights", str(other), "--dataset", "csv",
                        "--root", str(tmp_path), "--split", "all")
     assert code == 2 and "different scales (csv, synthetic)" in err and "Traceback" not in err, err
+    config["datasets"] = {"synthetic": {**config["datasets"]["csv"], "score_range": [0.0, 1.0]}}  # one name, 0-1
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"span different ranges .*0-1\): other scores under one name"):
+        iqa_dist.load_model([single_run, other])
+    config["datasets"]["synthetic"]["score_range"] = [0.0, 100.0]
+    config["datasets"]["synthetic"]["data"]["resize"] = "short:96"  # trained on other image sizes
+    (other / "config.json").write_text(json.dumps(config))
+    code, _, err = cli("evaluate", "--run", str(single_run), "--weights", str(other), "--dataset", "synthetic")
+    assert code == 2 and "its models resize images differently" in err and "short:96" in err, err
 
 
 def test_predict_with_an_ensemble_writes_the_members_mean(single_run, second_run, tmp_path):

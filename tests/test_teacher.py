@@ -18,7 +18,7 @@ from iqa_dist.config import load_config
 from iqa_dist.data.targets import Scale
 from iqa_dist.errors import UserError
 from iqa_dist.scoring.predict import load_model
-from iqa_dist.training.teacher import build_teacher
+from iqa_dist.training.teacher import build_teacher, find_teachers
 
 from .conftest import RUN, assert_same_training, cli, launch_here, metrics, only_run, train_here
 from .test_audit import store, tiny_recipe
@@ -43,7 +43,8 @@ def test_the_teacher_predicts_each_patch_on_the_students_target_scale(single_run
                                "optim.teacher_weight=1"])
     student = Scale("range", 10.0, 50.0)  # another score -> target map than the teacher's own
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    teacher = build_teacher(cfg, "synthetic", student, mean, std, CPU)
+    span = ModelCard.read(single_run / "model").datasets["synthetic"].score_range
+    teacher = build_teacher(find_teachers(cfg, "synthetic"), "synthetic", span, student, mean, std, CPU)
     x = torch.randn(5, 3, cfg.model.img_size, cfg.model.img_size)
     expected = []
     for path in (single_run, renormalised):
@@ -65,9 +66,10 @@ def test_the_teacher_predicts_each_patch_on_the_students_target_scale(single_run
 def test_a_taught_step_never_waits_for_the_device(single_run):
     cfg = tiny_recipe()
     r = StepRig.build(cfg, store(), "fp32", 8, CPU)
-    teacher = build_teacher(load_config("demo", [f"optim.teachers={json.dumps([str(single_run)])}",
-                                                 "optim.teacher_weight=1", "model.img_size=64"]),
-                            "synthetic", Scale("range", 0.0, 100.0), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), CPU)
+    teacher_cfg = load_config("demo", [f"optim.teachers={json.dumps([str(single_run)])}", "model.img_size=64"])
+    span = ModelCard.read(single_run / "model").datasets["synthetic"].score_range
+    teacher = build_teacher(find_teachers(teacher_cfg, "synthetic"), "synthetic", span, Scale("range", 0.0, 100.0),
+                            (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), CPU)
     r.trainer.teacher, r.trainer.distill_weight = teacher, 1.0
     for _ in range(2):
         r.end_to_end()
@@ -89,7 +91,8 @@ def test_a_taught_run_trains_alike_on_one_and_two_processes(single_run, tiny_ove
     assert one.returncode == 0, one.stderr[-2000:]
     assert f"taught by {single_run}, weight 1.0" in one.stdout + one.stderr
     run = only_run(tmp_path / "one")
-    assert json.loads((run / "meta.json").read_text())["teachers"] == [str(single_run)]
+    [recorded] = json.loads((run / "meta.json").read_text())["teachers"]
+    assert recorded["model"] == str(single_run) and len(recorded["sha256"]) == 64
     assert [r["train_loss"] for r in metrics(run)] != [r["train_loss"] for r in metrics(single_run)]
     two = launch_here("train", "--preset", "demo", *[f"--{o}" for o in [*taught, f"run.root={tmp_path / 'two'}"]])
     assert two.returncode == 0, two.stderr[-3000:]
@@ -108,17 +111,30 @@ def test_a_teacher_that_cannot_teach_this_student_is_refused_in_one_line(single_
     code, _, err = cli(*base, "--teacher", str(other))
     assert code == 2 and "it trained on csv, the student on synthetic" in err, err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing written
-    code, _, err = cli(*base, "--optim.teacher_weight=1")
-    assert code == 2 and "a weight needs a teacher" in err, err
+    span = tmp_path / "0-1-model"  # a teacher of the same dataset name whose scores span 0-1 (an imported model's)
+    shutil.copytree(single_run / "model", span)
+    card = json.loads((span / "config.json").read_text())
+    card["datasets"]["synthetic"]["score_range"] = [0.0, 1.0]
+    (span / "config.json").write_text(json.dumps(card))
+    code, _, err = cli(*base, "--teacher", str(span))
+    assert code == 2 and "its synthetic scores span 0-1 and the student's span 0-100" in err, err
+    code, _, err = cli(*base, "--teacher", str(single_run), "--optim.teacher_weight=0")
+    assert code == 2 and "a teacher needs a weight above 0" in err, err
     with pytest.raises(UserError, match="one teacher per run"):
         load_config("demo", ["optim.teachers=[a]", "optim.teacher_weight=1", "optim.distill_weight=0.5",
                              "train.ema_decay=0.9"])
 
 
-def test_a_taught_run_stopped_and_resumed_ends_where_an_uninterrupted_one_ends(single_run, tiny_overrides, tmp_path,
-                                                                               monkeypatch):
-    """The teacher is rebuilt from the run's config on --resume: the same numbers as without the stop."""
-    taught = [*tiny_overrides, *RUN, f"optim.teachers={json.dumps([str(single_run)])}", "optim.teacher_weight=1"]
+def test_a_taught_run_resumes_exactly_and_refuses_a_changed_teacher(single_run, tiny_overrides, tmp_path,
+                                                                    monkeypatch):
+    """The teacher is rebuilt from the run's config on --resume: the same numbers as without the
+    stop; a teacher whose weights changed meanwhile (its run trained on, a file replaced) is
+    refused in one line, since it would teach other numbers."""
+    from safetensors.torch import load_file, save_file
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(single_run / "model", teacher)
+    taught = [*tiny_overrides, *RUN, f"optim.teachers={json.dumps([str(teacher)])}"]
     ref = train_here([*taught, f"run.root={tmp_path / 'ref'}"])
     assert ref.returncode == 0, ref.stderr[-2000:]
     stop = tmp_path / "stop"
@@ -128,6 +144,16 @@ def test_a_taught_run_stopped_and_resumed_ends_where_an_uninterrupted_one_ends(s
     assert first.returncode != 0 and "preempted at step" in first.stdout + first.stderr
     monkeypatch.delenv("IQA_DIST_STOP_FILE")
     run = only_run(tmp_path / "cut")
+    weights = teacher / "model.safetensors"
+    original = weights.read_bytes()
+    changed = load_file(str(weights))
+    name = next(iter(changed))
+    changed[name] = changed[name] + 1e-3
+    save_file(changed, str(weights))
+    refused = train_here(taught, resume=str(run))
+    assert refused.returncode == 2 and "its teachers' weights are not the ones it began with" in refused.stderr, \
+        refused.stderr[-2000:]
+    weights.write_bytes(original)
     again = train_here(taught, resume=str(run))
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     a, b = metrics(only_run(tmp_path / "ref")), metrics(run)
@@ -136,3 +162,18 @@ def test_a_taught_run_stopped_and_resumed_ends_where_an_uninterrupted_one_ends(s
         assert y["train_loss"] == pytest.approx(x["train_loss"], abs=1e-6)
         assert y["val_srcc"] == pytest.approx(x["val_srcc"], abs=1e-6)
         assert y["val_rmse"] == pytest.approx(x["val_rmse"], abs=1e-5)
+
+
+def test_a_teachers_training_images_are_the_students_for_evaluate(single_run, tiny_overrides, cache_root, tmp_path):
+    """A teacher trained on another split of the dataset has seen images of the student's test
+    split: the student's record holds them, so `evaluate` refuses to call its test split held out."""
+    other = train_here([*tiny_overrides, *RUN, "data.split_seed=1", f"run.root={tmp_path / 'other'}"])
+    assert other.returncode == 0, other.stderr[-2000:]
+    student = train_here([*tiny_overrides, *RUN, f"optim.teachers={json.dumps([str(only_run(tmp_path / 'other'))])}",
+                          f"run.root={tmp_path / 'student'}"])
+    assert student.returncode == 0, student.stderr[-2000:]
+    code, _, err = cli("evaluate", "--run", str(only_run(tmp_path / "student")), "--dataset", "synthetic",
+                       f"--data.cache_dir={cache_root}")
+    assert code == 2 and "images this model trained on" in err, err
+    code, _, err = cli("evaluate", "--run", str(single_run), "--dataset", "synthetic", f"--data.cache_dir={cache_root}")
+    assert code == 0, err  # the same split untaught: held out

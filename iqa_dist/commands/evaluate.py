@@ -40,9 +40,9 @@ KEYS = ["data.root", "data.cache_dir", "data.score_column", "data.csv_file", "da
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", action="append", default=[], help="a run directory (its selected model); more than "
+    p.add_argument("--run", dest="models", action="append", default=[], help="a run directory (its selected model); more than "
                                                               "one model: an ensemble")
-    p.add_argument("--weights", action="append", default=[],
+    p.add_argument("--weights", dest="models", action="append", default=[],
                    help="a model directory (model.safetensors + config.json), or a Hugging Face Hub repo id of one "
                         "(org/name[@revision]); more than one model: an ensemble")
     p.add_argument("--dataset", required=True, choices=DATASETS, metavar="NAME", help=" | ".join(DATASETS))
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..experiments.group import models_of
 
-    models = models_of([*args.run, *args.weights])  # a sweep group: its members
+    models = models_of(args.models)  # in the order given; a sweep group: its members
     if not models:
         raise UserError("evaluate: give a model: --run RUN_DIR or --weights MODEL_DIR (several for an ensemble)")
     writable("--output", args.output)

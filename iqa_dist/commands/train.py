@@ -38,13 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", dest="optim.teachers", action="append", default=argparse.SUPPRESS, metavar="MODEL",
                    help="a trained model that teaches (repeatable: their mean): a model or run folder, a Hub repo id, "
                         "a sweep group; its prediction of each training patch joins the loss at optim.teacher_weight "
-                        "[1.0 when a teacher is given]")
+                        "[1.0]")
     add_config_arguments(p, common=COMMON)
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "optim.teachers", None) and not hasattr(args, "optim.teacher_weight"):
-        setattr(args, "optim.teacher_weight", 1.0)  # --teacher alone: the teacher's L1 weighs as the labels'
     cfg = resumed_config(args) or config_from(args)  # a bad value is reported before torch loads (seconds)
     if cfg.model.init_from:
         from ..config import parse_override

@@ -187,7 +187,7 @@ class OptimConfig:
     rank_weight: float = 0.0  # weight of the pairwise ranking loss added to L1 (phase one tried 0.3); pairs over the global batch
     distill_weight: float = 0.0  # self-distillation: weight of the L1 to the EMA teacher's prediction of the same patch (needs train.ema_decay); 0 = off
     teachers: list = field(default_factory=list)  # trained models that teach (model or run folders, Hub ids, a sweep group; several: their mean); train --teacher
-    teacher_weight: float = 0.0  # weight of the L1 to the teachers' prediction of the same patch, on the student's target scale; 0 = off
+    teacher_weight: float = 1.0  # with optim.teachers: weight of the L1 to their prediction of the same patch, on the student's target scale
 
     def __post_init__(self) -> None:
         _choice("optim.optimizer", self.optimizer, ("adamw", "adam"))
@@ -298,9 +298,9 @@ class Config:
         if self.train.select_on and self.train.select_on not in names:
             raise UserError(f"train.select_on={self.train.select_on!r}: not a dataset trained on ({', '.join(names)})")
         o = self.optim
-        if bool(o.teachers) != (o.teacher_weight > 0):
+        if o.teachers and o.teacher_weight <= 0:
             raise UserError(f"optim.teacher_weight={o.teacher_weight} with {len(o.teachers)} teacher(s): a teacher needs "
-                            "a weight above 0 (e.g. 1.0) and a weight needs a teacher (train --teacher MODEL)")
+                            "a weight above 0 (the default 1.0 weighs it as the labels)")
         if o.teachers and o.distill_weight > 0:
             raise UserError("optim.distill_weight and a teacher (optim.teachers): one teacher per run, the weight EMA "
                             "or trained models")

@@ -196,11 +196,9 @@ class EnsembleScorer:
     size, protocol and count), all on one scale."""
 
     def __init__(self, members: Sequence[Scorer]) -> None:
-        scales = {m.scale_name for m in members}
-        if len(scales) > 1:
-            raise UserError(f"ensemble: its models score on different scales ({', '.join(sorted(scales))}): give "
-                            "scale='normalized' (or a dataset every member trained on) so that their scores can be "
-                            "averaged")
+        from .evaluate import check_one_scale
+
+        check_one_scale([(str(m.folder), m.card, m.scale_name) for m in members])
         self.members = list(members)
         self.scale_name = self.members[0].scale_name
 

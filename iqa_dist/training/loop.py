@@ -40,7 +40,7 @@ from ..output import console_for
 from ..scoring.metrics import METRIC_KEYS
 from . import failures
 from .batches import Batches, KeyedNoise, NoiseSource
-from .teacher import build_teacher
+from .teacher import build_teacher, changed_teachers, find_teachers, inherited, teachers_record
 from .display import Display
 from .graph import GraphedStep, refusal
 from .guard import BadStep
@@ -148,6 +148,9 @@ def build(cfg: Config, acc: Accelerator, target: Target, preempt: PreemptionFlag
             start.load_into(model)
     else:
         model = build_model(cfg.model)  # before the data: a missing weight file fails in seconds
+    teachers = find_teachers(cfg, cfg.data.members()[0].dataset)  # from their cards: before the data too
+    if target.resuming and (why := changed_teachers(RunDir(target.path).meta().get("teachers", []), teachers)):
+        raise UserError(f"--resume {target.path}: {why}")
     try:  # a resumed run's data must be the ones it began on: refused before a new cache is built
         data = load_data(cfg, acc, console, RunDir(target.path).meta().get("data") if target.resuming else None)
     except DataChanged as e:
@@ -160,7 +163,9 @@ def build(cfg: Config, acc: Accelerator, target: Target, preempt: PreemptionFlag
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     eval_every = cfg.train.eval_every or steps_per_epoch
     augmenter = Augmenter(cfg.augment, cfg.model.img_size, model.mean, model.std, cfg.train.seed).to(acc.device)
-    teacher = build_teacher(cfg, data.names[0], data.scales[data.names[0]], model.mean, model.std, acc.device)
+    name = data.names[0]
+    teacher = build_teacher(teachers, name, data.views[name].image_meta["score_range"], data.scales[name], model.mean,
+                            model.std, acc.device)
     trainer = Trainer.build(cfg, model, acc, shares=shares, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                             augmenter=augmenter, preempt=preempt, console=console, teacher=teacher)
     batches = Batches(store=data.train, plan=data.plan, augmenter=augmenter, shares=shares, device=acc.device,
@@ -172,15 +177,16 @@ def build(cfg: Config, acc: Accelerator, target: Target, preempt: PreemptionFlag
                else EagerStep(trainer, batches))
     weights, groups = (start.provenance() if start else provenance(cfg.model)), group_sizes(trainer.optimizer)
     card = model_card(cfg, data, model, weights, groups)
-    if start is not None:
-        card = replace(card, unknown_training=start.unknown_training())
+    images, unknown = inherited(teachers, start)  # what a start model or a teacher trained on is the student's too
+    if unknown:
+        card = replace(card, unknown_training=unknown)
     run = RunDir.open(cfg, target, acc, {"weights": weights, "parameter_groups": groups, "data": data.fingerprint(),
                                          "effective_lr": {**cfg.group_lrs(), "warmup_steps": cfg.effective_warmup()},
-                                         **({"teachers": [str(t) for t in cfg.optim.teachers]} if teacher else {})},
+                                         **({"teachers": teachers_record(teachers)} if teachers else {})},
                       legacy_data=data.legacy_fingerprint())
     selection = Selection(cfg=cfg, acc=acc, trainer=trainer, data=data, card=card, augmenter=augmenter, run=run,
                           batch=cfg.train.eval_batch_size or 2 * math.ceil(shares.per_process / shares.accum),
-                          console=console, inherited_images=start.train_images() if start else {})
+                          console=console, inherited_images=images)
     return Run(cfg=cfg, acc=acc, trainer=trainer, batches=batches, stepper=stepper, data=data, selection=selection,
                dir=run, target=target, display=Display(console, total_steps, steps_per_epoch, cfg.train.log_every),
                total_steps=total_steps, eval_every=eval_every,

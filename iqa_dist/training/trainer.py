@@ -202,7 +202,7 @@ class Trainer:
                    teacher=teacher, state=TrainState(), guard=StepGuard(acc, optimizer, preempt),
                    per_process=shares.per_process, patches=sum(sl.stop - sl.start for sl in shares.slices()),
                    rank_weight=cfg.optim.rank_weight,
-                   distill_weight=cfg.optim.distill_weight or cfg.optim.teacher_weight,
+                   distill_weight=cfg.optim.distill_weight or (cfg.optim.teacher_weight if teacher is not None else 0.0),
                    grad_clip=cfg.optim.grad_clip)
 
     def step(self, batch: Batch) -> None:
