@@ -177,3 +177,19 @@ def test_a_teachers_training_images_are_the_students_for_evaluate(single_run, ti
     assert code == 2 and "images this model trained on" in err, err
     code, _, err = cli("evaluate", "--run", str(single_run), "--dataset", "synthetic", f"--data.cache_dir={cache_root}")
     assert code == 0, err  # the same split untaught: held out
+
+
+def test_a_jointly_trained_teacher_teaches_on_the_students_datasets_scale(single_run, tiny_overrides, tmp_path):
+    joint = tmp_path / "joint"
+    shutil.copytree(single_run / "model", joint)
+    card = json.loads((joint / "config.json").read_text())
+    card["datasets"]["csv"] = {**card["datasets"]["synthetic"], "scale": {"kind": "range", "shift": 1.0, "scale": 4.0}}
+    (joint / "config.json").write_text(json.dumps(card))
+    cfg = load_config("demo", [*tiny_overrides, f"optim.teachers={json.dumps([str(joint)])}"])
+    span = ModelCard.read(joint).datasets["synthetic"].score_range
+    student = ModelCard.read(joint).scale("synthetic")  # the teacher's own synthetic map: gain 1, offset 0
+    teacher = build_teacher(find_teachers(cfg, "synthetic"), "synthetic", span, student,
+                            (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), CPU)
+    x = torch.randn(3, 3, cfg.model.img_size, cfg.model.img_size)
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), load_model(single_run, CPU).model(x).float(), atol=1e-6)
