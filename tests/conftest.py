@@ -233,6 +233,20 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def cut_at_first_step(overrides: list[str], root: Path, monkeypatch) -> Path:
+    """A 1-process run stopped by the stop file (a checkpoint after its first step, then exit), as
+    a preemption stops one; its run directory, to --resume."""
+    stop = root.parent / f"{root.name}.stop"
+    stop.touch()
+    monkeypatch.setenv("IQA_DIST_STOP_FILE", str(stop))
+    try:
+        first = train_here([*overrides, f"run.root={root}"])
+    finally:
+        monkeypatch.delenv("IQA_DIST_STOP_FILE")
+    assert first.returncode != 0 and "preempted at step" in first.stdout + first.stderr, first.stderr[-2000:]
+    return only_run(root)
+
+
 def assert_same_training(one: list[dict], two: list[dict]) -> None:
     """Two world sizes train the same recipe: the same images evaluated at every step and the same
     validation metrics to 1e-4 (the training issue's bound). RMSE is in score units, so its 1e-4

@@ -45,6 +45,21 @@ def tiny_recipe(*extra: str):
                                         "model.img_size=64", "train.ema_decay=0.9", *extra])
 
 
+def audited_steps(rig: StepRig, also: list[torch.Tensor] = ()) -> dict:
+    """Two steps of `rig` under the audit (its device tensors and `also`), which must never wait
+    for the device: no sync, one upload (the packed batch numbers), one download (the guard's flag)
+    and no host work outside the host part per step. Returns the per-step report."""
+    audit = StepAudit([*rig.device_tensors(), *also])
+    with audit:
+        for _ in range(2):
+            rig.end_to_end()
+    report = audit.report(2)
+    assert [str(f) for f in report.syncs] == []
+    per = report.per_step()
+    assert per["uploads"] == 1 and per["downloads"] == 1 and per["host_ops"] == 0
+    return per
+
+
 def findings(fn, device: list[torch.Tensor]) -> list[str]:
     audit = StepAudit(device)
     with audit:
@@ -159,14 +174,7 @@ def test_compile_holds_for_training_and_evaluation(monkeypatch, tmp_path):
         evaluate()
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == first["unique_graphs"]  # nothing compiled after the first ones
-    audit = StepAudit(r.device_tensors())  # and the compiled step never waits for the device
-    with audit:
-        for _ in range(2):
-            r.end_to_end()
-    report = audit.report(2)
-    assert [str(f) for f in report.syncs] == []
-    per = report.per_step()
-    assert per["uploads"] == 1 and per["downloads"] == 1 and per["host_ops"] == 0
+    audited_steps(r)  # and the compiled step never waits for the device
     assert r.batches.augmenter._compiled is not None and len(seen) == 3  # augmentation, training model, evaluation model
     assert set(seen) == {str(tmp_path / "inductor")}
     eager = StepRig.build(tiny_recipe(f"data.cache_dir={tmp_path}"), store(), "fp32", 8, CPU)
@@ -202,14 +210,7 @@ def test_the_training_step_never_waits_for_the_device(compiled, distilled):
     r = StepRig.build(cfg, store(), "fp32", 8, CPU)
     for _ in range(2):  # the optimizer state, the first compilation
         r.end_to_end()
-    audit = StepAudit(r.device_tensors())
-    with audit:
-        for _ in range(2):
-            r.end_to_end()
-    report = audit.report(2)
-    assert [str(f) for f in report.syncs] == []
-    per = report.per_step()
-    assert per["uploads"] == 1 and per["downloads"] == 1 and per["host_ops"] == 0
+    per = audited_steps(r)
     if not compiled:
         assert set(per["parts"]) == {"noise", "augment", "forward", "loss", "backward", "clip", "guard", "optimizer",
                                      "ema", *(["teacher"] if distilled else [])}

@@ -201,7 +201,7 @@ def test_the_graphed_loop_trains_stops_and_resumes_like_an_uninterrupted_run(tin
     checkpoint, comes back as a number and becomes the graph's tensor again)."""
     from iqa_dist.training import loop
 
-    from .conftest import RUN, metrics, only_run, train_here
+    from .conftest import RUN, cut_at_first_step, metrics, only_run, train_here
 
     monkeypatch.setattr(loop, "refusal", lambda **_: "")
     init, made = GraphedStep.__init__, []
@@ -215,13 +215,7 @@ def test_the_graphed_loop_trains_stops_and_resumes_like_an_uninterrupted_run(tin
     ref = train_here([*overrides, f"run.root={tmp_path / 'ref'}"])
     assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
     assert len(made) == 1 and made[0].ran == 6  # every step was the graphed step's
-    stop = tmp_path / "stop"
-    stop.touch()
-    monkeypatch.setenv("IQA_DIST_STOP_FILE", str(stop))
-    first = train_here([*overrides, f"run.root={tmp_path / 'cut'}"])
-    assert first.returncode != 0 and "preempted at step" in first.stdout + first.stderr
-    monkeypatch.delenv("IQA_DIST_STOP_FILE")
-    run = only_run(tmp_path / "cut")
+    run = cut_at_first_step(overrides, tmp_path / "cut", monkeypatch)
     again = train_here(overrides, resume=str(run))
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     a, b = metrics(only_run(tmp_path / "ref")), metrics(run)
@@ -241,7 +235,7 @@ def test_a_run_begun_on_the_generator_stream_resumes_on_it_exactly(tiny_override
     from iqa_dist.training import loop
     from iqa_dist.training.batches import NoiseSource
 
-    from .conftest import RUN, metrics, only_run, train_here
+    from .conftest import RUN, cut_at_first_step, metrics, only_run, train_here
 
     overrides = [*tiny_overrides, *RUN, "model.dropout=0.3", "model.drop_path=0.2"]
     build = loop.build
@@ -259,12 +253,7 @@ def test_a_run_begun_on_the_generator_stream_resumes_on_it_exactly(tiny_override
         m.setattr(loop, "build", begun_before)
         ref = train_here([*overrides, f"run.root={tmp_path / 'ref'}"])
         assert ref.returncode == 0, ref.stderr[-2000:]
-        stop = tmp_path / "stop"
-        stop.touch()
-        m.setenv("IQA_DIST_STOP_FILE", str(stop))
-        first = train_here([*overrides, f"run.root={tmp_path / 'cut'}"])
-        assert first.returncode != 0 and "preempted at step" in first.stdout + first.stderr
-    run = only_run(tmp_path / "cut")
+        run = cut_at_first_step(overrides, tmp_path / "cut", m)
     [checkpoint] = (run / "checkpoints").iterdir()
     state = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
     del state["noise_stream"]  # as a checkpoint written before the field existed

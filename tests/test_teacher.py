@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from iqa_dist.artifacts.card import ModelCard
-from iqa_dist.bench.audit import StepAudit
 from iqa_dist.bench.rig import StepRig
 from iqa_dist.config import load_config
 from iqa_dist.data.targets import Scale
@@ -20,8 +19,8 @@ from iqa_dist.errors import UserError
 from iqa_dist.scoring.predict import load_model
 from iqa_dist.training.teacher import build_teacher, find_teachers
 
-from .conftest import RUN, assert_same_training, cli, launch_here, metrics, only_run, train_here
-from .test_audit import store, tiny_recipe
+from .conftest import RUN, assert_same_training, cli, cut_at_first_step, launch_here, metrics, only_run, train_here
+from .test_audit import audited_steps, store, tiny_recipe
 
 CPU = torch.device("cpu")
 
@@ -73,14 +72,7 @@ def test_a_taught_step_never_waits_for_the_device(single_run):
     r.trainer.teacher, r.trainer.distill_weight = teacher, 1.0
     for _ in range(2):
         r.end_to_end()
-    audit = StepAudit([*r.device_tensors(), *teacher.parameters(), *teacher.buffers()])
-    with audit:
-        for _ in range(2):
-            r.end_to_end()
-    report = audit.report(2)
-    assert [str(f) for f in report.syncs] == []
-    per = report.per_step()
-    assert per["uploads"] == 1 and per["downloads"] == 1 and per["host_ops"] == 0 and "teacher" in per["parts"]
+    assert "teacher" in audited_steps(r, [*teacher.parameters(), *teacher.buffers()])["parts"]
 
 
 def test_a_taught_run_trains_alike_on_one_and_two_processes(single_run, tiny_overrides, tmp_path):
@@ -137,13 +129,7 @@ def test_a_taught_run_resumes_exactly_and_refuses_a_changed_teacher(single_run, 
     taught = [*tiny_overrides, *RUN, f"optim.teachers={json.dumps([str(teacher)])}"]
     ref = train_here([*taught, f"run.root={tmp_path / 'ref'}"])
     assert ref.returncode == 0, ref.stderr[-2000:]
-    stop = tmp_path / "stop"
-    stop.touch()
-    monkeypatch.setenv("IQA_DIST_STOP_FILE", str(stop))
-    first = train_here([*taught, f"run.root={tmp_path / 'cut'}"])
-    assert first.returncode != 0 and "preempted at step" in first.stdout + first.stderr
-    monkeypatch.delenv("IQA_DIST_STOP_FILE")
-    run = only_run(tmp_path / "cut")
+    run = cut_at_first_step(taught, tmp_path / "cut", monkeypatch)
     weights = teacher / "model.safetensors"
     original = weights.read_bytes()
     changed = load_file(str(weights))

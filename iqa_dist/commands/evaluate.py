@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("evaluate: give a model: --run RUN_DIR or --weights MODEL_DIR (several for an ensemble)")
     writable("--output", args.output)
     extra = [f"data.root={args.root}"] if args.root else []
-    report = evaluate_model(models if len(models) > 1 else str(models[0]), args.dataset, args.split,
+    report = evaluate_model(models, args.dataset, args.split,
                             [*extra, *overrides(args)], args.preset, args.allow_train_overlap, args.scale,
                             console=console(stderr=True))
     from accelerate import PartialState

@@ -94,9 +94,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--format table prints once at the end: use --format csv or jsonl to stream, resume, "
                         "or score on several processes")
     err = console(stderr=True, quiet=not main)
-    models = [args.model, *args.ensemble]
-    scorer = load_model(models if len(models) > 1 else args.model, args.device or (acc.device if world > 1 else None),
-                        args.scale, args.resize_as)
+    scorer = load_model([args.model, *args.ensemble], args.device or (acc.device if world > 1 else None), args.scale,
+                        args.resize_as)
     files, missing = expand(args.paths)
     given = [*map(str, files), *(read_list(args.list) if args.list else [])]
     paths = list(dict.fromkeys(given))  # one row a path

@@ -133,6 +133,8 @@ def _members(paths: Sequence, dataset: str, split: str, overrides: Sequence[str]
     for folder, card in zip(folders, cards):  # a jointly trained model without a choice fails here, before any work
         card.scale(chosen)
     if len(folders) > 1:
+        from .predict import check_one_scale
+
         check_one_scale([(str(f), c, chosen or c.dataset) for f, c in zip(folders, cards)])
         # one set of images for every member: the first member's data settings, kept only where every
         # member prepares images alike, and big enough for the largest member's patch
@@ -165,22 +167,6 @@ def _members(paths: Sequence, dataset: str, split: str, overrides: Sequence[str]
                                        "checkable": not card.unknown_training,
                                        **({"unknown": card.unknown_training} if card.unknown_training else {})}))
     return members, view, cfg, acc
-
-
-def check_one_scale(members: list[tuple[str, ModelCard, str]]) -> None:
-    """Ensemble members (name, card, the scale each reports on) must report on one scale: one
-    dataset name (or normalized) whose scores span the same range in every member's card (the
-    same name can hold other scores: another score column, an imported model's 0-1 scale)."""
-    names = {scale for _, _, scale in members}
-    if len(names) > 1:
-        raise UserError(f"ensemble: its models score on different scales ({', '.join(sorted(names))}): give "
-                        "--scale normalized (or a dataset every member trained on) so that their predictions "
-                        "can be averaged")
-    ranges = {name: tuple(card.datasets[scale].score_range) for name, card, scale in members if scale in card.datasets}
-    if len(set(ranges.values())) > 1:
-        raise UserError("ensemble: its models' scores of one dataset span different ranges (" + "; ".join(
-            f"{n}: {r[0]:g}-{r[1]:g}" for n, r in ranges.items()) + "): other scores under one name; give "
-            "--scale normalized, or members trained on the same scores")
 
 
 def _score(folder: Path, card: ModelCard, view, split: str, scale: str | None, cfg: Config, acc: Accelerator) -> dict:

@@ -190,14 +190,28 @@ def load_model(path: str | Path | Sequence[str | Path], device: str | torch.devi
     return Scorer(model, card, resolve_device(device), scale, resize_as, folder)
 
 
+def check_one_scale(members: list[tuple[str, ModelCard, str]]) -> None:
+    """Ensemble members (name, card, the scale each reports on) must report on one scale: one
+    dataset name (or normalized) whose scores span the same range in every member's card (the
+    same name can hold other scores: another score column, an imported model's 0-1 scale)."""
+    names = {scale for _, _, scale in members}
+    if len(names) > 1:
+        raise UserError(f"ensemble: its models score on different scales ({', '.join(sorted(names))}): give "
+                        "--scale normalized (or a dataset every member trained on) so that their predictions "
+                        "can be averaged")
+    ranges = {name: tuple(card.datasets[scale].score_range) for name, card, scale in members if scale in card.datasets}
+    if len(set(ranges.values())) > 1:
+        raise UserError("ensemble: its models' scores of one dataset span different ranges (" + "; ".join(
+            f"{n}: {r[0]:g}-{r[1]:g}" for n, r in ranges.items()) + "): other scores under one name; give "
+            "--scale normalized, or members trained on the same scores")
+
+
 class EnsembleScorer:
     """Several trained models as one (`load_model([A, B, ...])`): an image's score is the mean of
     the members' scores, each member preparing and scoring it as it does alone (its resize, patch
     size, protocol and count), all on one scale."""
 
     def __init__(self, members: Sequence[Scorer]) -> None:
-        from .evaluate import check_one_scale
-
         check_one_scale([(str(m.folder), m.card, m.scale_name) for m in members])
         self.members = list(members)
         self.scale_name = self.members[0].scale_name

@@ -149,7 +149,8 @@ def build(cfg: Config, acc: Accelerator, target: Target, preempt: PreemptionFlag
     else:
         model = build_model(cfg.model)  # before the data: a missing weight file fails in seconds
     teachers = find_teachers(cfg, cfg.data.members()[0].dataset)  # from their cards: before the data too
-    if target.resuming and (why := changed_teachers(RunDir(target.path).meta().get("teachers", []), teachers)):
+    taught_by = teachers_record(teachers)  # each teacher's weights hashed once
+    if target.resuming and (why := changed_teachers(RunDir(target.path).meta().get("teachers", []), taught_by)):
         raise UserError(f"--resume {target.path}: {why}")
     try:  # a resumed run's data must be the ones it began on: refused before a new cache is built
         data = load_data(cfg, acc, console, RunDir(target.path).meta().get("data") if target.resuming else None)
@@ -182,7 +183,7 @@ def build(cfg: Config, acc: Accelerator, target: Target, preempt: PreemptionFlag
         card = replace(card, unknown_training=unknown)
     run = RunDir.open(cfg, target, acc, {"weights": weights, "parameter_groups": groups, "data": data.fingerprint(),
                                          "effective_lr": {**cfg.group_lrs(), "warmup_steps": cfg.effective_warmup()},
-                                         **({"teachers": teachers_record(teachers)} if teachers else {})},
+                                         **({"teachers": taught_by} if teachers else {})},
                       legacy_data=data.legacy_fingerprint())
     selection = Selection(cfg=cfg, acc=acc, trainer=trainer, data=data, card=card, augmenter=augmenter, run=run,
                           batch=cfg.train.eval_batch_size or 2 * math.ceil(shares.per_process / shares.accum),

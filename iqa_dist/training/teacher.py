@@ -31,9 +31,11 @@ class Teacher(nn.Module):
         self.members = nn.ModuleList(members)
         for m in self.members:
             m.eval().requires_grad_(False)
-        self.register_buffer("gains", torch.tensor(gains, dtype=torch.float32), persistent=False)
-        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.float32), persistent=False)
-        self.renorm = [None if r is None else (r[0].view(1, 3, 1, 1), r[1].view(1, 3, 1, 1)) for r in renorm]
+        self.gains, self.offsets = gains, offsets  # constants of the kernels they scale by: no host read
+        for i, r in enumerate(renorm):  # buffers: they follow the module to its device
+            if r is not None:
+                self.register_buffer(f"renorm_scale{i}", r[0].view(1, 3, 1, 1), persistent=False)
+                self.register_buffer(f"renorm_shift{i}", r[1].view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)  # a teacher never drops anything: eval mode whatever the caller asks
@@ -41,8 +43,8 @@ class Teacher(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         total = None
         for i, member in enumerate(self.members):
-            r = self.renorm[i]
-            y = member(x if r is None else x * r[0].to(x.device) + r[1].to(x.device)).float()
+            scale = getattr(self, f"renorm_scale{i}", None)
+            y = member(x if scale is None else x * scale + getattr(self, f"renorm_shift{i}")).float()
             y = y * self.gains[i] + self.offsets[i]
             total = y if total is None else total + y
         return total / len(self.members)
@@ -94,7 +96,7 @@ def build_teacher(teachers: list[StartModel], dataset: str, score_range, student
         else:  # the student's normalised pixels as this teacher normalises them: x' = x * a + b per channel
             ms, ss = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
             mt, st = torch.tensor(t.card.mean, dtype=torch.float32), torch.tensor(t.card.std, dtype=torch.float32)
-            renorm.append(((ss / st).to(device), ((ms - mt) / st).to(device)))
+            renorm.append((ss / st, (ms - mt) / st))
         modules.append(scorer.model)
     return Teacher(modules, gains, offsets, renorm).to(device)
 
@@ -104,9 +106,10 @@ def teachers_record(teachers: list[StartModel]) -> list[dict]:
     return [{k: v for k, v in t.provenance().items() if k in ("model", "file", "sha256", "repo")} for t in teachers]
 
 
-def changed_teachers(recorded: list[dict], teachers: list[StartModel]) -> str:
-    """Why a resumed run's teachers are not the ones it began with ("" when they are)."""
-    now = [r["sha256"] for r in teachers_record(teachers)]
+def changed_teachers(recorded: list[dict], record: list[dict]) -> str:
+    """Why a resumed run's teachers (`record`, as teachers_record gives it now) are not the ones it
+    began with (`recorded` in its meta.json); "" when they are."""
+    now = [r["sha256"] for r in record]
     before = [r.get("sha256") for r in recorded]
     if now == before:
         return ""
